@@ -1,0 +1,168 @@
+"""Command line: ``landmarks infer|generate ...`` (also ``python jobs/infer.py ...``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from pipeline.inference import DEVICES, InferConfig
+from pipeline.model import INIT_CHOICES
+from pipeline.preprocess import DEFAULT_MARGIN, DEFAULT_MAX_PIXELS
+from pipeline.shards import FORMATS
+
+DEMO_DIR = Path("sample-data")
+DEMO_SHARDS, DEMO_PER_SHARD = 4, 16
+
+INFER_EPILOG = """\
+examples:
+  landmarks infer                                   # demo: sample archive -> local Ray -> Parquet
+  landmarks infer --input s3://bucket/shards/ --output s3://bucket/landmarks/ \\
+                  --weights s3://bucket/models/landmarks.pt
+  ray job submit --working-dir . -- python jobs/infer.py --input ... --output ...
+
+Without --weights the model has random (or --init imagenet) weights: the job runs, but the
+landmarks mean nothing. Pass a model file written by the fine-tuning job (pipeline.model).
+"""
+
+
+def _storage_options(text: str | None) -> dict:
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"--storage-options is not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("--storage-options must be a JSON object")
+    return value
+
+
+def add_infer_arguments(parser: argparse.ArgumentParser) -> None:
+    io = parser.add_argument_group("input and output")
+    io.add_argument("--input", help="shards: a file, folder/prefix or glob at any fsspec URI "
+                    "(local path, s3://, gs://). Omitted: generate and use a sample archive")
+    io.add_argument("--output", help="folder/prefix for part-<shard>.parquet files "
+                    f"(default with the sample archive: {DEMO_DIR}/landmarks)")
+    io.add_argument("--format", choices=FORMATS, default="auto",
+                    help="shard layout (default: from the file extensions)")
+    io.add_argument("--image-column", default="image", help="Parquet: image bytes column")
+    io.add_argument("--key-column", default="key", help="Parquet: sample key column")
+    io.add_argument("--files-per-shard", type=int, default=256,
+                    help="loose images: files per output file (default 256)")
+    io.add_argument("--storage-options", type=_storage_options, default={},
+                    help='fsspec options as JSON, e.g. \'{"endpoint_url": "http://..."}\'')
+    io.add_argument("--preview", help="save a PNG of a few images with landmarks drawn")
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--weights", help="model file URI (pipeline.model format)")
+    model.add_argument("--init", choices=INIT_CHOICES, default="random",
+                       help="without --weights: random, or ImageNet features (downloads once)")
+    model.add_argument("--seed", type=int, default=0, help="seed of random init (default 0)")
+
+    pre = parser.add_argument_group("preprocessing")
+    pre.add_argument("--margin", type=float, default=DEFAULT_MARGIN,
+                     help=f"grow the sidecar bbox by this fraction per side "
+                          f"(default {DEFAULT_MARGIN})")
+    pre.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                     help="refuse images above this many pixels, before decoding them")
+
+    run = parser.add_argument_group("execution")
+    run.add_argument("--batch-size", type=int, default=64, help="model batch size (default 64)")
+    run.add_argument("--num-predictors", type=int,
+                     help="predictor actors (default: one per GPU, or 1 on CPU)")
+    run.add_argument("--predictor-cpus", type=float,
+                     help="CPUs per predictor actor (default: 1 with GPUs, else all but one)")
+    run.add_argument("--device", choices=DEVICES, default="auto",
+                     help="auto: GPU actors when the cluster has GPUs")
+    run.add_argument("--ray-address", help="Ray cluster (default: RAY_ADDRESS, else local Ray)")
+
+
+def infer_config(args: argparse.Namespace) -> InferConfig:
+    return InferConfig(
+        input=args.input, output=args.output, weights=args.weights, init=args.init,
+        seed=args.seed, format=args.format, image_column=args.image_column,
+        key_column=args.key_column, files_per_shard=args.files_per_shard, margin=args.margin,
+        max_pixels=args.max_pixels, batch_size=args.batch_size,
+        num_predictors=args.num_predictors, predictor_cpus=args.predictor_cpus,
+        device=args.device, ray_address=args.ray_address, storage_options=args.storage_options,
+    )
+
+
+def run_infer(args: argparse.Namespace) -> int:
+    from pipeline.inference import run_inference
+    from pipeline.preview import save_preview
+
+    if args.input is None:
+        from pipeline.synthetic import write_sample_archive
+
+        args.input = str(DEMO_DIR / "shards")
+        args.output = args.output or str(DEMO_DIR / "landmarks")
+        args.preview = args.preview or str(DEMO_DIR / "preview.png")
+        if not Path(args.input).exists():
+            logging.info("writing a sample archive of %d synthetic faces to %s",
+                         DEMO_SHARDS * DEMO_PER_SHARD, args.input)
+            write_sample_archive(args.input, DEMO_SHARDS, DEMO_PER_SHARD, seed=0)
+    elif args.output is None:
+        raise SystemExit("error: --output is required with --input")
+    summary = run_inference(infer_config(args))
+    print(f"summary: {summary.line()}", flush=True)
+    if args.preview:
+        drawn = save_preview(args.input, args.output, args.preview, fmt=args.format,
+                             storage_options=args.storage_options)
+        print(f"preview: {drawn} images with landmarks drawn -> {args.preview}")
+    if args.weights is None:
+        print("note: no --weights given, so the model is untrained and its landmarks are "
+              "meaningless; pass a fine-tuned model file with --weights URI")
+    return 0
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from pipeline.synthetic import write_sample_archive
+
+    uris = write_sample_archive(args.output, args.shards, args.per_shard, seed=args.seed,
+                                image_size=(args.width, args.height),
+                                storage_options=args.storage_options)
+    print(f"wrote {len(uris)} shards x {args.per_shard} faces under {args.output}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="landmarks", description="68-point facial landmarks over image archives on Ray")
+    commands = parser.add_subparsers(dest="command", required=True)
+    infer = commands.add_parser(
+        "infer", help="run the inference job", epilog=INFER_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Find 68 facial landmarks in every image of the input shards and write "
+                    "one Parquet file per shard.")
+    add_infer_arguments(infer)
+    infer.set_defaults(run=run_infer)
+
+    generate = commands.add_parser("generate", help="write a synthetic labelled face archive")
+    generate.add_argument("--output", required=True, help="folder/prefix for faces-*.tar")
+    generate.add_argument("--shards", type=int, default=4)
+    generate.add_argument("--per-shard", type=int, default=16)
+    generate.add_argument("--width", type=int, default=320)
+    generate.add_argument("--height", type=int, default=240)
+    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--storage-options", type=_storage_options, default={})
+    generate.set_defaults(run=run_generate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,208 @@
+"""Find input shards and stream the samples out of them, through fsspec.
+
+Three layouts:
+
+- ``tar``: WebDataset-style; consecutive members sharing a key (the member name up to the first
+  dot of its file name) form a sample: one image member plus an optional ``.json`` sidecar.
+- ``parquet``: one row per sample, with an image-bytes column and a key column (names
+  configurable); a ``bbox`` column is used as the face box and other scalar columns pass through
+  to ``meta``.
+- ``images``: loose image files; each file is a sample keyed by its path relative to the input
+  root, and the sorted files are grouped into shards of ``files_per_shard``.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import tarfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from fsspec.core import url_to_fs
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".ppm", ".bmp")
+FORMATS = ("auto", "tar", "parquet", "images")
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One unit of input: a tar or Parquet file, or a group of loose image files."""
+
+    name: str  # stable, unique within the input: names the output file
+    uri: str  # what the output rows record as ``shard``
+    format: str
+    paths: tuple[str, ...] = field(default_factory=tuple)  # filesystem paths (no protocol)
+    root: str = ""  # the listing root: loose images are keyed by their path relative to it
+
+
+@dataclass
+class Sample:
+    """One input sample before decoding; ``error`` set when it cannot be used."""
+
+    key: str
+    data: bytes | None = None
+    meta: dict[str, Any] | None = None
+    meta_error: str | None = None
+    error: str | None = None
+
+
+def _fs(uri: str, storage_options: Mapping[str, Any] | None):
+    return url_to_fs(uri, **dict(storage_options or {}))
+
+
+def _kind(path: str) -> str | None:
+    lower = path.lower()
+    if lower.endswith(".tar"):
+        return "tar"
+    if lower.endswith(".parquet"):
+        return "parquet"
+    if lower.endswith(IMAGE_EXTENSIONS):
+        return "images"
+    return None
+
+
+def list_shards(
+    input_uri: str,
+    fmt: str = "auto",
+    storage_options: Mapping[str, Any] | None = None,
+    files_per_shard: int = 256,
+) -> list[Shard]:
+    """List the input once and return its shards, sorted.
+
+    ``input_uri`` is a file, a folder / prefix (searched recursively) or a glob pattern.
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+    if files_per_shard < 1:
+        raise ValueError(f"files_per_shard must be >= 1, got {files_per_shard}")
+    fs, root = _fs(input_uri, storage_options)
+    if any(ch in root for ch in "*?["):
+        paths = sorted(fs.glob(root))
+        root = root[: min(root.find(ch) for ch in "*?[" if ch in root)].rsplit("/", 1)[0]
+    elif fs.isfile(root):
+        paths, root = [root], posixpath.dirname(root)
+    elif fs.isdir(root):
+        paths = sorted(fs.find(root))
+    else:
+        raise FileNotFoundError(f"input not found: {input_uri}")
+
+    by_kind: dict[str, list[str]] = {}
+    for path in paths:
+        kind = _kind(path)
+        if kind is not None and not posixpath.basename(path).startswith((".", "_")):
+            by_kind.setdefault(kind, []).append(path)
+    if fmt == "auto":
+        if len(by_kind) > 1:
+            found = ", ".join(f"{len(v)} {k}" for k, v in sorted(by_kind.items()))
+            raise ValueError(f"{input_uri} holds several shard formats ({found}); pick one with "
+                             "--format tar|parquet|images")
+        fmt = next(iter(by_kind), "tar")
+    selected = by_kind.get(fmt, [])
+    if not selected:
+        raise ValueError(f"no {fmt} shards found under {input_uri} "
+                         f"(looked for {IMAGE_EXTENSIONS if fmt == 'images' else '.' + fmt})")
+
+    protocol = input_uri.split("://", 1)[0] + "://" if "://" in input_uri else ""
+
+    def relative(path: str) -> str:
+        return posixpath.relpath(path, root) if root else path
+
+    if fmt == "images":
+        return [
+            Shard(name=f"images-{i // files_per_shard:05d}", uri=protocol + root,
+                  format="images", paths=tuple(selected[i : i + files_per_shard]), root=root)
+            for i in range(0, len(selected), files_per_shard)
+        ]
+    return [
+        Shard(name=posixpath.splitext(relative(p))[0].replace("/", "__"), uri=protocol + p,
+              format=fmt, paths=(p,), root=root)
+        for p in selected
+    ]
+
+
+def read_samples(
+    shard: Shard,
+    storage_options: Mapping[str, Any] | None = None,
+    image_column: str = "image",
+    key_column: str = "key",
+) -> Iterator[Sample]:
+    """Stream the samples of one shard in order. Errors of one sample stay in that sample;
+    an error that stops the shard is raised after the samples read before it."""
+    fs = _fs(shard.uri, storage_options)[0]
+    if shard.format == "tar":
+        yield from _read_tar(fs, shard.paths[0])
+    elif shard.format == "parquet":
+        yield from _read_parquet(fs, shard.paths[0], image_column, key_column)
+    elif shard.format == "images":
+        for path in shard.paths:
+            key = posixpath.relpath(path, shard.root) if shard.root else path
+            try:
+                yield Sample(key=key, data=fs.cat_file(path))
+            except FileNotFoundError:
+                yield Sample(key=key, error=f"file disappeared before it was read: {path}")
+    else:
+        raise ValueError(f"unknown shard format {shard.format!r}")
+
+
+def _sample_from_members(key: str, members: dict[str, bytes]) -> Sample:
+    sample = Sample(key=key)
+    images = sorted(ext for ext in members if "." + ext in IMAGE_EXTENSIONS)
+    if "json" in members:
+        try:
+            meta = json.loads(members["json"].decode("utf-8"))
+            if not isinstance(meta, dict):
+                raise ValueError("sidecar must be a JSON object")
+            sample.meta = meta
+        except (UnicodeDecodeError, ValueError) as exc:
+            sample.meta_error = f"sidecar {key}.json is not valid JSON: {exc}"
+    if images:
+        sample.data = members[images[0]]
+    else:
+        found = ", ".join("." + ext for ext in sorted(members)) or "nothing"
+        sample.error = f"no image member for key {key!r} (found {found})"
+    return sample
+
+
+def _split_member_name(name: str) -> tuple[str, str]:
+    directory, base = posixpath.split(name)
+    stem, _, ext = base.partition(".")
+    return posixpath.join(directory, stem), ext.lower()
+
+
+def _read_tar(fs, path: str) -> Iterator[Sample]:
+    """Stream a tar shard member by member (mode ``r|``: never seeks, never loads it whole)."""
+    with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+        key, members = None, {}
+        for info in tar:
+            if not info.isfile():
+                continue
+            member_key, ext = _split_member_name(info.name)
+            if key is not None and member_key != key:
+                yield _sample_from_members(key, members)
+                members = {}
+            key = member_key
+            extracted = tar.extractfile(info)
+            members[ext] = extracted.read() if extracted is not None else b""
+        if key is not None:
+            yield _sample_from_members(key, members)
+
+
+def _read_parquet(fs, path: str, image_column: str, key_column: str) -> Iterator[Sample]:
+    import pyarrow.parquet as pq
+
+    with fs.open(path, "rb") as f:
+        parquet = pq.ParquetFile(f)
+        names = parquet.schema_arrow.names
+        missing = [c for c in (image_column, key_column) if c not in names]
+        if missing:
+            raise ValueError(f"{path} has no column {missing} (columns: {names}); set "
+                             "--image-column / --key-column")
+        for batch in parquet.iter_batches(batch_size=64):
+            for row in batch.to_pylist():
+                key = str(row.pop(key_column))
+                data = row.pop(image_column)
+                meta = {k: v for k, v in row.items() if not isinstance(v, (bytes, bytearray))}
+                yield Sample(key=key, data=data, meta=meta or None)
+
