@@ -103,6 +103,10 @@ def ensure_ray(address: str | None = None) -> None:
     ray.init(address=address)
 
 
+def _read_task_options() -> dict[str, Any]:
+    return {"max_retries": READ_TASK_RETRIES}
+
+
 def _read_shards(batch: dict[str, np.ndarray], **reader_kwargs):
     yield from ShardReader(**reader_kwargs)(batch)
 
@@ -166,10 +170,10 @@ def run_inference(cfg: InferConfig) -> Summary:
         _read_shards,
         batch_size=1,
         num_cpus=1,
-        # Task retries for read tasks whose worker dies. Also keeps this stage's remote args
-        # different from the predictor's, so Ray Data does not fuse reading into the actors
-        # (that would decode every shard inside the few predictor processes).
-        max_retries=READ_TASK_RETRIES,
+        # Task retries for read tasks whose worker dies. Given as a function because Ray Data
+        # never fuses a stage that has one into the next: reading must not move into the
+        # predictor actors (that would decode every shard inside the few predictor processes).
+        ray_remote_args_fn=_read_task_options,
         fn_kwargs=dict(
             storage_options=dict(cfg.storage_options), margin=cfg.margin,
             max_pixels=cfg.max_pixels, image_column=cfg.image_column,

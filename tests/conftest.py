@@ -1,0 +1,36 @@
+"""Shared fixtures: one local Ray instance per test session, a model file, the real photos."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+
+def pytest_configure(config):
+    # Keep Ray quiet and small on a 2-core CI machine.
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """A local Ray instance shared by every test that runs a job."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=1 << 30,
+             configure_logging=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def weights_file(tmp_path_factory):
+    """A model file with seeded random weights, and the model itself."""
+    from pipeline.model import load_model, save_model
+
+    model, _ = load_model(init="random", seed=7)
+    path = tmp_path_factory.mktemp("model") / "landmarks.pt"
+    version = save_model(model, str(path), metadata={"made_by": "tests"})
+    return str(path), model, version
+

@@ -1,0 +1,199 @@
+"""The inference job end to end on a local Ray instance, read back with pyarrow."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from helpers import real_photo, tar_members, write_tar
+from PIL import Image
+
+from pipeline.inference import InferConfig, run_inference
+from pipeline.output import SCHEMA
+from pipeline.preprocess import normalize, preprocess, to_pixels
+from pipeline.synthetic import write_sample_archive
+
+PHOTOS = {"photo-takeo": "takeo.ppm", "photo-breakingbad": "breakingbad.jpg"}
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory):
+    """Two synthetic shards of 3 faces, plus a mixed shard: a face, a corrupt JPEG, a key with
+    only a text member, and the two real photos (PPM and a large JPEG) with face boxes."""
+    root = tmp_path_factory.mktemp("archive")
+    write_sample_archive(str(root), num_shards=2, samples_per_shard=3, seed=3,
+                         image_size=(160, 120))
+    face = tar_members(root / "faces-00000.tar")
+    members = [("mixed-0.jpg", face["face-00000-00000.jpg"]),
+               ("mixed-0.json", face["face-00000-00000.json"]),
+               ("mixed-1.jpg", b"\xff\xd8\xff\xe0 definitely not a jpeg" * 10),
+               ("mixed-2.txt", b"a caption without an image")]
+    for key, name in PHOTOS.items():
+        data, meta = real_photo(name)
+        members += [(f"{key}.{name.rsplit('.', 1)[1]}", data),
+                    (f"{key}.json", json.dumps(meta).encode())]
+    write_tar(root / "mixed.tar", members)
+    return root
+
+
+def _job(archive, output, weights, **overrides):
+    cfg = InferConfig(input=str(archive), output=str(output), weights=weights, batch_size=4,
+                      **overrides)
+    return run_inference(cfg)
+
+
+@pytest.fixture(scope="module")
+def result(ray_session, archive, weights_file, tmp_path_factory):
+    output = tmp_path_factory.mktemp("out")
+    summary = _job(archive, output, weights_file[0])
+    tables = {p.name: pq.read_table(p) for p in sorted(output.glob("*.parquet"))}
+    return summary, output, tables
+
+
+def _input_samples(archive):
+    """key -> (image bytes, sidecar dict or None), straight from the tar files."""
+    samples = {}
+    for path in sorted(archive.glob("*.tar")):
+        members = tar_members(path)
+        for name, data in members.items():
+            key, ext = name.split(".", 1)
+            if ext != "json":
+                meta = members.get(f"{key}.json")
+                samples[key] = (data, json.loads(meta) if meta else None)
+    return samples
+
+
+def test_one_file_per_shard_one_row_per_sample(result, archive):
+    summary, output, tables = result
+    assert sorted(p.name for p in output.iterdir()) == [
+        "_manifest.json", "part-faces-00000.parquet", "part-faces-00001.parquet",
+        "part-mixed.parquet"]
+    assert [t.num_rows for t in tables.values()] == [3, 3, 5]
+    assert tables["part-faces-00001.parquet"].column("key").to_pylist() == [
+        f"face-00001-{i:05d}" for i in range(3)]
+    assert tables["part-mixed.parquet"].column("key").to_pylist() == [
+        "mixed-0", "mixed-1", "mixed-2", "photo-takeo", "photo-breakingbad"]
+    for name, table in tables.items():
+        assert table.schema.equals(SCHEMA), name
+        stem = name.removeprefix("part-").removesuffix(".parquet")
+        assert set(table.column("shard").to_pylist()) == {str(archive / f"{stem}.tar")}
+        assert set(table.column("model_version").to_pylist()) == {summary.model_version}
+    assert (summary.shards, summary.samples, summary.errors) == (3, 11, 2)
+    manifest = json.loads((output / "_manifest.json").read_text())
+    assert (manifest["samples"], manifest["errors"]) == (11, 2)
+
+
+def test_landmarks_equal_a_direct_call_of_the_model(result, archive, weights_file):
+    """Same weights, CPU, fp32: the Ray job's landmarks equal the model called in-process."""
+    _, model, version = weights_file
+    _, _, tables = result
+    inputs = _input_samples(archive)
+    rows = [r for t in tables.values() for r in t.to_pylist() if r["error"] is None]
+    assert len(rows) == 9 and {r["model_version"] for r in rows} == {version}
+    pixels, crops = [], []
+    for row in rows:
+        data, meta = inputs[row["key"]]
+        x, width, height, crop = preprocess(data, (meta or {}).get("bbox"))
+        assert (row["width"], row["height"]) == (width, height)
+        pixels.append(x)
+        crops.append(crop)
+    with torch.inference_mode():
+        outputs = model.eval()(torch.from_numpy(normalize(np.stack(pixels)))).numpy()
+    crops = np.asarray(crops)
+    got = np.asarray([r["landmarks"] for r in rows], dtype=np.float64)
+    assert got.shape == (9, 68, 2)
+    # In units of the model's output (fractions of the crop) the two agree to 1e-4 and better;
+    # in pixels, up to float32's resolution at the coordinate (1.2e-4 at x = 1434).
+    got_uv = (got - crops[:, None, :2]) / crops[:, None, 2:3]
+    np.testing.assert_allclose(got_uv, outputs.reshape(-1, 68, 2), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(got, to_pixels(outputs, crops), atol=1e-4, rtol=1e-6)
+    # The outputs really are spread over the crop, not one constant point.
+    assert np.ptp(got[0], axis=0).min() > 0.5
+
+
+def test_bad_members_give_error_rows_and_the_shard_goes_on(result):
+    rows = {r["key"]: r for r in result[2]["part-mixed.parquet"].to_pylist()}
+    assert rows["mixed-1"]["error"].startswith("cannot decode image")
+    assert rows["mixed-1"]["landmarks"] is None and rows["mixed-1"]["width"] is None
+    assert rows["mixed-2"]["error"] == "no image member for key 'mixed-2' (found .txt)"
+    for key in ("mixed-0", "photo-takeo", "photo-breakingbad"):
+        assert rows[key]["error"] is None and len(rows[key]["landmarks"]) == 68
+
+
+def test_real_photos_decode_and_land_inside_their_images(result):
+    rows = {r["key"]: r for r in result[2]["part-mixed.parquet"].to_pylist()}
+    for key, name, size in (("photo-takeo", "takeo.ppm", (150, 225)),
+                            ("photo-breakingbad", "breakingbad.jpg", (1920, 1080))):
+        row = rows[key]
+        assert (row["width"], row["height"]) == size == Image.open(f"tests/data/{name}").size
+        points = np.asarray(row["landmarks"])
+        assert ((points >= 0) & (points < np.asarray(size))).all(), key
+        _, meta = real_photo(name)
+        assert row["bbox"] == pytest.approx(meta["bbox"], abs=1e-3)
+        assert json.loads(row["meta"])["landmarks"] == meta["landmarks"]
+        # Only the right-hand face of the two-person photo is looked at: the crop is around it.
+        x0, y0, x1, y1 = row["crop"]
+        bx0, by0, bx1, by1 = meta["bbox"]
+        assert x0 < bx0 and y0 < by0 and x1 > bx1 and y1 > by1
+        assert x1 - x0 < 1.6 * max(bx1 - bx0, by1 - by0)
+
+
+def test_rerun_overwrites_with_the_same_files_and_rows(result, archive, weights_file):
+    _, output, tables = result
+    before = sorted(p.name for p in output.iterdir())
+    _job(archive, output, weights_file[0])
+    assert sorted(p.name for p in output.iterdir()) == before
+    for name, table in tables.items():
+        assert pq.read_table(output / name).equals(table), name
+
+
+def test_parquet_and_loose_image_inputs(ray_session, archive, weights_file, result, tmp_path):
+    """The same faces as Parquet rows (with their boxes) give the tar job's landmarks; loose
+    files come out one row per file keyed by relative path."""
+    inputs = _input_samples(archive)
+    keys = [f"face-00000-{i:05d}" for i in range(3)]
+    table = pa.table({
+        "id": keys,
+        "jpeg": [inputs[k][0] for k in keys],
+        "bbox": [inputs[k][1]["bbox"] for k in keys],
+        "source": ["synthetic"] * 3,
+    })
+    (tmp_path / "pq").mkdir()
+    pq.write_table(table, tmp_path / "pq" / "batch-a.parquet")
+    _job(tmp_path / "pq", tmp_path / "out-pq", weights_file[0], image_column="jpeg",
+         key_column="id")
+    got = pq.read_table(tmp_path / "out-pq" / "part-batch-a.parquet")
+    assert got.column("key").to_pylist() == keys
+    from_tar = result[2]["part-faces-00000.parquet"]
+    np.testing.assert_allclose(np.asarray(got.column("landmarks").to_pylist()),
+                               np.asarray(from_tar.column("landmarks").to_pylist()), atol=1e-4)
+    assert json.loads(got.column("meta")[0].as_py())["source"] == "synthetic"
+
+    loose = tmp_path / "loose"
+    (loose / "sub").mkdir(parents=True)
+    for i, key in enumerate(keys):
+        png = io.BytesIO()
+        Image.open(io.BytesIO(inputs[key][0])).save(png, format="PNG")
+        (loose / ("sub" if i else ".") / f"{key}.png").write_bytes(png.getvalue())
+    summary = _job(loose, tmp_path / "out-img", weights_file[0], files_per_shard=2)
+    assert (summary.shards, summary.samples, summary.errors) == (2, 3, 0)
+    first = pq.read_table(tmp_path / "out-img" / "part-images-00000.parquet")
+    second = pq.read_table(tmp_path / "out-img" / "part-images-00001.parquet")
+    assert first.column("key").to_pylist() + second.column("key").to_pylist() == [
+        "face-00000-00000.png", "sub/face-00000-00001.png", "sub/face-00000-00002.png"]
+    assert first.column("bbox").null_count == 2  # no sidecar: the whole image is the crop
+    assert first.column("crop")[0].as_py() == pytest.approx([0, -20, 160, 140])
+
+
+def test_an_empty_shard_gets_an_empty_file(ray_session, weights_file, tmp_path):
+    (tmp_path / "in").mkdir()
+    write_tar(tmp_path / "in" / "empty.tar", [])
+    summary = _job(tmp_path / "in", tmp_path / "out", weights_file[0])
+    assert summary.samples == 0
+    table = pq.read_table(tmp_path / "out" / "part-empty.parquet")
+    assert table.num_rows == 0 and table.schema.equals(SCHEMA)
