@@ -1,0 +1,63 @@
+"""The command line: help text, error messages, the README's commands kept in CI."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from pipeline.cli import main
+from pipeline.synthetic import write_sample_archive
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_job_script_help_lists_the_options():
+    out = subprocess.run([sys.executable, "jobs/infer.py", "--help"], cwd=ROOT,
+                         capture_output=True, text=True, check=True).stdout
+    for flag in ("--input", "--output", "--weights", "--batch-size", "--num-predictors",
+                 "--storage-options", "--format", "ray job submit"):
+        assert flag in out
+
+
+def test_bad_input_gives_a_clear_error(tmp_path, capsys):
+    assert main(["infer", "--input", str(tmp_path / "nope"), "--output", str(tmp_path)]) == 2
+    assert f"input not found: {tmp_path / 'nope'}" in capsys.readouterr().err
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "notes.txt").write_text("x")
+    assert main(["infer", "--input", str(tmp_path / "in"), "--output", str(tmp_path)]) == 2
+    assert "no tar shards found" in capsys.readouterr().err
+
+
+def test_bad_weights_fail_before_any_work(tmp_path, capsys):
+    write_sample_archive(str(tmp_path / "in"), 1, 1, image_size=(64, 64))
+    (tmp_path / "w.pt").write_bytes(b"not a model")
+    code = main(["infer", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"),
+                 "--weights", str(tmp_path / "w.pt")])
+    assert code == 2
+    assert "is not a readable model file" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_job_with_preview(ray_session, weights_file, tmp_path, capsys):
+    write_sample_archive(str(tmp_path / "in"), 1, 2, image_size=(96, 96))
+    preview = tmp_path / "p.png"
+    code = main(["infer", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"),
+                 "--weights", weights_file[0], "--preview", str(preview)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert re.search(r"summary: 2 samples in 1 shards, 0 errors, .* images/s", printed)
+    assert pq.read_table(tmp_path / "out" / "part-faces-00000.parquet").num_rows == 2
+    assert preview.stat().st_size > 1000 and "meaningless" not in printed
+
+
+def test_ci_runs_the_readme_commands():
+    readme = (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    commands = re.findall(r"```bash\n\s*(.+?)\n\s*```", readme.split("## The two commands")[1])[:2]
+    assert len(commands) == 2
+    for command in commands:
+        assert command.strip() in ci.splitlines()

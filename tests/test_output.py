@@ -1,0 +1,153 @@
+"""Unit tests for pipeline.output: the output table and its atomic commit."""
+
+import os
+import uuid
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.output import SCHEMA, output_file_name, rows_to_table, write_table_atomic
+from pipeline.stages import empty_rows
+
+
+def _rows(n: int) -> dict[str, np.ndarray]:
+    """Predictor output rows: stage rows without pixels, plus landmarks and model_version."""
+    rows = empty_rows(n)
+    del rows["pixels"]
+    rows["landmarks"] = np.full((n, 68, 2), np.nan, dtype=np.float32)
+    rows["model_version"] = np.full(n, "0123456789abcdef", dtype=object)
+    return rows
+
+
+@pytest.fixture()
+def rows():
+    """Three rows: ok without bbox, a decode error, ok with a bbox and meta."""
+    rows = _rows(3)
+    rows["key"][:] = ["img/a", "img/b", "img/c"]
+    rows["shard"][:] = "s3://bucket/in/shard-0.tar"
+    rows["shard_name"][:] = "shard-0"
+    rows["seq"][:] = [0, 1, 2]
+    rows["last"][2] = True
+    rows["width"][:] = [640, 0, 200]
+    rows["height"][:] = [480, 0, 100]
+    rows["crop"][0] = [0.0, -80.0, 640.0]
+    rows["crop"][2] = [-30.5, 0.25, 120.0]
+    rows["bbox"][2] = [10.0, 20.0, 50.0, 100.0]
+    rows["meta"][2] = '{"bbox": [10, 20, 50, 100]}'
+    rows["error"][1] = "cannot decode image: UnidentifiedImageError: nope"
+    rng = np.random.default_rng(0)
+    rows["landmarks"][0] = rng.uniform(-50, 700, (68, 2)).astype(np.float32)
+    rows["landmarks"][2] = rng.uniform(-50, 700, (68, 2)).astype(np.float32)
+    return rows
+
+
+def test_output_file_name():
+    assert output_file_name("faces-00001") == "part-faces-00001.parquet"
+
+
+def test_rows_to_table_schema_and_values(rows):
+    table = rows_to_table(rows)
+    assert table.schema.equals(SCHEMA)
+    assert table.num_rows == 3
+    out = table.to_pydict()
+    assert out["key"] == ["img/a", "img/b", "img/c"]
+    assert out["shard"] == ["s3://bucket/in/shard-0.tar"] * 3
+    assert out["model_version"] == ["0123456789abcdef"] * 3
+    assert out["width"] == [640, None, 200]
+    assert out["height"] == [480, None, 100]
+    assert out["bbox"] == [None, None, [10.0, 20.0, 50.0, 100.0]]
+    # crop = [x0, y0, x0 + side, y0 + side]
+    assert out["crop"] == [[0.0, -80.0, 640.0, 560.0], None, [-30.5, 0.25, 89.5, 120.25]]
+    assert out["error"] == [None, "cannot decode image: UnidentifiedImageError: nope", None]
+    assert out["meta"] == [None, None, '{"bbox": [10, 20, 50, 100]}']
+    assert out["landmarks"][1] is None
+    # Only the documented columns: no seq / last / shard_name leak into the file.
+    assert table.column_names == [f.name for f in SCHEMA]
+
+
+def test_rows_to_table_landmarks_round_trip_exactly(rows):
+    table = rows_to_table(rows)
+    column = table.column("landmarks").combine_chunks()
+    assert column.type == pa.list_(pa.list_(pa.float32(), 2), 68)
+    assert column.null_count == 1 and not column.is_valid()[1].as_py()
+    for i in (0, 2):
+        got = np.asarray(column[i].as_py(), dtype=np.float32)
+        assert got.shape == (68, 2)
+        np.testing.assert_array_equal(got, rows["landmarks"][i])
+    # Flat values (float32, no conversion through float64 rounding).
+    flat = column.flatten().flatten().to_numpy(zero_copy_only=False)
+    assert flat.dtype == np.float32
+    np.testing.assert_array_equal(flat[: 68 * 2], rows["landmarks"][0].reshape(-1))
+
+
+def test_rows_to_table_all_ok_and_all_errors():
+    ok = _rows(2)
+    ok["key"][:] = ["a", "b"]
+    ok["shard"][:] = "x.tar"
+    ok["width"][:], ok["height"][:] = 10, 20
+    ok["crop"][:] = [[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]
+    ok["landmarks"][:] = 1.5
+    table = rows_to_table(ok)
+    assert table.column("landmarks").null_count == 0
+    assert table.column("crop").to_pylist() == [[1.0, 2.0, 4.0, 5.0], [4.0, 5.0, 10.0, 11.0]]
+    assert table.column("error").null_count == 2
+
+    bad = _rows(2)
+    bad["key"][:] = ["", "k"]
+    bad["shard"][:] = "x.tar"
+    bad["error"][:] = ["shard error after 0 samples: ReadError: boom", "no image member"]
+    table = rows_to_table(bad)
+    assert table.schema.equals(SCHEMA)
+    for name in ("landmarks", "crop", "width", "height", "bbox", "meta"):
+        assert table.column(name).null_count == 2, name
+    assert table.column("key").to_pylist() == ["", "k"]  # key is never null
+    assert table.column("error").to_pylist() == list(bad["error"])
+
+
+def test_rows_to_table_zero_rows():
+    table = rows_to_table(_rows(0))
+    assert table.num_rows == 0
+    assert table.schema.equals(SCHEMA)
+
+
+# --------------------------------------------------------------------------------------------
+# write_table_atomic
+# --------------------------------------------------------------------------------------------
+
+
+def test_write_local_and_overwrite(tmp_path, rows):
+    first = rows_to_table(rows)
+    target = tmp_path / "out" / "nested" / output_file_name("shard-0")
+    write_table_atomic(first, str(target))
+    back = pq.read_table(target)
+    assert back.schema.equals(SCHEMA)
+    assert back.equals(first)
+
+    second = rows_to_table({k: v[:1] for k, v in rows.items()})
+    write_table_atomic(second, str(target))
+    assert sorted(os.listdir(target.parent)) == ["part-shard-0.parquet"]  # no temporary files
+    back = pq.read_table(target)
+    assert back.num_rows == 1
+    assert back.equals(second)
+
+
+def test_write_memory(rows):
+    root = f"/output-test-{uuid.uuid4().hex[:8]}"
+    fs = fsspec.filesystem("memory")
+    uri = f"memory://{root}/out/part-x.parquet"
+    try:
+        table = rows_to_table(rows)
+        write_table_atomic(table, uri)
+        with fsspec.open(uri, "rb") as f:
+            assert pq.read_table(f).equals(table)
+        smaller = table.slice(0, 2)
+        write_table_atomic(smaller, uri)
+        with fsspec.open(uri, "rb") as f:
+            assert pq.read_table(f).equals(smaller)
+        assert [p.rsplit("/", 1)[1] for p in fs.find(root)] == ["part-x.parquet"]
+    finally:
+        if fs.exists(root):
+            fs.rm(root, recursive=True)

@@ -1,0 +1,395 @@
+"""Unit tests for pipeline.shards: listing inputs and streaming samples out of shards."""
+
+import io
+import json
+import tarfile
+import uuid
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from pipeline.shards import Sample, Shard, list_shards, read_samples
+from pipeline.synthetic import write_sample_archive
+
+SMALL = (48, 36)
+
+
+def _jpeg(color=(200, 100, 50), size=(8, 6)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def _png(color=(10, 20, 30), size=(5, 4)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _tar_bytes(members: list[tuple[str, bytes]], dirs: tuple[str, ...] = ()) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for d in dirs:
+            info = tarfile.TarInfo(d)
+            info.type = tarfile.DIRTYPE
+            tar.addfile(info)
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def _write_tar(path: Path, members, dirs=()) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(_tar_bytes(members, dirs))
+    return path
+
+
+def _write_parquet(path: Path, columns: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(columns), path)
+    return path
+
+
+@pytest.fixture()
+def memory_root():
+    root = f"/shards-test-{uuid.uuid4().hex[:8]}"
+    yield root
+    fs = fsspec.filesystem("memory")
+    if fs.exists(root):
+        fs.rm(root, recursive=True)
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory):
+    """Two synthetic tar shards plus a nested one, a hidden one and a non-shard file."""
+    root = tmp_path_factory.mktemp("archive")
+    uris = write_sample_archive(str(root), num_shards=2, samples_per_shard=3, image_size=SMALL)
+    _write_tar(root / "sub" / "x.tar", [("k.jpg", _jpeg())])
+    _write_tar(root / ".hidden.tar", [("h.jpg", _jpeg())])
+    _write_tar(root / "_temporary.tar", [("t.jpg", _jpeg())])
+    (root / "README.txt").write_text("not a shard")
+    return root, uris
+
+
+# --------------------------------------------------------------------------------------------
+# list_shards
+# --------------------------------------------------------------------------------------------
+
+
+def test_list_folder_of_tars(archive):
+    root, uris = archive
+    shards = list_shards(str(root))
+    assert [s.name for s in shards] == ["faces-00000", "faces-00001", "sub__x"]
+    assert [s.uri for s in shards] == [
+        f"{root}/faces-00000.tar",
+        f"{root}/faces-00001.tar",
+        f"{root}/sub/x.tar",
+    ]
+    assert [s.uri for s in shards[:2]] == uris
+    assert all(s.format == "tar" for s in shards)
+    assert [s.paths for s in shards] == [(s.uri,) for s in shards]
+    assert all(s.root == str(root) for s in shards)
+
+
+def test_list_folder_with_explicit_tar_format_and_trailing_slash(archive):
+    root, _ = archive
+    assert [s.name for s in list_shards(f"{root}/", fmt="tar")] == [
+        "faces-00000",
+        "faces-00001",
+        "sub__x",
+    ]
+
+
+def test_list_single_file(archive):
+    root, _ = archive
+    shards = list_shards(f"{root}/faces-00001.tar")
+    assert shards == [
+        Shard(
+            name="faces-00001",
+            uri=f"{root}/faces-00001.tar",
+            format="tar",
+            paths=(f"{root}/faces-00001.tar",),
+            root=str(root),
+        )
+    ]
+
+
+def test_list_glob(archive):
+    root, _ = archive
+    shards = list_shards(f"{root}/faces-*.tar")
+    assert [s.name for s in shards] == ["faces-00000", "faces-00001"]
+    assert [s.uri for s in shards] == [f"{root}/faces-00000.tar", f"{root}/faces-00001.tar"]
+    # A wildcard in a folder part: names stay relative to the part before the wildcard.
+    nested = list_shards(f"{root}/s*/*.tar")
+    assert [(s.name, s.uri) for s in nested] == [("sub__x", f"{root}/sub/x.tar")]
+
+
+def test_list_glob_matching_nothing(archive):
+    root, _ = archive
+    with pytest.raises(ValueError, match="no tar shards found"):
+        list_shards(f"{root}/nothing-*.tar")
+
+
+def test_list_memory_filesystem(memory_root):
+    uris = write_sample_archive(
+        f"memory://{memory_root}/in", num_shards=2, samples_per_shard=2, image_size=SMALL
+    )
+    assert len(uris) == 2
+    shards = list_shards(f"memory://{memory_root}/in")
+    assert [s.name for s in shards] == ["faces-00000", "faces-00001"]
+    assert all(s.uri.startswith("memory://") for s in shards)
+    assert [s.uri.rsplit("/", 1)[1] for s in shards] == ["faces-00000.tar", "faces-00001.tar"]
+    # The URIs are readable as they stand.
+    keys = [sample.key for sample in read_samples(shards[1])]
+    assert keys == ["face-00001-00000", "face-00001-00001"]
+    with fsspec.open(shards[0].uri, "rb") as f:
+        assert f.read(1024)[:512] != b"\0" * 512
+
+
+def test_list_parquet(tmp_path):
+    for name in ("b.parquet", "a.parquet", "deep/c.parquet"):
+        _write_parquet(tmp_path / name, {"key": ["k"], "image": [b"x"]})
+    shards = list_shards(str(tmp_path))
+    assert [(s.name, s.format) for s in shards] == [
+        ("a", "parquet"),
+        ("b", "parquet"),
+        ("deep__c", "parquet"),
+    ]
+    assert shards[0].uri == f"{tmp_path}/a.parquet"
+
+
+def test_list_loose_images_grouped(tmp_path):
+    names = ["a.jpg", "b.PNG", "c.jpeg", "sub/d.png", "sub/e.webp"]
+    for name in names:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"img")
+    (tmp_path / "notes.txt").write_text("x")
+    (tmp_path / ".thumb.jpg").write_bytes(b"img")
+    shards = list_shards(str(tmp_path), files_per_shard=2)
+    assert [s.name for s in shards] == ["images-00000", "images-00001", "images-00002"]
+    assert all(s.format == "images" and s.uri == str(tmp_path) for s in shards)
+    assert all(s.root == str(tmp_path) for s in shards)
+    assert [s.paths for s in shards] == [
+        (f"{tmp_path}/a.jpg", f"{tmp_path}/b.PNG"),
+        (f"{tmp_path}/c.jpeg", f"{tmp_path}/sub/d.png"),
+        (f"{tmp_path}/sub/e.webp",),
+    ]
+    # Default grouping: all five files in one shard.
+    assert [len(s.paths) for s in list_shards(str(tmp_path))] == [5]
+
+
+def test_list_mixed_formats(tmp_path):
+    _write_tar(tmp_path / "a.tar", [("k.jpg", _jpeg())])
+    _write_parquet(tmp_path / "b.parquet", {"key": ["k"], "image": [b"x"]})
+    (tmp_path / "c.jpg").write_bytes(_jpeg())
+    (tmp_path / "d.png").write_bytes(_png())
+    with pytest.raises(ValueError, match=r"several shard formats \(2 images, 1 parquet, 1 tar\)"):
+        list_shards(str(tmp_path))
+    assert [s.name for s in list_shards(str(tmp_path), fmt="tar")] == ["a"]
+    assert [s.name for s in list_shards(str(tmp_path), fmt="parquet")] == ["b"]
+    images = list_shards(str(tmp_path), fmt="images")
+    assert [s.paths for s in images] == [(f"{tmp_path}/c.jpg", f"{tmp_path}/d.png")]
+
+
+def test_list_empty_folder(tmp_path):
+    with pytest.raises(ValueError, match="no tar shards found"):
+        list_shards(str(tmp_path))
+    (tmp_path / "x.txt").write_text("x")
+    (tmp_path / "_y.tar").write_bytes(b"")
+    with pytest.raises(ValueError, match="no tar shards found"):
+        list_shards(str(tmp_path))
+
+
+def test_list_format_present_but_not_requested(tmp_path):
+    _write_tar(tmp_path / "a.tar", [("k.jpg", _jpeg())])
+    with pytest.raises(ValueError, match="no parquet shards found"):
+        list_shards(str(tmp_path), fmt="parquet")
+
+
+def test_list_missing_input(tmp_path):
+    with pytest.raises(FileNotFoundError, match="input not found"):
+        list_shards(str(tmp_path / "missing"))
+    with pytest.raises(FileNotFoundError):
+        list_shards("memory:///no-such-prefix-for-shards-test")
+
+
+def test_list_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match="format must be one of"):
+        list_shards(str(tmp_path), fmt="zip")
+    with pytest.raises(ValueError, match="files_per_shard must be >= 1"):
+        list_shards(str(tmp_path), files_per_shard=0)
+
+
+# --------------------------------------------------------------------------------------------
+# read_samples: tar
+# --------------------------------------------------------------------------------------------
+
+
+def test_read_synthetic_tar(archive):
+    root, _ = archive
+    shard = list_shards(f"{root}/faces-00001.tar")[0]
+    samples = list(read_samples(shard))
+    assert [s.key for s in samples] == [f"face-00001-{i:05d}" for i in range(3)]
+    with tarfile.open(shard.uri) as tar:
+        written = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+    for s in samples:
+        assert s.error is None and s.meta_error is None
+        assert s.data == written[f"{s.key}.jpg"]
+        assert s.meta == json.loads(written[f"{s.key}.json"])
+        assert len(s.meta["landmarks"]) == 68 and len(s.meta["bbox"]) == 4
+        assert Image.open(io.BytesIO(s.data)).size == SMALL
+
+
+def test_read_hand_made_tar(tmp_path):
+    a_img, b_img, d_img, e_img, f_img, g_img = (_jpeg((i * 40, 0, 0)) for i in range(6))
+    members = [
+        ("a.jpg", a_img),
+        ("a.json", json.dumps({"bbox": [1, 2, 3, 4], "name": "Ä"}).encode()),
+        ("b.png", b_img),
+        ("c.txt", b"only text"),
+        ("d.jpg", d_img),
+        ("d.json", b"{not json"),
+        ("e.jpg", e_img),
+        ("e.json", b"[1, 2]"),
+        ("dir/sub/f.jpg", f_img),
+        ("dir/sub/f.json", b'{"x": 1}'),
+        ("g.JPG", g_img),
+        ("h.json", b'{"y": 2}'),
+    ]
+    path = _write_tar(tmp_path / "s.tar", members, dirs=("dir", "dir/sub"))
+    samples = list(read_samples(list_shards(str(path))[0]))
+    by_key = {s.key: s for s in samples}
+    assert [s.key for s in samples] == ["a", "b", "c", "d", "e", "dir/sub/f", "g", "h"]
+
+    assert by_key["a"] == Sample("a", a_img, {"bbox": [1, 2, 3, 4], "name": "Ä"})
+    assert by_key["b"] == Sample("b", b_img)
+
+    c = by_key["c"]
+    assert c.data is None and c.error is not None
+    assert "'c'" in c.error and ".txt" in c.error and "no image member" in c.error
+
+    d = by_key["d"]
+    assert d.data == d_img and d.meta is None and d.error is None
+    assert d.meta_error is not None and "d.json is not valid JSON" in d.meta_error
+
+    e = by_key["e"]
+    assert e.data == e_img and e.meta is None
+    assert "e.json" in e.meta_error and "JSON object" in e.meta_error
+
+    assert by_key["dir/sub/f"] == Sample("dir/sub/f", f_img, {"x": 1})
+    assert by_key["g"].data == g_img  # upper-case extension
+
+    h = by_key["h"]
+    assert h.data is None and h.meta == {"y": 2}
+    assert "no image member for key 'h'" in h.error and ".json" in h.error
+
+
+def test_read_truncated_tar_yields_samples_then_raises(tmp_path):
+    big = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(big, "RGB").save(buf, "PNG")
+    images = [buf.getvalue() + bytes([i]) for i in range(4)]  # distinct, > 10 kB each
+    members = [(f"s{i}.png", img) for i, img in enumerate(images)]
+    data = _tar_bytes(members)
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        third = tar.getmembers()[2]
+    # Cut in the middle of the third member's data.
+    cut = third.offset_data + third.size // 2
+    path = tmp_path / "broken.tar"
+    path.write_bytes(data[:cut])
+    samples = read_samples(list_shards(str(path))[0])
+    got = []
+    with pytest.raises(tarfile.ReadError):
+        for s in samples:
+            got.append(s)
+    assert [s.key for s in got] == ["s0", "s1"]
+    assert [s.data for s in got] == images[:2]
+
+
+def test_read_tar_from_memory(memory_root):
+    members = [("a.jpg", _jpeg()), ("a.json", b'{"k": "v"}')]
+    fsspec.filesystem("memory").pipe_file(f"{memory_root}/t.tar", _tar_bytes(members))
+    shard = list_shards(f"memory://{memory_root}/t.tar")[0]
+    assert [(s.key, s.meta) for s in read_samples(shard)] == [("a", {"k": "v"})]
+
+
+# --------------------------------------------------------------------------------------------
+# read_samples: parquet
+# --------------------------------------------------------------------------------------------
+
+
+def test_read_parquet_custom_columns(tmp_path):
+    imgs = [_jpeg((i * 50, 0, 0)) for i in range(3)]
+    path = _write_parquet(
+        tmp_path / "p.parquet",
+        {
+            "id": pa.array([7, 8, 9], pa.int64()),
+            "img": pa.array(imgs, pa.binary()),
+            "bbox": [[1.0, 2.0, 3.0, 4.0], None, [0.5, 0.5, 2.5, 2.5]],
+            "label": ["x", "y", None],
+            "thumb": pa.array([b"t0", b"t1", b"t2"], pa.binary()),
+        },
+    )
+    shard = list_shards(str(path))[0]
+    assert shard.format == "parquet" and shard.name == "p"
+    samples = list(read_samples(shard, image_column="img", key_column="id"))
+    assert [s.key for s in samples] == ["7", "8", "9"]
+    assert [s.data for s in samples] == imgs
+    assert [s.meta for s in samples] == [
+        {"bbox": [1.0, 2.0, 3.0, 4.0], "label": "x"},
+        {"bbox": None, "label": "y"},
+        {"bbox": [0.5, 0.5, 2.5, 2.5], "label": None},
+    ]
+    assert all(s.error is None and s.meta_error is None for s in samples)
+
+
+def test_read_parquet_default_columns_without_extras(tmp_path):
+    path = _write_parquet(tmp_path / "q.parquet", {"key": ["a", "b"], "image": [b"1", b"2"]})
+    samples = list(read_samples(list_shards(str(path))[0]))
+    assert samples == [Sample("a", b"1"), Sample("b", b"2")]
+
+
+def test_read_parquet_missing_column(tmp_path):
+    path = _write_parquet(tmp_path / "q.parquet", {"key": ["a"], "image": [b"1"]})
+    with pytest.raises(ValueError, match=r"no column \['img'\]"):
+        list(read_samples(list_shards(str(path))[0], image_column="img"))
+
+
+# --------------------------------------------------------------------------------------------
+# read_samples: loose images
+# --------------------------------------------------------------------------------------------
+
+
+def test_read_loose_images_keyed_by_relative_path(tmp_path):
+    files = {"a.jpg": _jpeg(), "sub/b.png": _png(), "sub/deeper/c.jpg": _jpeg((1, 2, 3))}
+    for name, data in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(data)
+    shards = list_shards(str(tmp_path), files_per_shard=2)
+    samples = [s for shard in shards for s in read_samples(shard)]
+    assert [s.key for s in samples] == ["a.jpg", "sub/b.png", "sub/deeper/c.jpg"]
+    assert [s.data for s in samples] == list(files.values())
+    assert all(s.meta is None and s.error is None for s in samples)
+
+
+def test_read_loose_image_that_disappeared(tmp_path):
+    (tmp_path / "a.jpg").write_bytes(_jpeg())
+    (tmp_path / "b.jpg").write_bytes(_jpeg())
+    shard = list_shards(str(tmp_path))[0]
+    (tmp_path / "a.jpg").unlink()
+    samples = list(read_samples(shard))
+    assert [s.key for s in samples] == ["a.jpg", "b.jpg"]
+    assert samples[0].data is None and "disappeared" in samples[0].error
+    assert samples[1].error is None and samples[1].data == (tmp_path / "b.jpg").read_bytes()
+
+
+def test_read_unknown_format():
+    with pytest.raises(ValueError, match="unknown shard format"):
+        list(read_samples(Shard(name="x", uri="/tmp/x.zip", format="zip", paths=("/tmp/x",))))
