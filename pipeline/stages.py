@@ -107,7 +107,8 @@ class ShardReader:
             except StopIteration:
                 break
             except Exception as exc:  # the shard itself is broken: keep what came before
-                error = f"shard error after {seq} samples: {exc.__class__.__name__}: {exc}"
+                read = seq + len(pending)
+                error = f"shard error after {read} samples: {exc.__class__.__name__}: {exc}"
                 pending.append((Sample(key="", error=error), None))
                 break
             pending.append((sample, self._prepare(sample)))

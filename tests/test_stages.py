@@ -1,0 +1,124 @@
+"""The Ray-free stages called directly: shard reading into batches, prediction, collection."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from helpers import sidecar, tar_members, write_tar
+
+from pipeline.inference import _ShardCollector
+from pipeline.shards import list_shards
+from pipeline.stages import LandmarkPredictor, ShardReader, decode_shard, encode_shard
+from pipeline.synthetic import write_sample_archive
+
+
+@pytest.fixture(scope="module")
+def faces(tmp_path_factory):
+    root = tmp_path_factory.mktemp("faces")
+    write_sample_archive(str(root), num_shards=1, samples_per_shard=5, seed=11,
+                         image_size=(96, 80))
+    return tar_members(root / "faces-00000.tar")
+
+
+def _rows(batches):
+    return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+
+
+def test_reader_batches_carry_order_and_the_last_flag(faces, tmp_path):
+    write_tar(tmp_path / "a.tar", sorted(faces.items()))
+    shard = list_shards(str(tmp_path))[0]
+    assert decode_shard(encode_shard(shard)) == shard
+    batches = list(ShardReader(rows_per_batch=2).read(shard))
+    assert [len(b["key"]) for b in batches] == [2, 2, 1]
+    rows = _rows(batches)
+    assert rows["seq"].tolist() == [0, 1, 2, 3, 4]
+    assert rows["last"].tolist() == [False, False, False, False, True]
+    assert rows["key"].tolist() == [f"face-00000-{i:05d}" for i in range(5)]
+    assert set(rows["shard"]) == {str(tmp_path / "a.tar")} and set(rows["error"]) == {""}
+    assert rows["pixels"].shape == (5, 224, 224, 3) and rows["pixels"].std() > 10
+    assert (rows["width"] == 96).all() and (rows["height"] == 80).all()
+
+
+def test_exact_multiple_of_the_batch_size_still_ends_with_a_last_row(faces, tmp_path):
+    write_tar(tmp_path / "a.tar", sorted(faces.items())[:8])  # 4 samples
+    batches = list(ShardReader(rows_per_batch=2).read(list_shards(str(tmp_path))[0]))
+    assert [len(b["key"]) for b in batches] == [2, 2]
+    assert _rows(batches)["last"].tolist() == [False, False, False, True]
+
+
+def test_truncated_tar_keeps_earlier_samples_and_ends_with_a_shard_error(faces, tmp_path):
+    path = write_tar(tmp_path / "t.tar", sorted(faces.items()))
+    data = path.read_bytes()
+    # Cut 100 bytes into the 4th sample's image data (its 512-byte header starts with its name).
+    cut = data.index(b"face-00000-00003.jpg") + 512 + 100
+    path.write_bytes(data[:cut])
+    rows = _rows(list(ShardReader().read(list_shards(str(tmp_path))[0])))
+    assert rows["key"].tolist() == ["face-00000-00000", "face-00000-00001",
+                                    "face-00000-00002", ""]
+    assert rows["error"][:3].tolist() == ["", "", ""]
+    assert rows["error"][3].startswith("shard error after 3 samples: ReadError")
+    assert rows["last"].tolist() == [False, False, False, True]
+
+
+def test_sample_level_errors(faces, tmp_path):
+    good = faces["face-00000-00000.jpg"]
+    write_tar(tmp_path / "e.tar", [
+        ("a.jpg", good), ("a.json", b"{not json"),
+        ("b.jpg", good), ("b.json", sidecar({"bbox": [50, 50, 10, 10]})),
+        ("c.jpg", b""),
+        ("d.jpg", good), ("d.json", sidecar({"bbox": [10, 10, 50, 60], "who": "x"})),
+    ])
+    rows = _rows(list(ShardReader().read(list_shards(str(tmp_path))[0])))
+    errors = dict(zip(rows["key"], rows["error"], strict=True))
+    assert errors["a"].startswith("sidecar a.json is not valid JSON")
+    assert errors["b"] == "bbox [50, 50, 10, 10] is empty or inverted (need x0 < x1 and y0 < y1)"
+    assert errors["c"] == "empty image (0 bytes)"
+    assert errors["d"] == ""
+    assert rows["bbox"][3].tolist() == [10, 10, 50, 60]
+    # square around the box grown by 25 %: 40x50 -> 60x75 -> side 75 centred on (30, 35)
+    assert rows["crop"][3].tolist() == [-7.5, -2.5, 75.0]
+
+
+def test_predictor_skips_error_rows_and_maps_to_pixels(faces, tmp_path, weights_file):
+    write_tar(tmp_path / "p.tar", [("x.jpg", b"junk"), *sorted(faces.items())[:4]])
+    batch = _rows(list(ShardReader().read(list_shards(str(tmp_path))[0])))
+    predictor = LandmarkPredictor(weights=weights_file[0], device="cpu")
+    out = predictor(batch)
+    assert "pixels" not in out and out["landmarks"].shape == (3, 68, 2)
+    assert np.isnan(out["landmarks"][0]).all()
+    assert set(out["model_version"]) == {weights_file[2]}
+    raw = predictor.forward(batch["pixels"][1:])
+    crop = batch["crop"][1:]
+    expected = crop[:, None, :2] + raw.reshape(-1, 68, 2) * crop[:, None, 2:3]
+    np.testing.assert_allclose(out["landmarks"][1:], expected, rtol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_predictor_matches_cpu_within_bf16_tolerance(faces, tmp_path, weights_file):
+    write_tar(tmp_path / "g.tar", sorted(faces.items()))
+    batch = _rows(list(ShardReader().read(list_shards(str(tmp_path))[0])))
+    cpu = LandmarkPredictor(weights=weights_file[0], device="cpu").forward(batch["pixels"])
+    gpu = LandmarkPredictor(weights=weights_file[0], device="cuda").forward(batch["pixels"])
+    # bf16 autocast: outputs in [0, 1] of the crop agree to 2e-2 (about 4 px of the 224 input).
+    np.testing.assert_allclose(gpu, cpu, atol=2e-2)
+
+
+def test_collector_completes_shards_from_out_of_order_batches():
+    def part(name, seqs, last_seq=None):
+        seqs = np.asarray(seqs)
+        return {"shard_name": np.asarray([name] * len(seqs), dtype=object), "seq": seqs,
+                "last": seqs == last_seq, "value": seqs * 10}
+
+    collector = _ShardCollector()
+    mixed = {k: np.concatenate([a, b]) for (k, a), b in zip(
+        part("a", [2], last_seq=2).items(), part("b", [0, 1]).values(), strict=True)}
+    assert collector.add(mixed) == []
+    assert collector.add(part("b", [3], last_seq=3)) == []
+    done = collector.add(part("a", [1, 0]))
+    assert [name for name, _ in done] == ["a"]
+    assert done[0][1]["seq"].tolist() == [0, 1, 2] and done[0][1]["value"].tolist() == [0, 10, 20]
+    assert collector.unfinished() == ["b"]
+    done = collector.add(part("b", [2]))
+    assert done[0][1]["seq"].tolist() == [0, 1, 2, 3] and collector.unfinished() == []
