@@ -128,7 +128,10 @@ def read_model_file(uri: str, storage_options: Mapping[str, Any] | None = None) 
         raise ValueError(
             f"{uri} is not a {FILE_FORMAT} file; write one with pipeline.model.save_model"
         )
-    if payload.get("format_version", 0) > FILE_FORMAT_VERSION:
+    if not isinstance(payload.get("format_version"), int):
+        raise ValueError(f"{uri}: format_version must be an integer, got "
+                         f"{payload.get('format_version')!r}")
+    if payload["format_version"] > FILE_FORMAT_VERSION:
         raise ValueError(
             f"{uri} has format_version {payload['format_version']}; this code reads up to "
             f"{FILE_FORMAT_VERSION}: upgrade the pipeline"
@@ -137,6 +140,8 @@ def read_model_file(uri: str, storage_options: Mapping[str, Any] | None = None) 
                           ("landmark_scheme", LANDMARK_SCHEME)):
         if payload.get(key) != expected:
             raise ValueError(f"{uri}: {key} is {payload.get(key)!r}, expected {expected!r}")
+    if not isinstance(payload.get("state_dict"), dict):
+        raise ValueError(f"{uri} has no state_dict")
     return payload
 
 
@@ -154,8 +159,17 @@ def load_model(
     if weights:
         payload = read_model_file(weights, storage_options)
         model = build_model()
-        model.load_state_dict(payload["state_dict"])
-        info = ModelInfo(payload["version"], weights, dict(payload.get("metadata") or {}))
+        try:
+            model.load_state_dict(payload["state_dict"])
+        except RuntimeError as exc:  # missing / unexpected keys, wrong shapes
+            detail = " ".join(line.strip() for line in str(exc).splitlines()[:3])
+            raise ValueError(f"{weights}: the weights do not fit the {ARCH} model: {detail}"
+                             ) from None
+        version = weights_version(model.state_dict())
+        if payload.get("version") != version:
+            raise ValueError(f"{weights}: weights hash to {version} but the file says "
+                             f"{payload.get('version')!r}: the file is damaged or was edited")
+        info = ModelInfo(version, weights, dict(payload.get("metadata") or {}))
     else:
         if init not in INIT_CHOICES:
             raise ValueError(f"init must be one of {INIT_CHOICES}, got {init!r}")

@@ -115,11 +115,18 @@ def list_shards(
                   format="images", paths=tuple(selected[i : i + files_per_shard]), root=root)
             for i in range(0, len(selected), files_per_shard)
         ]
-    return [
+    shards = [
         Shard(name=posixpath.splitext(relative(p))[0].replace("/", "__"), uri=protocol + p,
               format=fmt, paths=(p,), root=root)
         for p in selected
     ]
+    seen: dict[str, str] = {}
+    for shard in shards:
+        if shard.name in seen:
+            raise ValueError(f"{seen[shard.name]} and {shard.uri} would both be written as "
+                             f"part-{shard.name}.parquet: rename one of them")
+        seen[shard.name] = shard.uri
+    return shards
 
 
 def read_samples(

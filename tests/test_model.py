@@ -273,6 +273,28 @@ def test_wrong_header_fields_are_rejected(tmp_path, overrides, message):
         load_model(str(path))
 
 
+@pytest.mark.parametrize(
+    "state_dict",
+    [
+        {"w": torch.zeros(1)},  # weights of some other network
+        None,  # no weights at all
+    ],
+    ids=["foreign-state-dict", "no-state-dict"],
+)
+def test_header_without_matching_weights_is_rejected(tmp_path, state_dict):
+    # A file with a valid header but weights that do not fit the architecture is a bad model
+    # file like any other: ValueError naming the problem (the CLI reports ValueError cleanly).
+    payload = _fake_payload()
+    if state_dict is None:
+        del payload["state_dict"]
+    else:
+        payload["state_dict"] = state_dict
+    path = tmp_path / "weights.pt"
+    torch.save(payload, path)
+    with pytest.raises(ValueError, match="state_dict"):
+        load_model(str(path))
+
+
 def test_valid_header_is_accepted(tmp_path):
     path = tmp_path / "ok.pt"
     torch.save(_fake_payload(), path)
@@ -324,3 +346,13 @@ def test_imagenet_init_reads_the_torchvision_cache(
 def test_invalid_init():
     with pytest.raises(ValueError, match="init must be one of"):
         load_model(init="xavier")
+
+
+def test_weights_that_do_not_match_their_version_are_rejected(tmp_path, random_model):
+    path = tmp_path / "edited.pt"
+    save_model(random_model[0], str(path))
+    payload = torch.load(path, weights_only=True)
+    payload["state_dict"]["classifier.3.bias"][0] += 1.0
+    torch.save(payload, path)
+    with pytest.raises(ValueError, match="the file is damaged or was edited"):
+        load_model(str(path))

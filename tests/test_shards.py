@@ -393,3 +393,11 @@ def test_read_loose_image_that_disappeared(tmp_path):
 def test_read_unknown_format():
     with pytest.raises(ValueError, match="unknown shard format"):
         list(read_samples(Shard(name="x", uri="/tmp/x.zip", format="zip", paths=("/tmp/x",))))
+
+
+def test_shards_whose_output_names_collide_are_refused(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "b.tar").write_bytes(b"")
+    (tmp_path / "a__b.tar").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"would both be written as part-a__b.parquet"):
+        list_shards(str(tmp_path))
