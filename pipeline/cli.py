@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -13,6 +12,7 @@ from pipeline.inference import DEVICES, InferConfig
 from pipeline.model import INIT_CHOICES
 from pipeline.preprocess import DEFAULT_MARGIN, DEFAULT_MAX_PIXELS
 from pipeline.shards import FORMATS
+from pipeline.storage import parse_storage_options, resolve_storage_options
 
 DEMO_DIR = Path("sample-data")
 DEMO_SHARDS, DEMO_PER_SHARD = 4, 16
@@ -30,15 +30,10 @@ landmarks mean nothing. Pass a model file written by the fine-tuning job (pipeli
 
 
 def _storage_options(text: str | None) -> dict:
-    if not text:
-        return {}
     try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise argparse.ArgumentTypeError(f"--storage-options is not JSON: {exc}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError("--storage-options must be a JSON object")
-    return value
+        return parse_storage_options(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def add_infer_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,7 +49,9 @@ def add_infer_arguments(parser: argparse.ArgumentParser) -> None:
     io.add_argument("--files-per-shard", type=int, default=256,
                     help="loose images: files per output file (default 256)")
     io.add_argument("--storage-options", type=_storage_options, default={},
-                    help='fsspec options as JSON, e.g. \'{"endpoint_url": "http://..."}\'')
+                    help='fsspec options as JSON, e.g. \'{"endpoint_url": "http://..."}\', '
+                         'or @file.json; per store: \'{"s3": {...}, "gs": {...}}\'. '
+                         "AWS_ENDPOINT_URL, AWS_PROFILE and AWS_REGION are read too")
     io.add_argument("--preview", help="save a PNG of a few images with landmarks drawn")
 
     model = parser.add_argument_group("model")
@@ -88,7 +85,9 @@ def infer_config(args: argparse.Namespace) -> InferConfig:
         key_column=args.key_column, files_per_shard=args.files_per_shard, margin=args.margin,
         max_pixels=args.max_pixels, batch_size=args.batch_size,
         num_predictors=args.num_predictors, predictor_cpus=args.predictor_cpus,
-        device=args.device, ray_address=args.ray_address, storage_options=args.storage_options,
+        device=args.device, ray_address=args.ray_address,
+        storage_options=resolve_storage_options(
+            args.storage_options, [args.input, args.output, args.weights]),
     )
 
 
@@ -108,11 +107,12 @@ def run_infer(args: argparse.Namespace) -> int:
             write_sample_archive(args.input, DEMO_SHARDS, DEMO_PER_SHARD, seed=0)
     elif args.output is None:
         raise SystemExit("error: --output is required with --input")
-    summary = run_inference(infer_config(args))
+    cfg = infer_config(args)
+    summary = run_inference(cfg)
     print(f"summary: {summary.line()}", flush=True)
     if args.preview:
         drawn = save_preview(args.input, args.output, args.preview, fmt=args.format,
-                             storage_options=args.storage_options)
+                             storage_options=cfg.storage_options)
         print(f"preview: {drawn} images with landmarks drawn -> {args.preview}")
     if args.weights is None:
         print("note: no --weights given, so the model is untrained and its landmarks are "
@@ -125,7 +125,8 @@ def run_generate(args: argparse.Namespace) -> int:
 
     uris = write_sample_archive(args.output, args.shards, args.per_shard, seed=args.seed,
                                 image_size=(args.width, args.height),
-                                storage_options=args.storage_options)
+                                storage_options=resolve_storage_options(
+                                    args.storage_options, [args.output]))
     print(f"wrote {len(uris)} shards x {args.per_shard} faces under {args.output}")
     return 0
 

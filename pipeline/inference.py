@@ -20,10 +20,16 @@ from typing import Any
 import numpy as np
 
 from pipeline.model import load_model
-from pipeline.output import output_file_name, rows_to_table, write_table_atomic
+from pipeline.output import (
+    output_file_name,
+    rows_to_table,
+    write_completion_record,
+    write_table_atomic,
+)
 from pipeline.preprocess import DEFAULT_MARGIN, DEFAULT_MAX_PIXELS
 from pipeline.shards import Shard, list_shards
 from pipeline.stages import LandmarkPredictor, ShardReader, empty_rows, encode_shard
+from pipeline.storage import write_bytes
 
 log = logging.getLogger("pipeline")
 
@@ -52,7 +58,7 @@ class InferConfig:
     predictor_cpus: float | None = None
     device: str = "auto"
     ray_address: str | None = None
-    storage_options: Mapping[str, Any] = field(default_factory=dict)
+    storage_options: Mapping[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
         if self.device not in DEVICES:
@@ -202,14 +208,19 @@ def run_inference(cfg: InferConfig) -> Summary:
     files: list[str] = []
     last_log = time.time()
 
+    by_name = {s.name: s for s in shards}
+
     def commit(name: str, rows: dict[str, np.ndarray]) -> None:
         nonlocal samples, errors
         uri = f"{output}/{output_file_name(name)}"
         table = rows_to_table(rows)
+        shard_errors = table.num_rows - table.column("error").null_count
         write_table_atomic(table, uri, cfg.storage_options)
+        # The record that says the shard is done goes last, after its data is committed.
+        write_completion_record(output, by_name[name], table.num_rows, shard_errors,
+                                model_info.version, cfg.storage_options)
         files.append(uri)
         samples += table.num_rows
-        shard_errors = table.num_rows - table.column("error").null_count
         errors += shard_errors
         elapsed = time.time() - started
         log.info("[%d/%d shards] %s: %d rows, %d errors | %d samples, %.1f images/s",
@@ -247,9 +258,6 @@ def _no_rows() -> dict[str, np.ndarray]:
 
 
 def _write_manifest(cfg: InferConfig, summary: Summary, shards: list[Shard], start: str) -> None:
-    from fsspec.core import url_to_fs
-
-    fs, path = url_to_fs(f"{summary.output}/_manifest.json", **dict(cfg.storage_options))
     manifest = {
         "config": cfg.public_dict(),
         "model_version": summary.model_version,
@@ -262,4 +270,5 @@ def _write_manifest(cfg: InferConfig, summary: Summary, shards: list[Shard], sta
         "images_per_s": round(summary.images_per_s, 3),
         "files": summary.files,
     }
-    fs.pipe_file(path, json.dumps(manifest, indent=2).encode())
+    write_bytes(f"{summary.output}/_manifest.json", json.dumps(manifest, indent=2).encode(),
+                cfg.storage_options)

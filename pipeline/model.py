@@ -22,9 +22,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import fsspec
 import torch
 from torch import nn
+
+from pipeline.storage import read_bytes, write_bytes
 
 ARCH = "vgg16-keypoints-68"
 INPUT_SIZE = 224
@@ -108,16 +109,14 @@ def save_model(
     torch.save(payload, buffer)
     # One write of the finished bytes: an object store commits it as a single PUT, so a reader
     # never sees half a model file.
-    with fsspec.open(uri, "wb", **dict(storage_options or {})) as f:
-        f.write(buffer.getvalue())
+    write_bytes(uri, buffer.getvalue(), storage_options)
     return version
 
 
 def read_model_file(uri: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Read and validate a model file; raises ``ValueError`` saying what is wrong."""
     try:
-        with fsspec.open(uri, "rb", **dict(storage_options or {})) as f:
-            raw = f.read()
+        raw = read_bytes(uri, storage_options)
     except FileNotFoundError:
         raise FileNotFoundError(f"model file not found: {uri}") from None
     try:

@@ -1,25 +1,24 @@
 """The output Parquet files: schema, names, and the atomic commit.
 
 One file per input shard, ``part-<shard name>.parquet``, one row per input sample in input order.
-Committing: on a local or mounted filesystem the file is written under a hidden temporary name and
-renamed into place; on an object store a single PUT of the finished bytes is already atomic. Either
-way a reader never sees a partial file, and a rerun replaces the file instead of adding one.
+Committing goes through ``pipeline.storage.write_bytes``: a hidden temporary file renamed into place
+locally, a single PUT of the finished bytes on object stores. Either way a reader never sees a
+partial file, and a rerun replaces the file instead of adding one.
 """
 
 from __future__ import annotations
 
 import io
-import os
-import posixpath
+import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from fsspec.core import url_to_fs
 
 from pipeline.model import NUM_LANDMARKS
+from pipeline.storage import write_bytes
 
 LANDMARKS_TYPE = pa.list_(pa.list_(pa.float32(), 2), NUM_LANDMARKS)
 SCHEMA = pa.schema(
@@ -83,24 +82,26 @@ def write_table_atomic(
     table: pa.Table, uri: str, storage_options: Mapping[str, Any] | None = None
 ) -> None:
     """Write ``table`` as Parquet at ``uri``: readers see the old file or the whole new one."""
-    fs, path = url_to_fs(uri, **dict(storage_options or {}))
     buffer = io.BytesIO()
     pq.write_table(table, buffer, compression="zstd")
-    data = buffer.getvalue()
-    parent = posixpath.dirname(path)
-    fs.makedirs(parent, exist_ok=True)
-    if _is_local(fs):
-        # Hidden name in the same directory (dataset readers skip "." files), then an atomic rename.
-        tmp = posixpath.join(parent, f".{posixpath.basename(path)}.tmp-{os.getpid()}")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    else:
-        fs.pipe_file(path, data)
+    write_bytes(uri, buffer.getvalue(), storage_options)
 
 
-def _is_local(fs) -> bool:
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    return protocol in ("file", "local")
+def write_completion_record(
+    output: str, shard, rows: int, errors: int, model_version: str,
+    storage_options: Mapping[str, Any] | None = None,
+) -> str:
+    """``_done/<shard name>.json``: written after the shard's Parquet file, so its presence
+    means the data is complete. Names the input shard and its fingerprint at listing time."""
+    uri = f"{output.rstrip('/')}/_done/{shard.name}.json"
+    record = {
+        "shard": shard.uri,
+        "shard_fingerprint": shard.fingerprint,
+        "file": output_file_name(shard.name),
+        "rows": rows,
+        "errors": errors,
+        "model_version": model_version,
+    }
+    write_bytes(uri, json.dumps(record, indent=1).encode(), storage_options)
+    return uri
+

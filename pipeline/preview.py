@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Mapping
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
-from fsspec.core import url_to_fs
 from PIL import Image, ImageDraw
 
 from pipeline.output import output_file_name
 from pipeline.preprocess import decode_image
 from pipeline.shards import list_shards, read_samples
+from pipeline.storage import read_bytes, write_bytes
 
 TILE = 320
 
@@ -34,10 +36,9 @@ def save_preview(
     """Draw predicted landmarks (red) and, where the sidecar has them, the labelled ones (green)
     on the first ``count`` good samples of the first shard. Returns how many were drawn."""
     shard = list_shards(input_uri, fmt, storage_options)[0]
-    fs, path = url_to_fs(f"{output_uri.rstrip('/')}/{output_file_name(shard.name)}",
-                         **dict(storage_options or {}))
-    with fs.open(path, "rb") as f:
-        rows = pq.read_table(f, columns=["key", "landmarks", "crop", "error"]).to_pylist()
+    part = read_bytes(f"{output_uri.rstrip('/')}/{output_file_name(shard.name)}", storage_options)
+    wanted = ["key", "landmarks", "crop", "error"]
+    rows = pq.read_table(pa.BufferReader(part), columns=wanted).to_pylist()
     by_key = {r["key"]: r for r in rows if r["error"] is None}
     tiles = []
     for sample in read_samples(shard, storage_options):
@@ -66,8 +67,8 @@ def save_preview(
         sheet.paste(tile, ((i % columns) * TILE, (i // columns) * TILE))
     legend = "red: predicted  green: labelled  blue: model crop"
     ImageDraw.Draw(sheet).text((4, sheet.height - 14), legend, fill=(255, 255, 255))
-    out_fs, out_path = url_to_fs(picture_path, **dict(storage_options or {}))
-    with out_fs.open(out_path, "wb") as f:
-        sheet.save(f, format="PNG")
+    png = io.BytesIO()
+    sheet.save(png, format="PNG")
+    write_bytes(picture_path, png.getvalue(), storage_options)
     return len(tiles)
 

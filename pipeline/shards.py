@@ -13,6 +13,7 @@ Three layouts:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import posixpath
 import tarfile
@@ -20,7 +21,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from fsspec.core import url_to_fs
+from pipeline.storage import filesystem, open_for_reading, retry
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".ppm", ".bmp")
 FORMATS = ("auto", "tar", "parquet", "images")
@@ -35,6 +36,7 @@ class Shard:
     format: str
     paths: tuple[str, ...] = field(default_factory=tuple)  # filesystem paths (no protocol)
     root: str = ""  # the listing root: loose images are keyed by their path relative to it
+    fingerprint: str = ""  # total size and a hash of the files' ETags / mtimes at listing time
 
 
 @dataclass
@@ -48,8 +50,35 @@ class Sample:
     error: str | None = None
 
 
-def _fs(uri: str, storage_options: Mapping[str, Any] | None):
-    return url_to_fs(uri, **dict(storage_options or {}))
+def _list_once(fs, root: str, input_uri: str) -> dict[str, dict]:
+    """``{path: info}`` of every file under ``root`` (or matching it, for a glob) from one
+    recursive listing: on S3 one request per 1,000 keys, whatever the folder depth."""
+    def listing():
+        if any(ch in root for ch in "*?["):
+            return fs.glob(root, detail=True)
+        found = fs.find(root, detail=True)
+        if not found and fs.isfile(root):
+            found = {root: fs.info(root)}
+        return found
+
+    found = retry(listing, input_uri, "listing")
+    files = {p.rstrip("/"): info for p, info in found.items() if info.get("type") != "directory"}
+    if files:
+        return files
+    if not retry(lambda: fs.exists(root), input_uri, "listing"):
+        raise FileNotFoundError(f"input not found: {input_uri}")
+    return {}
+
+
+def _fingerprint(infos: list[dict]) -> str:
+    """Size plus the store's version marker (ETag / generation / mtime) of the shard's files:
+    what a later run compares to tell whether a shard changed."""
+    digest = hashlib.sha256()
+    for info in infos:
+        marker = next((info[k] for k in ("ETag", "etag", "generation", "md5Hash", "mtime",
+                                         "LastModified", "updated") if info.get(k)), "")
+        digest.update(f"{info.get('name')}|{info.get('size')}|{marker}\n".encode())
+    return f"{sum(int(i.get('size') or 0) for i in infos)}:{digest.hexdigest()[:16]}"
 
 
 def _kind(path: str) -> str | None:
@@ -77,19 +106,16 @@ def list_shards(
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
     if files_per_shard < 1:
         raise ValueError(f"files_per_shard must be >= 1, got {files_per_shard}")
-    fs, root = _fs(input_uri, storage_options)
+    fs, root = filesystem(input_uri, storage_options)
+    root = root.rstrip("/") or root
+    infos = _list_once(fs, root, input_uri)
     if any(ch in root for ch in "*?["):
-        paths = sorted(fs.glob(root))
         root = root[: min(root.find(ch) for ch in "*?[" if ch in root)].rsplit("/", 1)[0]
-    elif fs.isfile(root):
-        paths, root = [root], posixpath.dirname(root)
-    elif fs.isdir(root):
-        paths = sorted(fs.find(root))
-    else:
-        raise FileNotFoundError(f"input not found: {input_uri}")
+    elif list(infos) == [root]:  # the input is a single file
+        root = posixpath.dirname(root)
 
     by_kind: dict[str, list[str]] = {}
-    for path in paths:
+    for path in sorted(infos):
         kind = _kind(path)
         if kind is not None and not posixpath.basename(path).startswith((".", "_")):
             by_kind.setdefault(kind, []).append(path)
@@ -112,12 +138,13 @@ def list_shards(
     if fmt == "images":
         return [
             Shard(name=f"images-{i // files_per_shard:05d}", uri=protocol + root,
-                  format="images", paths=tuple(selected[i : i + files_per_shard]), root=root)
+                  format="images", paths=tuple(selected[i : i + files_per_shard]), root=root,
+                  fingerprint=_fingerprint([infos[p] for p in selected[i : i + files_per_shard]]))
             for i in range(0, len(selected), files_per_shard)
         ]
     shards = [
         Shard(name=posixpath.splitext(relative(p))[0].replace("/", "__"), uri=protocol + p,
-              format=fmt, paths=(p,), root=root)
+              format=fmt, paths=(p,), root=root, fingerprint=_fingerprint([infos[p]]))
         for p in selected
     ]
     seen: dict[str, str] = {}
@@ -137,18 +164,21 @@ def read_samples(
 ) -> Iterator[Sample]:
     """Stream the samples of one shard in order. Errors of one sample stay in that sample;
     an error that stops the shard is raised after the samples read before it."""
-    fs = _fs(shard.uri, storage_options)[0]
+    fs = filesystem(shard.uri, storage_options)[0]
     if shard.format == "tar":
-        yield from _read_tar(fs, shard.paths[0])
+        yield from _read_tar(fs, shard.paths[0], shard.uri)
     elif shard.format == "parquet":
-        yield from _read_parquet(fs, shard.paths[0], image_column, key_column)
+        yield from _read_parquet(fs, shard.paths[0], shard.uri, image_column, key_column)
     elif shard.format == "images":
         for path in shard.paths:
             key = posixpath.relpath(path, shard.root) if shard.root else path
+            uri = f"{fs.unstrip_protocol(path)}"
             try:
-                yield Sample(key=key, data=fs.cat_file(path))
+                yield Sample(key=key, data=retry(lambda p=path: fs.cat_file(p), uri, "read"))
             except FileNotFoundError:
-                yield Sample(key=key, error=f"file disappeared before it was read: {path}")
+                yield Sample(key=key, error=f"file disappeared before it was read: {uri}")
+            except OSError as exc:  # transient errors that outlasted the retries, access denied
+                yield Sample(key=key, error=str(exc))
     else:
         raise ValueError(f"unknown shard format {shard.format!r}")
 
@@ -178,9 +208,9 @@ def _split_member_name(name: str) -> tuple[str, str]:
     return posixpath.join(directory, stem), ext.lower()
 
 
-def _read_tar(fs, path: str) -> Iterator[Sample]:
+def _read_tar(fs, path: str, uri: str) -> Iterator[Sample]:
     """Stream a tar shard member by member (mode ``r|``: never seeks, never loads it whole)."""
-    with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+    with open_for_reading(path, fs, uri) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
         key, members = None, {}
         for info in tar:
             if not info.isfile():
@@ -196,10 +226,11 @@ def _read_tar(fs, path: str) -> Iterator[Sample]:
             yield _sample_from_members(key, members)
 
 
-def _read_parquet(fs, path: str, image_column: str, key_column: str) -> Iterator[Sample]:
+def _read_parquet(fs, path: str, uri: str, image_column: str, key_column: str
+                  ) -> Iterator[Sample]:
     import pyarrow.parquet as pq
 
-    with fs.open(path, "rb") as f:
+    with open_for_reading(path, fs, uri) as f:
         parquet = pq.ParquetFile(f)
         names = parquet.schema_arrow.names
         missing = [c for c in (image_column, key_column) if c not in names]

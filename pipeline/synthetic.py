@@ -11,9 +11,10 @@ import io
 import json
 import tarfile
 
-import fsspec
 import numpy as np
 from PIL import Image, ImageChops, ImageDraw, ImageFilter
+
+from pipeline.storage import filesystem
 
 
 def _raw_points() -> tuple[np.ndarray, dict[str, slice]]:
@@ -267,7 +268,7 @@ def write_sample_archive(
     The JPEG quality is drawn uniformly from the inclusive range ``jpeg_quality``.
     Returns the shard URIs, sorted.
     """
-    fs, path = fsspec.core.url_to_fs(output_uri, **(storage_options or {}))
+    fs, path = filesystem(output_uri, storage_options)
     fs.makedirs(path, exist_ok=True)
     uris = []
     for s in range(num_shards):

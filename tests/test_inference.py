@@ -71,8 +71,14 @@ def _input_samples(archive):
 def test_one_file_per_shard_one_row_per_sample(result, archive):
     summary, output, tables = result
     assert sorted(p.name for p in output.iterdir()) == [
-        "_manifest.json", "part-faces-00000.parquet", "part-faces-00001.parquet",
+        "_done", "_manifest.json", "part-faces-00000.parquet", "part-faces-00001.parquet",
         "part-mixed.parquet"]
+    assert sorted(p.name for p in (output / "_done").iterdir()) == [
+        "faces-00000.json", "faces-00001.json", "mixed.json"]
+    done = json.loads((output / "_done" / "mixed.json").read_text())
+    assert (done["file"], done["rows"], done["errors"]) == ("part-mixed.parquet", 5, 2)
+    assert done["shard"] == str(archive / "mixed.tar")
+    assert done["shard_fingerprint"].startswith(f"{(archive / 'mixed.tar').stat().st_size}:")
     assert [t.num_rows for t in tables.values()] == [3, 3, 5]
     assert tables["part-faces-00001.parquet"].column("key").to_pylist() == [
         f"face-00001-{i:05d}" for i in range(3)]

@@ -1,0 +1,255 @@
+"""Every URI the jobs open goes through here: fsspec filesystems with the user's storage options,
+bounded retries of transient storage errors, and clear messages for permanent ones.
+
+Storage options are a flat dict for the remote protocol in use (``{"endpoint_url": ...}``) or a
+dict keyed by protocol (``{"s3": {...}, "gs": {...}}``) when a job mixes stores. Local and
+``memory://`` paths never receive them. For ``s3://`` the usual environment variables
+(``AWS_ENDPOINT_URL``, ``AWS_PROFILE``, ``AWS_REGION``) are folded in on the driver, so Ray
+workers on other machines use the same endpoint; secrets stay in the credential chain
+(environment, profile files, instance roles) and never travel in the options.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import io
+import json
+import logging
+import os
+import random
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+from fsspec.core import split_protocol, url_to_fs
+
+log = logging.getLogger("pipeline")
+T = TypeVar("T")
+
+LOCAL_PROTOCOLS = ("file", "local", "memory")
+KNOWN_PROTOCOLS = ("s3", "s3a", "gs", "gcs", "az", "abfs", "http", "https", "file", "memory")
+RETRIES = 5
+BACKOFF_S = 0.5
+MAX_BACKOFF_S = 20.0
+
+_TRANSIENT_NAMES = {
+    "EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError",
+    "ClientConnectionError", "ClientConnectorError", "ServerDisconnectedError",
+    "ClientPayloadError", "ClientOSError", "ServerTimeoutError", "IncompleteReadError",
+    "ProtocolError", "ResponseStreamingError", "ChunkedEncodingError",
+}
+_TRANSIENT_ERRNOS = {errno.EBUSY, errno.EAGAIN, errno.ECONNRESET, errno.ETIMEDOUT,
+                     errno.ECONNREFUSED, errno.ECONNABORTED, errno.EPIPE,
+                     getattr(errno, "EREMOTEIO", errno.EIO)}
+
+
+class StorageError(OSError):
+    """A storage operation failed for good; the message names the URI and what to do."""
+
+
+def protocol_of(uri: str) -> str:
+    return split_protocol(uri)[0] or "file"
+
+
+def options_for(uri: str, storage_options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The options that apply to ``uri``'s protocol."""
+    protocol = protocol_of(uri)
+    if protocol in LOCAL_PROTOCOLS or not storage_options:
+        return {}
+    if all(key in KNOWN_PROTOCOLS for key in storage_options):
+        aliases = {"s3a": "s3", "gcs": "gs"}
+        nested = storage_options.get(protocol) or storage_options.get(aliases.get(protocol, ""))
+        return dict(nested or {})
+    return dict(storage_options)
+
+
+def filesystem(uri: str, storage_options: Mapping[str, Any] | None = None):
+    """``(fs, path)`` for ``uri`` with its storage options."""
+    return url_to_fs(uri, **options_for(uri, storage_options))
+
+
+def resolve_storage_options(
+    given: Mapping[str, Any] | None, uris: list[str], environ: Mapping[str, str] = os.environ
+) -> dict[str, Any]:
+    """Add what the environment says about S3 (endpoint, profile, region) to the given options,
+    for the S3 URIs among ``uris``; explicit options win."""
+    options = dict(given or {})
+    if not any(protocol_of(u) in ("s3", "s3a") for u in uris if u):
+        return options
+    nested = bool(options) and all(k in KNOWN_PROTOCOLS for k in options)
+    s3 = dict(options.get("s3", {})) if nested else options
+    endpoint = environ.get("AWS_ENDPOINT_URL_S3") or environ.get("AWS_ENDPOINT_URL")
+    if endpoint and "endpoint_url" not in s3:
+        s3["endpoint_url"] = endpoint
+    if environ.get("AWS_PROFILE") and "profile" not in s3:
+        s3["profile"] = environ["AWS_PROFILE"]
+    region = environ.get("AWS_REGION") or environ.get("AWS_DEFAULT_REGION")
+    if region and "region_name" not in s3.get("client_kwargs", {}):
+        s3["client_kwargs"] = {**s3.get("client_kwargs", {}), "region_name": region}
+    if nested:
+        options["s3"] = s3
+        return options
+    return s3
+
+
+def parse_storage_options(text: str | None) -> dict[str, Any]:
+    """``--storage-options``: a JSON object, or ``@path`` of a JSON file holding one."""
+    if not text:
+        return {}
+    source = "--storage-options"
+    if text.startswith("@"):
+        source = text[1:]
+        try:
+            text = Path(source).read_text()
+        except OSError as exc:
+            raise ValueError(f"cannot read storage options file {source}: {exc}") from None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{source} is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{source} must hold a JSON object")
+    return value
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Throttling, 5xx, dropped or refused connections and timeouts: worth another try.
+    Missing objects and denied access are not."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError)):
+            return False
+        if isinstance(exc, (TimeoutError, ConnectionError)):
+            return True
+        if isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS:
+            return True
+        if type(exc).__name__ in _TRANSIENT_NAMES:
+            return True
+        status = getattr(exc, "code", None) or getattr(exc, "status", None)
+        if isinstance(status, int) and (status == 429 or 500 <= status < 600):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def explain(exc: BaseException, uri: str) -> str:
+    """One line a user can act on."""
+    if isinstance(exc, FileNotFoundError):
+        return f"not found: {uri} (check the bucket / path and the endpoint)"
+    if isinstance(exc, PermissionError):
+        return f"access denied to {uri}: check the credentials and the bucket policy"
+    return f"{uri}: {exc.__class__.__name__}: {exc}"
+
+
+def retry(
+    fn: Callable[[], T], uri: str, what: str = "", retries: int = RETRIES,
+    backoff: float = BACKOFF_S,
+) -> T:
+    """Call ``fn``; retry transient storage errors with jittered exponential backoff, at most
+    ``retries`` more times. A permanent error, or the last transient one, raises
+    ``StorageError`` (or ``FileNotFoundError`` / ``PermissionError``) naming ``uri``."""
+    for attempt in range(retries + 1):
+        try:
+            return fn()
+        except Exception as exc:
+            if not is_transient(exc):
+                if isinstance(exc, (FileNotFoundError, PermissionError)):
+                    raise type(exc)(explain(exc, uri)) from exc
+                raise
+            if attempt == retries:
+                raise StorageError(f"{what or 'storage request'} failed {retries + 1} times "
+                                   f"with transient errors; last: {explain(exc, uri)}") from exc
+            delay = min(MAX_BACKOFF_S, backoff * 2**attempt) * random.uniform(0.5, 1.5)
+            log.warning("transient storage error on %s (%s), retry %d/%d in %.1f s",
+                        uri, exc.__class__.__name__, attempt + 1, retries, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+class RetryingFile(io.RawIOBase):
+    """A read-only file that survives transient errors mid-stream: it reopens the object and
+    seeks back to where it was. Reads are sequential ranges, so memory stays bounded."""
+
+    def __init__(self, fs, path: str, uri: str, retries: int = RETRIES,
+                 backoff: float = BACKOFF_S, **open_kwargs):
+        super().__init__()
+        self.fs, self.path, self.uri = fs, path, uri
+        self.retries, self.backoff, self.open_kwargs = retries, backoff, open_kwargs
+        self.position = 0
+        self._file = retry(self._open, uri, "open")
+
+    def _open(self):
+        return self.fs.open(self.path, "rb", **self.open_kwargs)
+
+    def _reopen(self) -> None:
+        with contextlib.suppress(Exception):  # the old connection is already broken
+            self._file.close()
+        self._file = self._open()
+        self._file.seek(self.position)
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        failed = [False]
+
+        def read() -> bytes:
+            if failed[0]:
+                self._reopen()
+            failed[0] = True
+            return self._file.read(len(buffer))
+
+        data = retry(read, self.uri, "read", self.retries, self.backoff)
+        buffer[: len(data)] = data
+        self.position += len(data)
+        return len(data)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        self.position = retry(lambda: self._file.seek(offset, whence), self.uri, "seek")
+        return self.position
+
+    def tell(self) -> int:
+        return self.position
+
+    def close(self) -> None:
+        if not self.closed:
+            self._file.close()
+        super().close()
+
+
+def open_for_reading(path: str, fs, uri: str, block_size: int = 1 << 20):
+    """A buffered, retrying reader of ``fs``'s path (``uri`` is what messages name)."""
+    return io.BufferedReader(RetryingFile(fs, path, uri), buffer_size=block_size)
+
+
+def read_bytes(uri: str, storage_options: Mapping[str, Any] | None = None) -> bytes:
+    fs, path = filesystem(uri, storage_options)
+    return retry(lambda: fs.cat_file(path), uri, "read")
+
+
+def write_bytes(uri: str, data: bytes, storage_options: Mapping[str, Any] | None = None) -> None:
+    """Write a whole file so that readers see the old one or the whole new one: a single PUT on
+    object stores; locally a hidden temporary file in the same folder, then an atomic rename
+    (dataset readers skip names starting with ".")."""
+    fs, path = filesystem(uri, storage_options)
+    if protocol_of(uri) in ("file", "local"):
+        parent = os.path.dirname(path)
+        os.makedirs(parent, exist_ok=True)
+        tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{os.getpid()}")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(tmp)
+        return
+    retry(lambda: fs.pipe_file(path, data), uri, "write")
