@@ -145,12 +145,14 @@ def explain(exc: BaseException, uri: str) -> str:
 
 
 def retry(
-    fn: Callable[[], T], uri: str, what: str = "", retries: int = RETRIES,
-    backoff: float = BACKOFF_S,
+    fn: Callable[[], T], uri: str, what: str = "", retries: int | None = None,
+    backoff: float | None = None,
 ) -> T:
     """Call ``fn``; retry transient storage errors with jittered exponential backoff, at most
-    ``retries`` more times. A permanent error, or the last transient one, raises
-    ``StorageError`` (or ``FileNotFoundError`` / ``PermissionError``) naming ``uri``."""
+    ``retries`` (default ``RETRIES``) more times. A permanent error, or the last transient one,
+    raises ``StorageError`` (or ``FileNotFoundError`` / ``PermissionError``) naming ``uri``."""
+    retries = RETRIES if retries is None else retries
+    backoff = BACKOFF_S if backoff is None else backoff
     for attempt in range(retries + 1):
         try:
             return fn()
@@ -173,8 +175,8 @@ class RetryingFile(io.RawIOBase):
     """A read-only file that survives transient errors mid-stream: it reopens the object and
     seeks back to where it was. Reads are sequential ranges, so memory stays bounded."""
 
-    def __init__(self, fs, path: str, uri: str, retries: int = RETRIES,
-                 backoff: float = BACKOFF_S, **open_kwargs):
+    def __init__(self, fs, path: str, uri: str, retries: int | None = None,
+                 backoff: float | None = None, **open_kwargs):
         super().__init__()
         self.fs, self.path, self.uri = fs, path, uri
         self.retries, self.backoff, self.open_kwargs = retries, backoff, open_kwargs
