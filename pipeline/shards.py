@@ -63,7 +63,7 @@ def _list_once(fs, root: str, input_uri: str) -> dict[str, dict]:
 
     found = retry(listing, input_uri, "listing")
     files = {p.rstrip("/"): info for p, info in found.items() if info.get("type") != "directory"}
-    if files:
+    if files or any(ch in root for ch in "*?["):  # a glob that matches nothing: no shards
         return files
     if not retry(lambda: fs.exists(root), input_uri, "listing"):
         raise FileNotFoundError(f"input not found: {input_uri}")

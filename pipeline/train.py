@@ -71,7 +71,7 @@ class FinetuneConfig:
     keep_best: int = 3
     max_failures: int = 2
     threshold: float = DEFAULT_THRESHOLD
-    fail_at_step: int | None = None  # testing: raise at this step in an attempt started fresh
+    fail_at_step: int | None = None  # testing: rank 0 raises once when it reaches this step
     ray_address: str | None = None
     storage_options: dict[str, Any] = field(default_factory=dict)
 
@@ -115,6 +115,7 @@ class FinetuneSummary:
     model_version: str
     best: dict[str, Any]
     history: list[dict[str, Any]]
+    last: dict[str, Any]  # what the final report said, including where it resumed from
 
 
 def resolve_storage(uri: str, storage_options: dict[str, Any] | None = None):
@@ -257,8 +258,8 @@ def _train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             log.info("resumed from epoch %d, step %d", state.epoch, state.step)
 
     def after_step(step: int) -> None:
-        if cfg.fail_at_step is not None and payload is None and step == cfg.fail_at_step:
-            raise RuntimeError(f"fault injected at step {step} (fail_at_step, for testing)")
+        if step == cfg.fail_at_step and rank == 0:
+            _inject_fault_once(cfg, step)
 
     augment = AugmentConfig(**cfg.augment)
     train_data = ray.train.get_dataset_shard("train")
@@ -291,7 +292,7 @@ def _train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                    **tl.validation_metrics(sums, cfg.threshold), **restored}
         state.epoch = epoch + 1
         state.best_nme = min(state.best_nme, metrics["val_nme"])
-        state.history.append({k: v for k, v in metrics.items() if not k.startswith("restored")})
+        state.history.append(metrics)
         if rank == 0:
             log.info("epoch %d/%d step %d: train loss %.4f | val NME %.2f %% (failure %.1f %%) "
                      "| %.1f images/s", epoch + 1, cfg.epochs, state.step, metrics["train_loss"],
@@ -305,6 +306,18 @@ def _train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             name = f"epoch-{epoch + 1:04d}"
             ray.train.report(metrics, checkpoint=saved, checkpoint_dir_name=name)
     return {"epoch": state.epoch, "step": state.step, "model_version": info.version}
+
+
+def _inject_fault_once(cfg: FinetuneConfig, step: int) -> None:
+    """Fail like a lost worker, once per run and step: a marker in the run folder remembers it,
+    so the attempt that restarts from the checkpoint gets past this step."""
+    from fsspec.core import url_to_fs
+
+    fs, marker = url_to_fs(f"{run_dir_uri(cfg)}/_fault-injected-at-step-{step}",
+                           **cfg.storage_options)
+    if not fs.exists(marker):
+        fs.pipe_file(marker, b"")
+        raise RuntimeError(f"fault injected at step {step} (fail_at_step, for testing)")
 
 
 def export_best(cfg: FinetuneConfig, result) -> FinetuneSummary:
@@ -323,14 +336,14 @@ def export_best(cfg: FinetuneConfig, result) -> FinetuneSummary:
     model = build_model()
     model.load_state_dict(payload["model"])
     export = cfg.export or f"{run_dir_uri(cfg)}/model.pt"
-    best = {k: v for k, v in best.items() if not k.startswith("restored")}
     latest = result.checkpoint or best_checkpoint
     with latest.filesystem.open_input_stream(f"{latest.path}/{PROGRESS_FILE}") as f:
         history = json.loads(f.read())["history"]
     metadata = {"run": cfg.name, "checkpoint": best_checkpoint.path, "best": best,
                 "init": cfg.weights or cfg.init, "config": cfg.public_dict()}
     version = save_model(model, export, metadata=metadata, storage_options=cfg.storage_options)
-    summary = FinetuneSummary(run_dir_uri(cfg), export, version, best, history)
+    summary = FinetuneSummary(run_dir_uri(cfg), export, version, best, history,
+                              dict(result.metrics or {}))
     with fsspec.open(f"{run_dir_uri(cfg)}/finetune.json", "w", **cfg.storage_options) as f:
         json.dump({**asdict(summary), "config": cfg.public_dict()}, f, indent=2)
     log.info("exported the best checkpoint (epoch %d, val NME %.2f %%) to %s, version %s",

@@ -1,7 +1,9 @@
 """Unit tests for pipeline.shards: listing inputs and streaming samples out of shards."""
 
+import dataclasses
 import io
 import json
+import os
 import tarfile
 import uuid
 from pathlib import Path
@@ -110,7 +112,9 @@ def test_list_folder_with_explicit_tar_format_and_trailing_slash(archive):
 def test_list_single_file(archive):
     root, _ = archive
     shards = list_shards(f"{root}/faces-00001.tar")
-    assert shards == [
+    size = (root / "faces-00001.tar").stat().st_size
+    assert shards[0].fingerprint.startswith(f"{size}:")
+    assert [dataclasses.replace(s, fingerprint="") for s in shards] == [
         Shard(
             name="faces-00001",
             uri=f"{root}/faces-00001.tar",
@@ -401,3 +405,12 @@ def test_shards_whose_output_names_collide_are_refused(tmp_path):
     (tmp_path / "a__b.tar").write_bytes(b"")
     with pytest.raises(ValueError, match=r"would both be written as part-a__b.parquet"):
         list_shards(str(tmp_path))
+
+
+def test_fingerprint_changes_when_the_shard_changes(tmp_path):
+    path = tmp_path / "a.tar"
+    path.write_bytes(b"\0" * 1024)
+    before = list_shards(str(tmp_path))[0].fingerprint
+    assert list_shards(str(tmp_path))[0].fingerprint == before
+    os.utime(path, (1_000_000, 1_000_000))
+    assert list_shards(str(tmp_path))[0].fingerprint != before

@@ -1,0 +1,170 @@
+"""The fine-tuning job on a local Ray instance: DDP on two CPU workers, a killed and rerun job, a
+lost worker, the exported model in the inference job, and the evaluation job on top."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from pipeline.augment import AugmentConfig
+from pipeline.evaluate import EvalConfig
+from pipeline.evaluate import main as evaluate
+from pipeline.labels import LabelledReader
+from pipeline.model import build_model, load_model, read_model_file, weights_version
+from pipeline.preprocess import normalize, to_pixels
+from pipeline.shards import list_shards, read_samples
+from pipeline.stages import LandmarkPredictor, ShardReader
+from pipeline.synthetic import write_sample_archive
+from pipeline.train import FinetuneConfig, main, resolve_storage
+from pipeline.train_loop import load_state, optimizer_digest
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory) -> Path:
+    """Four small synthetic faces in two shards: few enough to overfit in a few steps."""
+    root = tmp_path_factory.mktemp("faces")
+    write_sample_archive(str(root), num_shards=2, samples_per_shard=2, seed=1,
+                         image_size=(160, 120))
+    return root
+
+
+def _config(archive: Path, storage: Path, name: str, **overrides) -> FinetuneConfig:
+    # Cheap on 2 cores: random init, frozen backbone (its backward is skipped), no augmentation,
+    # validation on the training faces (the question is whether the model can fit them).
+    settings = dict(
+        input=str(archive), val_input=str(archive), storage_path=str(storage), name=name,
+        init="random", epochs=4, batch_size=2, lr=1e-3, freeze_features=True, loss="l1",
+        lr_schedule="constant", augment=asdict(AugmentConfig.none()), num_workers=2,
+        cpus_per_worker=0.5, threads_per_worker=1, reader_cpus=0.5, cache=True,
+        max_failures=0, keep_best=2,
+    )
+    return FinetuneConfig(**{**settings, **overrides})
+
+
+@pytest.fixture(scope="module")
+def run(ray_session, archive, tmp_path_factory):
+    """Two DDP workers, 4 epochs of one step each. The job is killed in epoch 2 (after the
+    epoch-1 checkpoint, no retries) and rerun under the same name; in the rerun a worker fails
+    once more in epoch 3 and FailureConfig(max_failures=1) restarts the group."""
+    from ray.train import TrainingFailedError
+
+    cfg = _config(archive, tmp_path_factory.mktemp("runs"), "two-workers", fail_at_step=2)
+    with pytest.raises(TrainingFailedError, match="fault injected at step 2"):
+        main(cfg)
+    run_dir = Path(cfg.storage_path) / cfg.name
+    after_kill = sorted(p.name for p in run_dir.glob("epoch-*"))
+    saved = load_state(str(run_dir / "epoch-0001"))
+    cfg = replace(cfg, fail_at_step=3, max_failures=1)
+    return cfg, after_kill, saved, main(cfg)
+
+
+def test_two_workers_overfit_a_few_faces(run):
+    history = run[3].history
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4]
+    assert all(h["train_images"] == 4 for h in history)  # 2 workers x 2 faces per step
+    assert history[-1]["train_loss"] < 0.9 * history[0]["train_loss"]
+    nmes = [h["val_nme"] for h in history]  # eval mode: no dropout noise
+    assert nmes == sorted(nmes, reverse=True) and nmes[-1] < 0.8 * nmes[0]
+    assert all(h["val_samples"] == 4 for h in history)  # each face scored once, not per worker
+
+
+def test_killed_job_reruns_from_its_checkpoint(run):
+    _, after_kill, saved, summary = run
+    assert after_kill == ["epoch-0001"] and saved["state"]["step"] == 1
+    first, resumed = summary.history[0], summary.history[1]
+    assert first == saved["state"]["history"][0]  # epoch 1 was not trained again
+    assert resumed["restored_step"] == 1 and resumed["step"] == 2  # the step counter went on
+    # The optimiser state the rerun started from is the checkpointed one, moments and all.
+    assert resumed["restored_optimizer"] == optimizer_digest(saved["optimizer"])
+
+
+def test_lost_worker_restarts_from_the_last_checkpoint(run):
+    cfg, _, _, summary = run
+    assert [h["restored_step"] for h in summary.history[2:]] == [2, 2]  # from epoch-0002
+    final = load_state(str(Path(cfg.storage_path) / cfg.name / "epoch-0004"))
+    assert final["state"]["step"] == 4
+    assert {float(s["step"]) for s in final["optimizer"]["state"].values()} == {4.0}  # Adam
+    kept = sorted(p.name for p in (Path(cfg.storage_path) / cfg.name).glob("epoch-*"))
+    assert "epoch-0004" in kept and len(kept) <= cfg.keep_best + 1  # best N plus the latest
+    written = json.loads((Path(cfg.storage_path) / cfg.name / "finetune.json").read_text())
+    assert written["model_version"] == summary.model_version
+
+
+def test_exported_model_gives_the_trained_weights_outputs(run, archive):
+    cfg, _, _, summary = run
+    best_epoch = min(summary.history, key=lambda h: h["val_nme"])["epoch"]
+    payload = load_state(str(Path(cfg.storage_path) / cfg.name / f"epoch-{best_epoch:04d}"))
+    trained = build_model()
+    trained.load_state_dict(payload["model"])
+    trained.eval()
+    assert read_model_file(summary.export)["metadata"]["best"]["epoch"] == best_epoch
+    exported, info = load_model(weights=summary.export)
+    assert info.version == summary.model_version == weights_version(trained.state_dict())
+
+    shard = list_shards(str(archive))[0]
+    rows = next(LabelledReader().read(shard))
+    x = torch.from_numpy(normalize(rows["pixels"]))
+    with torch.no_grad():
+        expected = trained(x).numpy()
+        assert np.array_equal(exported(x).numpy(), expected)
+    # The inference job's own stages on the same shard give the same points, in pixels.
+    batch = next(ShardReader().read(shard))
+    predicted = LandmarkPredictor(weights=summary.export, device="cpu")(batch)
+    assert np.allclose(predicted["landmarks"], to_pixels(expected, rows["crop"]), atol=1e-3)
+
+
+def test_evaluation_of_the_export_and_of_inference_parquet(run, archive, tmp_path):
+    summary = run[3]
+    report = evaluate(EvalConfig(labels=str(archive), weights=summary.export,
+                                 output=str(tmp_path / "eval.json")))
+    assert report["samples"] == 4
+    assert report["nme"] == pytest.approx(summary.best["val_nme"], rel=1e-4)
+    assert (tmp_path / "eval.png").stat().st_size > 0
+    assert json.loads((tmp_path / "eval.json").read_text())["model_version"] == (
+        summary.model_version)
+
+    # Predictions 2 px right of every label: the NME is 2 px over each face's eye distance.
+    rows, expected = [], []
+    for shard in list_shards(str(archive)):
+        for sample in read_samples(shard):
+            points = np.asarray(sample.meta["landmarks"])
+            rows.append({"key": sample.key, "landmarks": (points + (2.0, 0.0)).tolist(),
+                         "error": None, "model_version": "v"})
+            expected.append(2.0 / np.linalg.norm(points[36] - points[45]))
+    rows.append({"key": "not-labelled", "landmarks": None, "error": "x", "model_version": "v"})
+    (tmp_path / "pred").mkdir()
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "pred" / "part-x.parquet")
+    report = evaluate(EvalConfig(labels=str(archive), predictions=str(tmp_path / "pred"),
+                                 output=str(tmp_path / "pred.json")))
+    assert report["samples"] == 4 and report["missing_predictions"] == 0
+    assert report["nme"] == pytest.approx(np.mean(expected), rel=1e-9)
+
+
+def test_storage_uris_map_to_ray_train_filesystems(tmp_path):
+    from pyarrow.fs import PyFileSystem
+
+    assert resolve_storage(str(tmp_path)) == (str(tmp_path), None)
+    assert resolve_storage("file:///data/runs") == ("/data/runs", None)
+    assert resolve_storage("s3://bucket/runs") == ("s3://bucket/runs", None)
+    path, fs = resolve_storage("s3://bucket/runs", {"endpoint_url": "http://minio:9000"})
+    assert path == "bucket/runs" and isinstance(fs, PyFileSystem)
+    path, fs = resolve_storage("memory://runs")
+    assert path == "/runs" and isinstance(fs, PyFileSystem)
+
+
+def test_config_refuses_bad_settings(archive, tmp_path):
+    with pytest.raises(ValueError, match="loss must be one of"):
+        _config(archive, tmp_path, "x", loss="l2")
+    with pytest.raises(ValueError, match="val_fraction"):
+        _config(archive, tmp_path, "x", val_input=None, val_fraction=0.0)
+    with pytest.raises(ValueError, match="max_rotation"):
+        _config(archive, tmp_path, "x", augment={"max_rotation": -1})
+    with pytest.raises(ValueError, match="exactly one of"):
+        EvalConfig(labels="x", output="y")
