@@ -96,9 +96,16 @@ def sample_params(n: int, cfg: AugmentConfig, generator: torch.Generator) -> dic
 def identity_params(n: int) -> dict:
     """Parameters that leave samples unchanged (no flip, rotation, scale, shift, colour, blur)."""
     zeros, ones = torch.zeros(n, dtype=torch.float64), torch.ones(n, dtype=torch.float64)
-    return {"flip": torch.zeros(n, dtype=torch.bool), "angle": zeros, "scale": ones,
-            "shift": torch.zeros(n, 2, dtype=torch.float64), "brightness": ones,
-            "contrast": ones, "saturation": ones, "blur": zeros}
+    return {
+        "flip": torch.zeros(n, dtype=torch.bool),
+        "angle": zeros,
+        "scale": ones,
+        "shift": torch.zeros(n, 2, dtype=torch.float64),
+        "brightness": ones,
+        "contrast": ones,
+        "saturation": ones,
+        "blur": zeros,
+    }
 
 
 def output_to_context(params: dict, context: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -132,8 +139,7 @@ def augment_batch(
     theta = torch.cat([m, 2 * t[:, :, None]], dim=2)  # in grid_sample's [-1, 1] units
     grid = F.affine_grid(theta.float().to(device), [n, 3, size, size], align_corners=False)
     images = pixels.permute(0, 3, 1, 2).float().div_(255.0)
-    images = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros",
-                           align_corners=False)
+    images = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
     half = (0.5 * pixel_uv.double().cpu())[:, None, None]
     content = landmarks.double().cpu() + half - 0.5 - t[:, None, :]
@@ -154,7 +160,7 @@ def _colour_and_blur(images: torch.Tensor, params: dict) -> torch.Tensor:
     images = images * column("brightness")
     mean = images.mean(dim=(1, 2, 3), keepdim=True)
     images = (images - mean) * column("contrast") + mean
-    grey = (images * torch.tensor([0.299, 0.587, 0.114], device=device)[None, :, None, None])
+    grey = images * torch.tensor([0.299, 0.587, 0.114], device=device)[None, :, None, None]
     grey = grey.sum(1, keepdim=True)
     images = (images - grey) * column("saturation") + grey
     images = images.clamp_(0.0, 1.0)
@@ -175,10 +181,16 @@ def gaussian_blur(images: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(c, 0)
     # One grouped convolution per axis blurs every channel of every image with its own kernel.
     flat = images.reshape(1, n * c, h, w)
-    flat = F.conv2d(F.pad(flat, (radius, radius, 0, 0), mode="replicate"),
-                    kernel[:, None, None, :], groups=n * c)
-    flat = F.conv2d(F.pad(flat, (0, 0, radius, radius), mode="replicate"),
-                    kernel[:, None, :, None], groups=n * c)
+    flat = F.conv2d(
+        F.pad(flat, (radius, radius, 0, 0), mode="replicate"),
+        kernel[:, None, None, :],
+        groups=n * c,
+    )
+    flat = F.conv2d(
+        F.pad(flat, (0, 0, radius, radius), mode="replicate"),
+        kernel[:, None, :, None],
+        groups=n * c,
+    )
     return flat.reshape(n, c, h, w)
 
 

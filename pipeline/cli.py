@@ -26,6 +26,10 @@ examples:
 
 Without --weights the model has random (or --init imagenet) weights: the job runs, but the
 landmarks mean nothing. Pass a model file written by the fine-tuning job (pipeline.model).
+
+A rerun with the same --output skips shards already done for the same model and settings.
+Exit status: 0 done; 1 a shard stopped part-way or more than --max-error-fraction of the
+samples have errors (see the error and error_kind columns); 2 bad arguments or input.
 """
 
 
@@ -76,6 +80,12 @@ def add_infer_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--device", choices=DEVICES, default="auto",
                      help="auto: GPU actors when the cluster has GPUs")
     run.add_argument("--ray-address", help="Ray cluster (default: RAY_ADDRESS, else local Ray)")
+    run.add_argument("--force", action="store_true",
+                     help="redo every shard, even those an earlier run completed with the same "
+                          "model and settings (default: skip them)")
+    run.add_argument("--max-error-fraction", type=float, default=0.01,
+                     help="exit with status 1 when more than this share of the samples have "
+                          "errors (default 0.01); a shard that stops part-way always does")
 
 
 def infer_config(args: argparse.Namespace) -> InferConfig:
@@ -85,7 +95,8 @@ def infer_config(args: argparse.Namespace) -> InferConfig:
         key_column=args.key_column, files_per_shard=args.files_per_shard, margin=args.margin,
         max_pixels=args.max_pixels, batch_size=args.batch_size,
         num_predictors=args.num_predictors, predictor_cpus=args.predictor_cpus,
-        device=args.device, ray_address=args.ray_address,
+        device=args.device, ray_address=args.ray_address, force=args.force,
+        max_error_fraction=args.max_error_fraction,
         storage_options=resolve_storage_options(
             args.storage_options, [args.input, args.output, args.weights]),
     )
@@ -117,7 +128,7 @@ def run_infer(args: argparse.Namespace) -> int:
     if args.weights is None:
         print("note: no --weights given, so the model is untrained and its landmarks are "
               "meaningless; pass a fine-tuned model file with --weights URI")
-    return 0
+    return 1 if summary.failed else 0
 
 
 def run_generate(args: argparse.Namespace) -> int:

@@ -50,8 +50,10 @@ class EvalConfig:
 
     def __post_init__(self):
         if (self.weights is None) == (self.predictions is None):
-            raise ValueError("give exactly one of --weights (a model file) or --predictions "
-                             "(the inference job's Parquet output)")
+            raise ValueError(
+                "give exactly one of --weights (a model file) or --predictions "
+                "(the inference job's Parquet output)"
+            )
         if self.split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {self.split!r}")
         if self.split != "all" and not 0 < self.val_fraction < 1:
@@ -84,12 +86,19 @@ def _with_model(cfg: EvalConfig, shards: list[Shard]):
     """Predicted and labelled points (crop units: NME is the same as in pixels), keys, skipped."""
     from pipeline.stages import LandmarkPredictor
 
-    predictor = LandmarkPredictor(weights=cfg.weights, storage_options=cfg.storage_options,
-                                  device=cfg.device)
-    reader = LabelledReader(split=cfg.split, val_fraction=cfg.val_fraction, margin=cfg.margin,
-                            max_pixels=cfg.max_pixels, storage_options=cfg.storage_options,
-                            image_column=cfg.image_column, key_column=cfg.key_column,
-                            rows_per_batch=cfg.batch_size)
+    predictor = LandmarkPredictor(
+        weights=cfg.weights, storage_options=cfg.storage_options, device=cfg.device
+    )
+    reader = LabelledReader(
+        split=cfg.split,
+        val_fraction=cfg.val_fraction,
+        margin=cfg.margin,
+        max_pixels=cfg.max_pixels,
+        storage_options=cfg.storage_options,
+        image_column=cfg.image_column,
+        key_column=cfg.key_column,
+        rows_per_batch=cfg.batch_size,
+    )
     keys, preds, targets = [], [], []
     for shard in shards:
         for batch in reader.read(shard):
@@ -98,18 +107,24 @@ def _with_model(cfg: EvalConfig, shards: list[Shard]):
             targets.append(batch["landmarks"])
             keys += list(batch["key"])
         log.info("%s: %d samples scored so far", shard.uri, len(keys))
-    info = {"source": cfg.weights, "model_version": predictor.info.version}
+    info = {
+        "source": cfg.weights,
+        "model_version": predictor.info.version,
+        "damaged_shards": reader.shard_errors,
+    }
     return keys, preds, targets, reader.skipped, 0, info
 
 
 def _with_predictions(cfg: EvalConfig, shards: list[Shard]):
     """Points from the inference job's Parquet files, matched to the labels by key."""
     import pyarrow.parquet as pq
-    from fsspec.core import url_to_fs
 
-    fs, root = url_to_fs(cfg.predictions, **cfg.storage_options)
-    files = [root] if fs.isfile(root) else sorted(
-        p for p in fs.find(root) if p.endswith(".parquet"))
+    from pipeline.storage import filesystem
+
+    fs, root = filesystem(cfg.predictions, cfg.storage_options)
+    files = (
+        [root] if fs.isfile(root) else sorted(p for p in fs.find(root) if p.endswith(".parquet"))
+    )
     if not files:
         raise FileNotFoundError(f"no Parquet files under {cfg.predictions}")
     predicted: dict[str, np.ndarray] = {}
@@ -141,14 +156,16 @@ def _with_predictions(cfg: EvalConfig, shards: list[Shard]):
 
 def main(cfg: EvalConfig) -> dict[str, Any]:
     """Score the predictions, write the JSON report and the CED plot; returns the report."""
-    import fsspec
+    from pipeline.storage import write_bytes
 
     shards = list_shards(cfg.labels, cfg.format, cfg.storage_options)
     run = _with_model if cfg.weights else _with_predictions
     keys, preds, targets, skipped, missing, info = run(cfg, shards)
     if not keys:
-        raise ValueError(f"no labelled sample of split {cfg.split!r} could be scored "
-                         f"({skipped} unusable, {missing} without a prediction)")
+        raise ValueError(
+            f"no labelled sample of split {cfg.split!r} could be scored "
+            f"({skipped} unusable, {missing} without a prediction)"
+        )
     pred, target = np.concatenate(preds), np.concatenate(targets)
     per_sample = nme(pred, target)
     order = np.argsort(per_sample)[::-1][: cfg.worst]
@@ -164,15 +181,20 @@ def main(cfg: EvalConfig) -> dict[str, Any]:
         "ced_png": cfg.ced_uri,
         "config": {**asdict(cfg), "storage_options": sorted(cfg.storage_options)},
     }
-    with fsspec.open(cfg.output, "w", **cfg.storage_options) as f:
-        json.dump(report, f, indent=2)
-    plot_ced({cfg.split if cfg.split != "all" else "all": per_sample}, cfg.ced_uri,
-             cfg.threshold, cfg.storage_options)
+    write_bytes(cfg.output, json.dumps(report, indent=2).encode(), cfg.storage_options)
+    plot_ced(
+        {cfg.split if cfg.split != "all" else "all": per_sample},
+        cfg.ced_uri,
+        cfg.threshold,
+        cfg.storage_options,
+    )
     return report
 
 
 def report_line(report: Mapping[str, Any]) -> str:
     """One human line of a report."""
     t = report["threshold"]
-    return (f"{report['samples']} samples: NME {100 * report['nme']:.2f} %, failure rate@{t:g} "
-            f"{100 * report[f'failure_rate@{t:g}']:.1f} %, AUC@{t:g} {report[f'auc@{t:g}']:.3f}")
+    return (
+        f"{report['samples']} samples: NME {100 * report['nme']:.2f} %, failure rate@{t:g} "
+        f"{100 * report[f'failure_rate@{t:g}']:.1f} %, AUC@{t:g} {report[f'auc@{t:g}']:.3f}"
+    )

@@ -20,13 +20,15 @@ from typing import Any
 import numpy as np
 
 from pipeline.model import load_model
-from pipeline.output import (
-    output_file_name,
-    rows_to_table,
-    write_completion_record,
-    write_table_atomic,
-)
+from pipeline.output import output_file_name, rows_to_table, write_table_atomic
 from pipeline.preprocess import DEFAULT_MARGIN, DEFAULT_MAX_PIXELS
+from pipeline.resume import (
+    SHARD_FAILURE_KINDS,
+    completed_shards,
+    remove_stale_temporary_files,
+    settings_id,
+    write_completion_record,
+)
 from pipeline.shards import Shard, list_shards
 from pipeline.stages import LandmarkPredictor, ShardReader, empty_rows, encode_shard
 from pipeline.storage import write_bytes
@@ -35,6 +37,7 @@ log = logging.getLogger("pipeline")
 
 DEVICES = ("auto", "cuda", "cpu")
 READ_TASK_RETRIES = 3
+ACTOR_RESTARTS = 3
 
 
 @dataclass(frozen=True)
@@ -58,7 +61,11 @@ class InferConfig:
     predictor_cpus: float | None = None
     device: str = "auto"
     ray_address: str | None = None
+    force: bool = False
+    max_error_fraction: float = 0.01
     storage_options: Mapping[str, Any] = field(default_factory=dict, repr=False)
+    # Failure tests only (pipeline.faults): deliberate process deaths.
+    faults: str = ""
 
     def __post_init__(self):
         if self.device not in DEVICES:
@@ -70,16 +77,29 @@ class InferConfig:
             raise ValueError(f"num_predictors must be >= 1, got {self.num_predictors}")
         if not 0 <= self.margin <= 2:
             raise ValueError(f"margin must be between 0 and 2, got {self.margin}")
+        if not 0 <= self.max_error_fraction <= 1:
+            raise ValueError(f"max_error_fraction must be between 0 and 1, got "
+                             f"{self.max_error_fraction}")
+
+    def result_settings(self) -> dict[str, Any]:
+        """The settings besides input and model that change the output rows (for resume)."""
+        return {"format": self.format, "image_column": self.image_column,
+                "key_column": self.key_column, "files_per_shard": self.files_per_shard,
+                "margin": self.margin, "max_pixels": self.max_pixels}
 
     def public_dict(self) -> dict[str, Any]:
         """The config without secrets: storage option values are left out."""
         data = asdict(self)
         data["storage_options"] = sorted(self.storage_options)
+        data.pop("faults")
         return data
 
 
 @dataclass
 class Summary:
+    """What a run did. ``samples``/``errors`` count this run's rows; skipped shards were
+    complete from an earlier run with the same model and settings."""
+
     shards: int
     samples: int
     errors: int
@@ -87,15 +107,28 @@ class Summary:
     model_version: str
     output: str
     files: list[str]
+    skipped_shards: int = 0
+    errors_by_kind: dict[str, int] = field(default_factory=dict)
+    failed_shards: list[str] = field(default_factory=list)
+    max_error_fraction: float = 0.01
 
     @property
     def images_per_s(self) -> float:
         return (self.samples - self.errors) / self.seconds if self.seconds > 0 else 0.0
 
+    @property
+    def failed(self) -> bool:
+        """A shard stopped part-way, or too large a share of the samples failed."""
+        fraction = self.errors / self.samples if self.samples else 0.0
+        return bool(self.failed_shards) or fraction > self.max_error_fraction
+
     def line(self) -> str:
-        return (f"{self.samples} samples in {self.shards} shards, {self.errors} errors, "
-                f"{self.seconds:.1f} s, {self.images_per_s:.1f} images/s "
-                f"(model {self.model_version}) -> {self.output}")
+        kinds = ", ".join(f"{k}: {v}" for k, v in sorted(self.errors_by_kind.items()))
+        return (f"{self.samples} samples in {self.shards - self.skipped_shards} shards "
+                f"({self.skipped_shards} already done), {self.errors} errors"
+                f"{f' ({kinds})' if kinds else ''}, {self.seconds:.1f} s, "
+                f"{self.images_per_s:.1f} images/s (model {self.model_version}) -> {self.output}"
+                f" [{'FAILED' if self.failed else 'OK'}]")
 
 
 def ensure_ray(address: str | None = None) -> None:
@@ -124,6 +157,7 @@ class _ShardCollector:
         self.parts: dict[str, list[dict[str, np.ndarray]]] = {}
         self.received: dict[str, int] = {}
         self.expected: dict[str, int] = {}
+        self.seen: dict[str, set[int]] = {}
 
     def add(self, batch: dict[str, np.ndarray]) -> list[tuple[str, dict[str, np.ndarray]]]:
         done = []
@@ -131,12 +165,19 @@ class _ShardCollector:
         for name in np.unique(names):
             rows = names == name
             part = {k: np.asarray(v)[rows] for k, v in batch.items()}
+            # A retried task may deliver rows again: keep each position of a shard once.
+            seen = self.seen.setdefault(name, set())
+            fresh = np.asarray([int(q) not in seen for q in part["seq"]], dtype=bool)
+            if not fresh.all():
+                part = {k: v[fresh] for k, v in part.items()}
+            seen.update(int(q) for q in part["seq"])
             self.parts.setdefault(name, []).append(part)
-            self.received[name] = self.received.get(name, 0) + int(rows.sum())
+            self.received[name] = len(seen)
             if part["last"].any():
                 self.expected[name] = int(part["seq"][part["last"]].max()) + 1
             if self.received[name] == self.expected.get(name):
                 parts = self.parts.pop(name)
+                self.seen.pop(name)
                 merged = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
                 order = np.argsort(merged["seq"], kind="stable")
                 done.append((name, {k: v[order] for k, v in merged.items()}))
@@ -147,16 +188,83 @@ class _ShardCollector:
 
 
 def run_inference(cfg: InferConfig) -> Summary:
-    """Run the whole job and return its summary; output files are committed shard by shard."""
-    import ray
+    """Run the whole job and return its summary; output files are committed shard by shard.
 
+    Shards completed by an earlier run with the same model and settings are skipped unless
+    ``cfg.force``."""
     started = time.time()
     start_iso = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    output = cfg.output.rstrip("/")
     shards = list_shards(cfg.input, cfg.format, cfg.storage_options, cfg.files_per_shard)
     log.info("found %d %s shard(s) under %s", len(shards), shards[0].format, cfg.input)
     # Load once on the driver: a bad weights URI fails here, before any cluster work.
     _, model_info = load_model(cfg.weights, cfg.init, cfg.storage_options, cfg.seed)
     log.info("model %s from %s", model_info.version, model_info.source)
+    settings = settings_id(cfg.result_settings())
+
+    remove_stale_temporary_files(output)
+    done = {} if cfg.force else completed_shards(output, shards, model_info.version, settings,
+                                                 cfg.storage_options)
+    todo = [s for s in shards if s.name not in done]
+    if done:
+        log.info("%d shard(s) already done for model %s with these settings: skipped "
+                 "(--force redoes them); %d to do", len(done), model_info.version, len(todo))
+
+    by_name = {s.name: s for s in shards}
+    summary = Summary(len(shards), 0, 0, 0.0, model_info.version, output, [],
+                      skipped_shards=len(done), max_error_fraction=cfg.max_error_fraction)
+    per_shard: dict[str, dict[str, int]] = {}
+
+    def commit(name: str, rows: dict[str, np.ndarray]) -> None:
+        uri = f"{output}/{output_file_name(name)}"
+        table = rows_to_table(rows)
+        kinds = [k for k in table.column("error_kind").to_pylist() if k]
+        shard_failed = any(not key and kind in SHARD_FAILURE_KINDS
+                           for key, kind in zip(rows["key"], rows["error_kind"], strict=True))
+        write_table_atomic(table, uri, cfg.storage_options)
+        # The record that says the shard is done goes last, after its data is committed.
+        write_completion_record(output, by_name[name], table.num_rows, len(kinds), shard_failed,
+                                model_info.version, settings, cfg.storage_options)
+        summary.files.append(uri)
+        summary.samples += table.num_rows
+        summary.errors += len(kinds)
+        for kind in kinds:
+            summary.errors_by_kind[kind] = summary.errors_by_kind.get(kind, 0) + 1
+        if shard_failed:
+            summary.failed_shards.append(name)
+        per_shard[name] = {"rows": table.num_rows, "errors": len(kinds)}
+        elapsed = time.time() - started
+        log.info("[%d/%d shards] %s: %d rows, %d errors | %d samples, %.1f images/s",
+                 len(per_shard), len(todo), output_file_name(name), table.num_rows, len(kinds),
+                 summary.samples, (summary.samples - summary.errors) / max(elapsed, 1e-9))
+
+    if todo:
+        collector = _ShardCollector()
+        last_log = time.time()
+        for batch in _dataset(cfg, todo).iter_batches(batch_size=None, batch_format="numpy"):
+            for name, rows in collector.add(batch):
+                commit(name, rows)
+            if time.time() - last_log > 30:
+                last_log = time.time()
+                log.info("... %d rows in, %d/%d shards committed", summary.samples + sum(
+                    collector.received.get(n, 0) for n in collector.parts), len(per_shard),
+                    len(todo))
+        if collector.unfinished():
+            raise RuntimeError(f"rows missing for shard(s) {collector.unfinished()}: their "
+                               "output was not written; rerun the job to redo them")
+        for shard in todo:  # shards without a single row (an empty tar) still get their file
+            if shard.name not in per_shard:
+                commit(shard.name, _no_rows())
+
+    summary.seconds = time.time() - started
+    summary.files.sort()
+    _write_manifest(cfg, summary, per_shard, done, start_iso)
+    return summary
+
+
+def _dataset(cfg: InferConfig, shards: list[Shard]):
+    """The Ray Data pipeline: one read task per shard, then the predictor actor pool."""
+    import ray
 
     ensure_ray(cfg.ray_address)
     resources = ray.cluster_resources()
@@ -183,10 +291,10 @@ def run_inference(cfg: InferConfig) -> Summary:
         fn_kwargs=dict(
             storage_options=dict(cfg.storage_options), margin=cfg.margin,
             max_pixels=cfg.max_pixels, image_column=cfg.image_column,
-            key_column=cfg.key_column, rows_per_batch=cfg.read_batch_rows,
+            key_column=cfg.key_column, rows_per_batch=cfg.read_batch_rows, faults=cfg.faults,
         ),
     )
-    ds = ds.map_batches(
+    return ds.map_batches(
         LandmarkPredictor,
         fn_constructor_kwargs=dict(
             weights=cfg.weights, init=cfg.init, seed=cfg.seed,
@@ -194,59 +302,16 @@ def run_inference(cfg: InferConfig) -> Summary:
             # The core left to the read tasks is mostly idle on CPU (decoding is ~100x cheaper
             # than the CPU forward pass), so the model threads use it too: 2 threads run the
             # forward pass ~1.9x faster than 1 on a 2-core machine.
-            num_threads=None if use_gpu else int(actor_cpus) + 1,
+            num_threads=None if use_gpu else int(actor_cpus) + 1, faults=cfg.faults,
         ),
         batch_size=cfg.batch_size,
         compute=ray.data.ActorPoolStrategy(size=pool_size),
         num_gpus=1 if use_gpu else 0,
         num_cpus=actor_cpus,
+        # A predictor process that dies is restarted, and its batch retried, by Ray.
+        max_restarts=ACTOR_RESTARTS,
+        max_task_retries=ACTOR_RESTARTS,
     )
-
-    output = cfg.output.rstrip("/")
-    collector = _ShardCollector()
-    samples = errors = 0
-    files: list[str] = []
-    last_log = time.time()
-
-    by_name = {s.name: s for s in shards}
-
-    def commit(name: str, rows: dict[str, np.ndarray]) -> None:
-        nonlocal samples, errors
-        uri = f"{output}/{output_file_name(name)}"
-        table = rows_to_table(rows)
-        shard_errors = table.num_rows - table.column("error").null_count
-        write_table_atomic(table, uri, cfg.storage_options)
-        # The record that says the shard is done goes last, after its data is committed.
-        write_completion_record(output, by_name[name], table.num_rows, shard_errors,
-                                model_info.version, cfg.storage_options)
-        files.append(uri)
-        samples += table.num_rows
-        errors += shard_errors
-        elapsed = time.time() - started
-        log.info("[%d/%d shards] %s: %d rows, %d errors | %d samples, %.1f images/s",
-                 len(files), len(shards), output_file_name(name), table.num_rows, shard_errors,
-                 samples, (samples - errors) / max(elapsed, 1e-9))
-
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        for name, rows in collector.add(batch):
-            commit(name, rows)
-        if time.time() - last_log > 30:
-            last_log = time.time()
-            log.info("... %d rows in, %d/%d shards committed", samples + sum(
-                collector.received.get(n, 0) for n in collector.parts), len(files), len(shards))
-
-    if collector.unfinished():
-        raise RuntimeError(f"rows missing for shard(s) {collector.unfinished()}: output for them "
-                           "was not written; rerun the job")
-    written = {f.rsplit("/", 1)[1] for f in files}
-    for shard in shards:  # shards without a single row (an empty tar) still get their file
-        if output_file_name(shard.name) not in written:
-            commit(shard.name, _no_rows())
-
-    summary = Summary(len(shards), samples, errors, time.time() - started,
-                      model_info.version, output, sorted(files))
-    _write_manifest(cfg, summary, shards, start_iso)
-    return summary
 
 
 def _no_rows() -> dict[str, np.ndarray]:
@@ -257,15 +322,21 @@ def _no_rows() -> dict[str, np.ndarray]:
     return rows
 
 
-def _write_manifest(cfg: InferConfig, summary: Summary, shards: list[Shard], start: str) -> None:
+def _write_manifest(cfg: InferConfig, summary: Summary, per_shard: dict, skipped: dict,
+                    start: str) -> None:
     manifest = {
         "config": cfg.public_dict(),
         "model_version": summary.model_version,
         "started": start,
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "shards": len(shards),
+        "status": "failed" if summary.failed else "ok",
+        "shards": summary.shards,
+        "shards_skipped": sorted(skipped),
         "samples": summary.samples,
         "errors": summary.errors,
+        "errors_by_kind": summary.errors_by_kind,
+        "failed_shards": summary.failed_shards,
+        "per_shard": per_shard,
         "seconds": round(summary.seconds, 3),
         "images_per_s": round(summary.images_per_s, 3),
         "files": summary.files,

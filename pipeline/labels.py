@@ -7,21 +7,15 @@ landmarks' extent. The crop geometry is the inference job's: ``crop_square(w, h,
 and a label ``x`` becomes the model target ``u = (x - x0) / side``.
 
 The train/validation split is a stable hash of the sample key, so it never depends on shard order,
-worker count or Python's hash seed. ``import_annotated_folder`` turns the common public layout (a
-folder of images each with a 300-W ``.pts`` file: 300-W, HELEN, LFPW, AFW, iBUG) into tar shards.
+worker count or Python's hash seed. ``pipeline.importer`` turns the common public layout (a folder
+of images each with a 300-W ``.pts`` file: 300-W, HELEN, LFPW, AFW, iBUG) into such tar shards.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
-import json
 import logging
-import posixpath
-import tarfile
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
-from decimal import Decimal, InvalidOperation
 from typing import Any
 
 import numpy as np
@@ -36,7 +30,7 @@ from pipeline.preprocess import (
     decode_image,
     validate_bbox,
 )
-from pipeline.shards import IMAGE_EXTENSIONS, Sample, Shard, read_samples
+from pipeline.shards import Sample, Shard, read_samples
 
 log = logging.getLogger("pipeline")
 
@@ -80,9 +74,7 @@ def key_hash(key: str) -> int:
     return int.from_bytes(_digest(key)[8:16], "big") >> 1
 
 
-def context_crop(
-    crop: tuple[float, float, float], context: float
-) -> tuple[float, float, float]:
+def context_crop(crop: tuple[float, float, float], context: float) -> tuple[float, float, float]:
     """Grow the square ``(x0, y0, side)`` ``context`` times about its centre."""
     x0, y0, side = crop
     big = side * context
@@ -104,7 +96,8 @@ class LabelledReader:
     ``context=1`` gives exactly the inference job's 224x224 input; training reads a larger
     context so rotations and shifts have real image around the face. Samples outside ``split``
     are skipped before decoding; unusable samples are logged and left out (they cannot be
-    trained on), and counted in ``self.skipped``.
+    trained on) and counted in ``self.skipped``; a damaged shard keeps the samples read before
+    the damage and is named in ``self.shard_errors``.
     """
 
     def __init__(
@@ -130,6 +123,7 @@ class LabelledReader:
         self.image_column, self.key_column = image_column, key_column
         self.rows_per_batch = rows_per_batch
         self.skipped = 0
+        self.shard_errors: list[str] = []
 
     def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
         from pipeline.stages import decode_shard
@@ -140,11 +134,12 @@ class LabelledReader:
     def read(self, shard: Shard) -> Iterator[dict[str, np.ndarray]]:
         """Yield the usable labelled rows of one shard, in order."""
         if shard.format == "images":
-            raise ValueError(f"{shard.uri}: loose images carry no labels; turn them into labelled "
-                             "tar shards with `landmarks import-pts`")
+            raise ValueError(
+                f"{shard.uri}: loose images carry no labels; turn them into labelled "
+                "tar shards with `landmarks import-pts`"
+            )
         rows: list[tuple] = []
-        samples = read_samples(shard, self.storage_options, self.image_column, self.key_column)
-        for sample in samples:
+        for sample in self._samples(shard):
             if self.split != "all" and split_of(sample.key, self.val_fraction) != self.split:
                 continue
             try:
@@ -158,6 +153,14 @@ class LabelledReader:
                 rows = []
         if rows:
             yield self._to_batch(rows)
+
+    def _samples(self, shard: Shard) -> Iterator[Sample]:
+        samples = read_samples(shard, self.storage_options, self.image_column, self.key_column)
+        try:
+            yield from samples
+        except Exception as exc:  # one damaged shard must not stop a long training run
+            self.shard_errors.append(f"{shard.uri}: {exc.__class__.__name__}: {exc}")
+            log.warning("shard %s stopped early: %s", shard.uri, exc)
 
     def prepare(self, sample: Sample) -> tuple:
         """One sample -> ``(key, pixels, landmarks uv, pixel_uv, crop)``, or ``SampleError``."""
@@ -185,120 +188,3 @@ class LabelledReader:
             "pixel_uv": np.asarray([r[3] for r in rows], dtype=np.float32),
             "crop": np.asarray([r[4] for r in rows], dtype=np.float64),
         }
-
-
-ANNOTATIONS = ("pts", "json")
-
-
-def parse_pts(text: str, origin: int) -> list[list[float]]:
-    """A 300-W ``.pts`` file -> 68 ``[x, y]`` 0-based pixels. ``origin``: 1 when the file counts
-    pixels from 1 (300-W's Matlab convention), 0 when from 0. Raises ``ValueError`` if malformed."""
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    if "{" not in lines or "}" not in lines:
-        raise ValueError("not a .pts file: no '{' ... '}' block")
-    start, end = lines.index("{"), lines.index("}")
-    header = dict(line.split(":", 1) for line in lines[:start] if ":" in line)
-    declared = header.get("n_points", "").strip()
-    rows = [line.split() for line in lines[start + 1 : end]]
-    if declared and declared != str(len(rows)):
-        raise ValueError(f"n_points is {declared} but the file lists {len(rows)} points")
-    if len(rows) != NUM_LANDMARKS or any(len(r) != 2 for r in rows):
-        raise ValueError(f"need {NUM_LANDMARKS} lines of 'x y', got {len(rows)} points")
-    return [[_shift(v, origin) for v in row] for row in rows]
-
-
-def _shift(value: object, origin: int) -> float:
-    # Decimal arithmetic: "32.31" - 1 is exactly 31.31, where float arithmetic is not.
-    try:
-        return float(Decimal(str(value)) - origin)
-    except InvalidOperation:
-        raise ValueError(f"not a number: {value!r}") from None
-
-
-@dataclass
-class ImportSummary:
-    """What ``import_annotated_folder`` wrote and what it left out (path, reason)."""
-
-    shards: list[str] = field(default_factory=list)
-    samples: int = 0
-    skipped: list[tuple[str, str]] = field(default_factory=list)
-
-
-def import_annotated_folder(
-    input_uri: str,
-    output_uri: str,
-    origin: int,
-    annotation: str = "pts",
-    per_shard: int = 1000,
-    storage_options: Mapping[str, Any] | None = None,
-) -> ImportSummary:
-    """Turn a folder of images, each beside an annotation file of the same stem (``face.jpg`` +
-    ``face.pts``, or ``face.json`` holding ``landmarks``), into labelled tar shards
-    ``part-00000.tar`` ... under ``output_uri``. The folder is searched recursively and sorted; the
-    key is the relative path without extension (dots -> ``_``, since a tar key ends at the first
-    dot). The sidecar holds ``landmarks`` (0-based), ``bbox`` (their extent), ``scheme`` and
-    ``source``. Images without annotation and unreadable annotations are skipped and listed."""
-    from fsspec.core import url_to_fs
-
-    if origin not in (0, 1):
-        raise ValueError(f"origin must be 0 or 1 (how the annotation counts pixels), got {origin}")
-    if annotation not in ANNOTATIONS:
-        raise ValueError(f"annotation must be one of {ANNOTATIONS}, got {annotation!r}")
-    if per_shard < 1:
-        raise ValueError(f"per_shard must be >= 1, got {per_shard}")
-    fs, root = url_to_fs(input_uri, **dict(storage_options or {}))
-    if not fs.isdir(root):
-        raise FileNotFoundError(f"input folder not found: {input_uri}")
-    paths = sorted(fs.find(root))
-    notes = {posixpath.splitext(p)[0] for p in paths if p.endswith("." + annotation)}
-    images: dict[str, list[str]] = {}
-    for path in paths:
-        if path.lower().endswith(IMAGE_EXTENSIONS):
-            images.setdefault(posixpath.splitext(path)[0], []).append(path)
-    summary = ImportSummary()
-    pairs = []
-    for stem in sorted(set(images) | notes):
-        found = images.get(stem, [])
-        if stem not in notes:
-            summary.skipped += [(p, f"no .{annotation} file") for p in found]
-        elif len(found) != 1:
-            why = "no image" if not found else f"several images share the stem: {found}"
-            summary.skipped.append((f"{stem}.{annotation}", why))
-        else:
-            pairs.append((stem, found[0]))
-
-    labelled = []
-    for stem, image_path in pairs:
-        text = fs.cat_file(f"{stem}.{annotation}").decode("utf-8", errors="replace")
-        try:
-            if annotation == "pts":
-                points = parse_pts(text, origin)
-            else:
-                points = [[_shift(v, origin) for v in p] for p in json.loads(text)["landmarks"]]
-            parse_landmarks(points)
-        except (ValueError, KeyError, TypeError, SampleError) as exc:
-            summary.skipped.append((f"{stem}.{annotation}", str(exc)))
-            continue
-        meta = {"landmarks": points, "bbox": bbox_from_landmarks(np.asarray(points)),
-                "scheme": "ibug68", "source": posixpath.relpath(image_path, root)}
-        labelled.append((posixpath.relpath(stem, root).replace(".", "_"), image_path, meta))
-
-    out_fs, out_root = url_to_fs(output_uri, **dict(storage_options or {}))
-    out_fs.makedirs(out_root, exist_ok=True)
-    protocol = output_uri.split("://", 1)[0] + "://" if "://" in output_uri else ""
-    for start in range(0, len(labelled), per_shard):
-        path = f"{out_root.rstrip('/')}/part-{start // per_shard:05d}.tar"
-        # Streamed member by member: a shard of large photos never sits in memory whole.
-        with out_fs.open(path, "wb") as f, tarfile.open(fileobj=f, mode="w") as tar:
-            for key, image_path, meta in labelled[start : start + per_shard]:
-                _add(tar, key + posixpath.splitext(image_path)[1].lower(), fs.cat_file(image_path))
-                _add(tar, key + ".json", json.dumps(meta).encode("utf-8"))
-        summary.shards.append(protocol + path)
-    summary.samples = len(labelled)
-    return summary
-
-
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = len(data), 0, 0o644  # fixed: byte-identical reruns
-    tar.addfile(info, io.BytesIO(data))

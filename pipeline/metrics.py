@@ -45,8 +45,10 @@ def point_errors(pred: Any, target: Any) -> np.ndarray:
     left, right = OUTER_EYE_CORNERS
     iod = np.linalg.norm(target[:, left] - target[:, right], axis=1)
     if (iod <= 0).any():
-        raise ValueError(f"{int((iod <= 0).sum())} sample(s) have points 36 and 45 at the same "
-                         "place: the inter-ocular distance is 0")
+        raise ValueError(
+            f"{int((iod <= 0).sum())} sample(s) have points 36 and 45 at the same "
+            "place: the inter-ocular distance is 0"
+        )
     return np.linalg.norm(pred - target, axis=2) / iod[:, None]
 
 
@@ -95,8 +97,9 @@ def summarize(pred: Any, target: Any, threshold: float = DEFAULT_THRESHOLD) -> d
         "nme_median": float(np.median(per_sample)) if per_sample.size else float("nan"),
         f"failure_rate@{threshold:g}": failure_rate(per_sample, threshold),
         f"auc@{threshold:g}": auc(per_sample, threshold),
-        "nme_by_region": {k: float(v.mean()) if v.size else float("nan")
-                          for k, v in regions.items()},
+        "nme_by_region": {
+            k: float(v.mean()) if v.size else float("nan") for k, v in regions.items()
+        },
     }
 
 
@@ -110,8 +113,9 @@ def plot_ced(
     """Draw the CED curve of each named NME list to a PNG at any fsspec URI (PIL, no matplotlib)."""
     import io
 
-    import fsspec
     from PIL import Image, ImageDraw
+
+    from pipeline.storage import write_bytes
 
     width, height = size
     left, right, top, bottom = 60, 20, 30, 50
@@ -140,5 +144,4 @@ def plot_ced(
         draw.text((left + plot_w - 230, top + plot_h - 20 - 14 * n), label, fill=colour)
     buffer = io.BytesIO()
     image.save(buffer, "PNG")
-    with fsspec.open(uri, "wb", **dict(storage_options or {})) as f:
-        f.write(buffer.getvalue())
+    write_bytes(uri, buffer.getvalue(), storage_options)

@@ -9,7 +9,6 @@ partial file, and a rerun replaces the file instead of adding one.
 from __future__ import annotations
 
 import io
-import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -32,6 +31,7 @@ SCHEMA = pa.schema(
         pa.field("landmarks", LANDMARKS_TYPE),
         pa.field("model_version", pa.string(), nullable=False),
         pa.field("error", pa.string()),
+        pa.field("error_kind", pa.string()),
         pa.field("meta", pa.string()),
     ]
 )
@@ -73,6 +73,7 @@ def rows_to_table(rows: Mapping[str, np.ndarray]) -> pa.Table:
         "landmarks": landmark_lists,
         "model_version": pa.array([str(v) for v in rows["model_version"]], pa.string()),
         "error": _nullable_strings(rows["error"]),
+        "error_kind": _nullable_strings(rows["error_kind"]),
         "meta": _nullable_strings(rows["meta"]),
     }
     return pa.table(columns, schema=SCHEMA)
@@ -85,23 +86,3 @@ def write_table_atomic(
     buffer = io.BytesIO()
     pq.write_table(table, buffer, compression="zstd")
     write_bytes(uri, buffer.getvalue(), storage_options)
-
-
-def write_completion_record(
-    output: str, shard, rows: int, errors: int, model_version: str,
-    storage_options: Mapping[str, Any] | None = None,
-) -> str:
-    """``_done/<shard name>.json``: written after the shard's Parquet file, so its presence
-    means the data is complete. Names the input shard and its fingerprint at listing time."""
-    uri = f"{output.rstrip('/')}/_done/{shard.name}.json"
-    record = {
-        "shard": shard.uri,
-        "shard_fingerprint": shard.fingerprint,
-        "file": output_file_name(shard.name),
-        "rows": rows,
-        "errors": errors,
-        "model_version": model_version,
-    }
-    write_bytes(uri, json.dumps(record, indent=1).encode(), storage_options)
-    return uri
-

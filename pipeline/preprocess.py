@@ -22,7 +22,28 @@ DEFAULT_MAX_PIXELS = 100_000_000
 
 
 class SampleError(ValueError):
-    """Bad input for one sample: becomes that row's ``error``; the job goes on."""
+    """Bad input for one sample: becomes that row's ``error`` (and ``error_kind``, one of
+    ``ERROR_KINDS``); the job goes on."""
+
+    def __init__(self, message: str, kind: str = "invalid"):
+        super().__init__(message)
+        self.kind = kind
+
+
+# What the end-of-run summary counts errors by (the output's ``error_kind``).
+ERROR_KINDS = (
+    "empty",          # a 0-byte image
+    "decode",         # not an image, truncated, broken CRC, unsupported
+    "too_large",      # above --max-pixels, refused before decoding
+    "bad_sidecar",    # the .json sidecar is not a JSON object
+    "bad_bbox",       # the face box is malformed, empty, inverted or outside the image
+    "no_image",       # a key whose members hold no image
+    "duplicate_key",  # a key seen earlier in the same shard
+    "missing_file",   # listed, then gone before it was read
+    "storage",        # read failed for good (access denied, retries exhausted)
+    "shard_error",    # the shard itself is damaged or unreadable: rows after it are lost
+    "invalid",        # anything else wrong with the sample
+)
 
 
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
@@ -32,23 +53,23 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
     black. Raises ``SampleError`` for empty, unreadable, truncated or oversized images.
     """
     if not data:
-        raise SampleError("empty image (0 bytes)")
+        raise SampleError("empty image (0 bytes)", "empty")
     try:
         image = Image.open(io.BytesIO(data))
         width, height = image.size
         if width * height > max_pixels:
             raise SampleError(
                 f"image is {width}x{height} = {width * height} pixels, above the limit of "
-                f"{max_pixels}"
-            )
+                f"{max_pixels}", "too_large")
         image.load()
         image = ImageOps.exif_transpose(image)
     except SampleError:
         raise
     except Image.DecompressionBombError as exc:
-        raise SampleError(f"image refused as a decompression bomb: {exc}") from None
+        raise SampleError(f"image refused as a decompression bomb: {exc}", "too_large") from None
     except Exception as exc:
-        raise SampleError(f"cannot decode image: {exc.__class__.__name__}: {exc}") from None
+        raise SampleError(f"cannot decode image: {exc.__class__.__name__}: {exc}",
+                          "decode") from None
     return to_rgb(image)
 
 
@@ -95,17 +116,18 @@ def crop_square(
 def validate_bbox(bbox: object, width: int, height: int) -> list[float]:
     """Check a sidecar bbox ``[x0, y0, x1, y1]``; raises ``SampleError`` saying what is wrong."""
     if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
-        raise SampleError(f"bbox must be [x0, y0, x1, y1], got {bbox!r}")
+        raise SampleError(f"bbox must be [x0, y0, x1, y1], got {bbox!r}", "bad_bbox")
     try:
         x0, y0, x1, y1 = (float(v) for v in bbox)
     except (TypeError, ValueError):
-        raise SampleError(f"bbox must hold 4 numbers, got {bbox!r}") from None
+        raise SampleError(f"bbox must hold 4 numbers, got {bbox!r}", "bad_bbox") from None
     if not all(np.isfinite([x0, y0, x1, y1])):
-        raise SampleError(f"bbox must hold finite numbers, got {bbox!r}")
+        raise SampleError(f"bbox must hold finite numbers, got {bbox!r}", "bad_bbox")
     if x1 <= x0 or y1 <= y0:
-        raise SampleError(f"bbox {bbox!r} is empty or inverted (need x0 < x1 and y0 < y1)")
+        raise SampleError(f"bbox {bbox!r} is empty or inverted (need x0 < x1 and y0 < y1)",
+                          "bad_bbox")
     if x1 <= 0 or y1 <= 0 or x0 >= width or y0 >= height:
-        raise SampleError(f"bbox {bbox!r} lies outside the {width}x{height} image")
+        raise SampleError(f"bbox {bbox!r} lies outside the {width}x{height} image", "bad_bbox")
     return [x0, y0, x1, y1]
 
 

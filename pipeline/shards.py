@@ -48,6 +48,11 @@ class Sample:
     meta: dict[str, Any] | None = None
     meta_error: str | None = None
     error: str | None = None
+    error_kind: str | None = None
+
+
+class DamagedShardError(ValueError):
+    """The shard ends before its end-of-archive marker, or is otherwise damaged."""
 
 
 def _list_once(fs, root: str, input_uri: str) -> dict[str, dict]:
@@ -176,9 +181,10 @@ def read_samples(
             try:
                 yield Sample(key=key, data=retry(lambda p=path: fs.cat_file(p), uri, "read"))
             except FileNotFoundError:
-                yield Sample(key=key, error=f"file disappeared before it was read: {uri}")
+                yield Sample(key=key, error=f"file disappeared before it was read: {uri}",
+                             error_kind="missing_file")
             except OSError as exc:  # transient errors that outlasted the retries, access denied
-                yield Sample(key=key, error=str(exc))
+                yield Sample(key=key, error=str(exc), error_kind="storage")
     else:
         raise ValueError(f"unknown shard format {shard.format!r}")
 
@@ -199,6 +205,7 @@ def _sample_from_members(key: str, members: dict[str, bytes]) -> Sample:
     else:
         found = ", ".join("." + ext for ext in sorted(members)) or "nothing"
         sample.error = f"no image member for key {key!r} (found {found})"
+        sample.error_kind = "no_image"
     return sample
 
 
@@ -216,7 +223,9 @@ def _read_tar(fs, path: str, uri: str) -> Iterator[Sample]:
             if not info.isfile():
                 continue
             member_key, ext = _split_member_name(info.name)
-            if key is not None and member_key != key:
+            # A new key, or the same key again with a member it already has: a new sample
+            # (the duplicate key is flagged downstream instead of silently merged).
+            if key is not None and (member_key != key or ext in members):
                 yield _sample_from_members(key, members)
                 members = {}
             key = member_key
@@ -224,6 +233,13 @@ def _read_tar(fs, path: str, uri: str) -> Iterator[Sample]:
             members[ext] = extracted.read() if extracted is not None else b""
         if key is not None:
             yield _sample_from_members(key, members)
+        # tarfile takes a file that stops exactly between members for a complete one; every
+        # tar writer ends the archive with zero blocks, so their absence means a truncated shard.
+        end = f.seek(0, 2)
+        f.seek(max(0, end - 1024))
+        if end < 1024 or f.read(1024).strip(b"\0"):
+            raise DamagedShardError(f"{uri} ends without the tar end-of-archive marker: "
+                                    "the shard is truncated")
 
 
 def _read_parquet(fs, path: str, uri: str, image_column: str, key_column: str

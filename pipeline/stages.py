@@ -17,6 +17,7 @@ bbox        float32 (4,)         sidecar face box, NaN when none
 crop        float64 (3,)         square crop ``x0, y0, side`` in source pixels
 meta        str                  sidecar JSON ("" when none)
 error       str                  what went wrong ("" when fine)
+error_kind  str                  one of ``preprocess.ERROR_KINDS`` ("" when fine)
 pixels      uint8 (224, 224, 3)  the model input, zeros on error rows
 =========== ==================== ===============================================================
 
@@ -29,12 +30,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import tarfile
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict
 from typing import Any
 
 import numpy as np
 
+from pipeline.faults import FaultPlan
 from pipeline.model import IMAGENET_MEAN, IMAGENET_STD, INPUT_SIZE, NUM_LANDMARKS
 from pipeline.preprocess import (
     DEFAULT_MARGIN,
@@ -69,8 +72,21 @@ def empty_rows(n: int) -> dict[str, np.ndarray]:
         "crop": np.full((n, 3), np.nan, dtype=np.float64),
         "meta": np.full(n, "", dtype=object),
         "error": np.full(n, "", dtype=object),
+        "error_kind": np.full(n, "", dtype=object),
         "pixels": np.zeros((n, INPUT_SIZE, INPUT_SIZE, 3), dtype=np.uint8),
     }
+
+
+def _shard_error(exc: Exception, samples_read: int) -> Sample:
+    """The row that reports why a shard stopped; its kind says whether a rerun may help."""
+    if isinstance(exc, FileNotFoundError):
+        kind = "missing_file"
+    elif isinstance(exc, OSError) and not isinstance(exc, tarfile.TarError):
+        kind = "storage"
+    else:
+        kind = "shard_error"
+    error = f"shard error after {samples_read} samples: {exc.__class__.__name__}: {exc}"
+    return Sample(key="", error=error, error_kind=kind)
 
 
 class ShardReader:
@@ -84,6 +100,7 @@ class ShardReader:
         image_column: str = "image",
         key_column: str = "key",
         rows_per_batch: int = 32,
+        faults: str = "",
     ):
         self.storage_options = dict(storage_options or {})
         self.margin = margin
@@ -91,6 +108,7 @@ class ShardReader:
         self.image_column = image_column
         self.key_column = key_column
         self.rows_per_batch = rows_per_batch
+        self.faults = FaultPlan(faults)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
         for text in batch["shard"]:
@@ -100,6 +118,7 @@ class ShardReader:
         """Yield the shard's rows in order; the final row has ``last=True``."""
         pending: list[tuple[Sample, Any]] = []
         seq = 0
+        first_seen: dict[str, int] = {}
         samples = read_samples(shard, self.storage_options, self.image_column, self.key_column)
         while True:
             try:
@@ -107,10 +126,15 @@ class ShardReader:
             except StopIteration:
                 break
             except Exception as exc:  # the shard itself is broken: keep what came before
-                read = seq + len(pending)
-                error = f"shard error after {read} samples: {exc.__class__.__name__}: {exc}"
-                pending.append((Sample(key="", error=error), None))
+                pending.append((_shard_error(exc, seq + len(pending)), None))
                 break
+            position = seq + len(pending)
+            self.faults.at_read(shard.name, position)
+            if sample.key in first_seen and not sample.error:
+                sample.error = (f"duplicate key {sample.key!r}: first seen at row "
+                                f"{first_seen[sample.key]} of this shard")
+                sample.error_kind = "duplicate_key"
+            first_seen.setdefault(sample.key, position)
             pending.append((sample, self._prepare(sample)))
             if len(pending) > self.rows_per_batch:
                 # Hold one row back so the shard's final batch is never empty.
@@ -146,10 +170,13 @@ class ShardReader:
             if isinstance(bbox, (list, tuple)) and len(bbox) == 4:
                 with contextlib.suppress(TypeError, ValueError):  # bad boxes: error set below
                     out["bbox"][i] = np.asarray(bbox, dtype=np.float32)
-            if sample.error or sample.meta_error:
-                out["error"][i] = sample.error or sample.meta_error
+            if sample.error:
+                out["error"][i], out["error_kind"][i] = sample.error, sample.error_kind
+            elif sample.meta_error:
+                out["error"][i], out["error_kind"][i] = sample.meta_error, "bad_sidecar"
             elif isinstance(prepared, Exception):
                 out["error"][i] = str(prepared)
+                out["error_kind"][i] = getattr(prepared, "kind", "invalid")
             else:
                 pixels, width, height, crop = prepared
                 out["pixels"][i] = pixels
@@ -172,6 +199,7 @@ class LandmarkPredictor:
         storage_options: Mapping[str, Any] | None = None,
         device: str = "auto",
         num_threads: int | None = None,
+        faults: str = "",
     ):
         import torch
 
@@ -190,6 +218,8 @@ class LandmarkPredictor:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1)
+        self.faults = FaultPlan(faults)
+        self.batches = 0
 
     def forward(self, pixels: np.ndarray) -> np.ndarray:
         """uint8 NHWC pixels -> (N, 136) model outputs in [0, 1], float32."""
@@ -208,6 +238,8 @@ class LandmarkPredictor:
         return out.float().cpu().numpy()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.batches += 1
+        self.faults.at_predict(self.batches)
         out = {k: v for k, v in batch.items() if k != "pixels"}
         n = len(batch["key"])
         landmarks = np.full((n, NUM_LANDMARKS, 2), np.nan, dtype=np.float32)

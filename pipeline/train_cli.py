@@ -11,14 +11,16 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import asdict, fields
 
-from pipeline.cli import _storage_options
 from pipeline.evaluate import EvalConfig
-from pipeline.labels import ANNOTATIONS, SPLITS
+from pipeline.importer import ANNOTATIONS
+from pipeline.labels import SPLITS
 from pipeline.model import INIT_CHOICES
 from pipeline.preprocess import DEFAULT_MARGIN
 from pipeline.shards import FORMATS
-from pipeline.train import DEVICES, FinetuneConfig
+from pipeline.storage import parse_storage_options, resolve_storage_options
+from pipeline.train_config import DEVICES, FinetuneConfig
 from pipeline.train_loop import LOSSES, SCHEDULES
 
 FINETUNE_EPILOG = """\
@@ -34,44 +36,82 @@ checkpoint is exported to --export (default <storage-path>/<name>/model.pt), the
 """
 
 
+def _storage_options(text: str | None) -> dict:
+    # Not imported from pipeline.cli: that module mounts these subcommands (a circular import).
+    try:
+        return parse_storage_options(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _data_arguments(parser: argparse.ArgumentParser) -> None:
     data = parser.add_argument_group("labelled data")
     data.add_argument("--format", choices=FORMATS, default="auto", help="shard layout")
     data.add_argument("--image-column", default="image", help="Parquet: image bytes column")
     data.add_argument("--key-column", default="key", help="Parquet: sample key column")
-    data.add_argument("--margin", type=float, default=DEFAULT_MARGIN,
-                      help=f"face box grown by this fraction per side (default {DEFAULT_MARGIN}; "
-                           "keep it equal to the inference job's)")
-    data.add_argument("--val-fraction", type=float, default=0.05,
-                      help="share of keys (stable hash) held out for validation (default 0.05)")
-    data.add_argument("--storage-options", type=_storage_options, default={},
-                      help="fsspec options as JSON for every URI")
+    data.add_argument(
+        "--margin",
+        type=float,
+        default=DEFAULT_MARGIN,
+        help=f"face box grown by this fraction per side (default {DEFAULT_MARGIN}; "
+        "keep it equal to the inference job's)",
+    )
+    data.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.05,
+        help="share of keys (stable hash) held out for validation (default 0.05)",
+    )
+    data.add_argument(
+        "--storage-options",
+        type=_storage_options,
+        default={},
+        help="fsspec options as JSON (or @file.json), flat or keyed by protocol",
+    )
 
 
 def add_finetune_parser(subparsers) -> argparse.ArgumentParser:
     """The ``finetune`` subcommand: Ray Train fine-tuning that exports a model file."""
     p = subparsers.add_parser(
-        "finetune", help="fine-tune the landmark model on labelled shards (Ray Train)",
-        epilog=FINETUNE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        "finetune",
+        help="fine-tune the landmark model on labelled shards (Ray Train)",
+        epilog=FINETUNE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Fine-tune the VGG16 keypoint model with Ray Train (DDP), checkpoint to a "
-                    "storage path, resume by name, export the best model file.")
-    p.add_argument("--input", required=True, help="labelled shards (tar with landmarks in the "
-                   "sidecar, or Parquet), any fsspec URI")
-    p.add_argument("--val-input", help="separate validation shards (default: a hash split of "
-                   "--input)")
+        "storage path, resume by name, export the best model file.",
+    )
+    p.add_argument(
+        "--input",
+        required=True,
+        help="labelled shards (tar with landmarks in the sidecar, or Parquet), any fsspec URI",
+    )
+    p.add_argument(
+        "--val-input", help="separate validation shards (default: a hash split of --input)"
+    )
     p.add_argument("--storage-path", required=True, help="checkpoint root: local path, s3://...")
     p.add_argument("--name", required=True, help="run name; the same name resumes")
     p.add_argument("--export", help="model file URI (default <storage-path>/<name>/model.pt)")
     _data_arguments(p)
     model = p.add_argument_group("model and optimisation")
     model.add_argument("--weights", help="start from this model file")
-    model.add_argument("--init", choices=INIT_CHOICES, default="imagenet",
-                       help="without --weights: imagenet (downloads once) or random")
+    model.add_argument(
+        "--init",
+        choices=INIT_CHOICES,
+        default="imagenet",
+        help="without --weights: imagenet (downloads once) or random",
+    )
     model.add_argument("--seed", type=int, default=0)
-    model.add_argument("--freeze-features", action="store_true",
-                       help="train only the head; the conv backbone stays as initialised")
-    model.add_argument("--backbone-lr-mult", type=float, default=0.1,
-                       help="backbone learning rate = lr x this (default 0.1)")
+    model.add_argument(
+        "--freeze-features",
+        action="store_true",
+        help="train only the head; the conv backbone stays as initialised",
+    )
+    model.add_argument(
+        "--backbone-lr-mult",
+        type=float,
+        default=0.1,
+        help="backbone learning rate = lr x this (default 0.1)",
+    )
     model.add_argument("--epochs", type=int, default=10)
     model.add_argument("--batch-size", type=int, default=32, help="per worker (default 32)")
     model.add_argument("--lr", type=float, default=1e-3)
@@ -82,26 +122,39 @@ def add_finetune_parser(subparsers) -> argparse.ArgumentParser:
     aug.add_argument("--no-augment", action="store_true", help="turn every augmentation off")
     for flag, default, text in (
         ("--flip-prob", 0.5, "horizontal flip with the 68-point swap"),
-        ("--max-rotation", 20.0, "degrees"), ("--max-scale", 0.1, "crop scale 1 +- this"),
+        ("--max-rotation", 20.0, "degrees"),
+        ("--max-scale", 0.1, "crop scale 1 +- this"),
         ("--max-shift", 0.05, "crop shift, fraction of its side"),
         ("--colour-jitter", 0.3, "brightness/contrast/saturation 1 +- this"),
-        ("--blur-prob", 0.2, "share of blurred samples"), ("--max-blur", 1.5, "gaussian sigma"),
+        ("--blur-prob", 0.2, "share of blurred samples"),
+        ("--max-blur", 1.5, "gaussian sigma"),
         ("--context", 1.5, "training crops read this much larger than the model crop"),
     ):
         aug.add_argument(flag, type=float, default=default, help=f"{text} (default {default})")
     run = p.add_argument_group("execution")
     run.add_argument("--num-workers", type=int, default=1, help="Ray Train workers (DDP)")
-    run.add_argument("--device", choices=DEVICES, default="auto",
-                     help="auto: one GPU per worker when the cluster has GPUs")
+    run.add_argument(
+        "--device",
+        choices=DEVICES,
+        default="auto",
+        help="auto: one GPU per worker when the cluster has GPUs",
+    )
     run.add_argument("--cpus-per-worker", type=float, default=1.0)
     run.add_argument("--threads-per-worker", type=int, help="torch threads on CPU workers")
     run.add_argument("--reader-cpus", type=float, default=1.0, help="CPUs per read task")
-    run.add_argument("--cache", action="store_true",
-                     help="keep decoded crops in the Ray object store (when the data fits)")
+    run.add_argument(
+        "--cache",
+        action="store_true",
+        help="keep decoded crops in the Ray object store (when the data fits)",
+    )
     run.add_argument("--shuffle-buffer", type=int, default=256, help="rows, per worker")
     run.add_argument("--keep-best", type=int, default=3, help="checkpoints kept, by val NME")
-    run.add_argument("--max-failures", type=int, default=2,
-                     help="worker-group restarts from the last checkpoint (default 2)")
+    run.add_argument(
+        "--max-failures",
+        type=int,
+        default=2,
+        help="worker-group restarts from the last checkpoint (default 2)",
+    )
     run.add_argument("--ray-address", help="Ray cluster (default: RAY_ADDRESS, else local Ray)")
     run.add_argument("--fail-at-step", type=int, help=argparse.SUPPRESS)  # fault injection
     p.set_defaults(run=run_finetune)
@@ -110,21 +163,22 @@ def add_finetune_parser(subparsers) -> argparse.ArgumentParser:
 
 def finetune_config(args: argparse.Namespace) -> FinetuneConfig:
     """The frozen config of the parsed ``finetune`` arguments."""
-    from dataclasses import asdict, fields
-
     from pipeline.augment import AugmentConfig
 
     if args.no_augment:
         augment = asdict(AugmentConfig.none())
     else:
         augment = {f.name: getattr(args, f.name) for f in fields(AugmentConfig)}
-    names = ("input", "val_input", "storage_path", "name", "export", "format", "image_column",
-             "key_column", "margin", "val_fraction", "weights", "init", "seed", "freeze_features",
-             "backbone_lr_mult", "epochs", "batch_size", "lr", "weight_decay", "loss",
-             "lr_schedule", "context", "num_workers", "device", "cpus_per_worker",
-             "threads_per_worker", "reader_cpus", "cache", "shuffle_buffer", "keep_best",
-             "max_failures", "ray_address", "fail_at_step", "storage_options")
-    return FinetuneConfig(augment=augment, **{n: getattr(args, n) for n in names})
+    # Every config field that has an option of the same name comes from it; the rest default.
+    values = {
+        f.name: getattr(args, f.name) for f in fields(FinetuneConfig) if hasattr(args, f.name)
+    }
+    values["storage_options"] = resolve_storage_options(
+        args.storage_options,
+        [args.input, args.val_input, args.storage_path, args.export, args.weights],
+    )
+    values["augment"] = augment
+    return FinetuneConfig(**values)
 
 
 def run_finetune(args: argparse.Namespace) -> int:
@@ -132,25 +186,33 @@ def run_finetune(args: argparse.Namespace) -> int:
 
     summary = main(finetune_config(args))
     best = summary.best
-    print(f"summary: best epoch {best['epoch']}, val NME {100 * best['val_nme']:.2f} % -> "
-          f"{summary.export} (model {summary.model_version}); run in {summary.run_dir}")
+    print(
+        f"summary: best epoch {best['epoch']}, val NME {100 * best['val_nme']:.2f} % -> "
+        f"{summary.export} (model {summary.model_version}); run in {summary.run_dir}"
+    )
     return 0
 
 
 def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
     """The ``evaluate`` subcommand: NME, failure rate, AUC, per region; JSON + CED PNG."""
     p = subparsers.add_parser(
-        "evaluate", help="score a model file or inference output against labelled shards",
+        "evaluate",
+        help="score a model file or inference output against labelled shards",
         description="Inter-ocular NME (points 36, 45), failure rate and AUC at a threshold, NME "
-                    "per region; writes a JSON report and a CED curve PNG.")
+        "per region; writes a JSON report and a CED curve PNG.",
+    )
     p.add_argument("--labels", required=True, help="labelled shards, any fsspec URI")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--weights", help="model file to run on the labelled crops")
     source.add_argument("--predictions", help="Parquet output of the inference job")
     p.add_argument("--output", required=True, help="report JSON URI")
     p.add_argument("--ced", help="CED plot PNG URI (default: the report path with .png)")
-    p.add_argument("--split", choices=SPLITS, default="all",
-                   help="score only the hash split of the fine-tuning job (with --val-fraction)")
+    p.add_argument(
+        "--split",
+        choices=SPLITS,
+        default="all",
+        help="score only the hash split of the fine-tuning job (with --val-fraction)",
+    )
     p.add_argument("--threshold", type=float, default=0.08, help="failure / AUC threshold")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", choices=DEVICES, default="auto")
@@ -162,10 +224,11 @@ def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
 def run_evaluate(args: argparse.Namespace) -> int:
     from pipeline.evaluate import main, report_line
 
-    names = ("labels", "output", "weights", "predictions", "ced", "split", "val_fraction",
-             "format", "image_column", "key_column", "margin", "batch_size", "device",
-             "threshold", "storage_options")
-    report = main(EvalConfig(**{n: getattr(args, n) for n in names}))
+    values = {f.name: getattr(args, f.name) for f in fields(EvalConfig) if hasattr(args, f.name)}
+    values["storage_options"] = resolve_storage_options(
+        args.storage_options, [args.labels, args.weights, args.predictions, args.output, args.ced]
+    )
+    report = main(EvalConfig(**values))
     print(f"summary: {report_line(report)} -> {args.output}")
     return 0
 
@@ -173,13 +236,20 @@ def run_evaluate(args: argparse.Namespace) -> int:
 def add_import_pts_parser(subparsers) -> argparse.ArgumentParser:
     """The ``import-pts`` subcommand: a folder of images + .pts files -> labelled tar shards."""
     p = subparsers.add_parser(
-        "import-pts", help="turn images with 300-W .pts annotations into labelled tar shards",
+        "import-pts",
+        help="turn images with 300-W .pts annotations into labelled tar shards",
         description="For 300-W, HELEN, LFPW, AFW, iBUG or your own data: every image beside a "
-                    "same-named .pts (or .json with 'landmarks') file becomes a labelled sample.")
+        "same-named .pts (or .json with 'landmarks') file becomes a labelled sample.",
+    )
     p.add_argument("--input", required=True, help="folder, searched recursively")
     p.add_argument("--output", required=True, help="folder/prefix for part-NNNNN.tar")
-    p.add_argument("--origin", type=int, choices=(0, 1), required=True,
-                   help="1: the files count pixels from 1 (300-W and its parts); 0: from 0")
+    p.add_argument(
+        "--origin",
+        type=int,
+        choices=(0, 1),
+        required=True,
+        help="1: the files count pixels from 1 (300-W and its parts); 0: from 0",
+    )
     p.add_argument("--annotation", choices=ANNOTATIONS, default="pts")
     p.add_argument("--per-shard", type=int, default=1000)
     p.add_argument("--storage-options", type=_storage_options, default={})
@@ -188,14 +258,18 @@ def add_import_pts_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run_import_pts(args: argparse.Namespace) -> int:
-    from pipeline.labels import import_annotated_folder
+    from pipeline.importer import import_annotated_folder
 
-    summary = import_annotated_folder(args.input, args.output, args.origin, args.annotation,
-                                      args.per_shard, args.storage_options)
+    options = resolve_storage_options(args.storage_options, [args.input, args.output])
+    summary = import_annotated_folder(
+        args.input, args.output, args.origin, args.annotation, args.per_shard, options
+    )
     for path, reason in summary.skipped:
         print(f"skipped {path}: {reason}", file=sys.stderr)
-    print(f"summary: {summary.samples} labelled samples in {len(summary.shards)} shard(s) under "
-          f"{args.output}, {len(summary.skipped)} skipped")
+    print(
+        f"summary: {summary.samples} labelled samples in {len(summary.shards)} shard(s) under "
+        f"{args.output}, {len(summary.skipped)} skipped"
+    )
     return 0 if summary.samples else 2
 
 

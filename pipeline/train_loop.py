@@ -74,8 +74,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, kind: str, epochs: int):
         raise ValueError(f"lr schedule must be one of {SCHEDULES}, got {kind!r}")
     if kind == "constant":
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
-    return torch.optim.lr_scheduler.CosineAnnealingLR(
-        optimizer, T_max=max(epochs, 1), eta_min=0.0)
+    return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(epochs, 1), eta_min=0.0)
 
 
 @dataclass
@@ -200,9 +199,16 @@ def validate(
         errors = point_errors(pred, batch["landmarks"][mine.to(batch["landmarks"].device)].cpu())
         nmes = errors.mean(1)
         regions = [errors[:, a:b].mean(1).sum() for a, b in REGIONS.values()]
-        sums += torch.tensor([len(nmes), nmes.sum(), (nmes > threshold).sum(),
-                              np.clip(threshold - nmes, 0, None).sum() / threshold, *regions],
-                             dtype=torch.float64)
+        sums += torch.tensor(
+            [
+                len(nmes),
+                nmes.sum(),
+                (nmes > threshold).sum(),
+                np.clip(threshold - nmes, 0, None).sum() / threshold,
+                *regions,
+            ],
+            dtype=torch.float64,
+        )
     return sums.to(device)
 
 
@@ -214,7 +220,8 @@ def validation_metrics(sums: torch.Tensor, threshold: float = DEFAULT_THRESHOLD)
         raise ValueError("the validation set is empty: raise --val-fraction or pass --val-input")
     metrics = {"val_samples": int(count)}
     for name, total in values.items():
-        key = {"failures": f"val_failure_rate@{threshold:g}",
-               "auc": f"val_auc@{threshold:g}"}.get(name, f"val_{name}")
+        key = {"failures": f"val_failure_rate@{threshold:g}", "auc": f"val_auc@{threshold:g}"}.get(
+            name, f"val_{name}"
+        )
         metrics[key] = total / count
     return metrics

@@ -34,17 +34,39 @@ def _png(image: Image.Image) -> bytes:
 def _batch(sample: Sample, context: float = CONTEXT):
     """One sample through the training reader, as the tensors a worker receives."""
     _, pixels, uv, pixel_uv, _ = LabelledReader(context=context).prepare(sample)
-    return (torch.from_numpy(pixels.copy())[None], torch.from_numpy(uv)[None],
-            torch.tensor([pixel_uv]))
+    return (
+        torch.from_numpy(pixels.copy())[None],
+        torch.from_numpy(uv)[None],
+        torch.tensor([pixel_uv]),
+    )
 
 
 def test_flip_permutation_is_an_involution_with_the_ibug_pairs():
     perm = np.asarray(FLIP_PERMUTATION)
     assert sorted(perm.tolist()) == list(range(68))
     assert (perm[perm] == np.arange(68)).all()
-    pairs = [(0, 16), (3, 13), (17, 26), (21, 22), (31, 35), (32, 34), (36, 45), (37, 44),
-             (38, 43), (39, 42), (40, 47), (41, 46), (48, 54), (49, 53), (50, 52), (55, 59),
-             (56, 58), (60, 64), (61, 63), (65, 67)]
+    pairs = [
+        (0, 16),
+        (3, 13),
+        (17, 26),
+        (21, 22),
+        (31, 35),
+        (32, 34),
+        (36, 45),
+        (37, 44),
+        (38, 43),
+        (39, 42),
+        (40, 47),
+        (41, 46),
+        (48, 54),
+        (49, 53),
+        (50, 52),
+        (55, 59),
+        (56, 58),
+        (60, 64),
+        (61, 63),
+        (65, 67),
+    ]
     for a, b in pairs:
         assert perm[a] == b and perm[b] == a, (a, b)
     for fixed in (8, 27, 28, 29, 30, 33, 51, 57, 62, 66):  # points on the face's axis
@@ -102,11 +124,13 @@ def test_random_warps_keep_every_label_on_its_dot():
     yy, xx = np.mgrid[0:400, 0:400]
     dots = sum(np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * 1.5**2)) for x, y in points)
     grey = (np.clip(dots, 0, 1) * 255).round().astype(np.uint8)
-    sample = Sample("dots", _png(Image.fromarray(np.stack([grey] * 3, -1))),
-                    {"landmarks": points.tolist()})
+    sample = Sample(
+        "dots", _png(Image.fromarray(np.stack([grey] * 3, -1))), {"landmarks": points.tolist()}
+    )
     pixels, uv, pixel_uv = _batch(sample)
-    cfg = AugmentConfig(flip_prob=0.5, max_rotation=30, max_scale=0.2, max_shift=0.1,
-                        colour_jitter=0, blur_prob=0)
+    cfg = AugmentConfig(
+        flip_prob=0.5, max_rotation=30, max_scale=0.2, max_shift=0.1, colour_jitter=0, blur_prob=0
+    )
     flips = 0
     for seed in range(6):
         params = sample_params(1, cfg, torch.Generator().manual_seed(seed))
@@ -129,9 +153,11 @@ def test_colour_and_blur_change_pixels_not_labels():
     image, points, bbox = render_face(np.random.default_rng(6), (200, 160))
     pixels, uv, pixel_uv = _batch(Sample("f", _png(image), {"landmarks": points.tolist()}))
     params = identity_params(1)
-    params.update(brightness=torch.tensor([1.2], dtype=torch.float64),
-                  saturation=torch.tensor([0.5], dtype=torch.float64),
-                  blur=torch.tensor([1.2], dtype=torch.float64))
+    params.update(
+        brightness=torch.tensor([1.2], dtype=torch.float64),
+        saturation=torch.tensor([0.5], dtype=torch.float64),
+        blur=torch.tensor([1.2], dtype=torch.float64),
+    )
     plain_images, plain = augment_batch(pixels, uv, pixel_uv, identity_params(1), CONTEXT)
     images, targets = augment_batch(pixels, uv, pixel_uv, params, CONTEXT)
     assert torch.equal(plain, targets)

@@ -49,7 +49,8 @@ def test_cli_job_with_preview(ray_session, weights_file, tmp_path, capsys):
                  "--weights", weights_file[0], "--preview", str(preview)])
     assert code == 0
     printed = capsys.readouterr().out
-    assert re.search(r"summary: 2 samples in 1 shards, 0 errors, .* images/s", printed)
+    assert re.search(r"summary: 2 samples in 1 shards \(0 already done\), 0 errors, .* "
+                     r"images/s .* \[OK\]", printed)
     assert pq.read_table(tmp_path / "out" / "part-faces-00000.parquet").num_rows == 2
     assert preview.stat().st_size > 1000 and "meaningless" not in printed
 

@@ -12,13 +12,12 @@ import pyarrow.parquet as pq
 import pytest
 from helpers import DATA, real_photo, sidecar, tar_members, write_tar
 
+from pipeline.importer import import_annotated_folder, parse_pts
 from pipeline.labels import (
     LabelledReader,
     bbox_from_landmarks,
-    import_annotated_folder,
     key_hash,
     parse_landmarks,
-    parse_pts,
     split_of,
 )
 from pipeline.preprocess import SampleError
@@ -45,8 +44,11 @@ def test_split_is_a_stable_hash_of_the_key():
 def test_parse_landmarks_refuses_bad_labels():
     good = np.asarray(_labels("takeo"))
     assert parse_landmarks(good.tolist()).shape == (68, 2)
-    for bad, message in ((None, "no landmarks"), (good[:5].tolist(), "shape"),
-                         ([["a", "b"]] * 68, "number pairs")):
+    for bad, message in (
+        (None, "no landmarks"),
+        (good[:5].tolist(), "shape"),
+        ([["a", "b"]] * 68, "number pairs"),
+    ):
         with pytest.raises(SampleError, match=message):
             parse_landmarks(bad)
     nan = good.copy()
@@ -62,14 +64,20 @@ def test_parse_landmarks_refuses_bad_labels():
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("labelled")
-    write_sample_archive(str(root), num_shards=1, samples_per_shard=3, seed=2,
-                         image_size=(160, 120))
+    write_sample_archive(
+        str(root), num_shards=1, samples_per_shard=3, seed=2, image_size=(160, 120)
+    )
     data, meta = real_photo("takeo.ppm")
     no_box = {"landmarks": meta["landmarks"]}
-    write_tar(root / "faces-00001.tar", [
-        ("takeo.ppm", data), ("takeo.json", sidecar(no_box)),
-        ("nolabel.ppm", data), ("nolabel.json", sidecar({"bbox": meta["bbox"]})),
-    ])
+    write_tar(
+        root / "faces-00001.tar",
+        [
+            ("takeo.ppm", data),
+            ("takeo.json", sidecar(no_box)),
+            ("nolabel.ppm", data),
+            ("nolabel.json", sidecar({"bbox": meta["bbox"]})),
+        ],
+    )
     return root
 
 
@@ -105,16 +113,19 @@ def test_reader_uses_the_landmark_extent_without_a_bbox_and_skips_unlabelled(arc
 
 def test_reader_splits_train_and_val_by_key(archive):
     shard = list_shards(str(archive / "faces-00000.tar"))[0]
-    keys = {s: [k for b in LabelledReader(split=s, val_fraction=0.5).read(shard)
-                for k in b["key"]] for s in ("train", "val")}
+    keys = {
+        s: [k for b in LabelledReader(split=s, val_fraction=0.5).read(shard) for k in b["key"]]
+        for s in ("train", "val")
+    }
     assert sorted(keys["train"] + keys["val"]) == [s.key for s in read_samples(shard)]
     assert all(split_of(k, 0.5) == "val" for k in keys["val"])
 
 
 def test_reader_reads_labelled_parquet(tmp_path):
     data, meta = real_photo("breakingbad.jpg")
-    table = pa.table({"key": ["bb"], "image": [data], "landmarks": [meta["landmarks"]],
-                      "bbox": [meta["bbox"]]})
+    table = pa.table(
+        {"key": ["bb"], "image": [data], "landmarks": [meta["landmarks"]], "bbox": [meta["bbox"]]}
+    )
     pq.write_table(table, tmp_path / "labelled.parquet")
     rows = next(LabelledReader().read(list_shards(str(tmp_path))[0]))
     x0, y0, side = rows["crop"][0]
@@ -144,8 +155,10 @@ def test_pts_importer_reads_the_shared_faces_annotations(tmp_path, origin):
     summary = import_annotated_folder(str(source), str(tmp_path / "out"), origin, per_shard=1)
     assert summary.samples == 2 and len(summary.shards) == 2
     assert sorted(Path(p).name for p, _ in summary.skipped) == ["broken.pts", "unlabelled.jpg"]
-    members = {**tar_members(tmp_path / "out" / "part-00000.tar"),
-               **tar_members(tmp_path / "out" / "part-00001.tar")}
+    members = {
+        **tar_members(tmp_path / "out" / "part-00000.tar"),
+        **tar_members(tmp_path / "out" / "part-00001.tar"),
+    }
     assert members["indoor/takeo.ppm"] == (DATA / "takeo.ppm").read_bytes()
     for key, name in (("indoor/takeo", "takeo"), ("breakingbad", "breakingbad")):
         meta = json.loads(members[f"{key}.json"])
@@ -154,12 +167,13 @@ def test_pts_importer_reads_the_shared_faces_annotations(tmp_path, origin):
     # The imported shards are labelled data for the reader as they are.
     shards = list_shards(str(tmp_path / "out"))
     assert [k for s in shards for b in LabelledReader().read(s) for k in b["key"]] == [
-        "breakingbad", "indoor/takeo"]
+        "breakingbad",
+        "indoor/takeo",
+    ]
 
 
 def test_json_annotations_import_too(tmp_path):
-    summary = import_annotated_folder(str(DATA), str(tmp_path / "out"), origin=0,
-                                      annotation="json")
+    summary = import_annotated_folder(str(DATA), str(tmp_path / "out"), origin=0, annotation="json")
     assert summary.samples == 2 and not summary.skipped
     members = tar_members(tmp_path / "out" / "part-00000.tar")
     assert json.loads(members["takeo.json"])["landmarks"] == _labels("takeo")
@@ -172,3 +186,21 @@ def test_parse_pts_refuses_malformed_files():
         parse_pts("1 2\n3 4\n", 1)
     with pytest.raises(ValueError, match="origin must be 0 or 1"):
         import_annotated_folder(str(DATA), "/tmp/unused", origin=2)
+
+
+def test_import_pts_command(tmp_path, capsys):
+    from pipeline.train_cli import main_import_pts
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "takeo.ppm").write_bytes((DATA / "takeo.ppm").read_bytes())
+    _write_pts(tmp_path / "in" / "takeo.pts", _labels("takeo"), 1)
+    code = main_import_pts(
+        ["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--origin", "1"]
+    )
+    assert code == 0 and "1 labelled samples in 1 shard(s)" in capsys.readouterr().out
+    meta = json.loads(tar_members(tmp_path / "out" / "part-00000.tar")["takeo.json"])
+    assert meta["landmarks"] == _labels("takeo")
+    assert (
+        main_import_pts(["--input", str(tmp_path / "nowhere"), "--output", "x", "--origin", "1"])
+        == 2
+    )
