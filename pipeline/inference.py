@@ -108,6 +108,8 @@ class Summary:
     output: str
     files: list[str]
     skipped_shards: int = 0
+    skipped_rows: int = 0
+    skipped_errors: int = 0
     errors_by_kind: dict[str, int] = field(default_factory=dict)
     failed_shards: list[str] = field(default_factory=list)
     max_error_fraction: float = 0.01
@@ -118,8 +120,10 @@ class Summary:
 
     @property
     def failed(self) -> bool:
-        """A shard stopped part-way, or too large a share of the samples failed."""
-        fraction = self.errors / self.samples if self.samples else 0.0
+        """A shard stopped part-way, or too large a share of the output's rows (this run's and
+        the skipped shards') are errors."""
+        rows = self.samples + self.skipped_rows
+        fraction = (self.errors + self.skipped_errors) / rows if rows else 0.0
         return bool(self.failed_shards) or fraction > self.max_error_fraction
 
     def line(self) -> str:
@@ -212,7 +216,9 @@ def run_inference(cfg: InferConfig) -> Summary:
 
     by_name = {s.name: s for s in shards}
     summary = Summary(len(shards), 0, 0, 0.0, model_info.version, output, [],
-                      skipped_shards=len(done), max_error_fraction=cfg.max_error_fraction)
+                      skipped_shards=len(done), max_error_fraction=cfg.max_error_fraction,
+                      skipped_rows=sum(r["rows"] for r in done.values()),
+                      skipped_errors=sum(r["errors"] for r in done.values()))
     per_shard: dict[str, dict[str, int]] = {}
 
     def commit(name: str, rows: dict[str, np.ndarray]) -> None:
