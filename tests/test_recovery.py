@@ -1,0 +1,132 @@
+"""Dying processes and resumed runs: the output ends up exactly as one clean run's."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.inference import InferConfig, run_inference
+from pipeline.model import load_model, save_model
+from pipeline.synthetic import write_sample_archive
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARDS, PER_SHARD = 4, 2
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory):
+    root = tmp_path_factory.mktemp("recovery")
+    write_sample_archive(str(root / "in"), SHARDS, PER_SHARD, seed=21, image_size=(96, 72))
+    return root
+
+
+def _cfg(archive, output, weights, **kw):
+    return InferConfig(input=str(archive / "in"), output=str(output), weights=weights,
+                       batch_size=2, **kw)
+
+
+def _output(folder: Path) -> dict:
+    return {p.name: pq.read_table(p) for p in sorted(folder.glob("*.parquet"))}
+
+
+@pytest.fixture(scope="module")
+def clean(ray_session, archive, weights_file):
+    """One uninterrupted run: the reference every recovered run must equal."""
+    summary = run_inference(_cfg(archive, archive / "clean", weights_file[0]))
+    assert (summary.samples, summary.errors) == (SHARDS * PER_SHARD, 0)
+    return _output(archive / "clean")
+
+
+def _assert_same_output(folder: Path, clean: dict) -> None:
+    got = _output(folder)
+    assert list(got) == list(clean)
+    for name, table in got.items():
+        assert table.equals(clean[name]), name
+    keys = [k for t in got.values() for k in t.column("key").to_pylist()]
+    assert len(keys) == len(set(keys)) == SHARDS * PER_SHARD  # every sample exactly once
+
+
+def test_predictor_process_killed_mid_batch(ray_session, archive, weights_file, clean, tmp_path):
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    summary = run_inference(_cfg(archive, tmp_path / "out", weights_file[0],
+                                 faults=f"dir={marks};predict=2"))
+    assert (marks / "predict-2").exists()  # the actor really died in its 2nd batch
+    assert (summary.samples, summary.errors) == (SHARDS * PER_SHARD, 0)
+    _assert_same_output(tmp_path / "out", clean)
+
+
+def test_read_task_process_dies(ray_session, archive, weights_file, clean, tmp_path):
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    summary = run_inference(_cfg(archive, tmp_path / "out", weights_file[0],
+                                 faults=f"dir={marks};read=faces-00002@1"))
+    assert (marks / "read-faces-00002-1").exists()
+    assert (summary.samples, summary.errors) == (SHARDS * PER_SHARD, 0)
+    _assert_same_output(tmp_path / "out", clean)
+
+
+def test_rerun_skips_done_shards_and_redoes_changed_ones(ray_session, archive, weights_file,
+                                                          clean, tmp_path):
+    out = tmp_path / "out"
+    run_inference(_cfg(archive, out, weights_file[0]))
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("*.parquet")}
+    again = run_inference(_cfg(archive, out, weights_file[0]))
+    assert (again.skipped_shards, again.samples, again.files) == (SHARDS, 0, [])
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.parquet")} == stamps
+
+    # One input shard rewritten (same content, new mtime: its fingerprint changes).
+    shard = archive / "in" / "faces-00001.tar"
+    os.utime(shard, (time.time() + 5, time.time() + 5))
+    third = run_inference(_cfg(archive, out, weights_file[0]))
+    assert third.files == [f"{out}/part-faces-00001.parquet"] and third.skipped_shards == 3
+    _assert_same_output(out, clean)
+
+    forced = run_inference(_cfg(archive, out, weights_file[0], force=True))
+    assert forced.skipped_shards == 0 and len(forced.files) == SHARDS
+
+
+def test_another_model_redoes_everything(ray_session, archive, weights_file, tmp_path):
+    out = tmp_path / "out"
+    run_inference(_cfg(archive, out, weights_file[0]))
+    other, _ = load_model(init="random", seed=99)
+    other_file = str(tmp_path / "other.pt")
+    version = save_model(other, other_file)
+    summary = run_inference(_cfg(archive, out, other_file))
+    assert summary.skipped_shards == 0 and summary.samples == SHARDS * PER_SHARD
+    assert {v for t in _output(out).values() for v in t.column("model_version").to_pylist()} \
+        == {version}
+
+
+def test_killed_driver_then_rerun_equals_one_clean_run(ray_session, archive, weights_file,
+                                                        clean, tmp_path):
+    """The driver (a separate process on the same Ray cluster) is SIGKILLed after its first
+    shard is committed; the rerun redoes only the rest and the output equals a clean run."""
+    out = tmp_path / "out"
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    driver = subprocess.Popen(
+        [sys.executable, "jobs/infer.py", "--input", str(archive / "in"), "--output", str(out),
+         "--weights", weights_file[0], "--batch-size", "2"],
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not list((out / "_done").glob("*.json")) if (out / "_done").exists() else True:
+        assert driver.poll() is None, "the driver ended before it could be killed"
+        assert time.time() < deadline, "no shard was committed in time"
+        time.sleep(0.05)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    committed = sorted(p.name for p in (out / "_done").glob("*.json"))
+    assert 1 <= len(committed) < SHARDS
+
+    summary = run_inference(_cfg(archive, out, weights_file[0]))
+    assert summary.skipped_shards == len(committed)
+    assert summary.samples == (SHARDS - len(committed)) * PER_SHARD
+    _assert_same_output(out, clean)
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
