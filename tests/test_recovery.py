@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -9,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
@@ -130,3 +132,24 @@ def test_killed_driver_then_rerun_equals_one_clean_run(ray_session, archive, wei
     assert summary.samples == (SHARDS - len(committed)) * PER_SHARD
     _assert_same_output(out, clean)
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
+
+
+def test_worker_node_removed_during_the_run(archive, weights_file, clean, tmp_path):
+    """A head and two worker nodes (ray.cluster_utils.Cluster, in its own process so it does
+    not meet this session's Ray); one worker node is removed after the first shard commits."""
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [sys.executable, "tests/node_loss_job.py", str(archive / "in"), str(out),
+         weights_file[0]], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert done.returncode == 0 and lines, done.stderr[-3000:]
+    result = json.loads(lines[0][len("RESULT "):])
+    assert result["samples"] == SHARDS * PER_SHARD and result["errors"] == 0
+    assert 1 <= result["removed_node_after_shards"] < SHARDS and result["alive_nodes"] == 2
+    got = _output(out)
+    assert list(got) == list(clean)
+    for name, table in got.items():
+        assert table.column("key").equals(clean[name].column("key")), name
+        np.testing.assert_allclose(np.asarray(table.column("landmarks").to_pylist()),
+                                   np.asarray(clean[name].column("landmarks").to_pylist()),
+                                   atol=1e-4)
