@@ -122,3 +122,20 @@ def test_collector_completes_shards_from_out_of_order_batches():
     assert collector.unfinished() == ["b"]
     done = collector.add(part("b", [2]))
     assert done[0][1]["seq"].tolist() == [0, 1, 2, 3] and collector.unfinished() == []
+
+
+def test_collector_keeps_each_row_position_once():
+    """A retried read task may deliver rows already delivered: they must not be doubled."""
+    def part(seqs, last_seq=None):
+        seqs = np.asarray(seqs)
+        return {"shard_name": np.asarray(["s"] * len(seqs), dtype=object), "seq": seqs,
+                "last": seqs == last_seq, "value": seqs * 10}
+
+    collector = _ShardCollector()
+    assert collector.add(part([0, 1])) == []
+    assert collector.add(part([0, 1, 2], last_seq=2)) != []  # the retry re-sends 0 and 1
+    assert collector.unfinished() == []
+    collector = _ShardCollector()
+    collector.add(part([0, 1]))
+    (name, rows), = collector.add(part([1, 2], last_seq=2))
+    assert rows["seq"].tolist() == [0, 1, 2] and rows["value"].tolist() == [0, 10, 20]
