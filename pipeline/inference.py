@@ -8,7 +8,6 @@ appears while the job runs and a shard's file is never written twice in one run.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -22,6 +21,7 @@ import numpy as np
 from pipeline.model import load_model
 from pipeline.output import output_file_name, rows_to_table, write_table_atomic
 from pipeline.preprocess import DEFAULT_MARGIN, DEFAULT_MAX_PIXELS
+from pipeline.report import Summary, write_manifest
 from pipeline.resume import (
     SHARD_FAILURE_KINDS,
     completed_shards,
@@ -31,7 +31,6 @@ from pipeline.resume import (
 )
 from pipeline.shards import Shard, list_shards
 from pipeline.stages import LandmarkPredictor, ShardReader, empty_rows, encode_shard
-from pipeline.storage import write_bytes
 
 log = logging.getLogger("pipeline")
 
@@ -93,46 +92,6 @@ class InferConfig:
         data["storage_options"] = sorted(self.storage_options)
         data.pop("faults")
         return data
-
-
-@dataclass
-class Summary:
-    """What a run did. ``samples``/``errors`` count this run's rows; skipped shards were
-    complete from an earlier run with the same model and settings."""
-
-    shards: int
-    samples: int
-    errors: int
-    seconds: float
-    model_version: str
-    output: str
-    files: list[str]
-    skipped_shards: int = 0
-    skipped_rows: int = 0
-    skipped_errors: int = 0
-    errors_by_kind: dict[str, int] = field(default_factory=dict)
-    failed_shards: list[str] = field(default_factory=list)
-    max_error_fraction: float = 0.01
-
-    @property
-    def images_per_s(self) -> float:
-        return (self.samples - self.errors) / self.seconds if self.seconds > 0 else 0.0
-
-    @property
-    def failed(self) -> bool:
-        """A shard stopped part-way, or too large a share of the output's rows (this run's and
-        the skipped shards') are errors."""
-        rows = self.samples + self.skipped_rows
-        fraction = (self.errors + self.skipped_errors) / rows if rows else 0.0
-        return bool(self.failed_shards) or fraction > self.max_error_fraction
-
-    def line(self) -> str:
-        kinds = ", ".join(f"{k}: {v}" for k, v in sorted(self.errors_by_kind.items()))
-        return (f"{self.samples} samples in {self.shards - self.skipped_shards} shards "
-                f"({self.skipped_shards} already done), {self.errors} errors"
-                f"{f' ({kinds})' if kinds else ''}, {self.seconds:.1f} s, "
-                f"{self.images_per_s:.1f} images/s (model {self.model_version}) -> {self.output}"
-                f" [{'FAILED' if self.failed else 'OK'}]")
 
 
 def ensure_ray(address: str | None = None) -> None:
@@ -264,7 +223,8 @@ def run_inference(cfg: InferConfig) -> Summary:
 
     summary.seconds = time.time() - started
     summary.files.sort()
-    _write_manifest(cfg, summary, per_shard, done, start_iso)
+    write_manifest(cfg.public_dict(), summary, per_shard, done, start_iso,
+                   cfg.storage_options)
     return summary
 
 
@@ -326,26 +286,3 @@ def _no_rows() -> dict[str, np.ndarray]:
     rows["landmarks"] = np.zeros((0, 68, 2), np.float32)
     rows["model_version"] = np.empty(0, dtype=object)
     return rows
-
-
-def _write_manifest(cfg: InferConfig, summary: Summary, per_shard: dict, skipped: dict,
-                    start: str) -> None:
-    manifest = {
-        "config": cfg.public_dict(),
-        "model_version": summary.model_version,
-        "started": start,
-        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "status": "failed" if summary.failed else "ok",
-        "shards": summary.shards,
-        "shards_skipped": sorted(skipped),
-        "samples": summary.samples,
-        "errors": summary.errors,
-        "errors_by_kind": summary.errors_by_kind,
-        "failed_shards": summary.failed_shards,
-        "per_shard": per_shard,
-        "seconds": round(summary.seconds, 3),
-        "images_per_s": round(summary.images_per_s, 3),
-        "files": summary.files,
-    }
-    write_bytes(f"{summary.output}/_manifest.json", json.dumps(manifest, indent=2).encode(),
-                cfg.storage_options)
