@@ -12,7 +12,8 @@ from pipeline.inference import DEVICES, InferConfig
 from pipeline.model import INIT_CHOICES
 from pipeline.preprocess import DEFAULT_MARGIN, DEFAULT_MAX_PIXELS
 from pipeline.shards import FORMATS
-from pipeline.storage import parse_storage_options, resolve_storage_options
+from pipeline.storage import resolve_storage_options, storage_options_arg
+from pipeline.train_cli import add_evaluate_parser, add_finetune_parser, add_import_pts_parser
 
 DEMO_DIR = Path("sample-data")
 DEMO_SHARDS, DEMO_PER_SHARD = 4, 16
@@ -33,11 +34,6 @@ samples have errors (see the error and error_kind columns); 2 bad arguments or i
 """
 
 
-def _storage_options(text: str | None) -> dict:
-    try:
-        return parse_storage_options(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def add_infer_arguments(parser: argparse.ArgumentParser) -> None:
@@ -52,7 +48,7 @@ def add_infer_arguments(parser: argparse.ArgumentParser) -> None:
     io.add_argument("--key-column", default="key", help="Parquet: sample key column")
     io.add_argument("--files-per-shard", type=int, default=256,
                     help="loose images: files per output file (default 256)")
-    io.add_argument("--storage-options", type=_storage_options, default={},
+    io.add_argument("--storage-options", type=storage_options_arg, default={},
                     help='fsspec options as JSON, e.g. \'{"endpoint_url": "http://..."}\', '
                          'or @file.json; per store: \'{"s3": {...}, "gs": {...}}\'. '
                          "AWS_ENDPOINT_URL, AWS_PROFILE and AWS_REGION are read too")
@@ -161,8 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--width", type=int, default=320)
     generate.add_argument("--height", type=int, default=240)
     generate.add_argument("--seed", type=int, default=0)
-    generate.add_argument("--storage-options", type=_storage_options, default={})
+    generate.add_argument("--storage-options", type=storage_options_arg, default={})
     generate.set_defaults(run=run_generate)
+    add_finetune_parser(commands)
+    add_evaluate_parser(commands)
+    add_import_pts_parser(commands)
     return parser
 
 

@@ -122,9 +122,11 @@ def _with_predictions(cfg: EvalConfig, shards: list[Shard]):
     from pipeline.storage import filesystem
 
     fs, root = filesystem(cfg.predictions, cfg.storage_options)
-    files = (
-        [root] if fs.isfile(root) else sorted(p for p in fs.find(root) if p.endswith(".parquet"))
-    )
+
+    def visible(path: str) -> bool:  # not a temporary file of a write in progress
+        return path.endswith(".parquet") and not path.rsplit("/", 1)[-1].startswith((".", "_"))
+
+    files = [root] if fs.isfile(root) else sorted(filter(visible, fs.find(root)))
     if not files:
         raise FileNotFoundError(f"no Parquet files under {cfg.predictions}")
     predicted: dict[str, np.ndarray] = {}
@@ -138,9 +140,14 @@ def _with_predictions(cfg: EvalConfig, shards: list[Shard]):
                     raise ValueError(f"key {row['key']!r} appears twice in {cfg.predictions}")
                 predicted[row["key"]] = np.asarray(row["landmarks"], dtype=np.float64)
                 versions.add(row["model_version"])
-    keys, preds, targets, skipped, missing = [], [], [], 0, 0
+    keys, preds, targets, skipped, missing, damaged = [], [], [], 0, 0, []
     for shard in shards:
-        for key, points, error in read_labels(shard, cfg):
+        try:
+            labels = list(read_labels(shard, cfg))
+        except Exception as exc:  # a damaged shard: report it, score the rest
+            damaged.append(f"{shard.uri}: {exc.__class__.__name__}: {exc}")
+            continue
+        for key, points, error in labels:
             if error is not None:
                 skipped += 1
                 log.warning("skipping %s: %s", key, error)
@@ -150,7 +157,11 @@ def _with_predictions(cfg: EvalConfig, shards: list[Shard]):
                 keys.append(key)
                 preds.append(predicted[key][None])
                 targets.append(points[None])
-    info = {"source": cfg.predictions, "model_version": ",".join(sorted(versions))}
+    info = {
+        "source": cfg.predictions,
+        "model_version": ",".join(sorted(versions)),
+        "damaged_shards": damaged,
+    }
     return keys, preds, targets, skipped, missing, info
 
 

@@ -115,6 +115,16 @@ def parse_storage_options(text: str | None) -> dict[str, Any]:
     return value
 
 
+def storage_options_arg(text: str | None) -> dict[str, Any]:
+    """argparse ``type=`` for ``--storage-options``."""
+    import argparse
+
+    try:
+        return parse_storage_options(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def is_transient(exc: BaseException) -> bool:
     """Throttling, 5xx, dropped or refused connections and timeouts: worth another try.
     Missing objects and denied access are not."""

@@ -19,7 +19,7 @@ from pipeline.labels import SPLITS
 from pipeline.model import INIT_CHOICES
 from pipeline.preprocess import DEFAULT_MARGIN
 from pipeline.shards import FORMATS
-from pipeline.storage import parse_storage_options, resolve_storage_options
+from pipeline.storage import resolve_storage_options, storage_options_arg
 from pipeline.train_config import DEVICES, FinetuneConfig
 from pipeline.train_loop import LOSSES, SCHEDULES
 
@@ -36,12 +36,6 @@ checkpoint is exported to --export (default <storage-path>/<name>/model.pt), the
 """
 
 
-def _storage_options(text: str | None) -> dict:
-    # Not imported from pipeline.cli: that module mounts these subcommands (a circular import).
-    try:
-        return parse_storage_options(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _data_arguments(parser: argparse.ArgumentParser) -> None:
@@ -64,7 +58,7 @@ def _data_arguments(parser: argparse.ArgumentParser) -> None:
     )
     data.add_argument(
         "--storage-options",
-        type=_storage_options,
+        type=storage_options_arg,
         default={},
         help="fsspec options as JSON (or @file.json), flat or keyed by protocol",
     )
@@ -252,7 +246,7 @@ def add_import_pts_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("--annotation", choices=ANNOTATIONS, default="pts")
     p.add_argument("--per-shard", type=int, default=1000)
-    p.add_argument("--storage-options", type=_storage_options, default={})
+    p.add_argument("--storage-options", type=storage_options_arg, default={})
     p.set_defaults(run=run_import_pts)
     return p
 
