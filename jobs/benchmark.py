@@ -1,0 +1,323 @@
+"""Inference throughput: the model alone vs this pipeline vs the canonical Ray Data recipe.
+
+    python jobs/benchmark.py                # GPU machine: 30,000 640x480 faces, batch 256
+    python jobs/benchmark.py --device cpu   # CPU: 64 faces in shards of 16, batch 8
+
+All three run the same model (``--weights``, else ``--init``/``--seed``) with the same batch size
+and the pipeline's precision (bf16 autocast + channels_last on CUDA, fp32 on CPU). Images/s of:
+
+1. model alone: normalisation + forward on random uint8 224x224 batches already on the device,
+   timed after warm-up steps: the ceiling (no decoding, no transfers, no Ray).
+2. pipeline: ``run_inference`` on synthetic faces (``write_sample_archive``: JPEGs with a bbox
+   sidecar) in tar shards. Overall: the job's summary, start-up included. First result: seconds
+   to the first committed shard. Steady: images of the later shards / time from the first commit
+   to the last (the mtimes of the ``_done`` records).
+3. canonical Ray Data recipe (baseline): the same JPEGs as loose files, ``read_images(size=(224,
+   224), mode="RGB")`` -> ``map_batches`` of a model class on a one-actor pool (``num_gpus=1`` on
+   CUDA) -> ``iter_batches``. It resizes the whole image where the pipeline crops the face box;
+   both decode the whole JPEG. First result: to the first batch; steady: over the later batches.
+
+Before timing, Ray is started once (or joined: ``RAY_ADDRESS``) and one worker per CPU imports
+the libraries, so the first Ray Data run does not pay for worker start-up that the second reuses.
+Steady figures need many shards / batches (the defaults): rows processed before the first result
+but delivered after it inflate them, and tiny runs deliver in bursts. Inputs come from the page
+cache. Prints a table and the ratios pipeline/model and pipeline/recipe (overall, and steady)
+and writes them all to ``--out``/benchmark.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import multiprocessing
+import os
+import shutil
+import sys
+import tarfile
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+# Run from anywhere, installed or not (as under `ray job submit --working-dir .`).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.inference import InferConfig, ensure_ray, run_inference  # noqa: E402
+from pipeline.model import IMAGENET_MEAN, IMAGENET_STD, INPUT_SIZE  # noqa: E402
+from pipeline.resume import DONE_DIR  # noqa: E402
+from pipeline.stages import LandmarkPredictor  # noqa: E402
+from pipeline.synthetic import write_sample_archive  # noqa: E402
+
+# Per device: batch size, images, images per shard, untimed and timed model-alone steps. CUDA:
+# the warm-up covers cuDNN's algorithm choice, 30 steps of 256 take ~1 s in bf16 on an H100.
+# CPU: VGG16 takes ~0.5 s per image on 2 cores, so few steps.
+DEFAULTS = {
+    "cuda": dict(batch_size=256, images=30_000, per_shard=1000, warmup=5, steps=30),
+    "cpu": dict(batch_size=8, images=64, per_shard=16, warmup=1, steps=2),
+}
+
+
+def forward_on_device(model, mean, std, pixels):
+    """``LandmarkPredictor.forward``'s math on uint8 NHWC pixels already on the device."""
+    import torch
+
+    on_cuda = pixels.device.type == "cuda"
+    x = (pixels.permute(0, 3, 1, 2).float().div_(255.0) - mean) / std
+    if on_cuda:
+        x = x.contiguous(memory_format=torch.channels_last)
+    autocast = torch.autocast(pixels.device.type, torch.bfloat16, enabled=on_cuda)
+    with torch.inference_mode(), autocast:
+        return model(x)
+
+
+class RecipePredictor:
+    """The textbook Ray Data model class: load the model once per actor, predict each batch."""
+
+    def __init__(self, weights, init, seed, device, num_threads=None):
+        import torch
+
+        from pipeline.model import load_model
+
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        self.device = torch.device(device)
+        self.model = load_model(weights, init, seed=seed)[0].to(self.device)
+        if self.device.type == "cuda":
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1)
+
+    def __call__(self, batch):
+        import torch
+
+        pixels = torch.as_tensor(batch["image"]).to(self.device)
+        out = forward_on_device(self.model, self.mean, self.std, pixels)
+        return {"landmarks": out.float().cpu().numpy()}
+
+
+def bench_model(args, device: str) -> dict:
+    import torch
+
+    threads = torch.get_num_threads()
+    cpu_threads = os.cpu_count() if device == "cpu" else None  # as the pipeline's CPU actor
+    p = LandmarkPredictor(
+        args.weights, args.init, args.seed, device=device, num_threads=cpu_threads
+    )
+    shape = (args.batch_size, INPUT_SIZE, INPUT_SIZE, 3)
+    pixels = torch.randint(0, 256, shape, dtype=torch.uint8, device=device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    for _ in range(args.warmup):
+        forward_on_device(p.model, p.mean, p.std, pixels)
+    sync()
+    started = time.perf_counter()
+    for _ in range(args.steps):
+        forward_on_device(p.model, p.mean, p.std, pixels)
+    sync()
+    seconds = time.perf_counter() - started
+    del p, pixels
+    torch.set_num_threads(threads)
+    if device == "cuda":
+        torch.cuda.empty_cache()  # leave the GPU memory to the Ray actors
+    return figures(args.steps * args.batch_size, seconds)
+
+
+def make_archive(folder: Path, images: int, per_shard: int, size: tuple[int, int]) -> int:
+    """Tar shards ``faces-NNNNN.tar`` in ``folder``, rendered in parallel; returns how many."""
+    counts = [min(per_shard, images - start) for start in range(0, images, per_shard)]
+    parts = [folder / f"part-{s:05d}" for s in range(len(counts))]
+    spawn = multiprocessing.get_context("spawn")  # safe whatever the parent runs (CUDA, Ray)
+    with ProcessPoolExecutor(min(len(counts), os.cpu_count() or 1), mp_context=spawn) as pool:
+        # Shard s is shard 0 of an archive with seed s: every face differs.
+        jobs = [
+            pool.submit(write_sample_archive, str(part), 1, n, seed=s, image_size=size)
+            for s, (part, n) in enumerate(zip(parts, counts, strict=True))
+        ]
+        for job in jobs:
+            job.result()
+    for s, part in enumerate(parts):
+        (part / "faces-00000.tar").rename(folder / f"faces-{s:05d}.tar")
+        part.rmdir()
+    return len(counts)
+
+
+def extract_jpegs(archive: Path, folder: Path) -> None:
+    folder.mkdir(parents=True)
+    for shard in sorted(archive.glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            for member in tar:
+                if member.name.endswith(".jpg"):  # keys repeat across shards: prefix the shard
+                    data = tar.extractfile(member).read()
+                    (folder / f"{shard.stem}-{member.name}").write_bytes(data)
+
+
+def figures(images: int, seconds: float, **more) -> dict:
+    return {"images": images, "seconds": seconds, "images_per_s": images / seconds, **more}
+
+
+def arrival_rates(started: float, arrivals: list[tuple[float, int]]) -> dict:
+    """First result and steady rate from the ``(time, images)`` deliveries of results."""
+    arrivals = sorted(arrivals)
+    result = {"first_result_s": arrivals[0][0] - started if arrivals else None}
+    span = arrivals[-1][0] - arrivals[0][0] if arrivals else 0.0
+    if span > 0:  # needs two deliveries at distinct times
+        later = sum(images for _, images in arrivals[1:])
+        result.update(steady_images_per_s=later / span, steady_s=span)
+    return result
+
+
+def _import_and_wait():
+    import ray.data  # noqa: F401
+
+    import pipeline.stages  # noqa: F401  (torch, PIL, numpy: what the stages import)
+
+    time.sleep(1)  # hold the worker, so the next task starts another one
+
+
+def warm_up_workers() -> None:
+    """One Ray worker per CPU, started and with the libraries imported, before anything is
+    timed: otherwise the first Ray Data run pays for that and the second does not."""
+    import ray
+
+    task = ray.remote(num_cpus=1)(_import_and_wait)
+    ray.get([task.remote() for _ in range(int(ray.cluster_resources().get("CPU", 1)))])
+
+
+def bench_pipeline(args, device: str, archive: Path, output: Path) -> dict:
+    model = dict(weights=args.weights, init=args.init, seed=args.seed)
+    # force: redo every shard, never resume from an earlier run's output.
+    cfg = InferConfig(
+        str(archive), str(output), batch_size=args.batch_size, device=device, force=True, **model
+    )
+    started = time.time()
+    summary = run_inference(cfg)
+    # A shard's _done record is written right after its Parquet file: mtime = commit time.
+    done = [
+        (p.stat().st_mtime, json.loads(p.read_text())["rows"])
+        for p in (output / DONE_DIR).glob("*.json")
+    ]
+    rates = arrival_rates(started, done)  # images below: those that got landmarks
+    return figures(
+        summary.samples - summary.errors, summary.seconds, errors=summary.errors, **rates
+    )
+
+
+def bench_recipe(args, device: str, folder: Path) -> dict:
+    import ray
+
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    # On CPU as in the pipeline: the actor takes all cores but one (left to decoding) and its
+    # torch threads use every core.
+    on_cpu = {} if device == "cuda" else {"num_cpus": max(1, cpus - 1)}
+    model_args = (args.weights, args.init, args.seed, device, cpus if device == "cpu" else None)
+    started = time.time()
+    ds = ray.data.read_images(str(folder), size=(INPUT_SIZE, INPUT_SIZE), mode="RGB")
+    ds = ds.map_batches(
+        RecipePredictor,
+        fn_constructor_args=model_args,
+        batch_size=args.batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=1),
+        num_gpus=1 if device == "cuda" else 0,
+        **on_cpu,
+    )
+    arrivals = [
+        (time.time(), len(batch["landmarks"]))
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy")
+    ]
+    seconds = time.time() - started
+    return figures(sum(n for _, n in arrivals), seconds, **arrival_rates(started, arrivals))
+
+
+def parse(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--batch-size", type=int, help="default: 256 on CUDA, 8 on CPU")
+    p.add_argument("--images", type=int, help="default: 30000 on CUDA, 64 on CPU")
+    p.add_argument("--per-shard", type=int, help="default: 1000 on CUDA, 16 on CPU")
+    p.add_argument("--image-size", default="640x480", help="WIDTHxHEIGHT of the JPEGs")
+    p.add_argument("--warmup", type=int, help="untimed model-alone steps (5 CUDA, 1 CPU)")
+    p.add_argument("--steps", type=int, help="timed model-alone steps (30 CUDA, 2 CPU)")
+    p.add_argument("--weights", help="model file; default: --init weights")
+    p.add_argument("--init", choices=("random", "imagenet"), default="random")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip-baseline", action="store_true", help="skip the canonical recipe")
+    p.add_argument("--workdir", help="keep the data here (default: a temporary folder)")
+    p.add_argument("--out", default="benchmark-results", help="folder for benchmark.json")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    import ray
+    import torch
+
+    args = parse(argv)
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    for name, value in DEFAULTS[device].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    width, height = (int(v) for v in args.image_size.lower().split("x"))
+    r = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu"}
+    r.update(cpu_cores=os.cpu_count(), torch=torch.__version__, ray=ray.__version__)
+    r["precision"] = "bf16 autocast, channels_last" if device == "cuda" else "fp32"
+    r.update(images=args.images, image_size=[width, height], per_shard=args.per_shard)
+    r.update(batch_size=args.batch_size, warmup_steps=args.warmup, timed_steps=args.steps)
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="landmarks-bench-"))
+    for old in ("shards", "jpegs", "landmarks"):  # an earlier run's data in --workdir
+        shutil.rmtree(work / old, ignore_errors=True)
+    try:
+        started = time.perf_counter()
+        r["shards"] = make_archive(work / "shards", args.images, args.per_shard, (width, height))
+        r["generate_s"] = time.perf_counter() - started
+        r["model_alone"] = bench_model(args, device)
+        ensure_ray()
+        warm_up_workers()
+        r["pipeline"] = bench_pipeline(args, device, work / "shards", work / "landmarks")
+        if not args.skip_baseline:
+            extract_jpegs(work / "shards", work / "jpegs")
+            r["baseline"] = bench_recipe(args, device, work / "jpegs")
+    finally:
+        if not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+
+    pipe, r["ratios"] = r["pipeline"], {}
+    for key in ("model_alone", "baseline"):
+        if key in r:
+            other, name = r[key], "model" if key == "model_alone" else key
+            r["ratios"][f"pipeline_over_{name}"] = pipe["images_per_s"] / other["images_per_s"]
+            # The model alone is steady throughout: its one figure is its steady rate.
+            theirs = other.get("steady_images_per_s", other["images_per_s"])
+            if "steady_images_per_s" in pipe:
+                r["ratios"][f"steady_pipeline_over_{name}"] = pipe["steady_images_per_s"] / theirs
+    out = Path(args.out) / "benchmark.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(r, indent=1))
+    print(table(r), f"-> {out}", sep="\n")
+    return r
+
+
+def table(r: dict) -> str:
+    w, h = r["image_size"]
+    header = ("images/s", "first result s", "steady images/s", "images", "seconds")
+    lines = [
+        f"{r['device']}, {r['cpu_cores']} CPU cores, torch {r['torch']}, ray {r['ray']}, "
+        f"{r['precision']}, batch {r['batch_size']}, {r['images']} images {w}x{h} in "
+        f"{r['shards']} shards",
+        f"{'':16}" + "".join(f"{c:>16}" for c in header),
+    ]
+    labels = {"model_alone": "model alone", "pipeline": "pipeline", "baseline": "Ray Data recipe"}
+    for key, m in ((key, r[key]) for key in labels if key in r):
+        values = [m["images_per_s"], m.get("first_result_s"), m.get("steady_images_per_s")]
+        cells = ["-" if v is None else f"{v:.1f}" for v in values]
+        cells += [str(m["images"]), f"{m['seconds']:.1f}"]
+        lines.append(f"{labels[key]:16}" + "".join(f"{c:>16}" for c in cells))
+    lines.append("ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in r["ratios"].items()))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    main()

@@ -1,0 +1,75 @@
+"""jobs/benchmark.py end to end on the CPU, on a tiny archive."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "jobs" / "benchmark.py"
+
+
+def _load_benchmark():
+    # Left out of sys.modules on purpose: Ray then pickles the recipe's model class by value,
+    # as it does when the script runs as __main__.
+    spec = importlib.util.spec_from_file_location("landmarks_benchmark", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_measures_the_three_configurations(ray_session, tmp_path):
+    images, shards = 4, 2
+    argv = [
+        "--device",
+        "cpu",
+        "--images",
+        str(images),
+        "--image-size",
+        "160x120",
+        "--per-shard",
+        "2",
+        "--batch-size",
+        "2",
+        "--warmup",
+        "0",
+        "--steps",
+        "1",
+        "--workdir",
+        str(tmp_path / "work"),
+        "--out",
+        str(tmp_path / "results"),
+    ]
+    _load_benchmark().main(argv)
+
+    result = json.loads((tmp_path / "results" / "benchmark.json").read_text())
+    assert result["device"] == "cpu" and result["batch_size"] == 2
+    assert result["images"] == images and result["shards"] == shards
+    model, pipe, base = result["model_alone"], result["pipeline"], result["baseline"]
+    assert model["images"] == 2  # one timed step of one batch
+    assert pipe["images"] == images and pipe["errors"] == 0
+    assert base["images"] == images
+    for figures in (model, pipe, base):
+        assert figures["images_per_s"] == pytest.approx(figures["images"] / figures["seconds"])
+        assert figures["images_per_s"] > 0
+    for figures in (pipe, base):
+        assert 0 < figures["first_result_s"] <= figures["seconds"]
+
+    expected = {
+        "pipeline_over_model": pipe["images_per_s"] / model["images_per_s"],
+        "pipeline_over_baseline": pipe["images_per_s"] / base["images_per_s"],
+    }
+    if "steady_images_per_s" in pipe:  # absent when every shard was committed at once
+        steady = pipe["steady_images_per_s"]
+        expected["steady_pipeline_over_model"] = steady / model["images_per_s"]
+        expected["steady_pipeline_over_baseline"] = steady / base.get(
+            "steady_images_per_s", base["images_per_s"]
+        )
+    assert result["ratios"] == pytest.approx(expected)
+
+    work = tmp_path / "work"  # kept, since it was given: shards, loose JPEGs, one file a shard
+    assert len(list((work / "shards").glob("*.tar"))) == shards
+    assert len(list((work / "jpegs").glob("*.jpg"))) == images
+    assert len(list((work / "landmarks").glob("part-*.parquet"))) == shards
