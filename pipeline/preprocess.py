@@ -145,6 +145,13 @@ def crop_and_resize(
         # Bilinear resampling aliases when shrinking more than 2x: box-filter down by an integer
         # factor first. reduce() maps output pixel i to input [i*f, (i+1)*f), so the crop simply
         # scales by 1/f.
+        width, height = image.size
+        if width % factor or height % factor:
+            # reduce() would average a last, partial box as if it were full and move the image
+            # edge outward; padding with black keeps each output pixel an area average.
+            padded = Image.new(image.mode, (width + -width % factor, height + -height % factor))
+            padded.paste(image)
+            image = padded
         image = image.reduce(factor)
         x0, y0, scale = x0 / factor, y0 / factor, scale / factor
     # PIL's affine maps output pixel centres (i + 0.5) through (a, b, c, d, e, f) to input

@@ -398,3 +398,18 @@ def test_normalize_matches_manual_imagenet_normalisation():
     # Spot values: 0 -> -mean/std, 255 -> (1 - mean)/std.
     edge = normalize(np.array([[[[0, 255, 0]]]], dtype=np.uint8))[0, :, 0, 0]
     np.testing.assert_allclose(edge, [-0.485 / 0.229, 0.544 / 0.224, -0.406 / 0.225], rtol=1e-6)
+
+
+def test_reduce_path_keeps_the_image_edge_when_size_is_not_a_multiple_of_the_factor():
+    # 1001 px wide, factor 8: without padding the last partial box counted as full image.
+    white = Image.new("RGB", (1001, 1001), (255, 255, 255))
+    out = crop_and_resize(white, (-500.0, -500.0, 2002.0))  # scale 8.94 -> factor 8
+    side = 2002.0 / 224
+    centres = -500.0 + (np.arange(224) + 0.5) * side
+    # The first output pixel past the edge (centre at x = 1005.97) sees 1 real column of its
+    # 8-pixel box: about 1/8 white after padding, fully white (255) without it.
+    beyond = centres > 1003
+    assert beyond.any() and (out[112, beyond] < 64).all()
+    assert (out[112, centres > 1001 + side] == 0).all()
+    inside = (centres > side) & (centres < 1001 - side)
+    assert (out[112, inside] == 255).all()
