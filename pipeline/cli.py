@@ -8,6 +8,17 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from pipeline.config import (
+    add_config_argument,
+    apply_config,
+    check_config,
+    config_path,
+    dump_config,
+    read_config,
+    resolved_config,
+    save_config,
+    storage_reference,
+)
 from pipeline.inference import DEVICES, InferConfig
 from pipeline.model import INIT_CHOICES
 from pipeline.preprocess import DEFAULT_MARGIN, DEFAULT_MAX_PIXELS
@@ -37,6 +48,7 @@ samples have errors (see the error and error_kind columns); 2 bad arguments or i
 
 
 def add_infer_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_argument(parser)
     io = parser.add_argument_group("input and output")
     io.add_argument("--input", help="shards: a file, folder/prefix or glob at any fsspec URI "
                     "(local path, s3://, gs://). Omitted: generate and use a sample archive")
@@ -115,6 +127,7 @@ def run_infer(args: argparse.Namespace) -> int:
     elif args.output is None:
         raise SystemExit("error: --output is required with --input")
     cfg = infer_config(args)
+    announce_config(args, f"{cfg.output.rstrip('/')}/_config.yaml", cfg.storage_options)
     summary = run_inference(cfg)
     print(f"summary: {summary.line()}", flush=True)
     if args.preview:
@@ -165,12 +178,50 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse a command line, applying the subcommand's ``--config FILE`` first (flags win).
+
+    Raises ``ConfigError`` (a ``ValueError``) for a config that names an unknown option or
+    gives one a value of the wrong type; ``SystemExit`` for bad flags, as argparse does."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    position = next((i for i, a in enumerate(argv) if a in commands.choices), None)
+    job_parser = commands.choices[argv[position]] if position is not None else None
+    config, reference = {}, None
+    if job_parser is not None:
+        rest = argv[position + 1:]
+        path = config_path(rest)
+        if path and any(a.dest == "config" for a in job_parser._actions):
+            config = read_config(path, resolve_storage_options({}, [path]))
+            apply_config(job_parser, check_config(job_parser, config, path))
+        reference = storage_reference(job_parser, rest, config)
+    args = parser.parse_args(argv)
+    args.job_parser, args.storage_reference = job_parser, reference
+    return args
+
+
+def job_config(args: argparse.Namespace) -> dict:
+    """The job's resolved settings (config file, flags and defaults merged; no secrets)."""
+    return resolved_config(args.job_parser, args, args.storage_reference)
+
+
+def announce_config(args: argparse.Namespace, uri: str | None = None,
+                    storage_options=None) -> None:
+    """Print the resolved config and save it to ``uri`` (beside the job's output)."""
+    config = job_config(args)
+    print(f"resolved config:\n{dump_config(config)}", end="", flush=True)
+    if uri:
+        save_config(config, uri, storage_options)
+        logging.info("resolved config saved to %s (reuse it with --config)", uri)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    args = build_parser().parse_args(argv)
     try:
+        args = parse_args(argv)
         return args.run(args)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError) as exc:  # ConfigError is a ValueError
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -8,11 +8,11 @@ int``) so ``pipeline.cli`` can mount them; ``main_finetune`` / ``main_evaluate``
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, fields
 
+from pipeline.config import add_config_argument
 from pipeline.evaluate import EvalConfig
 from pipeline.importer import ANNOTATIONS
 from pipeline.labels import SPLITS
@@ -74,6 +74,7 @@ def add_finetune_parser(subparsers) -> argparse.ArgumentParser:
         description="Fine-tune the VGG16 keypoint model with Ray Train (DDP), checkpoint to a "
         "storage path, resume by name, export the best model file.",
     )
+    add_config_argument(p)
     p.add_argument(
         "--input",
         required=True,
@@ -176,9 +177,13 @@ def finetune_config(args: argparse.Namespace) -> FinetuneConfig:
 
 
 def run_finetune(args: argparse.Namespace) -> int:
+    from pipeline.cli import announce_config
     from pipeline.train import main
 
-    summary = main(finetune_config(args))
+    cfg = finetune_config(args)
+    run_dir = f"{cfg.storage_path.rstrip('/')}/{cfg.name}"
+    announce_config(args, f"{run_dir}/job-config.yaml", cfg.storage_options)
+    summary = main(cfg)
     best = summary.best
     print(
         f"summary: best epoch {best['epoch']}, val NME {100 * best['val_nme']:.2f} % -> "
@@ -195,6 +200,7 @@ def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
         description="Inter-ocular NME (points 36, 45), failure rate and AUC at a threshold, NME "
         "per region; writes a JSON report and a CED curve PNG.",
     )
+    add_config_argument(p)
     p.add_argument("--labels", required=True, help="labelled shards, any fsspec URI")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--weights", help="model file to run on the labelled crops")
@@ -267,28 +273,22 @@ def run_import_pts(args: argparse.Namespace) -> int:
     return 0 if summary.samples else 2
 
 
-def _main(add: Callable, command: str, argv: Sequence[str] | None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    parser = argparse.ArgumentParser(prog="landmarks")
-    add(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args([command, *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return args.run(args)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+def _main(command: str, argv: Sequence[str] | None) -> int:
+    from pipeline.cli import main  # the one command line: --config handling included
+
+    return main([command, *(sys.argv[1:] if argv is None else argv)])
 
 
 def main_finetune(argv: Sequence[str] | None = None) -> int:
     """``finetune`` from an argv without the subcommand (``jobs/finetune.py``)."""
-    return _main(add_finetune_parser, "finetune", argv)
+    return _main("finetune", argv)
 
 
 def main_evaluate(argv: Sequence[str] | None = None) -> int:
     """``evaluate`` from an argv without the subcommand (``jobs/evaluate.py``)."""
-    return _main(add_evaluate_parser, "evaluate", argv)
+    return _main("evaluate", argv)
 
 
 def main_import_pts(argv: Sequence[str] | None = None) -> int:
     """``import-pts`` from an argv without the subcommand."""
-    return _main(add_import_pts_parser, "import-pts", argv)
+    return _main("import-pts", argv)
