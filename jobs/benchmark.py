@@ -1,21 +1,27 @@
 """Inference throughput: the model alone vs this pipeline vs the canonical Ray Data recipe.
 
-    python jobs/benchmark.py                # GPU machine: 30,000 640x480 faces, batch 256
+    python jobs/benchmark.py                # GPU machine: 30,000 640x480 faces, batch 512,
+                                            # the pipeline with --decode cpu and --decode gpu
+    python jobs/benchmark.py --compile      # the same with torch.compile (batch 256)
     python jobs/benchmark.py --device cpu   # CPU: 64 faces in shards of 16, batch 8
 
-All three run the same model (``--weights``, else ``--init``/``--seed``) with the same batch size
-and the pipeline's precision (bf16 autocast + channels_last on CUDA, fp32 on CPU). Images/s of:
+All three run the same model (``--weights``, else ``--init``/``--seed``) through the same
+``pipeline.runner.ModelRunner`` code with the same batch size, precision (bf16 autocast +
+channels_last on CUDA, fp32 on CPU) and compile setting. Images/s of:
 
 1. model alone: normalisation + forward on random uint8 224x224 batches already on the device,
    timed after warm-up steps: the ceiling (no decoding, no transfers, no Ray).
 2. pipeline: ``run_inference`` on synthetic faces (``write_sample_archive``: JPEGs with a bbox
-   sidecar) in tar shards. Overall: the job's summary, start-up included. First result: seconds
-   to the first committed shard. Steady: images of the later shards / time from the first commit
-   to the last (the mtimes of the ``_done`` records).
+   sidecar) in tar shards, once per ``--decode`` mode. Overall: the job's summary, start-up
+   included. First result: seconds to the first committed shard. Steady: images of the later
+   shards / time from the first commit to the last (the mtimes of the ``_done`` records).
 3. canonical Ray Data recipe (baseline): the same JPEGs as loose files, ``read_images(size=(224,
    224), mode="RGB")`` -> ``map_batches`` of a model class on a one-actor pool (``num_gpus=1`` on
    CUDA) -> ``iter_batches``. It resizes the whole image where the pipeline crops the face box;
    both decode the whole JPEG. First result: to the first batch; steady: over the later batches.
+
+Also, without Ray: images/s of one read task on one core, per decode mode (decode + crop +
+resize with PIL, or the header only): what each mode asks of the CPUs per image.
 
 Before timing, Ray is started once (or joined: ``RAY_ADDRESS``) and one worker per CPU imports
 the libraries, so the first Ray Data run does not pay for worker start-up that the second reuses.
@@ -43,79 +49,67 @@ from pathlib import Path
 # Run from anywhere, installed or not (as under `ray job submit --working-dir .`).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.inference import InferConfig, ensure_ray, run_inference  # noqa: E402
-from pipeline.model import IMAGENET_MEAN, IMAGENET_STD, INPUT_SIZE  # noqa: E402
+from pipeline.inference import (  # noqa: E402
+    DEFAULT_BATCH_SIZE,
+    InferConfig,
+    ensure_ray,
+    plan,
+    run_inference,
+)
+from pipeline.model import INPUT_SIZE, load_model  # noqa: E402
 from pipeline.resume import DONE_DIR  # noqa: E402
-from pipeline.stages import LandmarkPredictor  # noqa: E402
+from pipeline.runner import ModelRunner  # noqa: E402
 from pipeline.synthetic import write_sample_archive  # noqa: E402
 
-# Per device: batch size, images, images per shard, untimed and timed model-alone steps. CUDA:
-# the warm-up covers cuDNN's algorithm choice, 30 steps of 256 take ~1 s in bf16 on an H100.
-# CPU: VGG16 takes ~0.5 s per image on 2 cores, so few steps.
+# Per device: images, images per shard, untimed and timed model-alone steps, decode modes of the
+# pipeline. CUDA: the warm-up covers cuDNN's algorithm choice (and compiling), 30 steps of 512
+# take ~2 s in bf16 on an H100. CPU: VGG16 takes ~0.5 s per image on 2 cores, so few steps.
+# Batch sizes: the job's own defaults (pipeline.inference.DEFAULT_BATCH_SIZE), 8 on CPU.
 DEFAULTS = {
-    "cuda": dict(batch_size=256, images=30_000, per_shard=1000, warmup=5, steps=30),
-    "cpu": dict(batch_size=8, images=64, per_shard=16, warmup=1, steps=2),
+    "cuda": dict(images=30_000, per_shard=1000, warmup=5, steps=30, decode="cpu,gpu"),
+    "cpu": dict(batch_size=8, images=64, per_shard=16, warmup=1, steps=2, decode="cpu"),
 }
 
 
-def forward_on_device(model, mean, std, pixels):
-    """``LandmarkPredictor.forward``'s math on uint8 NHWC pixels already on the device."""
-    import torch
-
-    on_cuda = pixels.device.type == "cuda"
-    x = (pixels.permute(0, 3, 1, 2).float().div_(255.0) - mean) / std
-    if on_cuda:
-        x = x.contiguous(memory_format=torch.channels_last)
-    autocast = torch.autocast(pixels.device.type, torch.bfloat16, enabled=on_cuda)
-    with torch.inference_mode(), autocast:
-        return model(x)
-
-
 class RecipePredictor:
-    """The textbook Ray Data model class: load the model once per actor, predict each batch."""
+    """The textbook Ray Data model class: load the model once per actor, move each batch to the
+    device and predict (the same ModelRunner math as the pipeline, without its copy overlap)."""
 
-    def __init__(self, weights, init, seed, device, num_threads=None):
+    def __init__(self, weights, init, seed, device, batch_size, compile, num_threads=None):
         import torch
-
-        from pipeline.model import load_model
 
         if num_threads:
             torch.set_num_threads(num_threads)
-        self.device = torch.device(device)
-        self.model = load_model(weights, init, seed=seed)[0].to(self.device)
-        if self.device.type == "cuda":
-            self.model = self.model.to(memory_format=torch.channels_last)
-        self.mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1)
-        self.std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1)
+        model = load_model(weights, init, seed=seed)[0]
+        self.runner = ModelRunner(model, device, batch_size, compile)
 
     def __call__(self, batch):
         import torch
 
-        pixels = torch.as_tensor(batch["image"]).to(self.device)
-        out = forward_on_device(self.model, self.mean, self.std, pixels)
-        return {"landmarks": out.float().cpu().numpy()}
+        pixels = torch.as_tensor(batch["image"]).to(self.runner.device)
+        return {"landmarks": self.runner.run(pixels)}
 
 
 def bench_model(args, device: str) -> dict:
     import torch
 
     threads = torch.get_num_threads()
-    cpu_threads = os.cpu_count() if device == "cpu" else None  # as the pipeline's CPU actor
-    p = LandmarkPredictor(
-        args.weights, args.init, args.seed, device=device, num_threads=cpu_threads
-    )
+    if device == "cpu":
+        torch.set_num_threads(os.cpu_count())  # as the pipeline's CPU actor
+    model = load_model(args.weights, args.init, seed=args.seed)[0]
+    runner = ModelRunner(model, device, args.batch_size, args.compile)
     shape = (args.batch_size, INPUT_SIZE, INPUT_SIZE, 3)
     pixels = torch.randint(0, 256, shape, dtype=torch.uint8, device=device)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     for _ in range(args.warmup):
-        forward_on_device(p.model, p.mean, p.std, pixels)
+        runner._chunk(pixels)
     sync()
     started = time.perf_counter()
     for _ in range(args.steps):
-        forward_on_device(p.model, p.mean, p.std, pixels)
+        runner._chunk(pixels)
     sync()
     seconds = time.perf_counter() - started
-    del p, pixels
+    del runner, model, pixels
     torch.set_num_threads(threads)
     if device == "cuda":
         torch.cuda.empty_cache()  # leave the GPU memory to the Ray actors
@@ -183,12 +177,33 @@ def warm_up_workers() -> None:
     ray.get([task.remote() for _ in range(int(ray.cluster_resources().get("CPU", 1)))])
 
 
-def bench_pipeline(args, device: str, archive: Path, output: Path) -> dict:
+def bench_read_stage(archive: Path, decode: str, images: int) -> dict:
+    """One read task's work on one core, no Ray: stream a shard, and decode + crop + resize
+    (``decode="cpu"``) or read the headers only (``"gpu"``): images/s per CPU core."""
+    from pipeline.shards import list_shards
+    from pipeline.stages import ShardReader
+
+    reader, done = ShardReader(decode=decode), 0
+    started = time.perf_counter()
+    for shard in list_shards(str(archive)):
+        for batch in reader.read(shard):
+            done += len(batch["key"])
+        if done >= images:
+            break
+    return figures(done, time.perf_counter() - started)
+
+
+def bench_pipeline(args, device: str, decode: str, archive: Path, output: Path) -> dict:
+    import ray
+
     model = dict(weights=args.weights, init=args.init, seed=args.seed)
     # force: redo every shard, never resume from an earlier run's output.
     cfg = InferConfig(
-        str(archive), str(output), batch_size=args.batch_size, device=device, force=True, **model
+        str(archive), str(output), batch_size=args.batch_size, device=device, force=True,
+        decode=decode, compile=args.compile, **model
     )
+    resources = ray.cluster_resources()
+    resolved = plan(cfg, int(resources.get("CPU", 1)), int(resources.get("GPU", 0)))
     started = time.time()
     summary = run_inference(cfg)
     # A shard's _done record is written right after its Parquet file: mtime = commit time.
@@ -198,7 +213,8 @@ def bench_pipeline(args, device: str, archive: Path, output: Path) -> dict:
     ]
     rates = arrival_rates(started, done)  # images below: those that got landmarks
     return figures(
-        summary.samples - summary.errors, summary.seconds, errors=summary.errors, **rates
+        summary.samples - summary.errors, summary.seconds, errors=summary.errors, **rates,
+        plan={k: v for k, v in vars(resolved).items()},
     )
 
 
@@ -209,7 +225,8 @@ def bench_recipe(args, device: str, folder: Path) -> dict:
     # On CPU as in the pipeline: the actor takes all cores but one (left to decoding) and its
     # torch threads use every core.
     on_cpu = {} if device == "cuda" else {"num_cpus": max(1, cpus - 1)}
-    model_args = (args.weights, args.init, args.seed, device, cpus if device == "cpu" else None)
+    model_args = (args.weights, args.init, args.seed, device, args.batch_size, args.compile,
+                  cpus if device == "cpu" else None)
     started = time.time()
     ds = ray.data.read_images(str(folder), size=(INPUT_SIZE, INPUT_SIZE), mode="RGB")
     ds = ds.map_batches(
@@ -232,7 +249,11 @@ def bench_recipe(args, device: str, folder: Path) -> dict:
 def parse(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--batch-size", type=int, help="default: 256 on CUDA, 8 on CPU")
+    p.add_argument("--batch-size", type=int,
+                   help="default: the job's on CUDA (512, 256 with --compile), 8 on CPU")
+    p.add_argument("--decode", help="pipeline runs, comma-separated decode modes "
+                   "(default: cpu,gpu on CUDA, cpu on CPU)")
+    p.add_argument("--compile", action="store_true", help="torch.compile in all three")
     p.add_argument("--images", type=int, help="default: 30000 on CUDA, 64 on CPU")
     p.add_argument("--per-shard", type=int, help="default: 1000 on CUDA, 16 on CPU")
     p.add_argument("--image-size", default="640x480", help="WIDTHxHEIGHT of the JPEGs")
@@ -259,23 +280,35 @@ def main(argv=None) -> dict:
     for name, value in DEFAULTS[device].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    if args.batch_size is None:
+        args.batch_size = DEFAULT_BATCH_SIZE["cuda+compile" if args.compile else "cuda"]
+    decodes = [d.strip() for d in args.decode.split(",") if d.strip()]
     width, height = (int(v) for v in args.image_size.lower().split("x"))
     r = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu"}
     r.update(cpu_cores=os.cpu_count(), torch=torch.__version__, ray=ray.__version__)
     r["precision"] = "bf16 autocast, channels_last" if device == "cuda" else "fp32"
+    r["compile"] = args.compile
     r.update(images=args.images, image_size=[width, height], per_shard=args.per_shard)
     r.update(batch_size=args.batch_size, warmup_steps=args.warmup, timed_steps=args.steps)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="landmarks-bench-"))
-    for old in ("shards", "jpegs", "landmarks"):  # an earlier run's data in --workdir
-        shutil.rmtree(work / old, ignore_errors=True)
+    for old in ("shards", "jpegs", *(p.name for p in work.glob("landmarks*"))):
+        shutil.rmtree(work / old, ignore_errors=True)  # an earlier run's data in --workdir
     try:
         started = time.perf_counter()
         r["shards"] = make_archive(work / "shards", args.images, args.per_shard, (width, height))
         r["generate_s"] = time.perf_counter() - started
+        r["read_stage_per_core"] = {
+            d: bench_read_stage(work / "shards", d, min(args.images, 2000)) for d in ("cpu", "gpu")
+        }
         r["model_alone"] = bench_model(args, device)
         ensure_ray()
         warm_up_workers()
-        r["pipeline"] = bench_pipeline(args, device, work / "shards", work / "landmarks")
+        r["pipelines"] = {
+            decode: bench_pipeline(args, device, decode, work / "shards",
+                                   work / f"landmarks-{decode}")
+            for decode in decodes
+        }
+        r["pipeline"] = r["pipelines"][decodes[0]]
         if not args.skip_baseline:
             extract_jpegs(work / "shards", work / "jpegs")
             r["baseline"] = bench_recipe(args, device, work / "jpegs")
@@ -283,15 +316,19 @@ def main(argv=None) -> dict:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
 
-    pipe, r["ratios"] = r["pipeline"], {}
-    for key in ("model_alone", "baseline"):
-        if key in r:
-            other, name = r[key], "model" if key == "model_alone" else key
-            r["ratios"][f"pipeline_over_{name}"] = pipe["images_per_s"] / other["images_per_s"]
-            # The model alone is steady throughout: its one figure is its steady rate.
-            theirs = other.get("steady_images_per_s", other["images_per_s"])
-            if "steady_images_per_s" in pipe:
-                r["ratios"][f"steady_pipeline_over_{name}"] = pipe["steady_images_per_s"] / theirs
+    r["ratios"] = {}
+    for decode, pipe in r["pipelines"].items():
+        # The first decode mode's ratios keep the plain names; the others name their mode.
+        label = "pipeline" if decode == decodes[0] else f"pipeline_{decode}"
+        for key in ("model_alone", "baseline"):
+            if key in r:
+                other, name = r[key], "model" if key == "model_alone" else key
+                r["ratios"][f"{label}_over_{name}"] = pipe["images_per_s"] / other["images_per_s"]
+                # The model alone is steady throughout: its one figure is its steady rate.
+                theirs = other.get("steady_images_per_s", other["images_per_s"])
+                if "steady_images_per_s" in pipe:
+                    r["ratios"][f"steady_{label}_over_{name}"] = (
+                        pipe["steady_images_per_s"] / theirs)
     out = Path(args.out) / "benchmark.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(r, indent=1))
@@ -304,17 +341,22 @@ def table(r: dict) -> str:
     header = ("images/s", "first result s", "steady images/s", "images", "seconds")
     lines = [
         f"{r['device']}, {r['cpu_cores']} CPU cores, torch {r['torch']}, ray {r['ray']}, "
-        f"{r['precision']}, batch {r['batch_size']}, {r['images']} images {w}x{h} in "
-        f"{r['shards']} shards",
-        f"{'':16}" + "".join(f"{c:>16}" for c in header),
+        f"{r['precision']}{', compiled' if r['compile'] else ''}, batch {r['batch_size']}, "
+        f"{r['images']} images {w}x{h} in {r['shards']} shards",
+        f"{'':20}" + "".join(f"{c:>16}" for c in header),
     ]
-    labels = {"model_alone": "model alone", "pipeline": "pipeline", "baseline": "Ray Data recipe"}
-    for key, m in ((key, r[key]) for key in labels if key in r):
+    rows = [("model alone", r["model_alone"])]
+    rows += [(f"pipeline, {d} decode", m) for d, m in r["pipelines"].items()]
+    rows += [("Ray Data recipe", r["baseline"])] if "baseline" in r else []
+    for label, m in rows:
         values = [m["images_per_s"], m.get("first_result_s"), m.get("steady_images_per_s")]
         cells = ["-" if v is None else f"{v:.1f}" for v in values]
         cells += [str(m["images"]), f"{m['seconds']:.1f}"]
-        lines.append(f"{labels[key]:16}" + "".join(f"{c:>16}" for c in cells))
+        lines.append(f"{label:20}" + "".join(f"{c:>16}" for c in cells))
     lines.append("ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in r["ratios"].items()))
+    read = r["read_stage_per_core"]
+    lines.append("read stage, one core: " + ", ".join(
+        f"decode={d}: {m['images_per_s']:.0f} images/s" for d, m in read.items()))
     return "\n".join(lines)
 
 

@@ -35,8 +35,18 @@ from pipeline.stages import LandmarkPredictor, ShardReader, empty_rows, encode_s
 log = logging.getLogger("pipeline")
 
 DEVICES = ("auto", "cuda", "cpu")
+DECODES = ("auto", "cpu", "gpu")
 READ_TASK_RETRIES = 3
 ACTOR_RESTARTS = 3
+# Batch sizes by device (model batch = Ray Data batch); ../shared/DESIGN.md measured the model
+# on an H100 at batch 512 in bf16 eager (7,923 images/s) and 256 compiled (13,618). On CPU a
+# batch is latency, not throughput: 64 images are ~30 s of VGG16 on 2 cores.
+DEFAULT_BATCH_SIZE = {"cuda": 512, "cuda+compile": 256, "cpu": 64}
+# --decode auto: decode on the GPU unless the CPUs beside each GPU can decode as fast as the
+# GPU runs the model. Measured (../shared/DESIGN.md): PIL decode + crop/resize of a 640x480 JPEG
+# on one core 158 images/s; the model 7,923 images/s per H100 (bf16) -> ~50 cores per GPU.
+CPU_DECODE_IMAGES_PER_S = 158
+GPU_MODEL_IMAGES_PER_S = 7_923
 
 
 @dataclass(frozen=True)
@@ -54,11 +64,14 @@ class InferConfig:
     files_per_shard: int = 256
     margin: float = DEFAULT_MARGIN
     max_pixels: int = DEFAULT_MAX_PIXELS
-    batch_size: int = 64
+    batch_size: int | None = None  # None: DEFAULT_BATCH_SIZE for the device
     read_batch_rows: int = 32
     num_predictors: int | None = None
     predictor_cpus: float | None = None
     device: str = "auto"
+    decode: str = "auto"
+    compile: bool = False
+    predictor_concurrency: int | None = None
     ray_address: str | None = None
     force: bool = False
     max_error_fraction: float = 0.01
@@ -69,8 +82,11 @@ class InferConfig:
     def __post_init__(self):
         if self.device not in DEVICES:
             raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
-        for name in ("batch_size", "read_batch_rows", "files_per_shard", "max_pixels"):
-            if getattr(self, name) < 1:
+        if self.decode not in DECODES:
+            raise ValueError(f"decode must be one of {DECODES}, got {self.decode!r}")
+        for name in ("batch_size", "read_batch_rows", "files_per_shard", "max_pixels",
+                     "predictor_concurrency"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.num_predictors is not None and self.num_predictors < 1:
             raise ValueError(f"num_predictors must be >= 1, got {self.num_predictors}")
@@ -228,21 +244,73 @@ def run_inference(cfg: InferConfig) -> Summary:
     return summary
 
 
+@dataclass(frozen=True)
+class Plan:
+    """How the dataset runs on this cluster: the choices the ``auto`` settings resolve to."""
+
+    use_gpu: bool
+    decode: str
+    batch_size: int
+    pool_size: int
+    actor_cpus: float
+    concurrency: int
+
+
+def plan(cfg: InferConfig, cluster_cpus: int, cluster_gpus: int) -> Plan:
+    """Resolve device, decode mode, batch size, actor pool and concurrency for a cluster."""
+    use_gpu = cfg.device == "cuda" or (cfg.device == "auto" and cluster_gpus > 0)
+    if use_gpu and cluster_gpus == 0:
+        raise ValueError("--device cuda was asked for but the Ray cluster has no GPUs")
+    decode = cfg.decode
+    if decode == "auto":
+        # One GPU outruns ~50 cores of PIL decoding; below that the GPU decodes (nvJPEG).
+        fast_enough = cluster_cpus * CPU_DECODE_IMAGES_PER_S >= max(
+            cluster_gpus, 1) * GPU_MODEL_IMAGES_PER_S
+        decode = "gpu" if use_gpu and not fast_enough else "cpu"
+    key = ("cuda+compile" if cfg.compile else "cuda") if use_gpu else "cpu"
+    return Plan(
+        use_gpu=use_gpu,
+        decode=decode,
+        batch_size=cfg.batch_size or DEFAULT_BATCH_SIZE[key],
+        pool_size=cfg.num_predictors or (cluster_gpus if use_gpu else 1),
+        # CPU inference: one actor with all but one core (the other reads and decodes); GPU:
+        # 1 CPU per actor (its host work: batching, copies, and the CPU decode fallback).
+        actor_cpus=cfg.predictor_cpus or (1 if use_gpu else max(1, cluster_cpus - 1)),
+        # GPU: two calls at once per actor, so one batch's host work and copy overlap the
+        # other's GPU work (each thread has its own CUDA streams); CPU: one (it owns the cores).
+        concurrency=cfg.predictor_concurrency or (2 if use_gpu else 1),
+    )
+
+
+def _actor_pool(size: int, concurrency: int, ray_remote_args: dict[str, Any]):
+    """``ActorPoolStrategy`` running ``concurrency`` calls at once per actor, on any Ray 2.5x."""
+    import inspect
+
+    import ray
+
+    params = inspect.signature(ray.data.ActorPoolStrategy).parameters
+    if concurrency > 1 and "enable_true_multi_threading" in params:
+        return ray.data.ActorPoolStrategy(
+            size=size, max_tasks_in_flight_per_actor=max(2, concurrency),
+            max_concurrent_calls_per_actor=concurrency, enable_true_multi_threading=True)
+    if concurrency > 1:  # older Ray Data: a threaded actor does the same
+        ray_remote_args["max_concurrency"] = concurrency
+    return ray.data.ActorPoolStrategy(size=size)
+
+
 def _dataset(cfg: InferConfig, shards: list[Shard]):
     """The Ray Data pipeline: one read task per shard, then the predictor actor pool."""
     import ray
 
     ensure_ray(cfg.ray_address)
     resources = ray.cluster_resources()
-    cluster_gpus, cluster_cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
-    use_gpu = cfg.device == "cuda" or (cfg.device == "auto" and cluster_gpus > 0)
-    if use_gpu and cluster_gpus == 0:
-        raise ValueError("--device cuda was asked for but the Ray cluster has no GPUs")
-    pool_size = cfg.num_predictors or (cluster_gpus if use_gpu else 1)
-    # CPU inference: one actor with all but one core (the other decodes); GPU: 1 CPU per actor.
-    actor_cpus = cfg.predictor_cpus or (1 if use_gpu else max(1, cluster_cpus - 1))
-    log.info("predictors: %d %s actor(s), batch size %d, %g CPU each", pool_size,
-             "GPU" if use_gpu else "CPU", cfg.batch_size, actor_cpus)
+    p = plan(cfg, int(resources.get("CPU", 1)), int(resources.get("GPU", 0)))
+    log.info("predictors: %d %s actor(s), batch size %d, %g CPU each, %d call(s) at once; "
+             "decoding on the %s%s", p.pool_size, "GPU" if p.use_gpu else "CPU",
+             p.batch_size, p.actor_cpus, p.concurrency, "GPU" if p.decode == "gpu" else "CPU",
+             ", model compiled" if cfg.compile else "")
+    if p.decode == "gpu" and not p.use_gpu:
+        log.info("--decode gpu without GPUs: the CPU predictor actor decodes (torchvision)")
 
     items = [{"shard": encode_shard(s)} for s in shards]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
@@ -258,25 +326,29 @@ def _dataset(cfg: InferConfig, shards: list[Shard]):
             storage_options=dict(cfg.storage_options), margin=cfg.margin,
             max_pixels=cfg.max_pixels, image_column=cfg.image_column,
             key_column=cfg.key_column, rows_per_batch=cfg.read_batch_rows, faults=cfg.faults,
+            decode=p.decode,
         ),
     )
+    # A predictor process that dies is restarted, and its batch retried, by Ray.
+    remote_args: dict[str, Any] = {"max_restarts": ACTOR_RESTARTS,
+                                   "max_task_retries": ACTOR_RESTARTS}
+    compute = _actor_pool(p.pool_size, p.concurrency, remote_args)
     return ds.map_batches(
         LandmarkPredictor,
         fn_constructor_kwargs=dict(
             weights=cfg.weights, init=cfg.init, seed=cfg.seed,
-            storage_options=dict(cfg.storage_options), device="cuda" if use_gpu else "cpu",
+            storage_options=dict(cfg.storage_options), device="cuda" if p.use_gpu else "cpu",
             # The core left to the read tasks is mostly idle on CPU (decoding is ~100x cheaper
             # than the CPU forward pass), so the model threads use it too: 2 threads run the
             # forward pass ~1.9x faster than 1 on a 2-core machine.
-            num_threads=None if use_gpu else int(actor_cpus) + 1, faults=cfg.faults,
+            num_threads=None if p.use_gpu else int(p.actor_cpus) + 1, faults=cfg.faults,
+            micro_batch=p.batch_size, compile=cfg.compile, max_pixels=cfg.max_pixels,
         ),
-        batch_size=cfg.batch_size,
-        compute=ray.data.ActorPoolStrategy(size=pool_size),
-        num_gpus=1 if use_gpu else 0,
-        num_cpus=actor_cpus,
-        # A predictor process that dies is restarted, and its batch retried, by Ray.
-        max_restarts=ACTOR_RESTARTS,
-        max_task_retries=ACTOR_RESTARTS,
+        batch_size=p.batch_size,
+        compute=compute,
+        num_gpus=1 if p.use_gpu else 0,
+        num_cpus=p.actor_cpus,
+        **remote_args,
     )
 
 

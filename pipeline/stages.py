@@ -18,11 +18,22 @@ crop        float64 (3,)         square crop ``x0, y0, side`` in source pixels
 meta        str                  sidecar JSON ("" when none)
 error       str                  what went wrong ("" when fine)
 error_kind  str                  one of ``preprocess.ERROR_KINDS`` ("" when fine)
-pixels      uint8 (224, 224, 3)  the model input, zeros on error rows
+pixels      uint8 (224, 224, 3)  the model input, zeros on error rows (``decode="cpu"`` only)
+encoded     bytes                the image file's bytes (``decode="gpu"`` only)
+orientation int8                 its EXIF orientation 1..8 (``decode="gpu"`` only)
+stored_size int32 (2,)           its width, height before orientation (``decode="gpu"`` only)
+on_device   bool                 the device decoder takes it (``decode="gpu"`` only)
 =========== ==================== ===============================================================
 
-The predictor drops ``pixels`` and adds ``landmarks`` (float32 (68, 2), NaN on error rows) and
-``model_version``.
+With ``decode="cpu"`` the read task decodes, crops and resizes (PIL). With ``decode="gpu"`` it
+only reads each image's header (``gpu_decode.probe_and_crop``: size, EXIF orientation, crop)
+and sends the encoded bytes on, so a batch weighs ~50 KB per 640x480 JPEG instead of 150 KB of
+pixels; the predictor decodes the batch on its device (nvJPEG on CUDA) and crops and resizes
+there (``gpu_decode.decode_crop_resize``). Images the device decoder does not take (PNG, CMYK
+JPEG, ...) or fails on are decoded by the CPU path inside the predictor, one by one.
+
+The predictor drops ``pixels`` / ``encoded`` / ``orientation`` / ``stored_size`` and adds
+``landmarks`` (float32 (68, 2), NaN on error rows) and ``model_version``.
 """
 
 from __future__ import annotations
@@ -38,11 +49,13 @@ from typing import Any
 import numpy as np
 
 from pipeline.faults import FaultPlan
-from pipeline.model import IMAGENET_MEAN, IMAGENET_STD, INPUT_SIZE, NUM_LANDMARKS
+from pipeline.model import INPUT_SIZE, NUM_LANDMARKS
 from pipeline.preprocess import (
     DEFAULT_MARGIN,
     DEFAULT_MAX_PIXELS,
     SampleError,
+    crop_and_resize,
+    decode_image,
     preprocess,
     to_pixels,
 )
@@ -59,8 +72,12 @@ def decode_shard(text: str) -> Shard:
     return Shard(**fields)
 
 
-def empty_rows(n: int) -> dict[str, np.ndarray]:
-    return {
+DECODE_MODES = ("cpu", "gpu")
+DEVICE_DECODE_COLUMNS = ("encoded", "orientation", "stored_size", "on_device")
+
+
+def empty_rows(n: int, decode: str = "cpu") -> dict[str, np.ndarray]:
+    rows = {
         "key": np.empty(n, dtype=object),
         "shard": np.empty(n, dtype=object),
         "shard_name": np.empty(n, dtype=object),
@@ -73,8 +90,15 @@ def empty_rows(n: int) -> dict[str, np.ndarray]:
         "meta": np.full(n, "", dtype=object),
         "error": np.full(n, "", dtype=object),
         "error_kind": np.full(n, "", dtype=object),
-        "pixels": np.zeros((n, INPUT_SIZE, INPUT_SIZE, 3), dtype=np.uint8),
     }
+    if decode == "gpu":
+        rows["encoded"] = np.full(n, b"", dtype=object)
+        rows["orientation"] = np.ones(n, dtype=np.int8)
+        rows["stored_size"] = np.zeros((n, 2), dtype=np.int32)
+        rows["on_device"] = np.zeros(n, dtype=bool)
+    else:
+        rows["pixels"] = np.zeros((n, INPUT_SIZE, INPUT_SIZE, 3), dtype=np.uint8)
+    return rows
 
 
 def _shard_error(exc: Exception, samples_read: int) -> Sample:
@@ -101,7 +125,11 @@ class ShardReader:
         key_column: str = "key",
         rows_per_batch: int = 32,
         faults: str = "",
+        decode: str = "cpu",
     ):
+        if decode not in DECODE_MODES:
+            raise ValueError(f"decode must be one of {DECODE_MODES}, got {decode!r}")
+        self.decode = decode
         self.storage_options = dict(storage_options or {})
         self.margin = margin
         self.max_pixels = max_pixels
@@ -149,6 +177,10 @@ class ShardReader:
             return None
         bbox = (sample.meta or {}).get("bbox")
         try:
+            if self.decode == "gpu":
+                from pipeline.gpu_decode import probe_and_crop
+
+                return probe_and_crop(sample.data, bbox, self.margin, self.max_pixels)
             return preprocess(sample.data, bbox, self.margin, self.max_pixels)
         except SampleError as exc:
             return exc
@@ -156,7 +188,7 @@ class ShardReader:
             return SampleError(f"unexpected {exc.__class__.__name__} while decoding: {exc}")
 
     def _to_batch(self, shard: Shard, rows, first_seq: int, last: bool):
-        out = empty_rows(len(rows))
+        out = empty_rows(len(rows), self.decode)
         out["shard"][:] = shard.uri
         out["shard_name"][:] = shard.name
         out["seq"][:] = np.arange(first_seq, first_seq + len(rows))
@@ -177,6 +209,14 @@ class ShardReader:
             elif isinstance(prepared, Exception):
                 out["error"][i] = str(prepared)
                 out["error_kind"][i] = getattr(prepared, "kind", "invalid")
+            elif self.decode == "gpu":
+                info, crop = prepared
+                out["encoded"][i] = sample.data
+                out["orientation"][i] = info.orientation
+                out["stored_size"][i] = info.width, info.height
+                out["on_device"][i] = info.device_decodable
+                out["width"][i], out["height"][i] = info.oriented_width, info.oriented_height
+                out["crop"][i] = crop
             else:
                 pixels, width, height, crop = prepared
                 out["pixels"][i] = pixels
@@ -188,7 +228,9 @@ class ShardReader:
 class LandmarkPredictor:
     """Run the keypoint model on a batch. Loads the model once (once per Ray actor).
 
-    On CUDA: bf16 autocast, channels_last. On CPU: fp32, so results match a plain forward pass.
+    The device work is ``pipeline.runner.ModelRunner``'s: on CUDA bf16 autocast, channels_last,
+    pinned double-buffered copies, optional ``torch.compile``; on CPU fp32, so results match a
+    plain forward pass.
     """
 
     def __init__(
@@ -200,10 +242,15 @@ class LandmarkPredictor:
         device: str = "auto",
         num_threads: int | None = None,
         faults: str = "",
+        micro_batch: int = 64,
+        compile: bool = False,
+        compile_backend: str = "inductor",
+        max_pixels: int = DEFAULT_MAX_PIXELS,
     ):
         import torch
 
         from pipeline.model import load_model
+        from pipeline.runner import ModelRunner
 
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -213,41 +260,82 @@ class LandmarkPredictor:
             if threads:
                 torch.set_num_threads(threads)
         model, self.info = load_model(weights, init, storage_options, seed)
-        self.model = model.to(self.device)
-        if self.device.type == "cuda":
-            self.model = self.model.to(memory_format=torch.channels_last)
-        self.mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1)
-        self.std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1)
+        self.runner = ModelRunner(model, self.device, micro_batch, compile, compile_backend)
+        self.max_pixels = max_pixels
         self.faults = FaultPlan(faults)
         self.batches = 0
+        self.cpu_fallbacks = 0  # decode="gpu": images the device decoder did not take
 
-    def forward(self, pixels: np.ndarray) -> np.ndarray:
-        """uint8 NHWC pixels -> (N, 136) model outputs in [0, 1], float32."""
-        import torch
-
-        x = torch.from_numpy(np.ascontiguousarray(pixels)).to(self.device, non_blocking=True)
-        x = x.permute(0, 3, 1, 2).float().div_(255.0)
-        x = (x - self.mean) / self.std
-        on_cuda = self.device.type == "cuda"
-        if on_cuda:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode(), torch.autocast(
-            self.device.type, dtype=torch.bfloat16, enabled=on_cuda
-        ):
-            out = self.model(x)
-        return out.float().cpu().numpy()
+    def forward(self, pixels) -> np.ndarray:
+        """uint8 NHWC pixels (numpy, or a tensor on the device) -> (N, 136) float32 outputs."""
+        return self.runner.run(pixels)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         self.batches += 1
         self.faults.at_predict(self.batches)
-        out = {k: v for k, v in batch.items() if k != "pixels"}
+        out = {k: v for k, v in batch.items()
+               if k != "pixels" and k not in DEVICE_DECODE_COLUMNS}
         n = len(batch["key"])
         landmarks = np.full((n, NUM_LANDMARKS, 2), np.nan, dtype=np.float32)
         ok = np.asarray([not e for e in batch["error"]], dtype=bool)
+        if "encoded" in batch and ok.any():
+            with self.runner.stream():  # decode on the stream the model then runs on
+                pixels, errors = self.decode_on_device(batch, np.flatnonzero(ok))
+            if errors:  # the CPU fallback could not decode them either
+                for column in ("error", "error_kind", "width", "height", "crop"):
+                    out[column] = np.array(batch[column])  # batches may be read-only views
+                keep = np.ones(len(pixels), dtype=bool)
+                for j, (row, exc) in errors.items():
+                    # An error row as the CPU path writes it: size and crop unknown.
+                    out["error"][row], out["error_kind"][row] = str(exc), exc.kind
+                    out["width"][row] = out["height"][row] = 0
+                    out["crop"][row] = np.nan
+                    ok[row], keep[j] = False, False
+                pixels = pixels[np.flatnonzero(keep)] if not keep.all() else pixels
+        elif ok.any():
+            pixels = batch["pixels"][ok]
         if ok.any():
-            outputs = self.forward(batch["pixels"][ok])
+            with self.runner.stream():
+                outputs = self.forward(pixels)
             landmarks[ok] = to_pixels(outputs, batch["crop"][ok])
         out["landmarks"] = landmarks
         out["model_version"] = np.full(n, self.info.version, dtype=object)
         return out
 
+    def decode_on_device(self, batch: dict[str, np.ndarray], rows: np.ndarray):
+        """Decode, crop and resize ``rows`` of a ``decode="gpu"`` batch on the model's device.
+
+        Returns ``(pixels, errors)``: uint8 (len(rows), 224, 224, 3) on the device, and
+        ``{position in rows: (row, SampleError)}`` for images no decoder could read. JPEGs go
+        through ``decode_crop_resize`` (nvJPEG on CUDA) in one call; the rest, and any it could
+        not decode, through the CPU path (PIL) with the same crop."""
+        import torch
+
+        from pipeline.gpu_decode import decode_crop_resize
+
+        encoded = [batch["encoded"][r] for r in rows]
+        device = np.flatnonzero(np.asarray(batch["on_device"])[rows])
+        pixels = torch.zeros((len(rows), INPUT_SIZE, INPUT_SIZE, 3), dtype=torch.uint8,
+                             device=self.runner.device)
+        failed = sorted(set(range(len(rows))) - set(device.tolist()))
+        if len(device):
+            picked = rows[device]
+            decoded, not_decoded = decode_crop_resize(
+                [encoded[j] for j in device], batch["orientation"][picked],
+                batch["crop"][picked], self.runner.device,
+                stored_sizes=batch["stored_size"][picked])
+            pixels[torch.from_numpy(device).to(pixels.device)] = decoded
+            failed = sorted(failed + [int(device[k]) for k in not_decoded])
+        errors = {}
+        for j in failed:
+            self.cpu_fallbacks += 1
+            try:
+                image = decode_image(bytes(encoded[j]), self.max_pixels)
+                cpu = crop_and_resize(image, tuple(batch["crop"][rows[j]]))
+                pixels[j] = torch.from_numpy(cpu).to(pixels.device)
+            except SampleError as exc:
+                errors[j] = (int(rows[j]), exc)
+            except Exception as exc:  # a decoder bug costs one sample, not the batch
+                errors[j] = (int(rows[j]), SampleError(
+                    f"unexpected {exc.__class__.__name__} while decoding: {exc}"))
+        return pixels, errors

@@ -37,6 +37,8 @@ def test_benchmark_measures_the_three_configurations(ray_session, tmp_path):
         "0",
         "--steps",
         "1",
+        "--decode",
+        "cpu,gpu",
         "--workdir",
         str(tmp_path / "work"),
         "--out",
@@ -45,7 +47,16 @@ def test_benchmark_measures_the_three_configurations(ray_session, tmp_path):
     _load_benchmark().main(argv)
 
     result = json.loads((tmp_path / "results" / "benchmark.json").read_text())
-    assert result["device"] == "cpu" and result["batch_size"] == 2
+    assert result["device"] == "cpu" and result["batch_size"] == 2 and not result["compile"]
+    assert list(result["pipelines"]) == ["cpu", "gpu"]
+    assert result["pipelines"]["cpu"] == result["pipeline"]
+    read = result["read_stage_per_core"]
+    assert read["cpu"]["images"] == read["gpu"]["images"] == images
+    gpu_decode = result["pipelines"]["gpu"]  # on a CPU machine the CPU actor decodes
+    assert gpu_decode["plan"]["decode"] == "gpu" and not gpu_decode["plan"]["use_gpu"]
+    assert gpu_decode["images"] == images and gpu_decode["errors"] == 0
+    assert result["ratios"]["pipeline_gpu_over_model"] == pytest.approx(
+        gpu_decode["images_per_s"] / result["model_alone"]["images_per_s"])
     assert result["images"] == images and result["shards"] == shards
     model, pipe, base = result["model_alone"], result["pipeline"], result["baseline"]
     assert model["images"] == 2  # one timed step of one batch
@@ -67,9 +78,11 @@ def test_benchmark_measures_the_three_configurations(ray_session, tmp_path):
         expected["steady_pipeline_over_baseline"] = steady / base.get(
             "steady_images_per_s", base["images_per_s"]
         )
-    assert result["ratios"] == pytest.approx(expected)
+    assert {k: v for k, v in result["ratios"].items() if "_gpu_" not in k} == pytest.approx(
+        expected)
 
     work = tmp_path / "work"  # kept, since it was given: shards, loose JPEGs, one file a shard
     assert len(list((work / "shards").glob("*.tar"))) == shards
     assert len(list((work / "jpegs").glob("*.jpg"))) == images
-    assert len(list((work / "landmarks").glob("part-*.parquet"))) == shards
+    for decode in ("cpu", "gpu"):
+        assert len(list((work / f"landmarks-{decode}").glob("part-*.parquet"))) == shards

@@ -1,0 +1,245 @@
+"""--decode cpu|gpu|auto through the stages and the job, the run plan, and the model runner."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.gpu_decode import LANDMARK_TOLERANCE_PX, TOLERANCE
+from pipeline.inference import InferConfig, plan, run_inference
+from pipeline.runner import ModelRunner
+from pipeline.shards import list_shards
+from pipeline.stages import LandmarkPredictor, ShardReader
+from pipeline.synthetic import render_face
+
+
+def jpeg(image: Image.Image, orientation: int = 1, **save) -> bytes:
+    buf = io.BytesIO()
+    exif = Image.Exif()
+    if orientation != 1:
+        exif[0x0112] = orientation
+    image.save(buf, "JPEG", quality=90, exif=exif, **save)
+    return buf.getvalue()
+
+
+def write_tar(path, members):
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+@pytest.fixture(scope="module")
+def mixed_shard(tmp_path_factory):
+    """JPEGs of several sizes and orientations with boxes, a PNG, a CMYK JPEG, a cut JPEG."""
+    folder = tmp_path_factory.mktemp("mixed")
+    rng = np.random.default_rng(5)
+    members = []
+    for i, (size, orientation) in enumerate([((640, 480), 1), ((320, 240), 6), ((250, 250), 3),
+                                             ((96, 72), 8), ((1024, 768), 1)]):
+        image, _, bbox = render_face(rng, size)
+        members.append((f"j{i}.jpg", jpeg(image, orientation)))
+        if orientation == 1:  # boxes in oriented pixels: only where orientation keeps them
+            members.append((f"j{i}.json", json.dumps({"bbox": bbox}).encode()))
+    image, _, _ = render_face(rng, (200, 150))
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
+    members.append(("p.png", buf.getvalue()))
+    members.append(("k.jpg", jpeg(image.convert("CMYK"))))
+    members.append(("t.jpg", jpeg(image)[:1500]))  # cut short: no decoder can read it all
+    write_tar(folder / "mixed.tar", members)
+    return list_shards(str(folder))[0]
+
+
+def rows_of(shard, decode):
+    batches = list(ShardReader(decode=decode, rows_per_batch=64).read(shard))
+    assert len(batches) == 1
+    return batches[0]
+
+
+def test_gpu_mode_rows_carry_the_bytes_and_the_same_crops(mixed_shard):
+    cpu, gpu = rows_of(mixed_shard, "cpu"), rows_of(mixed_shard, "gpu")
+    assert "pixels" not in gpu and "encoded" not in cpu
+    assert gpu["key"].tolist() == cpu["key"].tolist() == ["j0", "j1", "j2", "j3", "j4", "p", "k",
+                                                          "t"]
+    ok = np.asarray([not e for e in cpu["error"]])
+    assert ok.tolist() == [True] * 7 + [False]  # the cut JPEG fails on the CPU path
+    np.testing.assert_array_equal(gpu["crop"][ok], cpu["crop"][ok])
+    np.testing.assert_array_equal(gpu["width"][ok], cpu["width"][ok])
+    np.testing.assert_array_equal(gpu["height"][ok], cpu["height"][ok])
+    assert gpu["orientation"][:4].tolist() == [1, 6, 3, 8]
+    assert gpu["stored_size"][1].tolist() == [320, 240] and gpu["width"][1] == 240
+    with tarfile.open(mixed_shard.uri) as tar:
+        assert bytes(gpu["encoded"][0]) == tar.extractfile("j0.jpg").read()
+    # The header looks fine, so the read task leaves the cut JPEG to the predictor.
+    assert gpu["error"][7] == ""
+
+
+def test_predictor_gives_the_cpu_paths_landmarks_from_encoded_rows(mixed_shard, weights_file):
+    cpu, gpu = rows_of(mixed_shard, "cpu"), rows_of(mixed_shard, "gpu")
+    predictor = LandmarkPredictor(weights=weights_file[0], device="cpu")
+    a, b = predictor(cpu), predictor(gpu)
+    assert predictor.cpu_fallbacks == 3  # PNG, CMYK JPEG and the cut JPEG went to PIL
+    assert b["error"][7] == cpu["error"][7] and b["error_kind"][7] == "decode"
+    assert (b["width"][7], b["height"][7]) == (0, 0) and np.isnan(b["crop"][7]).all()
+    assert b["error_kind"].tolist() == a["error_kind"].tolist()
+    assert np.isnan(b["landmarks"][7]).all()
+    diff = np.abs(a["landmarks"][:7] - b["landmarks"][:7])
+    assert diff.max() <= LANDMARK_TOLERANCE_PX
+    # And the model input itself: the decoded crops against the CPU path's pixels.
+    rows = np.arange(7)
+    pixels, errors = predictor.decode_on_device(gpu, rows)
+    assert errors == {}
+    for i in rows:
+        mean, p99, within = TOLERANCE.check(pixels[i].numpy(), cpu["pixels"][i])
+        assert within, (gpu["key"][i], mean, p99)
+    # The PNG took the CPU path inside the predictor: exactly the read task's pixels.
+    np.testing.assert_array_equal(pixels[5].numpy(), cpu["pixels"][5])
+
+
+def test_a_shifted_crop_is_outside_the_tolerance(mixed_shard, weights_file):
+    """The tolerance is tight enough to see a geometry error of a few source pixels."""
+    cpu, gpu = rows_of(mixed_shard, "cpu"), rows_of(mixed_shard, "gpu")
+    gpu["crop"] = gpu["crop"].copy()
+    gpu["crop"][0, 0] += 6.0  # 640x480 face box: ~2 px at the 224 scale
+    predictor = LandmarkPredictor(weights=weights_file[0], device="cpu")
+    pixels, _ = predictor.decode_on_device(gpu, np.arange(1))
+    assert not TOLERANCE.check(pixels[0].numpy(), cpu["pixels"][0])[2]
+
+
+def test_the_job_gives_the_same_rows_with_either_decode_mode(ray_session, tmp_path, mixed_shard,
+                                                            weights_file):
+    results = {}
+    for decode in ("cpu", "gpu"):
+        cfg = InferConfig(input=mixed_shard.uri, output=str(tmp_path / decode),
+                          weights=weights_file[0], device="cpu", decode=decode, batch_size=4)
+        summary = run_inference(cfg)
+        assert (summary.samples, summary.errors) == (8, 1)
+        results[decode] = pq.read_table(summary.files[0]).to_pydict()
+    cpu, gpu = results["cpu"], results["gpu"]
+    assert gpu["key"] == cpu["key"] and gpu["error_kind"] == cpu["error_kind"]
+    assert gpu["width"] == cpu["width"] and gpu["crop"] == cpu["crop"]
+    a = np.asarray([p for p, e in zip(cpu["landmarks"], cpu["error"], strict=True) if not e],
+                   dtype=np.float32)
+    b = np.asarray([p for p, e in zip(gpu["landmarks"], gpu["error"], strict=True) if not e],
+                   dtype=np.float32)
+    assert a.shape == (7, 68, 2) and np.abs(a - b).max() <= LANDMARK_TOLERANCE_PX
+
+
+@pytest.mark.parametrize("cpus, gpus, device, decode, expected", [
+    (16, 1, "auto", "auto", (True, "gpu", 512, 1, 1, 2)),   # an H100 node: the GPU decodes
+    (64, 1, "auto", "auto", (True, "cpu", 512, 1, 1, 2)),   # 64 cores outrun one GPU's model
+    (96, 8, "auto", "auto", (True, "gpu", 512, 8, 1, 2)),   # 12 cores per GPU
+    (2, 0, "auto", "auto", (False, "cpu", 64, 1, 1, 1)),    # this CPU machine
+    (2, 0, "cpu", "gpu", (False, "gpu", 64, 1, 1, 1)),      # asked for: the CPU actor decodes
+    (16, 1, "cpu", "auto", (False, "cpu", 64, 1, 15, 1)),   # CPU actors on a GPU cluster
+])
+def test_plan_resolves_the_auto_settings(cpus, gpus, device, decode, expected):
+    p = plan(InferConfig(input="i", output="o", device=device, decode=decode), cpus, gpus)
+    assert (p.use_gpu, p.decode, p.batch_size, p.pool_size, p.actor_cpus,
+            p.concurrency) == expected
+
+
+def test_plan_overrides_and_errors():
+    cfg = InferConfig(input="i", output="o", compile=True, num_predictors=2,
+                      predictor_concurrency=3, predictor_cpus=4)
+    p = plan(cfg, 32, 2)
+    assert (p.batch_size, p.pool_size, p.concurrency, p.actor_cpus) == (256, 2, 3, 4)
+    assert plan(InferConfig(input="i", output="o", batch_size=100), 32, 2).batch_size == 100
+    with pytest.raises(ValueError, match="has no GPUs"):
+        plan(InferConfig(input="i", output="o", device="cuda"), 8, 0)
+    with pytest.raises(ValueError, match="decode must be one of"):
+        InferConfig(input="i", output="o", decode="tpu")
+
+
+class TinyModel(torch.nn.Module):
+    """Stands in for VGG16 in runner tests: cheap, and a function of each image alone."""
+
+    def __init__(self, fail_above: int | None = None):
+        super().__init__()
+        self.fail_above = fail_above
+        self.calls: list[int] = []
+        self.head = torch.nn.Linear(3, 136)
+
+    def forward(self, x):
+        self.calls.append(x.shape[0])
+        if self.fail_above is not None and x.shape[0] > self.fail_above:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return torch.sigmoid(self.head(x.mean(dim=(2, 3))))
+
+
+def test_runner_micro_batches_give_the_whole_batch_result():
+    pixels = np.random.default_rng(0).integers(0, 256, (10, 224, 224, 3), dtype=np.uint8)
+    torch.manual_seed(0)
+    model = TinyModel()
+    whole = ModelRunner(model, "cpu", micro_batch=10).run(pixels)
+    model.calls.clear()
+    parts = ModelRunner(model, "cpu", micro_batch=4).run(pixels)
+    assert model.calls == [4, 4, 2]
+    np.testing.assert_allclose(parts, whole, rtol=1e-6, atol=1e-7)
+    assert ModelRunner(model, "cpu").run(pixels[:0]).shape == (0, 136)
+
+
+def test_runner_halves_the_micro_batch_on_out_of_memory():
+    pixels = np.random.default_rng(1).integers(0, 256, (10, 224, 224, 3), dtype=np.uint8)
+    torch.manual_seed(0)
+    reference = ModelRunner(TinyModel(), "cpu", micro_batch=10).run(pixels)
+    torch.manual_seed(0)
+    model = TinyModel(fail_above=3)
+    runner = ModelRunner(model, "cpu", micro_batch=10)
+    out = runner.run(pixels)
+    assert runner.micro_batch == 2  # 10 -> 5 -> 2, and it stays there for later batches
+    assert model.calls == [10, 5, 2, 2, 2, 2, 2]
+    np.testing.assert_allclose(out, reference, rtol=1e-6, atol=1e-7)
+    with pytest.raises(torch.cuda.OutOfMemoryError):  # even one image does not fit: give up
+        ModelRunner(TinyModel(fail_above=0), "cpu", micro_batch=4).run(pixels[:4])
+
+
+def test_compiled_runner_pads_to_one_shape():
+    pixels = np.random.default_rng(2).integers(0, 256, (7, 224, 224, 3), dtype=np.uint8)
+    torch.manual_seed(0)
+    model = TinyModel()
+    eager = ModelRunner(model, "cpu", micro_batch=4).run(pixels)
+    model.calls.clear()
+    # The "eager" backend runs the graph dynamo captured, without inductor's C++ compile time.
+    compiled = ModelRunner(model, "cpu", micro_batch=4, compile=True, compile_backend="eager")
+    out = compiled.run(pixels)
+    assert set(model.calls) == {4}  # the warm-up, then 4 + 3 padded to 4
+    np.testing.assert_allclose(out, eager, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_pipelined_runner_matches_one_pass(weights_file):
+    from pipeline.model import load_model
+
+    pixels = np.random.default_rng(3).integers(0, 256, (37, 224, 224, 3), dtype=np.uint8)
+    model, _ = load_model(weights_file[0])
+    one = ModelRunner(model, "cuda", micro_batch=64).run(pixels)
+    piped = ModelRunner(model, "cuda", micro_batch=8).run(pixels)  # 5 micro-batches, 2 buffers
+    on_device = ModelRunner(model, "cuda", micro_batch=8).run(torch.from_numpy(pixels).cuda())
+    np.testing.assert_allclose(piped, one, atol=1e-2)
+    np.testing.assert_allclose(on_device, one, atol=1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_nvjpeg_predictor_matches_the_cpu_path(mixed_shard, weights_file):
+    cpu, gpu = rows_of(mixed_shard, "cpu"), rows_of(mixed_shard, "gpu")
+    predictor = LandmarkPredictor(weights=weights_file[0], device="cuda")
+    pixels, errors = predictor.decode_on_device(gpu, np.arange(7))
+    assert errors == {} and pixels.device.type == "cuda"
+    for i in range(7):
+        mean, p99, within = TOLERANCE.check(pixels[i].cpu().numpy(), cpu["pixels"][i])
+        assert within, (gpu["key"][i], mean, p99)
+    a = LandmarkPredictor(weights=weights_file[0], device="cuda")(cpu)["landmarks"][:7]
+    b = predictor(gpu)["landmarks"][:7]
+    assert np.abs(a - b).max() <= 1.0  # bf16 on both sides; pixels within TOLERANCE
