@@ -19,7 +19,7 @@ from pipeline.config import (
     save_config,
     storage_reference,
 )
-from pipeline.inference import DEVICES, InferConfig
+from pipeline.inference import DECODES, DEVICES, InferConfig
 from pipeline.model import INIT_CHOICES
 from pipeline.preprocess import DEFAULT_MARGIN, DEFAULT_MAX_PIXELS
 from pipeline.shards import FORMATS
@@ -80,13 +80,26 @@ def add_infer_arguments(parser: argparse.ArgumentParser) -> None:
                      help="refuse images above this many pixels, before decoding them")
 
     run = parser.add_argument_group("execution")
-    run.add_argument("--batch-size", type=int, default=64, help="model batch size (default 64)")
+    run.add_argument("--batch-size", type=int,
+                     help="model batch size (default: 512 on GPU, 256 with --compile, 64 on "
+                          "CPU); on GPU out-of-memory the actor halves it and goes on")
     run.add_argument("--num-predictors", type=int,
                      help="predictor actors (default: one per GPU, or 1 on CPU)")
     run.add_argument("--predictor-cpus", type=float,
                      help="CPUs per predictor actor (default: 1 with GPUs, else all but one)")
     run.add_argument("--device", choices=DEVICES, default="auto",
                      help="auto: GPU actors when the cluster has GPUs")
+    run.add_argument("--decode", choices=DECODES, default="auto",
+                     help="where images are decoded, cropped and resized: cpu (PIL in the read "
+                          "tasks), gpu (nvJPEG in the predictor actors; non-JPEG images fall "
+                          "back to the CPU per sample), auto (gpu when the cluster has fewer "
+                          "than ~50 CPUs per GPU, the cores it takes to keep one H100 fed)")
+    run.add_argument("--compile", action="store_true",
+                     help="torch.compile the model in each actor (faster steady state on GPU, "
+                          "~1 min of compiling at start; off by default)")
+    run.add_argument("--predictor-concurrency", type=int,
+                     help="batches each predictor actor works on at once (default: 2 on GPU, "
+                          "so copies and host work overlap the GPU's compute; 1 on CPU)")
     run.add_argument("--ray-address", help="Ray cluster (default: RAY_ADDRESS, else local Ray)")
     run.add_argument("--force", action="store_true",
                      help="redo every shard, even those an earlier run completed with the same "
@@ -103,7 +116,9 @@ def infer_config(args: argparse.Namespace) -> InferConfig:
         key_column=args.key_column, files_per_shard=args.files_per_shard, margin=args.margin,
         max_pixels=args.max_pixels, batch_size=args.batch_size,
         num_predictors=args.num_predictors, predictor_cpus=args.predictor_cpus,
-        device=args.device, ray_address=args.ray_address, force=args.force,
+        device=args.device, decode=args.decode, compile=args.compile,
+        predictor_concurrency=args.predictor_concurrency, ray_address=args.ray_address,
+        force=args.force,
         max_error_fraction=args.max_error_fraction,
         storage_options=resolve_storage_options(
             args.storage_options, [args.input, args.output, args.weights]),
@@ -175,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_finetune_parser(commands)
     add_evaluate_parser(commands)
     add_import_pts_parser(commands)
+    from pipeline.nightly import add_nightly_parser  # here: nightly uses pipeline.cli
+    add_nightly_parser(commands)
     return parser
 
 

@@ -15,6 +15,7 @@ overrides and defaults merged) that the job prints and saves beside its output, 
 from __future__ import annotations
 
 import argparse
+import datetime
 import difflib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -93,6 +94,8 @@ def _check_value(action: argparse.Action, value: Any, where: str) -> Any:
         if action.required:
             raise ConfigError(f"{where} is required and cannot be null")
         return None
+    if isinstance(value, datetime.date):  # YAML reads an unquoted 2026-11-20 as a date
+        value = value.isoformat()
     kind = action.type
     if kind is storage_options_arg:
         if isinstance(value, str):

@@ -26,7 +26,7 @@ def test_config_sets_options_and_flags_override(tmp_path):
     assert args.batch_size == 16 and args.margin == 0.2  # the command line wins
     assert args.max_error_fraction == 0.0 and isinstance(args.max_error_fraction, float)
     plain = parse_args(["infer"])  # a config never leaks into a later parse
-    assert plain.batch_size == 64 and plain.input is None
+    assert plain.batch_size is None and plain.input is None
 
 
 def test_resolved_config_round_trips(tmp_path):
@@ -39,7 +39,7 @@ def test_resolved_config_round_trips(tmp_path):
     resolved = job_config(args)
     assert resolved["storage_options"] == f"@{secrets}"  # by reference: no secret in it
     assert resolved["seed"] == 3 and resolved["num_predictors"] == 2
-    assert resolved["batch_size"] == 64  # defaults are written out too
+    assert resolved["margin"] == 0.25  # defaults are written out too
     assert "config" not in resolved and "run" not in resolved
 
     saved = tmp_path / "resolved.yaml"
@@ -97,6 +97,9 @@ def test_config_satisfies_required_options_of_other_jobs(tmp_path):
         parse_args(["finetune", "--config", write(tmp_path / "h.yaml", "fail_at_step: 2\n")])
     with pytest.raises(SystemExit):  # still required when neither the file nor a flag sets it
         parse_args(["finetune", "--config", write(tmp_path / "p.yaml", "input: data/\n")])
+    nightly = parse_args(["nightly", "--config", write(tmp_path / "n.yaml",
+                          "input: in/\noutput: out/\nsince: 2026-11-18\n")])
+    assert nightly.since == "2026-11-18"  # unquoted in the YAML: a date, taken as text
     ev = parse_args(["evaluate", "--config",
                      write(tmp_path / "ev.yaml", "labels: l/\npredictions: p/\noutput: r.json\n")])
     assert (ev.labels, ev.predictions, ev.weights) == ("l/", "p/", None)

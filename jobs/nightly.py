@@ -1,0 +1,12 @@
+"""Nightly incremental job: ``ray job submit --working-dir . -- python jobs/nightly.py --help``."""
+
+import sys
+from pathlib import Path
+
+# Under `ray job submit --working-dir .` the project is the working directory, not installed.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.cli import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main(["nightly", *sys.argv[1:]]))
