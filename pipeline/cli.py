@@ -190,8 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_finetune_parser(commands)
     add_evaluate_parser(commands)
     add_import_pts_parser(commands)
-    from pipeline.nightly import add_nightly_parser  # here: nightly uses pipeline.cli
+    # Imported here: both modules use pipeline.cli themselves.
+    from pipeline.nightly import add_nightly_parser
+    from pipeline.submit import add_submit_parser
+
     add_nightly_parser(commands)
+    add_submit_parser(commands)
     return parser
 
 
