@@ -2,44 +2,53 @@
 
 The CPU path (``preprocess.preprocess``) decodes with PIL, applies the EXIF orientation, cuts
 the crop square (black outside the image) and resizes it to 224x224. This module does the same
-on a torch device, split in two halves so that only the encoded bytes travel to the GPU actor:
+on a torch device, in two halves, so that only the encoded bytes travel to the GPU actor:
 
-* ``probe(data, max_pixels) -> Probe``, in the CPU read task: header only (PIL ``Image.open``
-  without ``load()`` plus a walk over the JPEG markers up to the first scan). It gives the stored
-  and EXIF-oriented size, so the task can validate the box and compute the crop
-  (``probe_and_crop`` does both, in ``preprocess``'s order) without decoding a pixel, raises
-  ``SampleError`` with the CPU path's kinds and messages for empty, unreadable and oversized
-  images, and says whether the device may decode the bytes (``device_decodable``: 8-bit
-  Huffman baseline or progressive JPEG, grey or YCbCr, common chroma subsampling, complete).
-  Anything else (PNG, PPM, CMYK, arithmetic-coded, truncated, ...) goes through the CPU path.
-* ``decode_crop_resize(encoded, orientations, crops, device) -> (pixels, failed)``, in the
-  predictor actor: one batched ``torchvision.io.decode_jpeg(list, device=...)`` (nvJPEG on
-  CUDA, libjpeg-turbo on CPU); if the batch call fails, each image is retried alone and the
-  ones that still fail are returned in ``failed`` (zeros in ``pixels``) so the caller can run
-  the CPU path for those samples. Then, per image, the EXIF orientation as a transpose/flip of
-  the needed window only, and crop + resize reproducing ``preprocess.crop_and_resize`` step by
-  step: black padding to a multiple of the integer factor ``f = int(side / 224)`` and PIL's
-  ``reduce(f)`` box average (same fixed-point rounding) when ``f >= 2``, then PIL's affine
-  BILINEAR sampling (pixel-centre mapping, edge clamping, black where the sample point falls
-  outside the image, truncation to uint8), computed in float64 in PIL's order of operations.
+* ``probe(data, max_pixels) -> Probe`` and ``probe_and_crop(data, bbox, margin, max_pixels) ->
+  (Probe, crop)``, in the CPU read task: the header only (PIL ``Image.open`` without ``load()``
+  and a walk over the JPEG markers up to the first scan). They give the stored and the
+  EXIF-oriented size and the crop ``(x0, y0, side)`` exactly as ``preprocess`` computes it,
+  raise ``SampleError`` with the CPU path's kinds and messages for empty, unreadable and
+  oversized images and bad boxes, and say whether the device may decode the bytes
+  (``Probe.device_decodable``, ``device_decode_problem``: 8-bit Huffman baseline or
+  progressive JPEG, grey or YCbCr, chroma 4:4:4 / 4:2:2 / 4:4:0 / 4:2:0, not cut short).
+  Anything else (PNG, PPM, CMYK, arithmetic-coded, truncated, ...) takes the CPU path.
+* ``decode_crop_resize(encoded, orientations, crops, device, size, stored_sizes) ->
+  (pixels, failed)``, in the predictor actor: one batched ``torchvision.io.decode_jpeg(list,
+  device=...)`` (nvJPEG on CUDA, libjpeg-turbo on CPU); when that call fails, each image is
+  retried alone, and the ones that still fail (or that the header check rejects) come back in
+  ``failed`` for the CPU path. Then the crop and resize reproduce ``preprocess.crop_and_resize``
+  step by step: black padding to whole boxes and PIL's ``reduce(f)`` box average (its fixed-
+  point rounding included) when ``f = int(side / 224) >= 2``, then PIL's affine BILINEAR
+  sampling (pixel-centre mapping, edge clamping, black where a sample point falls outside the
+  image, truncation to uint8) in float64 and in PIL's order of operations. The EXIF
+  orientation is a transposed view of the decoded image plus mirrored sample indices, so no
+  pixels move for it; per image only the window the crop touches is copied (and box-averaged:
+  a few small tensor ops), and the sampling runs on up to 64 images at once.
 
-Only the window of the image that the crop touches is reduced and sampled, so the work per
-image is about ``side**2`` pixels plus the decode, whatever the image size.
+Tolerance. With the same decoder (device="cpu": torchvision and Pillow both decode with
+libjpeg-turbo) the output is bit-identical to the CPU path on every image tested (72 cases:
+synthetic faces 50x40 to 1917x1077, all 8 orientations, odd sizes, grey, progressive,
+4:2:0 / 4:2:2 / 4:4:4, MPO, boxes inside and across the border, no box, the 1920x1080
+photo). ``SAME_DECODER_TOLERANCE`` (mean |diff| <= 0.05, p99 <= 1 level) leaves room only for
+another libjpeg-turbo build's rounding; a crop moved by half an output pixel (min. 0.35 / 4
+levels over the test images), a wrong orientation, a missing box average or padding on the
+wrong side of a mirrored axis all exceed it, so the geometry is checked there, on CPU and,
+against nvJPEG's own decoded image, on CUDA.
 
-Tolerance (``TOLERANCE``): with the same decoder (device="cpu": torchvision and Pillow both
-use libjpeg-turbo) the output is bit-identical to the CPU path on every image measured
-(synthetic faces 50x40 to 1920x1080, all 8 orientations, grey, progressive, 4:2:0 / 4:2:2 /
-4:4:4, boxes inside and across the border, no box; the 1920x1080 photo). nvJPEG uses its own
-IDCT and plain (not "fancy") chroma upsampling, so on CUDA the pixels differ by decoder noise;
-emulating box-upsampled chroma on CPU gave a mean |diff| of at most 0.76 levels and a 99th
-percentile of at most 7 levels over the test images. The stated bound,
-``mean |diff| <= 1.5`` and ``p99 |diff| <= 12`` levels of the 224x224x3 uint8 input, leaves
-margin for that while a crop shifted by one output pixel (side / 224 source pixels), a
-half-pixel shift, a wrong orientation or a missing antialias all exceed it on the test
-images (``tests/test_gpu_decode.py`` checks both directions). On landmarks, with the same
-decoder the model sees identical inputs, so the landmarks are identical; under
-emulated-nvJPEG noise a random-weight model moved them by at most ~0.01 px of the source
-image (``LANDMARK_TOLERANCE_PX`` = 0.5 px is the bound the tests assert).
+nvJPEG has its own IDCT and upsamples chroma by repetition where libjpeg interpolates, so on
+CUDA the pixels also differ by decoder noise. No GPU was at hand to measure it; emulating such
+a decoder on CPU (chroma repeated, +-1 level of IDCT noise) gave at most mean 2.55 / p99 18
+levels on a 50x40 face magnified ~5x, 1.1 / 10 on crops of 224 to 448 pixels and 0.3 / 3 on
+larger ones. ``TOLERANCE`` (mean |diff| <= 3, p99 <= 24 levels of the 224x224x3 uint8 input,
+per image) bounds that decoder difference; it still catches a wrong orientation, or a face
+crop moved by two output pixels along both axes, while a half-pixel error can hide in decoder
+noise on magnified crops (hence the exact geometry check above). ``tests/test_gpu_decode.py``
+checks both directions; its CUDA tests report the measured worst case.
+
+On landmarks: the same pixels give the same landmarks; the emulated decoder noise moved a
+random-weight model's landmarks by at most 0.09 px of the source image, against
+``LANDMARK_TOLERANCE_PX`` = 0.5 px.
 """
 
 from __future__ import annotations
@@ -79,9 +88,10 @@ class Tolerance:
 
 
 # Any device (nvJPEG's decoder noise included) against preprocess.preprocess.
-TOLERANCE = Tolerance(mean_abs=1.5, p99_abs=12.0)
-# The same decoder (device="cpu"): the geometry is reproduced exactly.
-SAME_DECODER_TOLERANCE = Tolerance(mean_abs=0.0, p99_abs=0.0)
+TOLERANCE = Tolerance(mean_abs=3.0, p99_abs=24.0)
+# The same decoded image (device="cpu", or nvJPEG's image through crop_and_resize): measured
+# bit-identical; the bound allows for another libjpeg-turbo build's rounding.
+SAME_DECODER_TOLERANCE = Tolerance(mean_abs=0.05, p99_abs=1.0)
 # Landmarks from the two paths' pixels, in pixels of the oriented source image.
 LANDMARK_TOLERANCE_PX = 0.5
 
@@ -98,7 +108,7 @@ _ORIENT = {
     7: (True, True, True),
     8: (True, False, True),
 }
-_DEVICE_SOF = {0xC0: "baseline", 0xC2: "progressive"}
+_DEVICE_SOF = {0xC0, 0xC2}  # baseline, progressive (Huffman-coded)
 _SOF_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 # Luma sampling factors nvJPEG decodes (chroma at 1x1): 4:4:4, 4:2:2, 4:4:0, 4:2:0.
 _LUMA_SAMPLING = {(1, 1), (2, 1), (1, 2), (2, 2)}
@@ -132,8 +142,8 @@ def probe(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Probe:
     Raises ``SampleError`` as ``preprocess.decode_image`` does (``empty``, ``too_large``,
     ``decode``) for what the header already shows; errors that only decoding reveals (a
     truncated JPEG, a broken PNG CRC) come from the CPU fallback, since such images are not
-    ``device_decodable``. For JPEG, WebP and TIFF the EXIF block sits in the header; PNG may
-    keep it after the pixels, and PIL then decodes the image to find it.
+    ``device_decodable``. For JPEG, WebP and TIFF the EXIF block sits in the header; a PNG may
+    keep it after the pixels, so PIL decodes a PNG to look for it.
     """
     if not data:
         raise SampleError("empty image (0 bytes)", "empty")
