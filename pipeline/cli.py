@@ -142,8 +142,8 @@ def run_infer(args: argparse.Namespace) -> int:
     elif args.output is None:
         raise SystemExit("error: --output is required with --input")
     cfg = infer_config(args)
-    announce_config(args, f"{cfg.output.rstrip('/')}/_config.yaml", cfg.storage_options)
-    summary = run_inference(cfg)
+    config = announce_config(args)  # saved beside the output once the job has started
+    summary = run_inference(cfg, config)
     print(f"summary: {summary.line()}", flush=True)
     if args.preview:
         drawn = save_preview(args.input, args.output, args.preview, fmt=args.format,
@@ -228,13 +228,14 @@ def job_config(args: argparse.Namespace) -> dict:
 
 
 def announce_config(args: argparse.Namespace, uri: str | None = None,
-                    storage_options=None) -> None:
-    """Print the resolved config and save it to ``uri`` (beside the job's output)."""
+                    storage_options=None) -> dict:
+    """Print the resolved config, save it to ``uri`` if given, and return it."""
     config = job_config(args)
     print(f"resolved config:\n{dump_config(config)}", end="", flush=True)
     if uri:
         save_config(config, uri, storage_options)
         logging.info("resolved config saved to %s (reuse it with --config)", uri)
+    return config
 
 
 def main(argv: Sequence[str] | None = None) -> int:

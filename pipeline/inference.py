@@ -36,6 +36,7 @@ log = logging.getLogger("pipeline")
 
 DEVICES = ("auto", "cuda", "cpu")
 DECODES = ("auto", "cpu", "gpu")
+CONFIG_FILE = "_config.yaml"
 READ_TASK_RETRIES = 3
 ACTOR_RESTARTS = 3
 # Batch sizes by device (model batch = Ray Data batch); ../shared/DESIGN.md measured the model
@@ -166,11 +167,13 @@ class _ShardCollector:
         return sorted(self.parts)
 
 
-def run_inference(cfg: InferConfig) -> Summary:
+def run_inference(cfg: InferConfig, job_config: Mapping[str, Any] | None = None) -> Summary:
     """Run the whole job and return its summary; output files are committed shard by shard.
 
     Shards completed by an earlier run with the same model and settings are skipped unless
-    ``cfg.force``."""
+    ``cfg.force``. ``job_config`` (the resolved command-line config) is saved as
+    ``OUTPUT/_config.yaml`` once the input is listed and the model loads, so a job that fails
+    its checks leaves nothing behind."""
     started = time.time()
     start_iso = datetime.now(timezone.utc).isoformat(timespec="seconds")
     output = cfg.output.rstrip("/")
@@ -182,6 +185,11 @@ def run_inference(cfg: InferConfig) -> Summary:
     settings = settings_id(cfg.result_settings())
 
     remove_stale_temporary_files(output)
+    if job_config is not None:
+        from pipeline.config import save_config
+
+        save_config(job_config, f"{output}/{CONFIG_FILE}", cfg.storage_options)
+        log.info("resolved config saved to %s/%s (reuse it with --config)", output, CONFIG_FILE)
     done = {} if cfg.force else completed_shards(output, shards, model_info.version, settings,
                                                  cfg.storage_options)
     todo = [s for s in shards if s.name not in done]

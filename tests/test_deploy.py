@@ -661,8 +661,9 @@ def test_aws_cluster_config_is_valid_for_the_launcher():
 # deploy/README.md
 
 
-def readme_commands() -> list[str]:
-    blocks = re.findall(r"```[a-z]*\n(.*?)```", README.read_text(), flags=re.S)
+def readme_commands(text: str | None = None) -> list[str]:
+    blocks = re.findall(r"```[a-z]*\n(.*?)```", README.read_text() if text is None else text,
+                        flags=re.S)
     commands = []
     for block in blocks:
         for line in block.replace("\\\n", " ").splitlines():
@@ -697,6 +698,18 @@ def test_readme_job_commands_parse_with_their_jobs_parsers():
         parse_command(job_command, files)
         parsed += 1
     assert parsed >= 6, parsed
+
+
+def test_cluster_section_of_the_main_readme_parses():
+    """The exact commands of README.md's "Running on a cluster" parse with the jobs' parsers."""
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("## Running on a cluster"):]
+    section = section[:section.index("\n## ", 1)]
+    files = job_config_files()["files"]
+    commands = [c for c in map(job_commands, readme_commands(section)) if c is not None]
+    jobs = [parse_command(command, files)[0] for command in commands]
+    assert {"infer", "finetune", "nightly", "ledger"} <= set(jobs), jobs
+    assert len(commands) >= 7, commands
 
 
 def test_readme_covers_every_deploy_file():
