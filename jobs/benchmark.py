@@ -3,7 +3,7 @@
     python jobs/benchmark.py                # GPU machine: 30,000 640x480 faces, batch 512,
                                             # the pipeline with --decode cpu and --decode gpu
     python jobs/benchmark.py --compile      # the same with torch.compile (batch 256)
-    python jobs/benchmark.py --device cpu   # CPU: 64 faces in shards of 16, batch 8
+    python jobs/benchmark.py --device cpu   # CPU: 64 faces in shards of 16, batch 16
 
 All three run the same model (``--weights``, else ``--init``/``--seed``) through the same
 ``pipeline.runner.ModelRunner`` code with the same batch size, precision (bf16 autocast +
@@ -64,10 +64,10 @@ from pipeline.synthetic import write_sample_archive  # noqa: E402
 # Per device: images, images per shard, untimed and timed model-alone steps, decode modes of the
 # pipeline. CUDA: the warm-up covers cuDNN's algorithm choice (and compiling), 30 steps of 512
 # take ~2 s in bf16 on an H100. CPU: VGG16 takes ~0.5 s per image on 2 cores, so few steps.
-# Batch sizes: the job's own defaults (pipeline.inference.DEFAULT_BATCH_SIZE), 8 on CPU.
+# Batch sizes: the job's own defaults (pipeline.inference.DEFAULT_BATCH_SIZE).
 DEFAULTS = {
     "cuda": dict(images=30_000, per_shard=1000, warmup=5, steps=30, decode="cpu,gpu"),
-    "cpu": dict(batch_size=8, images=64, per_shard=16, warmup=1, steps=2, decode="cpu"),
+    "cpu": dict(batch_size=16, images=64, per_shard=16, warmup=1, steps=2, decode="cpu"),
 }
 
 
@@ -250,7 +250,7 @@ def parse(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--batch-size", type=int,
-                   help="default: the job's on CUDA (512, 256 with --compile), 8 on CPU")
+                   help="default: the job's (512 on CUDA, 256 with --compile, 16 on CPU)")
     p.add_argument("--decode", help="pipeline runs, comma-separated decode modes "
                    "(default: cpu,gpu on CUDA, cpu on CPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile in all three")

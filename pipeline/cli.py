@@ -81,7 +81,7 @@ def add_infer_arguments(parser: argparse.ArgumentParser) -> None:
 
     run = parser.add_argument_group("execution")
     run.add_argument("--batch-size", type=int,
-                     help="model batch size (default: 512 on GPU, 256 with --compile, 64 on "
+                     help="model batch size (default: 512 on GPU, 256 with --compile, 16 on "
                           "CPU); on GPU out-of-memory the actor halves it and goes on")
     run.add_argument("--num-predictors", type=int,
                      help="predictor actors (default: one per GPU, or 1 on CPU)")

@@ -141,9 +141,9 @@ def test_the_job_gives_the_same_rows_with_either_decode_mode(ray_session, tmp_pa
     (16, 1, "auto", "auto", (True, "gpu", 512, 1, 1, 2)),   # an H100 node: the GPU decodes
     (64, 1, "auto", "auto", (True, "cpu", 512, 1, 1, 2)),   # 64 cores outrun one GPU's model
     (96, 8, "auto", "auto", (True, "gpu", 512, 8, 1, 2)),   # 12 cores per GPU
-    (2, 0, "auto", "auto", (False, "cpu", 64, 1, 1, 1)),    # this CPU machine
-    (2, 0, "cpu", "gpu", (False, "gpu", 64, 1, 1, 1)),      # asked for: the CPU actor decodes
-    (16, 1, "cpu", "auto", (False, "cpu", 64, 1, 15, 1)),   # CPU actors on a GPU cluster
+    (2, 0, "auto", "auto", (False, "cpu", 16, 1, 1, 1)),    # this CPU machine
+    (2, 0, "cpu", "gpu", (False, "gpu", 16, 1, 1, 1)),      # asked for: the CPU actor decodes
+    (16, 1, "cpu", "auto", (False, "cpu", 16, 1, 15, 1)),   # CPU actors on a GPU cluster
 ])
 def test_plan_resolves_the_auto_settings(cpus, gpus, device, decode, expected):
     p = plan(InferConfig(input="i", output="o", device=device, decode=decode), cpus, gpus)
