@@ -34,6 +34,7 @@ and writes them all to ``--out``/benchmark.json.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import multiprocessing
@@ -214,7 +215,7 @@ def bench_pipeline(args, device: str, decode: str, archive: Path, output: Path) 
     rates = arrival_rates(started, done)  # images below: those that got landmarks
     return figures(
         summary.samples - summary.errors, summary.seconds, errors=summary.errors, **rates,
-        plan={k: v for k, v in vars(resolved).items()},
+        plan=dataclasses.asdict(resolved),
     )
 
 

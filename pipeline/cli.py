@@ -228,9 +228,10 @@ def job_config(args: argparse.Namespace) -> dict:
 
 
 def announce_config(args: argparse.Namespace, uri: str | None = None,
-                    storage_options=None) -> dict:
-    """Print the resolved config, save it to ``uri`` if given, and return it."""
-    config = job_config(args)
+                    storage_options=None, leave_out: Sequence[str] = ()) -> dict:
+    """Print the resolved config (without the ``leave_out`` options), save it to ``uri`` if
+    given, and return it."""
+    config = {k: v for k, v in job_config(args).items() if k not in leave_out}
     print(f"resolved config:\n{dump_config(config)}", end="", flush=True)
     if uri:
         save_config(config, uri, storage_options)

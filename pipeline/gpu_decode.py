@@ -53,20 +53,19 @@ random-weight model's landmarks by at most 0.09 px of the source image, against
 
 from __future__ import annotations
 
-import io
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image
 
 from pipeline.model import INPUT_SIZE
 from pipeline.preprocess import (
     DEFAULT_MARGIN,
     DEFAULT_MAX_PIXELS,
-    SampleError,
     crop_square,
+    image_errors,
+    open_image,
     validate_bbox,
 )
 
@@ -145,24 +144,10 @@ def probe(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Probe:
     ``device_decodable``. For JPEG, WebP and TIFF the EXIF block sits in the header; a PNG may
     keep it after the pixels, so PIL decodes a PNG to look for it.
     """
-    if not data:
-        raise SampleError("empty image (0 bytes)", "empty")
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            width, height = image.size
-            if width * height > max_pixels:
-                raise SampleError(
-                    f"image is {width}x{height} = {width * height} pixels, above the limit of "
-                    f"{max_pixels}", "too_large")
-            orientation = image.getexif().get(ORIENTATION_TAG, 1)
-            fmt = image.format or ""
-    except SampleError:
-        raise
-    except Image.DecompressionBombError as exc:
-        raise SampleError(f"image refused as a decompression bomb: {exc}", "too_large") from None
-    except Exception as exc:
-        raise SampleError(f"cannot decode image: {exc.__class__.__name__}: {exc}",
-                          "decode") from None
+    with image_errors(), open_image(data, max_pixels) as image:
+        width, height = image.size
+        orientation = image.getexif().get(ORIENTATION_TAG, 1)
+        fmt = image.format or ""
     try:  # exif_transpose looks the value up in a dict: anything else means "no transpose"
         orientation = int(orientation) if orientation in _ORIENT else 1
     except TypeError:

@@ -329,7 +329,6 @@ def _report_previous(records: list[dict], ledger_uri: str) -> None:
 
 def run_nightly(args: argparse.Namespace) -> int:
     from pipeline import cli
-    from pipeline.config import dump_config, save_config
 
     if not args.input or not args.output:
         raise ValueError("nightly needs --input and --output (roots of the date partitions, "
@@ -343,10 +342,8 @@ def run_nightly(args: argparse.Namespace) -> int:
     out_root = root_of(args.output)
     base = cli.infer_config(args)  # checks the settings before anything is written
 
-    config = {k: v for k, v in cli.job_config(args).items() if k not in RUN_OPTIONS}
-    print(f"resolved config:\n{dump_config(config)}", end="", flush=True)
-    save_config(config, f"{out_root}/{CONFIG_FILE}", base.storage_options)
-    log.info("resolved config saved to %s/%s (reuse it with --config)", out_root, CONFIG_FILE)
+    cli.announce_config(args, f"{out_root}/{CONFIG_FILE}", base.storage_options,
+                        leave_out=RUN_OPTIONS)
     selection = {"date": args.date, "since": args.since, "input": args.input,
                  "output": args.output}
     print(f"nightly: {'dates ' + args.since + ' to ' if args.since else 'date '}{args.date}, "

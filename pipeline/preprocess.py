@@ -9,6 +9,7 @@ that travels with a sample (``crop = [x0, y0, side]``).
 
 from __future__ import annotations
 
+import contextlib
 import io
 from collections.abc import Sequence
 
@@ -52,17 +53,32 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
     Any mode (L, LA, P, RGBA, CMYK, I;16, ...) is converted to RGB; transparency is laid on
     black. Raises ``SampleError`` for empty, unreadable, truncated or oversized images.
     """
-    if not data:
-        raise SampleError("empty image (0 bytes)", "empty")
-    try:
-        image = Image.open(io.BytesIO(data))
-        width, height = image.size
-        if width * height > max_pixels:
-            raise SampleError(
-                f"image is {width}x{height} = {width * height} pixels, above the limit of "
-                f"{max_pixels}", "too_large")
+    with image_errors():
+        image = open_image(data, max_pixels)
         image.load()
         image = ImageOps.exif_transpose(image)
+    return to_rgb(image)
+
+
+def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Open ``data`` lazily (header only) and refuse it when empty or above ``max_pixels``.
+    Use inside ``image_errors()`` so decoder errors become ``SampleError``."""
+    if not data:
+        raise SampleError("empty image (0 bytes)", "empty")
+    image = Image.open(io.BytesIO(data))
+    width, height = image.size
+    if width * height > max_pixels:
+        raise SampleError(
+            f"image is {width}x{height} = {width * height} pixels, above the limit of "
+            f"{max_pixels}", "too_large")
+    return image
+
+
+@contextlib.contextmanager
+def image_errors():
+    """Turn what PIL raises on bad image data into ``SampleError`` (kinds too_large, decode)."""
+    try:
+        yield
     except SampleError:
         raise
     except Image.DecompressionBombError as exc:
@@ -70,7 +86,6 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
     except Exception as exc:
         raise SampleError(f"cannot decode image: {exc.__class__.__name__}: {exc}",
                           "decode") from None
-    return to_rgb(image)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -31,9 +31,6 @@ from pipeline.model import IMAGENET_MEAN, IMAGENET_STD, INPUT_SIZE
 
 log = logging.getLogger("pipeline")
 
-COMPILE_CHOICES = ("off", "on", "auto")
-
-
 class ModelRunner:
     def __init__(self, model, device, micro_batch: int = 64, compile: bool = False,
                  compile_backend: str = "inductor"):
@@ -152,10 +149,9 @@ class ModelRunner:
         import torch
 
         state = getattr(self._local, "state", None)
-        if state is None or state["size"] < self.micro_batch:
+        if state is None:  # the micro-batch only ever shrinks: the buffers stay big enough
             shape = (self.micro_batch, INPUT_SIZE, INPUT_SIZE, 3)
             state = {
-                "size": self.micro_batch,
                 "copy": torch.cuda.Stream(self.device),
                 "compute": torch.cuda.Stream(self.device),
                 "buffers": [torch.empty(shape, dtype=torch.uint8).pin_memory()

@@ -49,6 +49,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.faults import FaultPlan
+from pipeline.gpu_decode import decode_crop_resize, probe_and_crop
 from pipeline.model import INPUT_SIZE, NUM_LANDMARKS
 from pipeline.preprocess import (
     DEFAULT_MARGIN,
@@ -178,8 +179,6 @@ class ShardReader:
         bbox = (sample.meta or {}).get("bbox")
         try:
             if self.decode == "gpu":
-                from pipeline.gpu_decode import probe_and_crop
-
                 return probe_and_crop(sample.data, bbox, self.margin, self.max_pixels)
             return preprocess(sample.data, bbox, self.margin, self.max_pixels)
         except SampleError as exc:
@@ -291,7 +290,7 @@ class LandmarkPredictor:
                     out["width"][row] = out["height"][row] = 0
                     out["crop"][row] = np.nan
                     ok[row], keep[j] = False, False
-                pixels = pixels[np.flatnonzero(keep)] if not keep.all() else pixels
+                pixels = pixels[np.flatnonzero(keep).tolist()]
         elif ok.any():
             pixels = batch["pixels"][ok]
         if ok.any():
@@ -310,8 +309,6 @@ class LandmarkPredictor:
         through ``decode_crop_resize`` (nvJPEG on CUDA) in one call; the rest, and any it could
         not decode, through the CPU path (PIL) with the same crop."""
         import torch
-
-        from pipeline.gpu_decode import decode_crop_resize
 
         encoded = [batch["encoded"][r] for r in rows]
         device = np.flatnonzero(np.asarray(batch["on_device"])[rows])

@@ -93,24 +93,12 @@ def add_submit_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def validate_job_args(job: str, job_args: list[str]) -> bool:
-    """Parse ``JOB ARGS`` with the job's own parser; argparse exits (2) on an error.
-
-    Returns False when the CLI has no parser for the job (nothing could be checked).
-    """
+def validate_job_args(job: str, job_args: list[str]) -> None:
+    """Parse ``JOB ARGS`` with the job's own parser, ``--config FILE`` applied; argparse exits
+    (2) on an error, a bad config raises ``ConfigError``."""
     from pipeline import cli  # here: pipeline.cli mounts this module
 
-    parser = cli.build_parser()
-    commands = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)),
-                    None)
-    if commands is None or job not in commands.choices:
-        return False
-    parse = getattr(cli, "parse_args", None)  # also applies --config FILE where it exists
-    if parse is not None:
-        parse([job, *job_args])
-    else:
-        parser.parse_args([job, *job_args])
-    return True
+    cli.parse_args([job, *job_args])
 
 
 def config_warning(job_args: list[str], working_dir: Path) -> str | None:
@@ -300,15 +288,12 @@ def run_submit(args: argparse.Namespace) -> int:
               f"({JOBS[args.job]})", file=sys.stderr)
         return 2
     try:
-        checked = validate_job_args(args.job, job_args)
+        validate_job_args(args.job, job_args)
     except SystemExit as exc:  # argparse: usage error (2) or --help (0); nothing was sent
         return exc.code if isinstance(exc.code, int) else 2
     except (ValueError, FileNotFoundError) as exc:  # a bad --config file
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if not checked:
-        print(f"note: no local parser for {args.job}: its arguments are not checked here",
-              file=sys.stderr)
     warning = config_warning(job_args, working_dir)
     if warning:
         print(warning, file=sys.stderr)
