@@ -59,7 +59,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.model import INPUT_SIZE
+from pipeline.geometry import INPUT_SIZE
 from pipeline.preprocess import (
     DEFAULT_MARGIN,
     DEFAULT_MAX_PIXELS,

@@ -25,16 +25,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from pipeline.geometry import IMAGENET_MEAN, IMAGENET_STD, INPUT_SIZE, NUM_LANDMARKS  # noqa: F401
 from pipeline.storage import read_bytes, write_bytes
 
 ARCH = "vgg16-keypoints-68"
-INPUT_SIZE = 224
-NUM_LANDMARKS = 68
 LANDMARK_SCHEME = "ibug68"
 FILE_FORMAT = "face-landmarks-model"
 FILE_FORMAT_VERSION = 1
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 INIT_CHOICES = ("random", "imagenet")
 
 

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageOps
 
-from pipeline.model import INPUT_SIZE
+from pipeline.geometry import INPUT_SIZE
 
 DEFAULT_MARGIN = 0.25
 DEFAULT_MAX_PIXELS = 100_000_000
@@ -198,7 +198,7 @@ def preprocess(
 
 def normalize(pixels: np.ndarray) -> np.ndarray:
     """uint8 NHWC -> float32 NCHW with ImageNet mean/std (the CPU reference of the predictor)."""
-    from pipeline.model import IMAGENET_MEAN, IMAGENET_STD
+    from pipeline.geometry import IMAGENET_MEAN, IMAGENET_STD
 
     x = pixels.astype(np.float32) / 255.0
     x = (x - np.asarray(IMAGENET_MEAN, np.float32)) / np.asarray(IMAGENET_STD, np.float32)
