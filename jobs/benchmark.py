@@ -50,10 +50,10 @@ from pathlib import Path
 # Run from anywhere, installed or not (as under `ray job submit --working-dir .`).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pipeline.executor import ensure_ray  # noqa: E402
 from pipeline.inference import (  # noqa: E402
     DEFAULT_BATCH_SIZE,
     InferConfig,
-    ensure_ray,
     plan,
     run_inference,
 )

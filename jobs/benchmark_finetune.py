@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     import torch
 
-    from pipeline.inference import ensure_ray
+    from pipeline.executor import ensure_ray
 
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)

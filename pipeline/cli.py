@@ -25,6 +25,7 @@ from pipeline.preprocess import DEFAULT_MARGIN, DEFAULT_MAX_PIXELS
 from pipeline.shards import FORMATS
 from pipeline.storage import resolve_storage_options, storage_options_arg
 from pipeline.train_cli import add_evaluate_parser, add_finetune_parser, add_import_pts_parser
+from pipeline.units import DEFAULT_ROWS_PER_FILE
 
 DEMO_DIR = Path("sample-data")
 DEMO_SHARDS, DEMO_PER_SHARD = 4, 16
@@ -83,6 +84,13 @@ def add_infer_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--batch-size", type=int,
                      help="model batch size (default: 512 on GPU, 256 with --compile, 16 on "
                           "CPU); on GPU out-of-memory the actor halves it and goes on")
+    run.add_argument("--unit-rows", type=int,
+                     help="rows per work unit, the rows one predictor call gets (default: 4 "
+                          "batches); small shards are bundled up to it, big ones sliced")
+    run.add_argument("--rows-per-file", type=int, default=DEFAULT_ROWS_PER_FILE,
+                     help="a shard with more rows is written as several files, "
+                          "part-<shard>.parquet then part-<shard>.c00001.parquet ... "
+                          f"(default {DEFAULT_ROWS_PER_FILE})")
     run.add_argument("--num-predictors", type=int,
                      help="predictor actors (default: one per GPU, or 1 on CPU)")
     run.add_argument("--predictor-cpus", type=float,
@@ -114,7 +122,8 @@ def infer_config(args: argparse.Namespace) -> InferConfig:
         input=args.input, output=args.output, weights=args.weights, init=args.init,
         seed=args.seed, format=args.format, image_column=args.image_column,
         key_column=args.key_column, files_per_shard=args.files_per_shard, margin=args.margin,
-        max_pixels=args.max_pixels, batch_size=args.batch_size,
+        max_pixels=args.max_pixels, batch_size=args.batch_size, unit_rows=args.unit_rows,
+        rows_per_file=args.rows_per_file,
         num_predictors=args.num_predictors, predictor_cpus=args.predictor_cpus,
         device=args.device, decode=args.decode, compile=args.compile,
         predictor_concurrency=args.predictor_concurrency, ray_address=args.ray_address,

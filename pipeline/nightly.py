@@ -30,6 +30,7 @@ from dataclasses import replace
 from datetime import date, datetime, timedelta, timezone
 from typing import Any
 
+from pipeline.shards import CHUNK_NAME
 from pipeline.storage import filesystem, retry, write_bytes
 
 log = logging.getLogger("pipeline")
@@ -294,12 +295,14 @@ def _totals(entries: list[dict]) -> dict[str, Any]:
 
 
 def _shard_names(files: list[str]) -> list[str]:
-    names = []
+    """The shards behind output files (a big shard's later pieces name it once)."""
+    names = set()
     for uri in files:
         base = posixpath.basename(uri)
         if base.startswith("part-") and base.endswith(".parquet"):
             base = base[len("part-"): -len(".parquet")]
-        names.append(base)
+        match = CHUNK_NAME.fullmatch(base)
+        names.add(match.group(1) if match else base)
     return sorted(names)
 
 

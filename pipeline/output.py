@@ -1,6 +1,7 @@
 """The output Parquet files: schema, names, and the atomic commit.
 
-One file per input shard, ``part-<shard name>.parquet``, one row per input sample in input order.
+One file per piece (an input shard, or a ``rows_per_file`` chunk of a big one: see
+``pipeline.units``), ``part-<stem>.parquet``, one row per input sample in input order.
 Committing goes through ``pipeline.storage.write_bytes``: a hidden temporary file renamed into place
 locally, a single PUT of the finished bytes on object stores. Either way a reader never sees a
 partial file, and a rerun replaces the file instead of adding one.
@@ -16,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.model import NUM_LANDMARKS
+from pipeline.geometry import NUM_LANDMARKS
 from pipeline.storage import write_bytes
 
 LANDMARKS_TYPE = pa.list_(pa.list_(pa.float32(), 2), NUM_LANDMARKS)
@@ -37,8 +38,8 @@ SCHEMA = pa.schema(
 )
 
 
-def output_file_name(shard_name: str) -> str:
-    return f"part-{shard_name}.parquet"
+def output_file_name(stem: str) -> str:
+    return f"part-{stem}.parquet"
 
 
 def _nullable_strings(values: Sequence[str]) -> pa.Array:
@@ -52,7 +53,7 @@ def _fixed_lists(values: np.ndarray, size: int, valid: np.ndarray) -> pa.Array:
 
 
 def rows_to_table(rows: Mapping[str, np.ndarray]) -> pa.Table:
-    """Predictor output rows of one shard (already in ``seq`` order) -> a table in ``SCHEMA``."""
+    """Predictor output rows of one piece (in input order) -> a table in ``SCHEMA``."""
     n = len(rows["key"])
     ok = np.asarray([not e for e in rows["error"]], dtype=bool)
     has_size = np.asarray(rows["width"]) > 0
@@ -81,8 +82,11 @@ def rows_to_table(rows: Mapping[str, np.ndarray]) -> pa.Table:
 
 def write_table_atomic(
     table: pa.Table, uri: str, storage_options: Mapping[str, Any] | None = None
-) -> None:
-    """Write ``table`` as Parquet at ``uri``: readers see the old file or the whole new one."""
+) -> int:
+    """Write ``table`` as Parquet at ``uri``: readers see the old file or the whole new one.
+    Returns the file's size in bytes."""
     buffer = io.BytesIO()
     pq.write_table(table, buffer, compression="zstd")
-    write_bytes(uri, buffer.getvalue(), storage_options)
+    data = buffer.getvalue()
+    write_bytes(uri, data, storage_options)
+    return len(data)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import posixpath
+import re
 import tarfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -23,6 +24,8 @@ from typing import Any
 
 from pipeline.storage import filesystem, open_for_reading, retry
 
+# Piece k >= 1 of a big shard is named <shard name>.c<k:05d> (pipeline.units).
+CHUNK_NAME = re.compile(r"(.+)\.c(\d{5,})")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".ppm", ".bmp")
 FORMATS = ("auto", "tar", "parquet", "images")
 
@@ -37,6 +40,7 @@ class Shard:
     paths: tuple[str, ...] = field(default_factory=tuple)  # filesystem paths (no protocol)
     root: str = ""  # the listing root: loose images are keyed by their path relative to it
     fingerprint: str = ""  # total size and a hash of the files' ETags / mtimes at listing time
+    size: int = 0  # bytes at listing time (what read tasks are sized by)
 
 
 @dataclass
@@ -141,23 +145,33 @@ def list_shards(
         return posixpath.relpath(path, root) if root else path
 
     if fmt == "images":
+        groups = [selected[i : i + files_per_shard]
+                  for i in range(0, len(selected), files_per_shard)]
         return [
-            Shard(name=f"images-{i // files_per_shard:05d}", uri=protocol + root,
-                  format="images", paths=tuple(selected[i : i + files_per_shard]), root=root,
-                  fingerprint=_fingerprint([infos[p] for p in selected[i : i + files_per_shard]]))
-            for i in range(0, len(selected), files_per_shard)
+            Shard(name=f"images-{i:05d}", uri=protocol + root, format="images",
+                  paths=tuple(group), root=root,
+                  fingerprint=_fingerprint([infos[p] for p in group]),
+                  size=sum(int(infos[p].get("size") or 0) for p in group))
+            for i, group in enumerate(groups)
         ]
     shards = [
         Shard(name=posixpath.splitext(relative(p))[0].replace("/", "__"), uri=protocol + p,
-              format=fmt, paths=(p,), root=root, fingerprint=_fingerprint([infos[p]]))
+              format=fmt, paths=(p,), root=root, fingerprint=_fingerprint([infos[p]]),
+              size=int(infos[p].get("size") or 0))
         for p in selected
     ]
+    del infos
     seen: dict[str, str] = {}
     for shard in shards:
         if shard.name in seen:
             raise ValueError(f"{seen[shard.name]} and {shard.uri} would both be written as "
                              f"part-{shard.name}.parquet: rename one of them")
         seen[shard.name] = shard.uri
+    for shard in shards:  # a big shard's later pieces are part-<name>.cNNNNN.parquet
+        match = CHUNK_NAME.fullmatch(shard.name)
+        if match and match.group(1) in seen:
+            raise ValueError(f"{shard.uri} would be written as part-{shard.name}.parquet, the "
+                             f"name of a later piece of {seen[match.group(1)]}: rename it")
     return shards
 
 

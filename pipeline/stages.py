@@ -1,16 +1,15 @@
-"""The two pipeline stages, free of Ray: read+preprocess one shard, and predict a batch.
+"""The read and predict stages, free of Ray: read + preprocess shards into units, and predict a
+unit's rows.
 
-Ray Data calls them through ``map_batches`` (see ``pipeline.inference``); tests call them
-directly. Batches are dicts of numpy arrays. Between the stages a batch carries:
+``pipeline.executor`` runs them in Ray tasks and actors; tests call them directly. A unit's rows
+are a dict of numpy arrays (which pieces of which shards they belong to is in the unit's
+header, ``pipeline.units``). Between the stages the rows carry:
 
 =========== ==================== ===============================================================
 column      dtype / shape        meaning
 =========== ==================== ===============================================================
 key         str                  sample key ("" for a shard-level error row)
 shard       str                  input shard URI
-shard_name  str                  output name stem of the shard
-seq         int64                position of the row in its shard
-last        bool                 True on the shard's final row (the writer knows it is complete)
 width       int32                oriented image width (0 when unknown)
 height      int32                oriented image height (0 when unknown)
 bbox        float32 (4,)         sidecar face box, NaN when none
@@ -28,7 +27,7 @@ on_device   bool                 the device decoder takes it (``decode="gpu"`` o
 With ``decode="cpu"`` the read task decodes, crops and resizes (PIL). With ``decode="gpu"`` it
 only reads each image's header (``gpu_decode.probe_and_crop``: size, EXIF orientation, crop)
 and sends the encoded bytes on, so a batch weighs ~50 KB per 640x480 JPEG instead of 150 KB of
-pixels; the predictor decodes the batch on its device (nvJPEG on CUDA) and crops and resizes
+pixels; the predictor decodes the unit on its device (nvJPEG on CUDA) and crops and resizes
 there (``gpu_decode.decode_crop_resize``). Images the device decoder does not take (PNG, CMYK
 JPEG, ...) or fails on are decoded by the CPU path inside the predictor, one by one.
 
@@ -49,8 +48,8 @@ from typing import Any
 import numpy as np
 
 from pipeline.faults import FaultPlan
+from pipeline.geometry import INPUT_SIZE, NUM_LANDMARKS
 from pipeline.gpu_decode import decode_crop_resize, probe_and_crop
-from pipeline.model import INPUT_SIZE, NUM_LANDMARKS
 from pipeline.preprocess import (
     DEFAULT_MARGIN,
     DEFAULT_MAX_PIXELS,
@@ -61,6 +60,13 @@ from pipeline.preprocess import (
     to_pixels,
 )
 from pipeline.shards import Sample, Shard, read_samples
+from pipeline.units import (
+    DEFAULT_ROWS_PER_FILE,
+    ReadTask,
+    ShardTask,
+    UnitBuilder,
+    UnitHeader,
+)
 
 
 def encode_shard(shard: Shard) -> str:
@@ -75,15 +81,14 @@ def decode_shard(text: str) -> Shard:
 
 DECODE_MODES = ("cpu", "gpu")
 DEVICE_DECODE_COLUMNS = ("encoded", "orientation", "stored_size", "on_device")
+# What a unit may hold: rows, and bytes of pixels (decode="cpu") or encoded images ("gpu").
+DEFAULT_UNIT_BYTES = 256 << 20
 
 
 def empty_rows(n: int, decode: str = "cpu") -> dict[str, np.ndarray]:
     rows = {
         "key": np.empty(n, dtype=object),
         "shard": np.empty(n, dtype=object),
-        "shard_name": np.empty(n, dtype=object),
-        "seq": np.zeros(n, dtype=np.int64),
-        "last": np.zeros(n, dtype=bool),
         "width": np.zeros(n, dtype=np.int32),
         "height": np.zeros(n, dtype=np.int32),
         "bbox": np.full((n, 4), np.nan, dtype=np.float32),
@@ -115,7 +120,13 @@ def _shard_error(exc: Exception, samples_read: int) -> Sample:
 
 
 class ShardReader:
-    """Read one shard and yield preprocessed batches of at most ``rows_per_batch`` rows."""
+    """The read stage: stream the shards of a read task and yield units of preprocessed rows.
+
+    ``read_task`` yields ``(UnitHeader, rows)`` per unit (``pipeline.units``): a unit closes at
+    ``unit_rows`` rows or ``unit_bytes`` bytes, and its header maps its rows to output pieces of
+    ``rows_per_file`` rows. Rows of pieces a task says to skip are read past (a tar has to be)
+    but neither decoded nor sent on.
+    """
 
     def __init__(
         self,
@@ -127,6 +138,8 @@ class ShardReader:
         rows_per_batch: int = 32,
         faults: str = "",
         decode: str = "cpu",
+        rows_per_file: int = DEFAULT_ROWS_PER_FILE,
+        unit_bytes: int = DEFAULT_UNIT_BYTES,
     ):
         if decode not in DECODE_MODES:
             raise ValueError(f"decode must be one of {DECODE_MODES}, got {decode!r}")
@@ -136,42 +149,71 @@ class ShardReader:
         self.max_pixels = max_pixels
         self.image_column = image_column
         self.key_column = key_column
-        self.rows_per_batch = rows_per_batch
+        self.rows_per_batch = rows_per_batch  # rows per unit
+        self.rows_per_file = rows_per_file
+        self.unit_bytes = unit_bytes
         self.faults = FaultPlan(faults)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
-        for text in batch["shard"]:
-            yield from self.read(decode_shard(str(text)))
-
     def read(self, shard: Shard) -> Iterator[dict[str, np.ndarray]]:
-        """Yield the shard's rows in order; the final row has ``last=True``."""
-        pending: list[tuple[Sample, Any]] = []
-        seq = 0
-        first_seen: dict[str, int] = {}
+        """The rows of one whole shard, in units (without their headers)."""
+        for _, rows in self.read_task(ReadTask(0, (ShardTask(shard),))):
+            yield rows
+
+    def read_task(self, task: ReadTask) -> Iterator[tuple[UnitHeader, dict[str, np.ndarray]]]:
+        """Yield the task's units in order; every row of every shard is in exactly one."""
+        builder = UnitBuilder(task.index, self.rows_per_file, self.rows_per_batch,
+                              self.unit_bytes)
+        pending: list[tuple[str, Sample, Any]] = []
+        for i, item in enumerate(task.shards):
+            rows = 0
+            for row, sample, is_last in self._shard_rows(item):
+                self.faults.at_read(item.shard.name, row, builder.units)
+                prepared = self._prepare(sample)
+                pending.append((item.shard.uri, sample, prepared))
+                rows += 1
+                if builder.add(i, row, is_last, self._weight(prepared)):
+                    yield builder.flush(), self._to_batch(pending)
+                    pending = []
+            if rows == 0 and not item.skip:
+                builder.empty_shard(i)
+        if builder.pending():
+            yield builder.flush(), self._to_batch(pending)
+
+    def _shard_rows(self, item: ShardTask) -> Iterator[tuple[int, Sample, bool]]:
+        """``(row, sample, is_last_row)`` of the rows to process, reading one sample ahead so
+        the last row is known as such. A shard that stops part-way ends with an error row."""
+        shard = item.shard
         samples = read_samples(shard, self.storage_options, self.image_column, self.key_column)
-        while True:
+
+        def fetch() -> tuple[Sample | None, Exception | None]:
             try:
-                sample = next(samples)
+                return next(samples), None
             except StopIteration:
-                break
+                return None, None
             except Exception as exc:  # the shard itself is broken: keep what came before
-                pending.append((_shard_error(exc, seq + len(pending)), None))
-                break
-            position = seq + len(pending)
-            self.faults.at_read(shard.name, position)
-            if sample.key in first_seen and not sample.error:
-                sample.error = (f"duplicate key {sample.key!r}: first seen at row "
-                                f"{first_seen[sample.key]} of this shard")
-                sample.error_kind = "duplicate_key"
-            first_seen.setdefault(sample.key, position)
-            pending.append((sample, self._prepare(sample)))
-            if len(pending) > self.rows_per_batch:
-                # Hold one row back so the shard's final batch is never empty.
-                yield self._to_batch(shard, pending[:-1], seq, last=False)
-                seq += len(pending) - 1
-                pending = pending[-1:]
-        if pending:
-            yield self._to_batch(shard, pending, seq, last=True)
+                return None, exc
+
+        first_seen: dict[str, int] = {}
+        row = 0
+        current, error = fetch()
+        while current is not None:
+            following, error = fetch()
+            if current.key in first_seen and not current.error:
+                current.error = (f"duplicate key {current.key!r}: first seen at row "
+                                 f"{first_seen[current.key]} of this shard")
+                current.error_kind = "duplicate_key"
+            first_seen.setdefault(current.key, row)
+            if row // self.rows_per_file not in item.skip:
+                yield row, current, following is None and error is None
+            row += 1
+            current = following
+        if error is not None:
+            # The error row goes into the first piece still to do from here on (a piece done
+            # before was complete: its rows are all there).
+            piece = row // self.rows_per_file
+            while piece in item.skip:
+                piece += 1
+            yield max(row, piece * self.rows_per_file), _shard_error(error, row), True
 
     def _prepare(self, sample: Sample):
         if sample.error or sample.meta_error:
@@ -179,21 +221,25 @@ class ShardReader:
         bbox = (sample.meta or {}).get("bbox")
         try:
             if self.decode == "gpu":
-                return probe_and_crop(sample.data, bbox, self.margin, self.max_pixels)
+                info, crop = probe_and_crop(sample.data, bbox, self.margin, self.max_pixels)
+                return info, crop, sample.data
             return preprocess(sample.data, bbox, self.margin, self.max_pixels)
         except SampleError as exc:
             return exc
         except Exception as exc:  # a decoder bug must cost one sample, not the shard
             return SampleError(f"unexpected {exc.__class__.__name__} while decoding: {exc}")
 
-    def _to_batch(self, shard: Shard, rows, first_seq: int, last: bool):
+    def _weight(self, prepared) -> int:
+        """Bytes a row adds to its unit: its pixels, or its encoded image."""
+        if prepared is None or isinstance(prepared, Exception):
+            return 0
+        return INPUT_SIZE * INPUT_SIZE * 3 if self.decode == "cpu" else len(prepared[2])
+
+    def _to_batch(self, rows: list[tuple[str, Sample, Any]]) -> dict[str, np.ndarray]:
         out = empty_rows(len(rows), self.decode)
-        out["shard"][:] = shard.uri
-        out["shard_name"][:] = shard.name
-        out["seq"][:] = np.arange(first_seq, first_seq + len(rows))
-        out["last"][-1] = last
-        for i, (sample, prepared) in enumerate(rows):
+        for i, (uri, sample, prepared) in enumerate(rows):
             out["key"][i] = sample.key
+            out["shard"][i] = uri
             meta = sample.meta or {}
             if meta:
                 out["meta"][i] = json.dumps(meta, ensure_ascii=False, sort_keys=True)
@@ -209,8 +255,8 @@ class ShardReader:
                 out["error"][i] = str(prepared)
                 out["error_kind"][i] = getattr(prepared, "kind", "invalid")
             elif self.decode == "gpu":
-                info, crop = prepared
-                out["encoded"][i] = sample.data
+                info, crop, data = prepared
+                out["encoded"][i] = data
                 out["orientation"][i] = info.orientation
                 out["stored_size"][i] = info.width, info.height
                 out["on_device"][i] = info.device_decodable
@@ -225,7 +271,7 @@ class ShardReader:
 
 
 class LandmarkPredictor:
-    """Run the keypoint model on a batch. Loads the model once (once per Ray actor).
+    """Run the keypoint model on a unit's rows. Loads the model once (once per Ray actor).
 
     The device work is ``pipeline.runner.ModelRunner``'s: on CUDA bf16 autocast, channels_last,
     pinned double-buffered copies, optional ``torch.compile``; on CPU fp32, so results match a
@@ -261,6 +307,7 @@ class LandmarkPredictor:
         model, self.info = load_model(weights, init, storage_options, seed)
         self.runner = ModelRunner(model, self.device, micro_batch, compile, compile_backend)
         self.max_pixels = max_pixels
+        self.micro_batch = micro_batch
         self.faults = FaultPlan(faults)
         self.batches = 0
         self.cpu_fallbacks = 0  # decode="gpu": images the device decoder did not take
@@ -270,8 +317,21 @@ class LandmarkPredictor:
         return self.runner.run(pixels)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Predict a unit. Decoded pixels go to the runner whole (it works in micro-batches
+        and overlaps their copies); encoded images are decoded ``micro_batch`` at a time, so a
+        unit of large photos never sits decoded on the device all at once."""
         self.batches += 1
-        self.faults.at_predict(self.batches)
+        n = len(batch["key"])
+        if "encoded" in batch and n > self.micro_batch:
+            parts = [self._predict({k: v[i : i + self.micro_batch] for k, v in batch.items()})
+                     for i in range(0, n, self.micro_batch)]
+            out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        else:
+            out = self._predict(batch)
+        self.faults.at_predict(self.batches)  # failure tests: die with the unit's rows computed
+        return out
+
+    def _predict(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out = {k: v for k, v in batch.items()
                if k != "pixels" and k not in DEVICE_DECODE_COLUMNS}
         n = len(batch["key"])

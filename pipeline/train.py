@@ -31,8 +31,6 @@ from pipeline.train_config import (
 
 log = logging.getLogger("pipeline")
 
-READ_TASK_RETRIES = 3
-
 
 def main(cfg: FinetuneConfig) -> FinetuneSummary:
     """Train (or resume), then export the best checkpoint; returns what was written."""
@@ -40,7 +38,7 @@ def main(cfg: FinetuneConfig) -> FinetuneSummary:
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from pipeline.inference import ensure_ray
+    from pipeline.executor import ensure_ray
     from pipeline.shards import list_shards
 
     train_shards = list_shards(cfg.input, cfg.format, cfg.storage_options)
@@ -109,16 +107,11 @@ def _dataset(cfg: FinetuneConfig, shards, split: str, context: float):
         _read_labelled,
         batch_size=1,
         num_cpus=cfg.reader_cpus,
-        ray_remote_args_fn=_read_task_options,
         fn_kwargs=reader,
     )
     ds = ds.drop_columns(["key", "crop"])  # strings cannot become tensors
     # Augmentation happens on the workers, so cached crops still give new samples every epoch.
     return ds.materialize() if cfg.cache else ds
-
-
-def _read_task_options() -> dict[str, Any]:
-    return {"max_retries": READ_TASK_RETRIES}  # a lost read task is retried, not the job
 
 
 def _read_labelled(batch, **reader_kwargs):

@@ -15,7 +15,6 @@ from pipeline.metrics import DEFAULT_THRESHOLD
 from pipeline.preprocess import DEFAULT_MARGIN, DEFAULT_MAX_PIXELS
 
 DEVICES = ("auto", "cuda", "cpu")
-READ_TASK_RETRIES = 3
 # pyarrow reads these natively; Ray Train then needs no fsspec wrapper for them.
 NATIVE_PROTOCOLS = ("s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss")
 

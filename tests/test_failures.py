@@ -19,6 +19,7 @@ from PIL import Image
 
 from pipeline.cli import main
 from pipeline.inference import InferConfig, run_inference
+from pipeline.report import read_receipts
 from pipeline.shards import list_shards
 from pipeline.stages import ShardReader
 from pipeline.synthetic import write_sample_archive
@@ -156,7 +157,11 @@ def test_summary_counts_errors_by_kind_and_fails_the_run(bad_run):
     assert sorted(summary.failed_shards) == ["cut-between", "cut-mid"] and summary.failed
     manifest = json.loads((root / "out" / "_manifest.json").read_text())
     assert manifest["status"] == "failed" and manifest["errors_by_kind"]["decode"] == 3
-    assert manifest["per_shard"]["bad"] == {"rows": 20, "errors": 12}
+    receipts = {r["file"]: r for r in read_receipts(str(root / "out"))}
+    assert sorted(receipts) == sorted(f"part-{name}.parquet" for name in tables)
+    bad = receipts["part-bad.parquet"]
+    assert (bad["rows"], bad["errors"], bad["shard_failed"]) == (20, 12, False)
+    assert receipts["part-cut-mid.parquet"]["errors_by_kind"] == {"shard_error": 1}
 
 
 def test_shard_that_disappears_after_listing_and_parquet_with_wrong_schema(tmp_path):

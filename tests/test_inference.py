@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import warnings
 
 import numpy as np
 import pyarrow as pa
@@ -50,9 +51,20 @@ def _job(archive, output, weights, **overrides):
 @pytest.fixture(scope="module")
 def result(ray_session, archive, weights_file, tmp_path_factory):
     output = tmp_path_factory.mktemp("out")
-    summary = _job(archive, output, weights_file[0])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        summary = _job(archive, output, weights_file[0])
     tables = {p.name: pq.read_table(p) for p in sorted(output.glob("*.parquet"))}
-    return summary, output, tables
+    return summary, output, tables, caught
+
+
+def test_the_run_uses_no_deprecated_ray_api(result):
+    from ray.util.annotations import RayDeprecationWarning
+
+    deprecated = [str(w.message) for w in result[3]
+                  if issubclass(w.category, RayDeprecationWarning)
+                  or (issubclass(w.category, DeprecationWarning) and "ray" in w.filename)]
+    assert deprecated == []
 
 
 def _input_samples(archive):
@@ -69,9 +81,10 @@ def _input_samples(archive):
 
 
 def test_one_file_per_shard_one_row_per_sample(result, archive):
-    summary, output, tables = result
+    summary, output, tables, _ = result
     assert sorted(p.name for p in output.iterdir()) == [
-        "_done", "_manifest.json", "part-faces-00000.parquet", "part-faces-00001.parquet",
+        "_done", "_manifest", "_manifest.json", "part-faces-00000.parquet",
+        "part-faces-00001.parquet",
         "part-mixed.parquet"]
     assert sorted(p.name for p in (output / "_done").iterdir()) == [
         "faces-00000.json", "faces-00001.json", "mixed.json"]
@@ -97,7 +110,7 @@ def test_one_file_per_shard_one_row_per_sample(result, archive):
 def test_landmarks_equal_a_direct_call_of_the_model(result, archive, weights_file):
     """Same weights, CPU, fp32: the Ray job's landmarks equal the model called in-process."""
     _, model, version = weights_file
-    _, _, tables = result
+    _, _, tables, _ = result
     inputs = _input_samples(archive)
     rows = [r for t in tables.values() for r in t.to_pylist() if r["error"] is None]
     assert len(rows) == 9 and {r["model_version"] for r in rows} == {version}
@@ -150,7 +163,7 @@ def test_real_photos_decode_and_land_inside_their_images(result):
 
 
 def test_rerun_overwrites_with_the_same_files_and_rows(result, archive, weights_file):
-    _, output, tables = result
+    _, output, tables, _ = result
     before = sorted(p.name for p in output.iterdir())
     _job(archive, output, weights_file[0])
     assert sorted(p.name for p in output.iterdir()) == before
@@ -203,3 +216,31 @@ def test_an_empty_shard_gets_an_empty_file(ray_session, weights_file, tmp_path):
     assert summary.samples == 0
     table = pq.read_table(tmp_path / "out" / "part-empty.parquet")
     assert table.num_rows == 0 and table.schema.equals(SCHEMA)
+
+
+def test_small_shards_share_full_predictor_calls_and_a_big_one_is_split(
+        ray_session, weights_file, tmp_path):
+    """Six shards of 2 samples and one of 6, units of 4 rows, files of at most 4 rows: the
+    predictor gets full units whatever the shard sizes, and the big shard is two files."""
+    write_sample_archive(str(tmp_path / "small"), num_shards=6, samples_per_shard=2, seed=5,
+                         image_size=(48, 40))
+    write_sample_archive(str(tmp_path / "big"), num_shards=1, samples_per_shard=6, seed=6,
+                         image_size=(48, 40))
+    inp = tmp_path / "in"
+    (tmp_path / "small").rename(inp)
+    (tmp_path / "big" / "faces-00000.tar").rename(inp / "big.tar")
+    summary = _job(inp, tmp_path / "out", weights_file[0], unit_rows=4, rows_per_file=4)
+    assert (summary.samples, summary.errors, summary.files_committed) == (18, 0, 8)
+    # 18 rows of 7 shards in one read task: four full calls and the remainder.
+    assert summary.predictor_calls == 5
+    assert summary.rows_per_call == {"min": 2, "mean": 3.6, "max": 4}
+    out = tmp_path / "out"
+    first, rest = pq.read_table(out / "part-big.parquet"), pq.read_table(
+        out / "part-big.c00001.parquet")
+    assert first.column("key").to_pylist() + rest.column("key").to_pylist() == [
+        f"face-00000-{i:05d}" for i in range(6)]
+    assert [json.loads((out / "_done" / n).read_text())["first_row"]
+            for n in ("big.json", "big.c00001.json")] == [0, 4]
+    for s in range(6):
+        table = pq.read_table(out / f"part-faces-{s:05d}.parquet")
+        assert table.column("key").to_pylist() == [f"face-{s:05d}-{i:05d}" for i in range(2)]

@@ -28,9 +28,6 @@ def rows():
     rows = _rows(3)
     rows["key"][:] = ["img/a", "img/b", "img/c"]
     rows["shard"][:] = "s3://bucket/in/shard-0.tar"
-    rows["shard_name"][:] = "shard-0"
-    rows["seq"][:] = [0, 1, 2]
-    rows["last"][2] = True
     rows["width"][:] = [640, 0, 200]
     rows["height"][:] = [480, 0, 100]
     rows["crop"][0] = [0.0, -80.0, 640.0]
@@ -64,7 +61,7 @@ def test_rows_to_table_schema_and_values(rows):
     assert out["error"] == [None, "cannot decode image: UnidentifiedImageError: nope", None]
     assert out["meta"] == [None, None, '{"bbox": [10, 20, 50, 100]}']
     assert out["landmarks"][1] is None
-    # Only the documented columns: no seq / last / shard_name leak into the file.
+    # Only the documented columns: no pipeline-internal column leaks into the file.
     assert table.column_names == [f.name for f in SCHEMA]
 
 

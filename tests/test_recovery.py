@@ -1,4 +1,8 @@
-"""Dying processes and resumed runs: the output ends up exactly as one clean run's."""
+"""Dying processes and resumed runs: the output ends up exactly as one clean run's.
+
+Each fault fires where it can do harm: a read task dies after it delivered a unit, a predictor
+dies with a unit's landmarks computed but not returned, a commit dies between its data file and
+its completion record, the driver dies with some files committed."""
 
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import pytest
 
 from pipeline.inference import InferConfig, run_inference
 from pipeline.model import load_model, save_model
+from pipeline.report import read_receipts
 from pipeline.synthetic import write_sample_archive
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,8 +35,10 @@ def archive(tmp_path_factory):
 
 
 def _cfg(archive, output, weights, **kw):
+    # One row per unit, so every run (whatever fails in it) computes each image alone and the
+    # outputs compare exactly, and a read task delivers units before it reaches a later row.
     return InferConfig(input=str(archive / "in"), output=str(output), weights=weights,
-                       batch_size=2, **kw)
+                       batch_size=2, unit_rows=1, **kw)
 
 
 def _output(folder: Path) -> dict:
@@ -46,33 +53,59 @@ def clean(ray_session, archive, weights_file):
     return _output(archive / "clean")
 
 
-def _assert_same_output(folder: Path, clean: dict) -> None:
+def _assert_same_output(folder: Path, clean: dict, summary=None) -> None:
     got = _output(folder)
     assert list(got) == list(clean)
     for name, table in got.items():
         assert table.equals(clean[name]), name
     keys = [k for t in got.values() for k in t.column("key").to_pylist()]
     assert len(keys) == len(set(keys)) == SHARDS * PER_SHARD  # every sample exactly once
+    if summary is not None:  # and counted once: one receipt per file, rows once each
+        files = [r["file"] for r in read_receipts(str(folder))]
+        assert sorted(files) == list(clean)
+        assert (summary.samples, summary.errors, summary.files_committed) == (
+            SHARDS * PER_SHARD, 0, len(clean))
 
 
-def test_predictor_process_killed_mid_batch(ray_session, archive, weights_file, clean, tmp_path):
+@pytest.mark.parametrize("fault, marker", [
+    # The read task dies at row 1 of faces-00002, after it delivered the units before that row
+    # (which go on to be predicted and committed); Ray replays it.
+    ("read=faces-00002@1", "read-faces-00002-1"),
+    # The predictor dies in its 3rd call with that unit's landmarks computed, not returned.
+    ("predict=3", "predict-3"),
+    # The commit of faces-00001 dies after its Parquet file is in place, before its record.
+    ("commit=faces-00001", "commit-faces-00001"),
+])
+def test_process_killed_mid_unit(ray_session, archive, weights_file, clean, tmp_path, fault,
+                                 marker):
     marks = tmp_path / "marks"
     marks.mkdir()
     summary = run_inference(_cfg(archive, tmp_path / "out", weights_file[0],
-                                 faults=f"dir={marks};predict=2"))
-    assert (marks / "predict-2").exists()  # the actor really died in its 2nd batch
-    assert (summary.samples, summary.errors) == (SHARDS * PER_SHARD, 0)
-    _assert_same_output(tmp_path / "out", clean)
+                                 faults=f"dir={marks};{fault}"))
+    assert (marks / marker).exists()  # the process really died there
+    if fault.startswith("read"):  # it died after handing over units, not before any
+        assert int((marks / marker).read_text().removeprefix("units_delivered=")) >= 1
+    _assert_same_output(tmp_path / "out", clean, summary)
 
 
-def test_read_task_process_dies(ray_session, archive, weights_file, clean, tmp_path):
-    marks = tmp_path / "marks"
-    marks.mkdir()
-    summary = run_inference(_cfg(archive, tmp_path / "out", weights_file[0],
-                                 faults=f"dir={marks};read=faces-00002@1"))
-    assert (marks / "read-faces-00002-1").exists()
-    assert (summary.samples, summary.errors) == (SHARDS * PER_SHARD, 0)
-    _assert_same_output(tmp_path / "out", clean)
+def test_split_shards_resume_only_their_missing_pieces(ray_session, archive, weights_file,
+                                                       tmp_path):
+    """rows_per_file=1: each shard of 2 rows is 2 files; with one piece's record gone (a crash
+    between data and record), a rerun commits that piece alone."""
+    out = tmp_path / "out"
+    first = run_inference(_cfg(archive, out, weights_file[0], rows_per_file=1))
+    assert first.files_committed == SHARDS * PER_SHARD
+    assert sorted(p.name for p in out.glob("part-faces-00001*")) == [
+        "part-faces-00001.c00001.parquet", "part-faces-00001.parquet"]
+    before = _output(out)
+    (out / "_done" / "faces-00001.c00001.json").unlink()
+    again = run_inference(_cfg(archive, out, weights_file[0], rows_per_file=1))
+    assert again.files == [f"{out}/part-faces-00001.c00001.parquet"]
+    assert (again.samples, again.skipped_shards, again.skipped_rows) == (1, SHARDS - 1, 7)
+    after = _output(out)
+    assert list(after) == list(before)
+    for name, table in after.items():
+        assert table.equals(before[name]), name
 
 
 def test_rerun_skips_done_shards_and_redoes_changed_ones(ray_session, archive, weights_file,
@@ -110,12 +143,12 @@ def test_another_model_redoes_everything(ray_session, archive, weights_file, tmp
 def test_killed_driver_then_rerun_equals_one_clean_run(ray_session, archive, weights_file,
                                                         clean, tmp_path):
     """The driver (a separate process on the same Ray cluster) is SIGKILLed after its first
-    shard is committed; the rerun redoes only the rest and the output equals a clean run."""
+    file is committed; the rerun redoes only the rest and the output equals a clean run."""
     out = tmp_path / "out"
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     driver = subprocess.Popen(
         [sys.executable, "jobs/infer.py", "--input", str(archive / "in"), "--output", str(out),
-         "--weights", weights_file[0], "--batch-size", "2"],
+         "--weights", weights_file[0], "--batch-size", "2", "--unit-rows", "1"],
         cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     while not list((out / "_done").glob("*.json")) if (out / "_done").exists() else True:
@@ -124,12 +157,13 @@ def test_killed_driver_then_rerun_equals_one_clean_run(ray_session, archive, wei
         time.sleep(0.05)
     driver.send_signal(signal.SIGKILL)
     driver.wait()
-    committed = sorted(p.name for p in (out / "_done").glob("*.json"))
-    assert 1 <= len(committed) < SHARDS
+    time.sleep(2)  # commit tasks of the dead driver's job may still finish a file meanwhile
 
     summary = run_inference(_cfg(archive, out, weights_file[0]))
-    assert summary.skipped_shards == len(committed)
-    assert summary.samples == (SHARDS - len(committed)) * PER_SHARD
+    # The rerun commits exactly the files that were missing, and nothing twice.
+    assert 1 <= summary.skipped_shards < SHARDS
+    assert summary.files_committed == SHARDS - summary.skipped_shards
+    assert summary.samples == (SHARDS - summary.skipped_shards) * PER_SHARD
     _assert_same_output(out, clean)
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
 

@@ -1,4 +1,4 @@
-"""The Ray-free stages called directly: shard reading into batches, prediction, collection."""
+"""The Ray-free stages called directly: shard reading into units, prediction."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import pytest
 import torch
 from helpers import sidecar, tar_members, write_tar
 
-from pipeline.inference import _ShardCollector
 from pipeline.shards import list_shards
 from pipeline.stages import LandmarkPredictor, ShardReader, decode_shard, encode_shard
 from pipeline.synthetic import write_sample_archive
@@ -25,26 +24,17 @@ def _rows(batches):
     return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
 
 
-def test_reader_batches_carry_order_and_the_last_flag(faces, tmp_path):
+def test_reader_rows_carry_keys_pixels_and_sizes(faces, tmp_path):
     write_tar(tmp_path / "a.tar", sorted(faces.items()))
     shard = list_shards(str(tmp_path))[0]
     assert decode_shard(encode_shard(shard)) == shard
     batches = list(ShardReader(rows_per_batch=2).read(shard))
     assert [len(b["key"]) for b in batches] == [2, 2, 1]
     rows = _rows(batches)
-    assert rows["seq"].tolist() == [0, 1, 2, 3, 4]
-    assert rows["last"].tolist() == [False, False, False, False, True]
     assert rows["key"].tolist() == [f"face-00000-{i:05d}" for i in range(5)]
     assert set(rows["shard"]) == {str(tmp_path / "a.tar")} and set(rows["error"]) == {""}
     assert rows["pixels"].shape == (5, 224, 224, 3) and rows["pixels"].std() > 10
     assert (rows["width"] == 96).all() and (rows["height"] == 80).all()
-
-
-def test_exact_multiple_of_the_batch_size_still_ends_with_a_last_row(faces, tmp_path):
-    write_tar(tmp_path / "a.tar", sorted(faces.items())[:8])  # 4 samples
-    batches = list(ShardReader(rows_per_batch=2).read(list_shards(str(tmp_path))[0]))
-    assert [len(b["key"]) for b in batches] == [2, 2]
-    assert _rows(batches)["last"].tolist() == [False, False, False, True]
 
 
 def test_truncated_tar_keeps_earlier_samples_and_ends_with_a_shard_error(faces, tmp_path):
@@ -58,7 +48,6 @@ def test_truncated_tar_keeps_earlier_samples_and_ends_with_a_shard_error(faces, 
                                     "face-00000-00002", ""]
     assert rows["error"][:3].tolist() == ["", "", ""]
     assert rows["error"][3].startswith("shard error after 3 samples: ReadError")
-    assert rows["last"].tolist() == [False, False, False, True]
 
 
 def test_sample_level_errors(faces, tmp_path):
@@ -103,39 +92,3 @@ def test_gpu_predictor_matches_cpu_within_bf16_tolerance(faces, tmp_path, weight
     gpu = LandmarkPredictor(weights=weights_file[0], device="cuda").forward(batch["pixels"])
     # bf16 autocast: outputs in [0, 1] of the crop agree to 2e-2 (about 4 px of the 224 input).
     np.testing.assert_allclose(gpu, cpu, atol=2e-2)
-
-
-def test_collector_completes_shards_from_out_of_order_batches():
-    def part(name, seqs, last_seq=None):
-        seqs = np.asarray(seqs)
-        return {"shard_name": np.asarray([name] * len(seqs), dtype=object), "seq": seqs,
-                "last": seqs == last_seq, "value": seqs * 10}
-
-    collector = _ShardCollector()
-    mixed = {k: np.concatenate([a, b]) for (k, a), b in zip(
-        part("a", [2], last_seq=2).items(), part("b", [0, 1]).values(), strict=True)}
-    assert collector.add(mixed) == []
-    assert collector.add(part("b", [3], last_seq=3)) == []
-    done = collector.add(part("a", [1, 0]))
-    assert [name for name, _ in done] == ["a"]
-    assert done[0][1]["seq"].tolist() == [0, 1, 2] and done[0][1]["value"].tolist() == [0, 10, 20]
-    assert collector.unfinished() == ["b"]
-    done = collector.add(part("b", [2]))
-    assert done[0][1]["seq"].tolist() == [0, 1, 2, 3] and collector.unfinished() == []
-
-
-def test_collector_keeps_each_row_position_once():
-    """A retried read task may deliver rows already delivered: they must not be doubled."""
-    def part(seqs, last_seq=None):
-        seqs = np.asarray(seqs)
-        return {"shard_name": np.asarray(["s"] * len(seqs), dtype=object), "seq": seqs,
-                "last": seqs == last_seq, "value": seqs * 10}
-
-    collector = _ShardCollector()
-    assert collector.add(part([0, 1])) == []
-    assert collector.add(part([0, 1, 2], last_seq=2)) != []  # the retry re-sends 0 and 1
-    assert collector.unfinished() == []
-    collector = _ShardCollector()
-    collector.add(part([0, 1]))
-    (name, rows), = collector.add(part([1, 2], last_seq=2))
-    assert rows["seq"].tolist() == [0, 1, 2] and rows["value"].tolist() == [0, 10, 20]
