@@ -28,11 +28,12 @@ capped; the read task count is planned so that commits always find a CPU.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from pipeline.commit import PieceSpec, commit_piece, gather
@@ -81,15 +82,27 @@ class Placement:
 
 @dataclass
 class RunStats:
+    """Predictor calls and their sizes (running figures: nothing kept per unit)."""
+
     units: int = 0
-    rows_per_call: list[int] = field(default_factory=list)
+    calls_with_rows: int = 0
+    rows: int = 0
+    smallest: int = 0
+    largest: int = 0
+
+    def add(self, rows: int) -> None:
+        self.units += 1
+        if rows:  # an empty shard's unit says nothing about batch sizes
+            self.calls_with_rows += 1
+            self.rows += rows
+            self.smallest = min(self.smallest, rows) if self.smallest else rows
+            self.largest = max(self.largest, rows)
 
     def call_sizes(self) -> dict[str, float]:
-        sizes = [n for n in self.rows_per_call if n]
-        if not sizes:
+        if not self.calls_with_rows:
             return {}
-        return {"min": min(sizes), "mean": round(sum(sizes) / len(sizes), 1),
-                "max": max(sizes)}
+        return {"min": self.smallest, "mean": round(self.rows / self.calls_with_rows, 1),
+                "max": self.largest}
 
 
 def _read_units(task: ReadTask, reader_kwargs: Mapping[str, Any]):
@@ -142,7 +155,7 @@ class _Stream:
     """A running read task."""
 
     def __init__(self, task: ReadTask, generator):
-        self.task, self.generator, self.started = task, generator, time.monotonic()
+        self.task, self.generator = task, generator
 
 
 class UnitRunner:
@@ -175,68 +188,96 @@ class UnitRunner:
         self.stats = RunStats()
 
     def run(self, tasks: list[ReadTask]) -> RunStats:
+        """Run every read task's units to their commits; returns call statistics."""
         ray = self.ray
-        queue = list(reversed(tasks))
-        streams: list[_Stream] = []
-        predicting: dict[Any, tuple[int, Any, ReadTask]] = {}  # header ref -> actor, rows, task
-        commits: dict[Any, str] = {}  # receipt ref -> stem
-        pieces = PieceAssembler()
-        seen: set[tuple[int, int]] = set()
-        done_tasks, last_log, started = 0, time.monotonic(), time.monotonic()
-        rows = 0
+        self.queue = list(reversed(tasks))
+        self.streams: list[_Stream] = []
+        self.predicting: dict[Any, tuple[int, Any, ReadTask]] = {}  # header -> actor, rows, task
+        self.commits: dict[Any, str] = {}  # receipt ref -> piece stem
+        self.pieces = PieceAssembler()
+        # Units seen per read task, until the task has ended and its units are all back.
+        self.seen: dict[int, set[int]] = {}
+        self.ended: set[int] = set()
+        self.done_tasks, self.rows = 0, 0
+        started = last_log = time.monotonic()
         try:
-            while queue or streams or predicting or commits:
-                while queue and len(streams) < self.placement.max_reads:
-                    task = queue.pop()
-                    streams.append(_Stream(task, self.read.remote(task, self.reader_kwargs)))
+            while self.queue or self.streams or self.predicting or self.commits:
+                while self.queue and len(self.streams) < self.placement.max_reads:
+                    task = self.queue.pop()
+                    self.streams.append(_Stream(task, self.read.remote(task,
+                                                                       self.reader_kwargs)))
                 room = (min(self.load) < self.slots
-                        and len(commits) < self.placement.max_commits)
-                waiting = [*predicting, *commits, *(s.generator for s in streams if room)]
+                        and len(self.commits) < self.placement.max_commits)
+                waiting = [*self.predicting, *self.commits,
+                           *(s.generator for s in self.streams if room)]
                 ready, _ = ray.wait(waiting, num_returns=1, timeout=PROGRESS_S)
                 for ref in ready:
-                    if ref in commits:
-                        stem = commits.pop(ref)
-                        receipt = _result(ref, f"the commit of piece {stem}")
-                        rows += receipt["rows"]
-                        self.on_receipt(receipt)
-                    elif ref in predicting:
-                        actor, rows_ref, task = predicting.pop(ref)
-                        self.load[actor] -= 1
-                        header = _result(ref, "a predictor actor")
-                        if (header.task, header.index) in seen:
-                            continue  # a unit delivered twice is committed once
-                        seen.add((header.task, header.index))
-                        self.stats.units += 1
-                        self.stats.rows_per_call.append(header.rows)
-                        for piece in pieces.add(header, rows_ref):
-                            spec = self.piece_spec(task, piece.shard, piece.piece, piece.last)
-                            receipt = self.commit.remote(spec, [r for _, r in piece.parts],
-                                                         *[u for u, _ in piece.parts])
-                            commits[receipt] = spec.stem
+                    if ref in self.commits:
+                        self._receipt(ref)
+                    elif ref in self.predicting:
+                        self._predicted(ref)
                     else:
-                        stream = next(s for s in streams if s.generator == ref)
-                        try:
-                            unit = _result(stream.generator, _task_text(stream.task), next)
-                        except StopIteration:
-                            streams.remove(stream)
-                            done_tasks += 1
-                            continue
-                        actor = min(range(len(self.actors)), key=self.load.__getitem__)
-                        header_ref, rows_ref = self.actors[actor].predict.options(
-                            num_returns=2).remote(unit)
-                        self.load[actor] += 1
-                        predicting[header_ref] = (actor, rows_ref, stream.task)
+                        self._next_unit(next(s for s in self.streams if s.generator == ref))
                 if time.monotonic() - last_log >= PROGRESS_S:
                     last_log = time.monotonic()
                     log.info("... %d/%d read tasks done, %d rows committed (%.1f rows/s), %d "
                              "unit(s) predicting, %d commit(s) running, %d piece(s) open",
-                             done_tasks, len(tasks), rows, rows / (last_log - started),
-                             len(predicting), len(commits), len(pieces.open))
-            if pieces.open:
-                raise RuntimeError(f"{len(pieces.open)} piece(s) never received all their rows "
-                                   f"(e.g. {next(iter(pieces.open))}): their files were not "
-                                   "written; rerun the job to redo them")
+                             self.done_tasks, len(tasks), self.rows,
+                             self.rows / (last_log - started), len(self.predicting),
+                             len(self.commits), len(self.pieces.open))
+            if self.pieces.open:
+                raise RuntimeError(f"{len(self.pieces.open)} piece(s) never received all their "
+                                   f"rows (e.g. {next(iter(self.pieces.open))}): their files "
+                                   "were not written; rerun the job to redo them")
             return self.stats
         finally:
+            for stream in self.streams:  # a failed run stops reading (a finished one has none)
+                with contextlib.suppress(Exception):
+                    ray.cancel(stream.generator, force=True)
             for actor in self.actors:  # give the GPUs back now, not when the job ends
                 ray.kill(actor)
+
+    def _next_unit(self, stream: _Stream) -> None:
+        """Take a read task's next unit and send it to the least loaded predictor."""
+        try:
+            unit = _result(stream.generator, _task_text(stream.task), next)
+        except StopIteration:
+            self.streams.remove(stream)
+            self.done_tasks += 1
+            self.ended.add(stream.task.index)
+            self._forget(stream.task.index)
+            return
+        actor = min(range(len(self.actors)), key=self.load.__getitem__)
+        header_ref, rows_ref = self.actors[actor].predict.options(num_returns=2).remote(unit)
+        self.load[actor] += 1
+        self.predicting[header_ref] = (actor, rows_ref, stream.task)
+
+    def _predicted(self, header_ref) -> None:
+        """A unit is predicted: add it to its pieces and commit every piece now complete."""
+        actor, rows_ref, task = self.predicting.pop(header_ref)
+        self.load[actor] -= 1
+        header = _result(header_ref, "a predictor actor")
+        seen = self.seen.setdefault(header.task, set())
+        if header.index in seen:
+            return  # a unit delivered twice is committed once
+        seen.add(header.index)
+        self._forget(header.task)
+        self.stats.add(header.rows)
+        for piece in self.pieces.add(header, rows_ref):
+            spec = self.piece_spec(task, piece.shard, piece.piece, piece.last)
+            receipt = self.commit.remote(spec, [r for _, r in piece.parts],
+                                         *[u for u, _ in piece.parts])
+            self.commits[receipt] = spec.stem
+
+    def _forget(self, task: int) -> None:
+        """Drop a finished read task's bookkeeping: the driver keeps nothing per unit."""
+        if task in self.ended and not any(t.index == task for _, _, t in
+                                          self.predicting.values()):
+            self.seen.pop(task, None)
+            self.ended.discard(task)
+
+    def _receipt(self, ref) -> None:
+        stem = self.commits.pop(ref)
+        receipt = _result(ref, f"the commit of piece {stem}")
+        self.rows += receipt["rows"]
+        self.on_receipt(receipt)

@@ -45,6 +45,7 @@ GPU_MODEL_IMAGES_PER_S = 7_923
 # and ~1 ms of driver CPU per unit makes that ~0.5 s of driver CPU per million rows.
 UNIT_BATCHES = 4
 COMMIT_CPUS = 0.25  # a commit is Parquet encoding and two PUTs: mostly waiting
+MIN_FREE_CPUS = 0.5  # what the actors always leave to read and commit tasks
 
 
 @dataclass(frozen=True)
@@ -263,7 +264,7 @@ def plan(cfg: InferConfig, cluster_cpus: float, cluster_gpus: int) -> Plan:
     # 1 CPU per actor (its host work: batching, copies, and the CPU decode fallback). Never
     # all of the cluster's CPUs: the read and commit tasks need some.
     actor_cpus = cfg.predictor_cpus or (1 if use_gpu else max(1, cluster_cpus - 1))
-    actor_cpus = min(actor_cpus, cluster_cpus / (2 * pool_size))
+    actor_cpus = min(actor_cpus, (cluster_cpus - MIN_FREE_CPUS) / pool_size)
     free = cluster_cpus - pool_size * actor_cpus
     max_commits = max(1, min(2 * pool_size + 2, int(free / 2 / COMMIT_CPUS)))
     commit_cpus = min(COMMIT_CPUS, free / 2 / max_commits)

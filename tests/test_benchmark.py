@@ -86,3 +86,43 @@ def test_benchmark_measures_the_three_configurations(ray_session, tmp_path):
     assert len(list((work / "jpegs").glob("*.jpg"))) == images
     for decode in ("cpu", "gpu"):
         assert len(list((work / f"landmarks-{decode}").glob("part-*.parquet"))) == shards
+
+
+def _load_scale_benchmark():
+    path = SCRIPT.parent / "benchmark_scale.py"
+    spec = importlib.util.spec_from_file_location("landmarks_benchmark_scale", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_scale_benchmark_stand_in_feeds_the_real_commit_stage(tmp_path):
+    """Without Ray: the benchmark's input goes through the real reader, its stand-in predictor
+    holds a unit for rows / rate seconds and returns rows the real commit stage writes."""
+    import time
+
+    import pyarrow.parquet as pq
+
+    from pipeline.commit import PieceSpec, commit_piece
+    from pipeline.shards import list_shards
+    from pipeline.stages import ShardReader
+    from pipeline.units import ReadTask, ShardTask
+
+    bench = _load_scale_benchmark()
+    assert bench.make_shards(tmp_path / "in", 2, 5) == 10
+    shards = list_shards(str(tmp_path / "in"))
+    ((header, rows),) = list(ShardReader(decode="gpu", rows_per_batch=100).read_task(
+        ReadTask(0, tuple(ShardTask(s) for s in shards))))
+    predictor = bench.stand_in(200.0)()
+    started = time.perf_counter()
+    out = predictor(rows)
+    assert time.perf_counter() - started >= 10 / 200.0
+    assert out["landmarks"].shape == (10, 68, 2) and "encoded" not in out
+    spec = PieceSpec(str(tmp_path / "out"), shards[0], 0, shards[0].name, 0, True, "v", "s")
+    receipt = commit_piece(spec, {k: v[:5] for k, v in out.items()})
+    assert receipt["rows"] == 5 and receipt["errors"] == 0
+    table = pq.read_table(tmp_path / "out" / receipt["file"])
+    assert table.column("key").to_pylist() == [f"s00000-{i:06d}" for i in range(5)]
+    # The steady window runs from the commit that passes 10 % of the rows to the one at 90 %.
+    commits = [(float(t), 10) for t in range(10)]
+    assert bench._steady_window(commits, 100) == (0.0, 8.0, 80)

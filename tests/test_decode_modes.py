@@ -151,6 +151,29 @@ def test_plan_resolves_the_auto_settings(cpus, gpus, device, decode, expected):
             p.concurrency) == expected
 
 
+@pytest.mark.parametrize("cpus, gpus, device", [
+    (1, 0, "auto"), (2, 0, "auto"), (3, 0, "auto"), (16, 1, "cpu"), (2, 1, "auto"),
+    (4, 8, "auto"), (18, 8, "auto"), (64, 8, "auto"), (2, 0, "cpu"), (1.5, 1, "auto")])
+def test_plan_never_gives_away_more_cpus_than_the_cluster_has(cpus, gpus, device):
+    """Actors, reserved commits and read tasks fit the cluster, and there is always at least
+    one of each: no read can take the CPU a commit needs, no run can wait forever for a CPU."""
+    p = plan(InferConfig(input="i", output="o", device=device), cpus, gpus)
+    used = p.pool_size * p.actor_cpus + p.max_commits * p.commit_cpus + p.max_reads * p.read_cpus
+    assert used <= cpus + 1e-9, p
+    assert p.max_reads >= 1 and p.max_commits >= 1 and min(
+        p.read_cpus, p.commit_cpus, p.actor_cpus) > 0
+    assert p.unit_rows == 4 * p.batch_size
+
+
+def test_plan_splits_this_machine_and_a_gpu_cluster():
+    small = plan(InferConfig(input="i", output="o"), 2, 0)  # this 2-CPU machine, CPU model
+    assert (small.actor_cpus, small.max_commits, small.commit_cpus, small.max_reads,
+            small.read_cpus) == (1, 2, 0.25, 1, 0.5)
+    big = plan(InferConfig(input="i", output="o"), 64, 8)  # 8 GPUs, 8 CPUs each
+    assert (big.pool_size, big.actor_cpus, big.max_commits, big.max_reads, big.read_cpus) == (
+        8, 1, 18, 51, 1.0)
+
+
 def test_plan_overrides_and_errors():
     cfg = InferConfig(input="i", output="o", compile=True, num_predictors=2,
                       predictor_concurrency=3, predictor_cpus=4)

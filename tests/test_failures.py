@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import struct
+import sys
 import zlib
 
 import numpy as np
@@ -190,3 +191,24 @@ def test_exit_status_follows_the_error_fraction(ray_session, weights_file, tmp_p
     assert main([*args, "--max-error-fraction", "0.6"]) == 0
     # Resumed: nothing to redo, but the output still holds 1 error in 2 rows.
     assert main([*args, "--max-error-fraction", "0.4"]) == 1
+
+
+class BrokenPredictor:
+    """A predictor whose actors cannot start (as with a GPU driver missing on a node)."""
+
+    def __init__(self, **kwargs):
+        raise RuntimeError("CUDA driver not found on this node")
+
+
+def test_a_stage_that_fails_for_good_stops_the_run_with_its_cause(ray_session, tmp_path):
+    import ray.cloudpickle
+
+    from pipeline.executor import StageFailed
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # ship the class itself
+    write_sample_archive(str(tmp_path / "in"), 2, 1, image_size=(32, 32))
+    cfg = InferConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out"), batch_size=2)
+    with pytest.raises(StageFailed, match=r"a predictor actor failed for good .*CUDA driver "
+                                          r"not found on this node.*a rerun does the rest"):
+        run_inference(cfg, predictor=BrokenPredictor)
+    assert not list((tmp_path / "out").glob("*.parquet"))

@@ -121,6 +121,7 @@ def test_list_single_file(archive):
             format="tar",
             paths=(f"{root}/faces-00001.tar",),
             root=str(root),
+            size=size,
         )
     ]
 
