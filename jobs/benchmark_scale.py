@@ -1,0 +1,419 @@
+"""Scale-out: the real inference pipeline with a stand-in predictor on a multi-node Ray cluster.
+
+    python jobs/benchmark_scale.py            # 1, 2, 4, 8 simulated GPUs + 100,000-shard listing
+    python jobs/benchmark_scale.py --quick    # a small version (a few minutes on 2 cores)
+
+Part 1, scaling. A ``ray.cluster_utils.Cluster`` in this process: a head node (the driver's)
+and worker nodes with fake ``GPU`` resources. For each simulated GPU count the job's own code
+(``run_inference``: listing, resume check, read tasks, predictor actors, commit, receipts,
+manifest) runs over tar shards of tiny JPEGs with a face box sidecar and ``--decode gpu`` (the
+read tasks probe headers only, as on a GPU cluster), with one change: the predictor is
+``StandInPredictor``, which holds each batch for ``rows / rate`` seconds per simulated GPU (a
+lock per actor, so concurrent calls do not add up to more than one GPU) and returns
+deterministic landmarks. No VGG16 runs, so the figures are the pipeline's own. Per GPU count:
+
+- ``rows_per_s``: rows committed per second in steady state (between the moments 10 % and
+  90 % of the rows were committed), and ``rows_per_s_overall`` over the whole call, start-up
+  included;
+- ``driver_cpu_s_per_million_rows``: the driver process's own CPU time (user + system,
+  ``getrusage(RUSAGE_SELF)``, sampled every 0.1 s) over the steady window, per million rows;
+  ``driver_cpu_s_total`` is the whole call's, which also pays for loading the model once.
+  At the low row rates this machine allows, much of it is the connected Ray client's idle cost
+  (``driver_idle_cpu_s_per_s``, measured for 5 s before the run), which does not grow with rows;
+  ``driver_cpu_s_per_million_rows_above_idle`` takes it out, and
+  ``driver_main_thread_cpu_s_per_million_rows`` is the job's own driver code (the dispatch loop);
+- ``commit_worker_cpu_us_per_row``: CPU of the workers' commit path per row (from the
+  receipts; 0 where the driver commits);
+- ``driver_peak_mb``: the driver's peak resident memory during the call (sampled ``VmRSS``).
+
+Then, unless ``--saturate-rows 0``, one run on 2 simulated GPUs whose stand-in is never the
+limit: rows flow as fast as this machine's cores read and commit them, which is where a driver
+that handles rows would show its cost.
+
+Part 2, many shards: 100,000 one-byte ``.tar`` files (``--listing-shards``) listed, checked for
+resume and planned into read tasks (``plan_read_tasks``) without running them: seconds and the
+driver's peak memory, with the 1,000,000 figures extrapolated linearly (stated as such). What
+running them costs the driver per unit is part 1's driver CPU figure.
+
+Writes ``--out``/scale.json: ``{"scaling": [{"gpus", "rows_per_s", "driver_cpu_s_per_million_rows",
+"driver_peak_mb", ...}], "listing": {...}, "settings": {...}}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import logging
+import os
+import resource
+import shutil
+import sys
+import tarfile
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+# Run from anywhere, installed or not (as under `ray job submit --working-dir .`).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.inference import InferConfig, run_inference  # noqa: E402
+from pipeline.resume import DONE_DIR  # noqa: E402
+
+log = logging.getLogger("benchmark_scale")
+
+QUICK = dict(gpus="1,2,4,8", rate=150, seconds=30, per_shard=300, listing_shards=100_000,
+             saturate_rows=30_000)
+FULL = dict(gpus="1,2,4,8", rate=150, seconds=90, per_shard=300, listing_shards=100_000,
+            saturate_rows=120_000)
+GPUS_PER_NODE = 2
+CPUS_PER_NODE = 4  # logical CPUs of each simulated GPU node (the machine has what it has)
+
+
+class StandInPredictor:
+    """Takes the predictor's place: ``rate`` rows/s per actor (one simulated GPU), landmarks
+    computed from each row's crop so the output is deterministic and checkable."""
+
+    RATE = 150.0
+
+    def __init__(self, **kwargs):
+        self.version = "standin0standin0"
+        self.lock = threading.Lock()
+        self.info = type("Info", (), {"version": self.version})()
+        self.calls, self.rows = 0, 0
+
+    def __call__(self, batch: dict) -> dict:
+        n = len(batch["key"])
+        with self.lock:  # one simulated GPU: concurrent calls queue for it
+            time.sleep(n / self.RATE)
+        self.calls += 1
+        self.rows += n
+        out = {k: v for k, v in batch.items() if k not in (
+            "pixels", "encoded", "orientation", "stored_size", "on_device")}
+        ok = np.asarray([not e for e in batch["error"]], dtype=bool)
+        crop = np.asarray(batch["crop"], dtype=np.float64).reshape(n, 3)
+        grid = np.linspace(0.1, 0.9, 68, dtype=np.float64)
+        points = np.stack([np.broadcast_to(grid, (n, 68)), np.broadcast_to(grid[::-1], (n, 68))],
+                          axis=-1)
+        landmarks = (crop[:, None, :2] + points * crop[:, None, 2:3]).astype(np.float32)
+        landmarks[~ok] = np.nan
+        out["landmarks"] = landmarks
+        out["model_version"] = np.full(n, self.version, dtype=object)
+        return out
+
+
+def stand_in(rate: float) -> type:
+    """A StandInPredictor class running at ``rate`` rows/s (defined here so Ray ships it by
+    value to the actors)."""
+    return type("StandInPredictor", (StandInPredictor,), {"RATE": float(rate)})
+
+
+def _tiny_jpeg() -> bytes:
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 48, 3), np.uint8)).save(
+        out, "JPEG", quality=80)
+    return out.getvalue()
+
+
+def make_shards(folder: Path, shards: int, per_shard: int) -> int:
+    """Tar shards of one tiny JPEG each sample, with a box sidecar: the cheapest real input."""
+    folder.mkdir(parents=True, exist_ok=True)
+    jpeg, meta = _tiny_jpeg(), json.dumps({"bbox": [8, 6, 40, 36]}).encode()
+    for s in range(shards):
+        with tarfile.open(folder / f"shard-{s:05d}.tar", "w") as tar:
+            for i in range(per_shard):
+                for ext, data in (("jpg", jpeg), ("json", meta)):
+                    info = tarfile.TarInfo(f"s{s:05d}-{i:06d}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    return shards * per_shard
+
+
+class DriverSampler:
+    """The driver process's CPU seconds, its main thread's CPU seconds (where the job's own
+    driver code runs; Ray's client threads are the rest) and its resident memory, every
+    ``interval`` seconds."""
+
+    def __init__(self, interval: float = 0.1):
+        self.interval, self.samples = interval, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._main_clock = time.pthread_getcpuclockid(threading.main_thread().ident)
+
+    def main_cpu(self) -> float:
+        return time.clock_gettime(self._main_clock)
+
+    @staticmethod
+    def cpu() -> float:
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        return r.ru_utime + r.ru_stime
+
+    @staticmethod
+    def rss_mb() -> float:
+        with contextlib.suppress(OSError), open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.samples.append((time.time(), self.cpu(), self.rss_mb(), self.main_cpu()))
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.samples.append((time.time(), self.cpu(), self.rss_mb(), self.main_cpu()))
+
+    def cpu_at(self, moment: float, column: int = 1) -> float:
+        """CPU seconds (``column`` 1: process, 3: main thread) at ``moment``, interpolated."""
+        times = np.asarray([s[0] for s in self.samples])
+        cpus = np.asarray([s[column] for s in self.samples])
+        return float(np.interp(moment, times, cpus))
+
+    def peak_mb(self) -> float:
+        return max(s[2] for s in self.samples)
+
+
+def _commits(output: Path) -> list[tuple[float, int]]:
+    """(commit time, rows) of every completion record, in commit order."""
+    out = []
+    for path in (output / DONE_DIR).glob("*.json"):
+        out.append((path.stat().st_mtime, int(json.loads(path.read_text())["rows"])))
+    return sorted(out)
+
+
+def _steady_window(commits: list[tuple[float, int]], total: int) -> tuple[float, float, int]:
+    """(start, end, rows committed in between): from the commit that passes 10 % of the rows
+    to the one that passes 90 %, so start-up and the tail do not count."""
+    done, start, end, rows = 0, None, None, 0
+    for moment, n in commits:
+        done += n
+        if start is None and done >= 0.1 * total:
+            start = moment
+        elif start is not None and end is None:
+            rows += n
+            if done >= 0.9 * total:
+                end = moment
+    return start, end if end is not None else commits[-1][0], rows
+
+
+def _commit_cpu_per_row(output: Path, rows: int) -> float | None:
+    """Worker CPU spent committing, per row, from the receipts in the manifest (if any)."""
+    manifest = output / "_manifest.json"
+    if not manifest.exists():
+        return None
+    data = json.loads(manifest.read_text())
+    seconds = data.get("commit_cpu_s")
+    if seconds is None:
+        return 0.0  # this design commits on the driver: no worker commit path
+    return 1e6 * seconds / max(rows, 1)
+
+
+def run_scaling(args, cluster_address: str, workdir: Path) -> list[dict]:
+    """One entry per simulated GPU count, then (``--saturate-rows``) one run whose stand-in
+    predictor is never the limit, so the machine's cores are: the driver's cost per row when
+    rows flow as fast as this machine can read and commit them."""
+    import ray
+
+    results = []
+    runs = [(int(g), args.rate, None) for g in args.gpus.split(",")]
+    if args.saturate_rows:
+        runs.append((2, 1e6, args.saturate_rows))
+    for gpus, rate, rows in runs:
+        predictor = stand_in(rate)
+        rows_wanted = rows or int(gpus * rate * args.seconds)
+        shards = max(2 * gpus, -(-rows_wanted // args.per_shard))
+        input_dir = workdir / f"in-{gpus}"
+        output = workdir / f"out-{gpus}"
+        total = make_shards(input_dir, shards, args.per_shard)
+        cfg = InferConfig(input=str(input_dir), output=str(output), device="cuda",
+                          decode="gpu", num_predictors=gpus, batch_size=args.batch_size,
+                          ray_address=cluster_address)
+        ray.init(address=cluster_address)
+        idle = _idle_cpu_per_s()
+        started = time.time()
+        with DriverSampler() as sampler:
+            summary = _run(cfg, predictor)
+        seconds = time.time() - started
+        assert summary.samples == total and summary.errors == 0, summary.line()
+        commits = _commits(output)
+        first, last, steady_rows = _steady_window(commits, total)
+        steady_s = last - first
+        cpu_steady = sampler.cpu_at(last) - sampler.cpu_at(first)
+        main_steady = sampler.cpu_at(last, 3) - sampler.cpu_at(first, 3)
+        cpu_total = sampler.samples[-1][1] - sampler.samples[0][1]
+        entry = {
+            "gpus": gpus,
+            "saturated": rows is not None,
+            "rows": total,
+            "shards": shards,
+            "files": len(commits),
+            "seconds": round(seconds, 2),
+            "rows_per_s": round(steady_rows / steady_s, 1) if steady_s > 0 else None,
+            "rows_per_s_overall": round(total / seconds, 1),
+            "target_rows_per_s": gpus * rate,
+            "driver_cpu_s_per_million_rows": (round(1e6 * cpu_steady / steady_rows, 2)
+                                              if steady_rows else None),
+            "driver_main_thread_cpu_s_per_million_rows": (
+                round(1e6 * main_steady / steady_rows, 2) if steady_rows else None),
+            "driver_idle_cpu_s_per_s": round(idle, 4),
+            "driver_cpu_s_per_million_rows_above_idle": (
+                round(1e6 * (cpu_steady - idle * steady_s) / steady_rows, 2)
+                if steady_rows else None),
+            "driver_cpu_s_total": round(cpu_total, 2),
+            "commit_worker_cpu_us_per_row": _commit_cpu_per_row(output, total),
+            "driver_peak_mb": round(sampler.peak_mb(), 1),
+        }
+        log.info("%d GPU(s): %s", gpus, entry)
+        results.append(entry)
+        shutil.rmtree(input_dir)
+        shutil.rmtree(output)
+        ray.shutdown()  # each run connects afresh (as each `ray job submit` does)
+    return results
+
+
+def _idle_cpu_per_s(seconds: float = 5.0) -> float:
+    """What the connected driver costs while it waits (Ray's client threads): the floor under
+    the per-row figure at low row rates."""
+    before, started = DriverSampler.cpu(), time.time()
+    time.sleep(seconds)
+    return (DriverSampler.cpu() - before) / (time.time() - started)
+
+
+def _run(cfg: InferConfig, predictor: type):
+    """``run_inference`` with the stand-in predictor in place of the model."""
+    return run_inference(cfg, predictor=predictor)
+
+
+def run_listing(args, workdir: Path) -> dict:
+    """List, resume-check and plan ``args.listing_shards`` small shards, without running them."""
+    from pipeline.resume import completed_pieces
+    from pipeline.shards import list_shards
+    from pipeline.units import ShardTask, plan_read_tasks
+
+    folder = workdir / "many"
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(args.listing_shards):
+        (folder / f"s{i:07d}.tar").write_bytes(b"x")
+    base_mb = DriverSampler.rss_mb()
+    with DriverSampler() as sampler:
+        t0 = time.time()
+        shards = list_shards(str(folder))
+        t1 = time.time()
+        done = completed_pieces(str(workdir / "many-out"), shards, "v", "s")
+        todo = [ShardTask(s) for s in shards if s.name not in done]
+        tasks = plan_read_tasks(todo, min_tasks=64)
+        t2 = time.time()
+    n = len(shards)
+    result = {
+        "shards": n,
+        "list_s": round(t1 - t0, 2),
+        "schedule_s": round(t2 - t1, 2),
+        "read_tasks": len(tasks),
+        "driver_peak_mb": round(sampler.peak_mb(), 1),
+        "driver_mb_before": round(base_mb, 1),
+        "extrapolated_1m": {
+            "note": "linear extrapolation from the measured figures, not measured",
+            "list_s": round((t1 - t0) * 1e6 / n, 1),
+            "schedule_s": round((t2 - t1) * 1e6 / n, 1),
+            "driver_mb_growth": round((sampler.peak_mb() - base_mb) * 1e6 / n, 1),
+        },
+    }
+    shutil.rmtree(folder)
+    return result
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="a small run (minutes on 2 cores)")
+    p.add_argument("--gpus", help="simulated GPU counts, comma-separated (default 1,2,4,8)")
+    p.add_argument("--rate", type=float, help="rows/s of one simulated GPU (default 150)")
+    p.add_argument("--seconds", type=float, help="work per GPU count, in seconds of one GPU")
+    p.add_argument("--per-shard", type=int, help="samples per tar shard (default 300)")
+    p.add_argument("--batch-size", type=int, default=64,
+                   help="predictor batch (default 64: units of 256 rows, many per run)")
+    p.add_argument("--listing-shards", type=int, help="shards for part 2 (default 100,000)")
+    p.add_argument("--saturate-rows", type=int,
+                   help="rows of the run where the cores, not the stand-in, are the limit "
+                        "(0: skip it)")
+    p.add_argument("--skip-listing", action="store_true")
+    p.add_argument("--workdir", help="scratch folder (default: a temporary one, removed)")
+    p.add_argument("--out", default="benchmark-results", help="folder for scale.json")
+    args = p.parse_args(argv)
+    for key, value in (QUICK if args.quick else FULL).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
+def main(argv=None) -> dict:
+    import ray
+    from ray.cluster_utils import Cluster
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    args = parse(argv)
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="scale-"))
+    gpus = max(int(g) for g in args.gpus.split(","))
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+    for _ in range(-(-gpus // GPUS_PER_NODE)):
+        cluster.add_node(num_cpus=CPUS_PER_NODE, num_gpus=GPUS_PER_NODE)
+    cluster.wait_for_nodes()
+    try:
+        result = {"settings": {k: v for k, v in vars(args).items() if k != "out"}}
+        result["settings"].update(nodes=len(cluster.list_all_nodes()),
+                                  gpus_per_node=GPUS_PER_NODE, cpus_per_node=CPUS_PER_NODE,
+                                  machine_cpus=os.cpu_count())
+        result["scaling"] = run_scaling(args, cluster.address, workdir)
+        if not args.skip_listing:
+            result["listing"] = run_listing(args, workdir)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+        if not args.workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+    base = result["scaling"][0]["rows_per_s"] or 0
+    for entry in result["scaling"]:
+        ideal = base * entry["gpus"] / result["scaling"][0]["gpus"]
+        entry["scaling_efficiency"] = (round(entry["rows_per_s"] / ideal, 3)
+                                       if ideal and not entry["saturated"] else None)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "scale.json").write_text(json.dumps(result, indent=2))
+    print(table(result))
+    return result
+
+
+def table(result: dict) -> str:
+    lines = ["gpus | rows/s steady (ideal) | overall | efficiency | driver CPU s/M rows "
+             "(above idle; main thread) | commit worker us/row | driver peak MB"]
+    for e in result["scaling"]:
+        gpus = f"{e['gpus']}{' saturated' if e['saturated'] else ''}"
+        lines.append(f"{gpus} | {e['rows_per_s']} ({e['target_rows_per_s']:.0f}) | "
+                     f"{e['rows_per_s_overall']} | {e['scaling_efficiency']} | "
+                     f"{e['driver_cpu_s_per_million_rows']} "
+                     f"({e['driver_cpu_s_per_million_rows_above_idle']}; "
+                     f"{e['driver_main_thread_cpu_s_per_million_rows']}) | "
+                     f"{e['commit_worker_cpu_us_per_row']} | {e['driver_peak_mb']}")
+    if "listing" in result:
+        li = result["listing"]
+        lines.append(f"listing {li['shards']} shards: list {li['list_s']} s, schedule "
+                     f"{li['schedule_s']} s, driver peak {li['driver_peak_mb']} MB "
+                     f"(1M extrapolated: {li['extrapolated_1m']})")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
