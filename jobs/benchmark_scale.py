@@ -23,7 +23,8 @@ deterministic landmarks. No VGG16 runs, so the figures are the pipeline's own. P
   ``driver_cpu_s_per_million_rows_above_idle`` takes it out, and
   ``driver_main_thread_cpu_s_per_million_rows`` is the job's own driver code (the dispatch loop);
 - ``commit_worker_cpu_us_per_row``: CPU of the workers' commit path per row (from the
-  receipts; 0 where the driver commits);
+  receipts; 0 where the driver commits), and ``..._warm`` without each worker process's first
+  commit, which pays pyarrow's one-time imports (pandas among them: ~0.3-0.5 s per process);
 - ``driver_peak_mb``: the driver's peak resident memory during the call (sampled ``VmRSS``).
 
 Then, unless ``--saturate-rows 0``, one run on 2 simulated GPUs whose stand-in is never the
@@ -209,16 +210,27 @@ def _steady_window(commits: list[tuple[float, int]], total: int) -> tuple[float,
     return start, end if end is not None else commits[-1][0], rows
 
 
-def _commit_cpu_per_row(output: Path, rows: int) -> float | None:
-    """Worker CPU spent committing, per row, from the receipts in the manifest (if any)."""
-    manifest = output / "_manifest.json"
-    if not manifest.exists():
-        return None
-    data = json.loads(manifest.read_text())
-    seconds = data.get("commit_cpu_s")
-    if seconds is None:
-        return 0.0  # this design commits on the driver: no worker commit path
-    return 1e6 * seconds / max(rows, 1)
+def _commit_cpu_per_row(output: Path) -> tuple[float | None, float | None]:
+    """Worker CPU spent committing, per row, from the receipts: over all commits, and without
+    each worker process's first (which pays pyarrow's one-time imports, ~0.3-0.5 s)."""
+    from pipeline.report import read_receipts
+
+    if not (output / "_manifest.json").exists():
+        return None, None
+    if "receipts" not in json.loads((output / "_manifest.json").read_text()):
+        return 0.0, 0.0  # the old design commits on the driver: no worker commit path
+    receipts = read_receipts(str(output))
+    firsts, warm = set(), []
+    for r in receipts:
+        if r["worker"] in firsts:
+            warm.append(r)
+        firsts.add(r["worker"])
+
+    def per_row(rs):
+        rows = sum(r["rows"] for r in rs)
+        return round(1e6 * sum(r["cpu_s"] for r in rs) / rows, 1) if rows else None
+
+    return per_row(receipts), per_row(warm)
 
 
 def run_scaling(args, cluster_address: str, workdir: Path) -> list[dict]:
@@ -250,6 +262,7 @@ def run_scaling(args, cluster_address: str, workdir: Path) -> list[dict]:
         assert summary.samples == total and summary.errors == 0, summary.line()
         commits = _commits(output)
         first, last, steady_rows = _steady_window(commits, total)
+        commit_all, commit_warm = _commit_cpu_per_row(output)
         steady_s = last - first
         cpu_steady = sampler.cpu_at(last) - sampler.cpu_at(first)
         main_steady = sampler.cpu_at(last, 3) - sampler.cpu_at(first, 3)
@@ -273,7 +286,8 @@ def run_scaling(args, cluster_address: str, workdir: Path) -> list[dict]:
                 round(1e6 * (cpu_steady - idle * steady_s) / steady_rows, 2)
                 if steady_rows else None),
             "driver_cpu_s_total": round(cpu_total, 2),
-            "commit_worker_cpu_us_per_row": _commit_cpu_per_row(output, total),
+            "commit_worker_cpu_us_per_row": commit_all,
+            "commit_worker_cpu_us_per_row_warm": commit_warm,
             "driver_peak_mb": round(sampler.peak_mb(), 1),
         }
         log.info("%d GPU(s): %s", gpus, entry)
@@ -398,7 +412,7 @@ def main(argv=None) -> dict:
 
 def table(result: dict) -> str:
     lines = ["gpus | rows/s steady (ideal) | overall | efficiency | driver CPU s/M rows "
-             "(above idle; main thread) | commit worker us/row | driver peak MB"]
+             "(above idle; main thread) | commit worker us/row (warm) | driver peak MB"]
     for e in result["scaling"]:
         gpus = f"{e['gpus']}{' saturated' if e['saturated'] else ''}"
         lines.append(f"{gpus} | {e['rows_per_s']} ({e['target_rows_per_s']:.0f}) | "
@@ -406,7 +420,8 @@ def table(result: dict) -> str:
                      f"{e['driver_cpu_s_per_million_rows']} "
                      f"({e['driver_cpu_s_per_million_rows_above_idle']}; "
                      f"{e['driver_main_thread_cpu_s_per_million_rows']}) | "
-                     f"{e['commit_worker_cpu_us_per_row']} | {e['driver_peak_mb']}")
+                     f"{e['commit_worker_cpu_us_per_row']} "
+                     f"({e['commit_worker_cpu_us_per_row_warm']}) | {e['driver_peak_mb']}")
     if "listing" in result:
         li = result["listing"]
         lines.append(f"listing {li['shards']} shards: list {li['list_s']} s, schedule "

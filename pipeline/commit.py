@@ -8,6 +8,8 @@ Committing the same piece twice (a retried task) writes the same bytes under the
 
 from __future__ import annotations
 
+import os
+import socket
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -77,4 +79,5 @@ def commit_piece(spec: PieceSpec, rows: Mapping[str, np.ndarray]) -> dict[str, A
         "bytes": size,
         "seconds": round(time.time() - started, 4),
         "cpu_s": round(time.thread_time() - cpu, 4),
+        "worker": f"{socket.gethostname()}:{os.getpid()}",
     }

@@ -33,6 +33,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +45,7 @@ log = logging.getLogger("pipeline")
 READ_TASK_RETRIES = 3
 ACTOR_RESTARTS = 3
 COMMIT_RETRIES = 3
+COMMIT_THREADS = 8  # pieces one commit task writes at once (small shards: many files a unit)
 PROGRESS_S = 30.0
 
 
@@ -122,8 +124,19 @@ class _Predictor:
         return unit["header"], self.predictor(unit["rows"])
 
 
-def _commit(spec: PieceSpec, ranges: list[tuple[int, int]], *units) -> dict[str, Any]:
-    return commit_piece(spec, gather(units, ranges))
+def _commit(specs: list[PieceSpec], parts: list[list[tuple[int, int, int]]], *units
+            ) -> list[dict[str, Any]]:
+    """Commit the pieces a unit completed: piece ``i`` is rows ``start:stop`` of
+    ``units[u]`` for each ``(u, start, stop)`` in ``parts[i]``. Several pieces (small shards)
+    are written ``COMMIT_THREADS`` at a time: their PUTs overlap."""
+    def one(i: int) -> dict[str, Any]:
+        return commit_piece(specs[i], gather([units[u] for u, _, _ in parts[i]],
+                                             [(a, b) for _, a, b in parts[i]]))
+
+    if len(specs) == 1:
+        return [one(0)]
+    with ThreadPoolExecutor(min(COMMIT_THREADS, len(specs))) as pool:
+        return list(pool.map(one, range(len(specs))))
 
 
 class StageFailed(RuntimeError):
@@ -193,7 +206,7 @@ class UnitRunner:
         self.queue = list(reversed(tasks))
         self.streams: list[_Stream] = []
         self.predicting: dict[Any, tuple[int, Any, ReadTask]] = {}  # header -> actor, rows, task
-        self.commits: dict[Any, str] = {}  # receipt ref -> piece stem
+        self.commits: dict[Any, str] = {}  # receipts ref -> which pieces
         self.pieces = PieceAssembler()
         # Units seen per read task, until the task has ended and its units are all back.
         self.seen: dict[int, set[int]] = {}
@@ -263,11 +276,17 @@ class UnitRunner:
         seen.add(header.index)
         self._forget(header.task)
         self.stats.add(header.rows)
-        for piece in self.pieces.add(header, rows_ref):
-            spec = self.piece_spec(task, piece.shard, piece.piece, piece.last)
-            receipt = self.commit.remote(spec, [r for _, r in piece.parts],
-                                         *[u for u, _ in piece.parts])
-            self.commits[receipt] = spec.stem
+        ready = self.pieces.add(header, rows_ref)
+        if ready:  # one commit task for every piece this unit completed
+            units: dict[int, tuple[int, Any]] = {}  # id(ref) -> (argument index, ref)
+            specs, parts = [], []
+            for piece in ready:
+                specs.append(self.piece_spec(task, piece.shard, piece.piece, piece.last))
+                parts.append([(units.setdefault(id(unit), (len(units), unit))[0], start, stop)
+                              for unit, (start, stop) in piece.parts])
+            receipts = self.commit.remote(specs, parts, *(ref for _, ref in units.values()))
+            self.commits[receipts] = (specs[0].stem if len(specs) == 1
+                                      else f"{specs[0].stem} and {len(specs) - 1} more")
 
     def _forget(self, task: int) -> None:
         """Drop a finished read task's bookkeeping: the driver keeps nothing per unit."""
@@ -277,7 +296,7 @@ class UnitRunner:
             self.ended.discard(task)
 
     def _receipt(self, ref) -> None:
-        stem = self.commits.pop(ref)
-        receipt = _result(ref, f"the commit of piece {stem}")
-        self.rows += receipt["rows"]
-        self.on_receipt(receipt)
+        stems = self.commits.pop(ref)
+        for receipt in _result(ref, f"the commit of piece(s) {stems}"):
+            self.rows += receipt["rows"]
+            self.on_receipt(receipt)
