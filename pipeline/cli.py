@@ -85,8 +85,9 @@ def add_infer_arguments(parser: argparse.ArgumentParser) -> None:
                      help="model batch size (default: 512 on GPU, 256 with --compile, 16 on "
                           "CPU); on GPU out-of-memory the actor halves it and goes on")
     run.add_argument("--unit-rows", type=int,
-                     help="rows per work unit, the rows one predictor call gets (default: 4 "
-                          "batches); small shards are bundled up to it, big ones sliced")
+                     help="rows per work unit, the rows one predictor call gets (default: 4096 "
+                          "on GPU, 4 batches on CPU; units also stop at 256 MB); small shards are "
+                          "bundled up to it, big ones sliced")
     run.add_argument("--rows-per-file", type=int, default=DEFAULT_ROWS_PER_FILE,
                      help="a shard with more rows is written as several files, "
                           "part-<shard>.parquet then part-<shard>.c00001.parquet ... "

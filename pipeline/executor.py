@@ -223,7 +223,9 @@ class UnitRunner:
                         and len(self.commits) < self.placement.max_commits)
                 waiting = [*self.predicting, *self.commits,
                            *(s.generator for s in self.streams if room)]
-                ready, _ = ray.wait(waiting, num_returns=1, timeout=PROGRESS_S)
+                # fetch_local=False: readiness only; never pull a unit to the driver's node.
+                ready, _ = ray.wait(waiting, num_returns=1, timeout=PROGRESS_S,
+                                    fetch_local=False)
                 for ref in ready:
                     if ref in self.commits:
                         self._receipt(ref)

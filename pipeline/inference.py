@@ -41,8 +41,11 @@ DEFAULT_BATCH_SIZE = {"cuda": 512, "cuda+compile": 256, "cpu": 16}
 # on one core 158 images/s; the model 7,923 images/s per H100 (bf16) -> ~50 cores per GPU.
 CPU_DECODE_IMAGES_PER_S = 158
 GPU_MODEL_IMAGES_PER_S = 7_923
-# Rows per unit (one predictor call) in batches: 4 x 512 rows on a GPU is ~0.25 s of an H100,
-# and ~1 ms of driver CPU per unit makes that ~0.5 s of driver CPU per million rows.
+# Rows per unit (one predictor call). The driver pays ~7-10 ms of CPU per unit (measured on a
+# simulated 5-node cluster, jobs/benchmark_scale.py), so on a GPU a unit is 4,096 rows (~0.5 s
+# of an H100, ~200 MB of 640x480 JPEG bytes; units also stop at 256 MB): ~2 s of driver CPU per
+# million rows. On CPU, 4 batches: results (and progress) every ~30 s of a 2-core machine.
+GPU_UNIT_ROWS = 4096
 UNIT_BATCHES = 4
 COMMIT_CPUS = 0.25  # a commit is Parquet encoding and two PUTs: mostly waiting
 MIN_FREE_CPUS = 0.5  # what the actors always leave to read and commit tasks
@@ -64,7 +67,7 @@ class InferConfig:
     margin: float = DEFAULT_MARGIN
     max_pixels: int = DEFAULT_MAX_PIXELS
     batch_size: int | None = None  # None: DEFAULT_BATCH_SIZE for the device
-    unit_rows: int | None = None  # None: UNIT_BATCHES batches
+    unit_rows: int | None = None  # None: GPU_UNIT_ROWS on GPU, UNIT_BATCHES batches on CPU
     unit_bytes: int = DEFAULT_UNIT_BYTES
     rows_per_file: int = DEFAULT_ROWS_PER_FILE
     num_predictors: int | None = None
@@ -279,7 +282,7 @@ def plan(cfg: InferConfig, cluster_cpus: float, cluster_gpus: int) -> Plan:
         # GPU: two calls at once per actor, so one batch's host work and copy overlap the
         # other's GPU work (each thread has its own CUDA streams); CPU: one (it owns the cores).
         concurrency=cfg.predictor_concurrency or (2 if use_gpu else 1),
-        unit_rows=cfg.unit_rows or UNIT_BATCHES * batch_size,
+        unit_rows=cfg.unit_rows or (GPU_UNIT_ROWS if use_gpu else UNIT_BATCHES * batch_size),
         max_reads=max_reads,
         read_cpus=min(1.0, rest / max_reads),
         max_commits=max_commits,

@@ -162,7 +162,7 @@ def test_plan_never_gives_away_more_cpus_than_the_cluster_has(cpus, gpus, device
     assert used <= cpus + 1e-9, p
     assert p.max_reads >= 1 and p.max_commits >= 1 and min(
         p.read_cpus, p.commit_cpus, p.actor_cpus) > 0
-    assert p.unit_rows == 4 * p.batch_size
+    assert p.unit_rows == (4096 if p.use_gpu else 4 * p.batch_size)
 
 
 def test_plan_splits_this_machine_and_a_gpu_cluster():
