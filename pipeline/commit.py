@@ -21,6 +21,7 @@ from pipeline.faults import FaultPlan
 from pipeline.output import output_file_name, rows_to_table, write_table_atomic
 from pipeline.resume import SHARD_FAILURE_KINDS, write_completion_record
 from pipeline.shards import Shard
+from pipeline.units import piece_stem
 
 
 @dataclass(frozen=True)
@@ -30,13 +31,16 @@ class PieceSpec:
     output: str
     shard: Shard
     piece: int
-    stem: str
     first_row: int
     last: bool
     model_version: str
     settings: str
     storage_options: Mapping[str, Any] = field(default_factory=dict, repr=False)
     faults: str = ""
+
+    @property
+    def stem(self) -> str:
+        return piece_stem(self.shard.name, self.piece)
 
 
 def gather(units: Sequence[Mapping[str, np.ndarray]],

@@ -24,7 +24,7 @@ from pipeline.report import ManifestWriter, Summary, new_run_id, write_manifest
 from pipeline.resume import completed_pieces, remove_stale_temporary_files, settings_id
 from pipeline.shards import list_shards
 from pipeline.stages import DEFAULT_UNIT_BYTES, LandmarkPredictor
-from pipeline.units import DEFAULT_ROWS_PER_FILE, ShardTask, piece_stem, plan_read_tasks
+from pipeline.units import DEFAULT_ROWS_PER_FILE, ShardTask, plan_read_tasks
 
 log = logging.getLogger("pipeline")
 
@@ -189,7 +189,7 @@ def run_inference(cfg: InferConfig, job_config: Mapping[str, Any] | None = None,
             reader_kwargs=dict(
                 storage_options=dict(cfg.storage_options), margin=cfg.margin,
                 max_pixels=cfg.max_pixels, image_column=cfg.image_column,
-                key_column=cfg.key_column, rows_per_batch=p.unit_rows, faults=cfg.faults,
+                key_column=cfg.key_column, unit_rows=p.unit_rows, faults=cfg.faults,
                 decode=p.decode, rows_per_file=cfg.rows_per_file, unit_bytes=cfg.unit_bytes),
             predictor_cls=predictor,
             predictor_kwargs=dict(
@@ -203,12 +203,11 @@ def run_inference(cfg: InferConfig, job_config: Mapping[str, Any] | None = None,
                 faults=cfg.faults, micro_batch=p.batch_size, compile=cfg.compile,
                 max_pixels=cfg.max_pixels),
             piece_spec=lambda task, shard, piece, last: PieceSpec(
-                output, task.shards[shard].shard, piece,
-                piece_stem(task.shards[shard].shard.name, piece), piece * cfg.rows_per_file,
-                last, model_info.version, settings, dict(cfg.storage_options), cfg.faults),
+                output, task.shards[shard].shard, piece, piece * cfg.rows_per_file, last,
+                model_info.version, settings, dict(cfg.storage_options), cfg.faults),
             on_receipt=on_receipt)
         stats = runner.run(tasks)
-        summary.units, summary.predictor_calls = stats.units, stats.units
+        summary.predictor_calls = stats.units
         summary.rows_per_call = stats.call_sizes()
         log.info("predictor calls: %d, rows per call %s", stats.units, summary.rows_per_call)
 

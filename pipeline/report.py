@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from pipeline.storage import write_bytes
+from pipeline.storage import read_bytes, write_bytes
 
 MANIFEST_FILE = "_manifest.json"
 MANIFEST_DIR = "_manifest"
@@ -47,7 +47,6 @@ class Summary:
     files_committed: int = 0
     output_bytes: int = 0
     commit_cpu_s: float = 0.0
-    units: int = 0
     predictor_calls: int = 0
     rows_per_call: dict[str, float] = field(default_factory=dict)
 
@@ -143,7 +142,6 @@ def write_manifest(config: dict[str, Any], summary: Summary, writer: ManifestWri
         "files": summary.files_committed,
         "output_bytes": summary.output_bytes,
         "commit_cpu_s": round(summary.commit_cpu_s, 3),
-        "units": summary.units,
         "predictor_calls": summary.predictor_calls,
         "rows_per_call": summary.rows_per_call,
         "seconds": round(summary.seconds, 3),
@@ -157,8 +155,6 @@ def write_manifest(config: dict[str, Any], summary: Summary, writer: ManifestWri
 def read_receipts(output: str, storage_options: Mapping[str, Any] | None = None
                   ) -> list[dict[str, Any]]:
     """Every receipt of the run that wrote ``output``'s ``_manifest.json``, in commit order."""
-    from pipeline.storage import read_bytes
-
     root = output.rstrip("/")
     manifest = json.loads(read_bytes(f"{root}/{MANIFEST_FILE}", storage_options))
     receipts = []

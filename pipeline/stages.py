@@ -135,7 +135,7 @@ class ShardReader:
         max_pixels: int = DEFAULT_MAX_PIXELS,
         image_column: str = "image",
         key_column: str = "key",
-        rows_per_batch: int = 32,
+        unit_rows: int = 32,
         faults: str = "",
         decode: str = "cpu",
         rows_per_file: int = DEFAULT_ROWS_PER_FILE,
@@ -149,7 +149,7 @@ class ShardReader:
         self.max_pixels = max_pixels
         self.image_column = image_column
         self.key_column = key_column
-        self.rows_per_batch = rows_per_batch  # rows per unit
+        self.unit_rows = unit_rows
         self.rows_per_file = rows_per_file
         self.unit_bytes = unit_bytes
         self.faults = FaultPlan(faults)
@@ -161,8 +161,7 @@ class ShardReader:
 
     def read_task(self, task: ReadTask) -> Iterator[tuple[UnitHeader, dict[str, np.ndarray]]]:
         """Yield the task's units in order; every row of every shard is in exactly one."""
-        builder = UnitBuilder(task.index, self.rows_per_file, self.rows_per_batch,
-                              self.unit_bytes)
+        builder = UnitBuilder(task.index, self.rows_per_file, self.unit_rows, self.unit_bytes)
         pending: list[tuple[str, Sample, Any]] = []
         for i, item in enumerate(task.shards):
             rows = 0

@@ -111,14 +111,14 @@ def test_scale_benchmark_stand_in_feeds_the_real_commit_stage(tmp_path):
     bench = _load_scale_benchmark()
     assert bench.make_shards(tmp_path / "in", 2, 5) == 10
     shards = list_shards(str(tmp_path / "in"))
-    ((header, rows),) = list(ShardReader(decode="gpu", rows_per_batch=100).read_task(
+    ((header, rows),) = list(ShardReader(decode="gpu", unit_rows=100).read_task(
         ReadTask(0, tuple(ShardTask(s) for s in shards))))
     predictor = bench.stand_in(200.0)()
     started = time.perf_counter()
     out = predictor(rows)
     assert time.perf_counter() - started >= 10 / 200.0
     assert out["landmarks"].shape == (10, 68, 2) and "encoded" not in out
-    spec = PieceSpec(str(tmp_path / "out"), shards[0], 0, shards[0].name, 0, True, "v", "s")
+    spec = PieceSpec(str(tmp_path / "out"), shards[0], 0, 0, True, "v", "s")
     receipt = commit_piece(spec, {k: v[:5] for k, v in out.items()})
     assert receipt["rows"] == 5 and receipt["errors"] == 0
     table = pq.read_table(tmp_path / "out" / receipt["file"])

@@ -60,7 +60,7 @@ def mixed_shard(tmp_path_factory):
 
 
 def rows_of(shard, decode):
-    batches = list(ShardReader(decode=decode, rows_per_batch=64).read(shard))
+    batches = list(ShardReader(decode=decode, unit_rows=64).read(shard))
     assert len(batches) == 1
     return batches[0]
 

@@ -28,7 +28,7 @@ def test_reader_rows_carry_keys_pixels_and_sizes(faces, tmp_path):
     write_tar(tmp_path / "a.tar", sorted(faces.items()))
     shard = list_shards(str(tmp_path))[0]
     assert decode_shard(encode_shard(shard)) == shard
-    batches = list(ShardReader(rows_per_batch=2).read(shard))
+    batches = list(ShardReader(unit_rows=2).read(shard))
     assert [len(b["key"]) for b in batches] == [2, 2, 1]
     rows = _rows(batches)
     assert rows["key"].tolist() == [f"face-00000-{i:05d}" for i in range(5)]

@@ -45,7 +45,7 @@ def _shards(tmp_path, faces, sizes: list[int]) -> list[Shard]:
 
 
 def _read(task: ReadTask, **kw):
-    reader = ShardReader(rows_per_batch=kw.pop("unit_rows", 4), **kw)
+    reader = ShardReader(**{"unit_rows": 4, **kw})
     return list(reader.read_task(task))
 
 
@@ -196,8 +196,8 @@ def _predicted(keys: list[str], errors: dict[int, str] | None = None) -> dict:
 
 
 def _spec(tmp_path, shard, piece=0, last=True, **kw) -> PieceSpec:
-    return PieceSpec(str(tmp_path / "out"), shard, piece, piece_stem(shard.name, piece),
-                     piece * 10, last, "v1", "settings-a", **kw)
+    return PieceSpec(str(tmp_path / "out"), shard, piece, piece * 10, last, "v1", "settings-a",
+                     **kw)
 
 
 def test_commit_writes_the_file_then_its_record_and_returns_a_receipt(tmp_path):
