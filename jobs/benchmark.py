@@ -6,7 +6,7 @@
     python jobs/benchmark.py --device cpu   # CPU: 64 faces in shards of 16, batch 16
 
 All three run the same model (``--weights``, else ``--init``/``--seed``) through the same
-``pipeline.runner.ModelRunner`` code with the same batch size, precision (bf16 autocast +
+``pipeline.stages.runner.ModelRunner`` code with the same batch size, precision (bf16 autocast +
 channels_last on CUDA, fp32 on CPU) and compile setting. Images/s of:
 
 1. model alone: normalisation + forward on random uint8 224x224 batches already on the device,
@@ -50,22 +50,22 @@ from pathlib import Path
 # Run from anywhere, installed or not (as under `ray job submit --working-dir .`).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.executor import ensure_ray  # noqa: E402
-from pipeline.inference import (  # noqa: E402
+from pipeline.backend.executor import ensure_ray  # noqa: E402
+from pipeline.demo.synthetic import write_sample_archive  # noqa: E402
+from pipeline.inference.job import (  # noqa: E402
     DEFAULT_BATCH_SIZE,
     InferConfig,
     plan,
     run_inference,
 )
-from pipeline.model import INPUT_SIZE, load_model  # noqa: E402
-from pipeline.resume import DONE_DIR  # noqa: E402
-from pipeline.runner import ModelRunner  # noqa: E402
-from pipeline.synthetic import write_sample_archive  # noqa: E402
+from pipeline.io.resume import DONE_DIR  # noqa: E402
+from pipeline.model.network import INPUT_SIZE, load_model  # noqa: E402
+from pipeline.stages.runner import ModelRunner  # noqa: E402
 
 # Per device: images, images per shard, untimed and timed model-alone steps, decode modes of the
 # pipeline. CUDA: the warm-up covers cuDNN's algorithm choice (and compiling), 30 steps of 512
 # take ~2 s in bf16 on an H100. CPU: VGG16 takes ~0.5 s per image on 2 cores, so few steps.
-# Batch sizes: the job's own defaults (pipeline.inference.DEFAULT_BATCH_SIZE).
+# Batch sizes: the job's own defaults (pipeline.inference.job.DEFAULT_BATCH_SIZE).
 DEFAULTS = {
     "cuda": dict(images=30_000, per_shard=1000, warmup=5, steps=30, decode="cpu,gpu"),
     "cpu": dict(batch_size=16, images=64, per_shard=16, warmup=1, steps=2, decode="cpu"),
@@ -164,7 +164,7 @@ def arrival_rates(started: float, arrivals: list[tuple[float, int]]) -> dict:
 def _import_and_wait():
     import ray.data  # noqa: F401
 
-    import pipeline.stages  # noqa: F401  (torch, PIL, numpy: what the stages import)
+    import pipeline.stages.predictor  # noqa: F401  (torch, PIL, numpy: what the stages import)
 
     time.sleep(1)  # hold the worker, so the next task starts another one
 
@@ -181,8 +181,8 @@ def warm_up_workers() -> None:
 def bench_read_stage(archive: Path, decode: str, images: int) -> dict:
     """One read task's work on one core, no Ray: stream a shard, and decode + crop + resize
     (``decode="cpu"``) or read the headers only (``"gpu"``): images/s per CPU core."""
-    from pipeline.shards import list_shards
-    from pipeline.stages import ShardReader
+    from pipeline.io.shards import list_shards
+    from pipeline.stages.reader import ShardReader
 
     reader, done = ShardReader(decode=decode), 0
     started = time.perf_counter()

@@ -6,8 +6,8 @@
 
 It writes a synthetic labelled archive (``--faces``, 10 % held out for validation by key hash), a
 separate synthetic test archive (``--test-faces``, another seed) and the real annotated photos of
-``--real`` as a labelled shard, fine-tunes with ``pipeline.train`` (decoded crops cached), and
-reports training images/s, the minutes until the validation NME first drops below ``--target``,
+``--real`` as a labelled shard, fine-tunes with ``pipeline.backend.trainer`` (decoded crops cached),
+and reports training images/s, the minutes until the validation NME first drops below ``--target``,
 and the final NME of the exported model on the synthetic test faces and on the real photos.
 ``--scaling-workers 1,2`` first trains ``--scaling-epochs`` on the same data with each worker count
 (all CPUs shared between the workers) and reports their images/s. Results go to
@@ -28,12 +28,12 @@ from pathlib import Path
 # Run from anywhere, installed or not (as under `ray job submit --working-dir .`).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.evaluate import EvalConfig  # noqa: E402
-from pipeline.evaluate import main as evaluate  # noqa: E402
-from pipeline.importer import import_annotated_folder  # noqa: E402
-from pipeline.synthetic import write_sample_archive  # noqa: E402
-from pipeline.train import main as finetune  # noqa: E402
-from pipeline.train_config import FinetuneConfig  # noqa: E402
+from pipeline.backend.trainer import main as finetune  # noqa: E402
+from pipeline.demo.synthetic import write_sample_archive  # noqa: E402
+from pipeline.evaluation.evaluate import EvalConfig  # noqa: E402
+from pipeline.evaluation.evaluate import main as evaluate  # noqa: E402
+from pipeline.training.config import FinetuneConfig  # noqa: E402
+from pipeline.training.importer import import_annotated_folder  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     import torch
 
-    from pipeline.executor import ensure_ray
+    from pipeline.backend.executor import ensure_ray
 
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)

@@ -62,8 +62,8 @@ import numpy as np
 # Run from anywhere, installed or not (as under `ray job submit --working-dir .`).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.inference import InferConfig, run_inference  # noqa: E402
-from pipeline.resume import DONE_DIR  # noqa: E402
+from pipeline.inference.job import InferConfig, run_inference  # noqa: E402
+from pipeline.io.resume import DONE_DIR  # noqa: E402
 
 log = logging.getLogger("benchmark_scale")
 
@@ -227,7 +227,7 @@ def _steady_rate(commits: list[tuple[float, int]], total: int) -> float | None:
 def _commit_cpu_per_row(output: Path) -> tuple[float | None, float | None]:
     """Worker CPU spent committing, per row, from the receipts: over all commits, and without
     each worker process's first (which pays pyarrow's one-time imports, ~0.3-0.5 s)."""
-    from pipeline.report import read_receipts
+    from pipeline.io.report import read_receipts
 
     if not (output / "_manifest.json").exists():
         return None, None
@@ -327,9 +327,9 @@ def _run(cfg: InferConfig, predictor: type):
 
 def run_listing(args, workdir: Path) -> dict:
     """List, resume-check and plan ``args.listing_shards`` small shards, without running them."""
-    from pipeline.resume import completed_pieces
-    from pipeline.shards import list_shards
-    from pipeline.units import ShardTask, plan_read_tasks
+    from pipeline.io.resume import completed_pieces
+    from pipeline.io.shards import list_shards
+    from pipeline.stages.units import ShardTask, plan_read_tasks
 
     folder = workdir / "many"
     folder.mkdir(parents=True, exist_ok=True)

@@ -36,7 +36,7 @@ def main(argv=None) -> int:
     import s3fs
     from s3server import FaultProxy
 
-    from pipeline.shards import list_shards, read_samples
+    from pipeline.io.shards import list_shards, read_samples
 
     # The server runs in its own process, so the memory measured below is the reader's alone.
     with socket.socket() as probe:

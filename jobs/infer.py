@@ -6,7 +6,7 @@ from pathlib import Path
 # Under `ray job submit --working-dir .` the project is the working directory, not installed.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.cli import main  # noqa: E402
+from pipeline.cli.main import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main(["infer", *sys.argv[1:]]))

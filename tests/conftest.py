@@ -27,7 +27,7 @@ def ray_session():
 @pytest.fixture(scope="session")
 def weights_file(tmp_path_factory):
     """A model file with seeded random weights, and the model itself."""
-    from pipeline.model import load_model, save_model
+    from pipeline.model.network import load_model, save_model
 
     model, _ = load_model(init="random", seed=7)
     path = tmp_path_factory.mktemp("model") / "landmarks.pt"

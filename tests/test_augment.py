@@ -9,7 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.augment import (
+from pipeline.demo.synthetic import render_face
+from pipeline.io.labels import LabelledReader
+from pipeline.io.shards import Sample
+from pipeline.training.augment import (
     FLIP_PERMUTATION,
     AugmentConfig,
     augment_batch,
@@ -18,9 +21,6 @@ from pipeline.augment import (
     identity_params,
     sample_params,
 )
-from pipeline.labels import LabelledReader
-from pipeline.shards import Sample
-from pipeline.synthetic import render_face
 
 CONTEXT = 1.5
 

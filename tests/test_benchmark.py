@@ -103,10 +103,10 @@ def test_scale_benchmark_stand_in_feeds_the_real_commit_stage(tmp_path):
 
     import pyarrow.parquet as pq
 
-    from pipeline.commit import PieceSpec, commit_piece
-    from pipeline.shards import list_shards
-    from pipeline.stages import ShardReader
-    from pipeline.units import ReadTask, ShardTask
+    from pipeline.io.shards import list_shards
+    from pipeline.stages.commit import PieceSpec, commit_piece
+    from pipeline.stages.reader import ShardReader
+    from pipeline.stages.units import ReadTask, ShardTask
 
     bench = _load_scale_benchmark()
     assert bench.make_shards(tmp_path / "in", 2, 5) == 10

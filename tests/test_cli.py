@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from pipeline.cli import main
-from pipeline.synthetic import write_sample_archive
+from pipeline.cli.main import main
+from pipeline.demo.synthetic import write_sample_archive
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -7,8 +7,8 @@ import json
 import pytest
 import yaml
 
-from pipeline.cli import job_config, main, parse_args
-from pipeline.config import REDACTED, ConfigError, save_config
+from pipeline.cli.config import REDACTED, ConfigError, save_config
+from pipeline.cli.main import job_config, main, parse_args
 
 
 def write(path, text):
@@ -106,7 +106,7 @@ def test_config_satisfies_required_options_of_other_jobs(tmp_path):
 
 
 def test_infer_prints_and_saves_the_resolved_config(tmp_path, capsys, ray_session):
-    from pipeline.synthetic import write_sample_archive
+    from pipeline.demo.synthetic import write_sample_archive
 
     write_sample_archive(str(tmp_path / "in"), 1, 1, seed=3, image_size=(96, 72))
     out = tmp_path / "out"

@@ -12,12 +12,13 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.gpu_decode import LANDMARK_TOLERANCE_PX, SAME_DECODER_TOLERANCE, TOLERANCE
-from pipeline.inference import InferConfig, plan, run_inference
-from pipeline.runner import ModelRunner
-from pipeline.shards import list_shards
-from pipeline.stages import LandmarkPredictor, ShardReader
-from pipeline.synthetic import render_face
+from pipeline.demo.synthetic import render_face
+from pipeline.inference.job import InferConfig, plan, run_inference
+from pipeline.io.shards import list_shards
+from pipeline.stages.gpu_decode import LANDMARK_TOLERANCE_PX, SAME_DECODER_TOLERANCE, TOLERANCE
+from pipeline.stages.predictor import LandmarkPredictor
+from pipeline.stages.reader import ShardReader
+from pipeline.stages.runner import ModelRunner
 
 
 def jpeg(image: Image.Image, orientation: int = 1, **save) -> bytes:
@@ -245,7 +246,7 @@ def test_compiled_runner_pads_to_one_shape():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_pipelined_runner_matches_one_pass(weights_file):
-    from pipeline.model import load_model
+    from pipeline.model.network import load_model
 
     pixels = np.random.default_rng(3).integers(0, 256, (37, 224, 224, 3), dtype=np.uint8)
     model, _ = load_model(weights_file[0])

@@ -22,8 +22,8 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.version import Version
 
-from pipeline import cli
-from pipeline.config import ConfigError, check_config
+from pipeline.cli import main as cli
+from pipeline.cli.config import ConfigError, check_config
 
 try:
     import tomllib

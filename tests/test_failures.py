@@ -18,12 +18,12 @@ import pytest
 from helpers import sidecar, tar_members, write_tar
 from PIL import Image
 
-from pipeline.cli import main
-from pipeline.inference import InferConfig, run_inference
-from pipeline.report import read_receipts
-from pipeline.shards import list_shards
-from pipeline.stages import ShardReader
-from pipeline.synthetic import write_sample_archive
+from pipeline.cli.main import main
+from pipeline.demo.synthetic import write_sample_archive
+from pipeline.inference.job import InferConfig, run_inference
+from pipeline.io.report import read_receipts
+from pipeline.io.shards import list_shards
+from pipeline.stages.reader import ShardReader
 
 
 def _encode(image: Image.Image, fmt: str, **kw) -> bytes:
@@ -203,7 +203,7 @@ class BrokenPredictor:
 def test_a_stage_that_fails_for_good_stops_the_run_with_its_cause(ray_session, tmp_path):
     import ray.cloudpickle
 
-    from pipeline.executor import StageFailed
+    from pipeline.backend.executor import StageFailed
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # ship the class itself
     write_sample_archive(str(tmp_path / "in"), 2, 1, image_size=(32, 32))

@@ -1,5 +1,5 @@
-"""pipeline.gpu_decode against the CPU path (preprocess.preprocess): header probe, device decode +
-orientation + crop + resize, fallbacks, and the stated tolerance in both directions.
+"""pipeline.stages.gpu_decode against the CPU path (preprocess.preprocess): header probe, device
+decode + orientation + crop + resize, fallbacks, and the stated tolerance in both directions.
 
 The comparisons run with device="cpu" (torchvision's libjpeg-turbo decoder, so the pixels must
 equal the CPU path's) and, where CUDA is present, with device="cuda" (nvJPEG, within TOLERANCE).
@@ -16,7 +16,8 @@ import torch
 from helpers import DATA, real_photo
 from PIL import Image, ImageDraw
 
-from pipeline.gpu_decode import (
+from pipeline.demo.synthetic import render_face
+from pipeline.stages.gpu_decode import (
     LANDMARK_TOLERANCE_PX,
     SAME_DECODER_TOLERANCE,
     TOLERANCE,
@@ -25,7 +26,7 @@ from pipeline.gpu_decode import (
     probe,
     probe_and_crop,
 )
-from pipeline.preprocess import (
+from pipeline.stages.preprocess import (
     SampleError,
     crop_and_resize,
     decode_image,
@@ -33,7 +34,6 @@ from pipeline.preprocess import (
     preprocess,
     to_pixels,
 )
-from pipeline.synthetic import render_face
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")

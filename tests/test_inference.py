@@ -14,10 +14,10 @@ import torch
 from helpers import real_photo, tar_members, write_tar
 from PIL import Image
 
-from pipeline.inference import InferConfig, run_inference
-from pipeline.output import SCHEMA
-from pipeline.preprocess import normalize, preprocess, to_pixels
-from pipeline.synthetic import write_sample_archive
+from pipeline.demo.synthetic import write_sample_archive
+from pipeline.inference.job import InferConfig, run_inference
+from pipeline.io.output import SCHEMA
+from pipeline.stages.preprocess import normalize, preprocess, to_pixels
 
 PHOTOS = {"photo-takeo": "takeo.ppm", "photo-breakingbad": "breakingbad.jpg"}
 

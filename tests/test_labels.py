@@ -12,18 +12,18 @@ import pyarrow.parquet as pq
 import pytest
 from helpers import DATA, real_photo, sidecar, tar_members, write_tar
 
-from pipeline.importer import import_annotated_folder, parse_pts
-from pipeline.labels import (
+from pipeline.demo.synthetic import write_sample_archive
+from pipeline.io.labels import (
     LabelledReader,
     bbox_from_landmarks,
     key_hash,
     parse_landmarks,
     split_of,
 )
-from pipeline.preprocess import SampleError
-from pipeline.shards import list_shards, read_samples
-from pipeline.stages import ShardReader
-from pipeline.synthetic import write_sample_archive
+from pipeline.io.shards import list_shards, read_samples
+from pipeline.stages.preprocess import SampleError
+from pipeline.stages.reader import ShardReader
+from pipeline.training.importer import import_annotated_folder, parse_pts
 
 
 def _labels(name: str) -> list[list[float]]:
@@ -189,7 +189,7 @@ def test_parse_pts_refuses_malformed_files():
 
 
 def test_import_pts_command(tmp_path, capsys):
-    from pipeline.train_cli import main_import_pts
+    from pipeline.cli.train import main_import_pts
 
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "takeo.ppm").write_bytes((DATA / "takeo.ppm").read_bytes())

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.metrics import (
+from pipeline.model.metrics import (
     REGIONS,
     auc,
     ced_curve,

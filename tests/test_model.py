@@ -1,4 +1,5 @@
-"""Unit tests for pipeline.model: architecture, model file round trip, validation, init paths.
+"""Unit tests for pipeline.model.network: architecture, model file round trip, validation, init
+paths.
 
 The VGG16 forward pass costs ~0.5 s per image on CPU: only a handful of images go through it and
 every model is built once per module.
@@ -11,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.model import (
+from pipeline.model.network import (
     ARCH,
     FILE_FORMAT,
     INPUT_SIZE,

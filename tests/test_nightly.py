@@ -1,4 +1,4 @@
-"""Nightly incremental runs over date partitions, and their ledger (pipeline/nightly.py)."""
+"""Nightly incremental runs over date partitions, and their ledger (pipeline/ops/nightly.py)."""
 
 from __future__ import annotations
 
@@ -14,16 +14,16 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from pipeline.cli import main
-from pipeline.nightly import (
+from pipeline.cli.main import main
+from pipeline.demo.synthetic import write_sample_archive
+from pipeline.io.report import Summary
+from pipeline.ops.nightly import (
     default_date,
     list_partitions,
     partition_uri,
     read_ledger,
     root_of,
 )
-from pipeline.report import Summary
-from pipeline.synthetic import write_sample_archive
 
 FAST = ["--device", "cpu", "--batch-size", "2"]
 
@@ -260,7 +260,7 @@ def test_a_night_without_input_is_not_an_error(tmp_path, capsys, caplog):
 def test_errors_and_interrupted_runs_are_recorded(tmp_path, monkeypatch, caplog):
     """A date that raises does not stop the others; a killed run leaves a record that says so,
     and the next run reports it."""
-    import pipeline.inference
+    import pipeline.inference.job
 
     src, out = tmp_path / "in", tmp_path / "out"
     for day in ("2026-11-19", "2026-11-20"):
@@ -272,7 +272,7 @@ def test_errors_and_interrupted_runs_are_recorded(tmp_path, monkeypatch, caplog)
             raise RuntimeError("the cluster went away")
         return Summary(1, 3, 0, 1.0, "v1", cfg.output, [f"{cfg.output}/part-faces-00000.parquet"])
 
-    monkeypatch.setattr(pipeline.inference, "run_inference", fake)
+    monkeypatch.setattr(pipeline.inference.job, "run_inference", fake)
     assert _nightly(src, out, "--since", "2026-11-19", "--date", "2026-11-20") == 1
     (record,) = read_ledger(str(out))
     assert (record["status"], record["exit_code"]) == ("error", 1)
@@ -284,7 +284,7 @@ def test_errors_and_interrupted_runs_are_recorded(tmp_path, monkeypatch, caplog)
     def killed(cfg):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pipeline.inference, "run_inference", killed)
+    monkeypatch.setattr(pipeline.inference.job, "run_inference", killed)
     with pytest.raises(KeyboardInterrupt):
         _nightly(src, out, "--date", "2026-11-20")
     assert read_ledger(str(out))[-1]["status"] == "interrupted"
@@ -292,7 +292,7 @@ def test_errors_and_interrupted_runs_are_recorded(tmp_path, monkeypatch, caplog)
     stale = dict(read_ledger(str(out))[-1], status="running", finished=None,
                  run_id="20991231T000000Z-dead00", started="2099-12-31T00:00:00+00:00")
     (out / "_ledger" / "20991231T000000Z-dead00.json").write_text(json.dumps(stale))
-    monkeypatch.setattr(pipeline.inference, "run_inference", fake)
+    monkeypatch.setattr(pipeline.inference.job, "run_inference", fake)
     caplog.clear()
     assert _nightly(src, out, "--date", "2026-11-20") == 0
     assert "20991231T000000Z-dead00" in caplog.text and "did not finish" in caplog.text
@@ -301,7 +301,7 @@ def test_errors_and_interrupted_runs_are_recorded(tmp_path, monkeypatch, caplog)
 def test_date_templates_end_to_end(tmp_path, monkeypatch):
     """URIs with {date}: partitions are the filled-in URIs, --since finds them by glob, and the
     ledger and config live in the folder before {date}. (The job itself is faked.)"""
-    import pipeline.inference
+    import pipeline.inference.job
 
     src, out = tmp_path / "in", tmp_path / "out"
     for day in ("2026-11-18", "2026-11-19"):
@@ -314,7 +314,7 @@ def test_date_templates_end_to_end(tmp_path, monkeypatch):
         seen.append((cfg.input, cfg.output))
         return Summary(1, 1, 0, 1.0, "v1", cfg.output, [f"{cfg.output}/part-faces-00000.parquet"])
 
-    monkeypatch.setattr(pipeline.inference, "run_inference", fake)
+    monkeypatch.setattr(pipeline.inference.job, "run_inference", fake)
     template_in, template_out = f"{src}/day-{{date}}/faces/", f"{out}/{{date}}/landmarks"
     assert _nightly(template_in, template_out, "--since", "2026-11-01", "--date",
                     "2026-11-20") == 0
@@ -332,7 +332,7 @@ def test_partitions_and_ledger_on_s3(tmp_path, monkeypatch, capsys):
     import boto3
     from moto.server import ThreadedMotoServer
 
-    import pipeline.inference
+    import pipeline.inference.job
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
@@ -356,7 +356,7 @@ def test_partitions_and_ledger_on_s3(tmp_path, monkeypatch, capsys):
                      for i in range(2 if cfg.input.endswith("19") else 1)]
             return Summary(len(files), len(files), 0, 1.0, "v1", cfg.output, files)
 
-        monkeypatch.setattr(pipeline.inference, "run_inference", fake)
+        monkeypatch.setattr(pipeline.inference.job, "run_inference", fake)
         args = ["nightly", "--input", "s3://nightly/in/", "--output", "s3://nightly/out/",
                 "--storage-options", json.dumps(options)]
         assert list_partitions("s3://nightly/in/", options) == [

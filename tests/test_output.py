@@ -1,4 +1,4 @@
-"""Unit tests for pipeline.output: the output table and its atomic commit."""
+"""Unit tests for pipeline.io.output: the output table and its atomic commit."""
 
 import os
 import uuid
@@ -9,8 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.output import SCHEMA, output_file_name, rows_to_table, write_table_atomic
-from pipeline.stages import empty_rows
+from pipeline.io.output import SCHEMA, output_file_name, rows_to_table, write_table_atomic
+from pipeline.stages.reader import empty_rows
 
 
 def _rows(n: int) -> dict[str, np.ndarray]:

@@ -1,4 +1,4 @@
-"""Unit tests for pipeline.preprocess: crop geometry, decoding, validation, normalisation."""
+"""Unit tests for pipeline.stages.preprocess: crop geometry, decoding, validation, normalisation."""
 
 import io
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.preprocess import (
+from pipeline.stages.preprocess import (
     SampleError,
     crop_and_resize,
     crop_square,

@@ -18,10 +18,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.inference import InferConfig, run_inference
-from pipeline.model import load_model, save_model
-from pipeline.report import read_receipts
-from pipeline.synthetic import write_sample_archive
+from pipeline.demo.synthetic import write_sample_archive
+from pipeline.inference.job import InferConfig, run_inference
+from pipeline.io.report import read_receipts
+from pipeline.model.network import load_model, save_model
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARDS, PER_SHARD = 4, 2

@@ -14,10 +14,10 @@ from helpers import tar_members
 from moto.server import ThreadedMotoServer
 from s3server import FaultProxy
 
-from pipeline import storage
-from pipeline.inference import InferConfig, run_inference
-from pipeline.shards import list_shards
-from pipeline.synthetic import write_sample_archive
+from pipeline.demo.synthetic import write_sample_archive
+from pipeline.inference.job import InferConfig, run_inference
+from pipeline.io import storage
+from pipeline.io.shards import list_shards
 
 BUCKET = "faces"
 

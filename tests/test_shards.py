@@ -1,4 +1,4 @@
-"""Unit tests for pipeline.shards: listing inputs and streaming samples out of shards."""
+"""Unit tests for pipeline.io.shards: listing inputs and streaming samples out of shards."""
 
 import dataclasses
 import io
@@ -15,8 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.shards import Sample, Shard, list_shards, read_samples
-from pipeline.synthetic import write_sample_archive
+from pipeline.demo.synthetic import write_sample_archive
+from pipeline.io.shards import Sample, Shard, list_shards, read_samples
 
 SMALL = (48, 36)
 

@@ -7,9 +7,10 @@ import pytest
 import torch
 from helpers import sidecar, tar_members, write_tar
 
-from pipeline.shards import list_shards
-from pipeline.stages import LandmarkPredictor, ShardReader, decode_shard, encode_shard
-from pipeline.synthetic import write_sample_archive
+from pipeline.demo.synthetic import write_sample_archive
+from pipeline.io.shards import list_shards
+from pipeline.stages.predictor import LandmarkPredictor
+from pipeline.stages.reader import ShardReader, decode_shard, encode_shard
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""pipeline.storage without a server: options, error classification, retries, streaming reads."""
+"""pipeline.io.storage without a server: options, error classification, retries, streaming reads."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import uuid
 import pytest
 from fsspec.implementations.memory import MemoryFileSystem
 
-from pipeline import storage
-from pipeline.shards import Shard, read_samples
-from pipeline.storage import (
+from pipeline.io import storage
+from pipeline.io.shards import Shard, read_samples
+from pipeline.io.storage import (
     RetryingFile,
     StorageError,
     is_transient,
@@ -184,7 +184,7 @@ def test_tar_shard_streams_through_transient_errors(monkeypatch):
     fs.pipe_file(f"{root}/a.tar", buffer.getvalue())
     FlakyMemoryFS.fail_at = [2_000, 60_000]
     monkeypatch.setattr(storage, "filesystem", lambda uri, opts=None: (fs, uri))
-    from pipeline import shards
+    from pipeline.io import shards
 
     monkeypatch.setattr(shards, "filesystem", lambda uri, opts=None: (fs, uri))
     shard = Shard(name="a", uri=f"flakymem://{root}/a.tar", format="tar",

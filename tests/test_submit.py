@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.submit import (
+from pipeline.ops.submit import (
     ADDRESS_VARIABLES,
     EXCLUDES,
     PROJECT_ROOT,
@@ -185,7 +185,7 @@ def test_submit_no_wait_with_job_id_and_env(ray_head, submit, tmp_path, capsys):
 def test_submit_runs_inference_job_to_success(ray_head, submit, tmp_path, capsys):
     import pyarrow.parquet as pq
 
-    from pipeline.synthetic import write_sample_archive
+    from pipeline.demo.synthetic import write_sample_archive
 
     shards, out = tmp_path / "shards", tmp_path / "out"
     write_sample_archive(str(shards), 1, 2, seed=0, image_size=(160, 120))
@@ -247,7 +247,7 @@ def test_submit_refuses_bad_config_locally(submit, tmp_path, capsys):
 
 
 def test_config_warning_for_paths_the_cluster_cannot_see(tmp_path, monkeypatch):
-    from pipeline.submit import config_warning
+    from pipeline.ops.submit import config_warning
 
     monkeypatch.chdir(PROJECT_ROOT)
     assert config_warning(["--config", "deploy/configs/x.yaml"], PROJECT_ROOT) is None
@@ -306,7 +306,7 @@ class FakeClient:
 def test_follow_falls_back_to_polling_when_the_stream_breaks(submit, monkeypatch, capsys):
     fake = FakeClient(["RUNNING", "SUCCEEDED"], logs="line 1\nline 2\nline 3\n",
                       stream=["line 1\n"], stream_error=RuntimeError("WebSocket closed"))
-    monkeypatch.setattr("pipeline.submit.connect", lambda address: fake)
+    monkeypatch.setattr("pipeline.ops.submit.connect", lambda address: fake)
     code = submit("--address", "http://fake-head:8265", "--follow", "--poll", "0.01",
                   "infer", "--input", "x", "--output", "y")
     printed = capsys.readouterr()
@@ -321,7 +321,7 @@ def test_follow_falls_back_to_polling_when_the_stream_breaks(submit, monkeypatch
 def test_ctrl_c_while_waiting_leaves_the_job_running(submit, monkeypatch, capsys):
     fake = FakeClient(["RUNNING"])
     fake.statuses = [fake.statuses[0], KeyboardInterrupt()]
-    monkeypatch.setattr("pipeline.submit.connect", lambda address: fake)
+    monkeypatch.setattr("pipeline.ops.submit.connect", lambda address: fake)
     code = submit("--address", "http://fake-head:8265", "--poll", "0.01", "infer",
                   "--input", "x", "--output", "y")
     err = capsys.readouterr().err
@@ -331,7 +331,7 @@ def test_ctrl_c_while_waiting_leaves_the_job_running(submit, monkeypatch, capsys
 
 
 def test_submit_job_args_pass_through_and_env(submit):
-    from pipeline.submit import entrypoint, job_env
+    from pipeline.ops.submit import entrypoint, job_env
 
     assert entrypoint("python", "infer", ["--input", "a b", "--force"]) == (
         "python jobs/infer.py --input 'a b' --force")
@@ -349,7 +349,7 @@ def test_working_dir_upload_is_small_and_excludes_local_state(tmp_path):
     package = tmp_path / "pkg.zip"
     create_package(str(PROJECT_ROOT), package, include_gitignore=False, excludes=EXCLUDES)
     names = zipfile.ZipFile(package).namelist()
-    assert "jobs/infer.py" in names and "pipeline/submit.py" in names
+    assert "jobs/infer.py" in names and "pipeline/ops/submit.py" in names
     assert "pyproject.toml" in names
     for part in (".venv/", ".git/", "sample-data/", "benchmark-results/", "__pycache__/",
                  ".egg-info/", ".pytest_cache/", ".ruff_cache/"):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.synthetic import TEMPLATE_68, render_face, render_sample, write_sample_archive
+from pipeline.demo.synthetic import TEMPLATE_68, render_face, render_sample, write_sample_archive
 
 LUMA = np.array([0.299, 0.587, 0.114])
 

@@ -13,18 +13,19 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline.augment import AugmentConfig
-from pipeline.evaluate import EvalConfig
-from pipeline.evaluate import main as evaluate
-from pipeline.labels import LabelledReader
-from pipeline.model import build_model, load_model, read_model_file, weights_version
-from pipeline.preprocess import normalize, to_pixels
-from pipeline.shards import list_shards, read_samples
-from pipeline.stages import LandmarkPredictor, ShardReader
-from pipeline.synthetic import write_sample_archive
-from pipeline.train import main
-from pipeline.train_config import FinetuneConfig, resolve_storage
-from pipeline.train_loop import load_state, optimizer_digest
+from pipeline.backend.trainer import main
+from pipeline.demo.synthetic import write_sample_archive
+from pipeline.evaluation.evaluate import EvalConfig
+from pipeline.evaluation.evaluate import main as evaluate
+from pipeline.io.labels import LabelledReader
+from pipeline.io.shards import list_shards, read_samples
+from pipeline.model.network import build_model, load_model, read_model_file, weights_version
+from pipeline.stages.predictor import LandmarkPredictor
+from pipeline.stages.preprocess import normalize, to_pixels
+from pipeline.stages.reader import ShardReader
+from pipeline.training.augment import AugmentConfig
+from pipeline.training.config import FinetuneConfig, resolve_storage
+from pipeline.training.loop import load_state, optimizer_digest
 
 
 @pytest.fixture(scope="module")
@@ -202,7 +203,7 @@ def test_config_refuses_bad_settings(archive, tmp_path):
 def test_command_line_builds_the_configs(archive, tmp_path):
     import argparse
 
-    from pipeline.train_cli import add_evaluate_parser, add_finetune_parser, finetune_config
+    from pipeline.cli.train import add_evaluate_parser, add_finetune_parser, finetune_config
 
     parser = argparse.ArgumentParser()
     commands = parser.add_subparsers()

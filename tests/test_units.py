@@ -11,14 +11,14 @@ import pyarrow.parquet as pq
 import pytest
 from helpers import tar_members, write_tar
 
-from pipeline import resume
-from pipeline.commit import PieceSpec, commit_piece, gather
-from pipeline.report import ManifestWriter, Summary, read_receipts, write_manifest
-from pipeline.resume import completed_pieces, settings_id
-from pipeline.shards import Shard, list_shards
-from pipeline.stages import ShardReader
-from pipeline.synthetic import write_sample_archive
-from pipeline.units import (
+from pipeline.demo.synthetic import write_sample_archive
+from pipeline.io import resume
+from pipeline.io.report import ManifestWriter, Summary, read_receipts, write_manifest
+from pipeline.io.resume import completed_pieces, settings_id
+from pipeline.io.shards import Shard, list_shards
+from pipeline.stages.commit import PieceSpec, commit_piece, gather
+from pipeline.stages.reader import ShardReader
+from pipeline.stages.units import (
     PieceAssembler,
     ReadTask,
     ShardTask,
@@ -277,7 +277,7 @@ def test_resume_reads_records_in_batches_each_retried_on_its_own(tmp_path, monke
     for shard in shards:
         out = _done_output(tmp_path, shard, {0: {"last": True}})
     monkeypatch.setattr(resume, "RECORD_BATCH", 8)
-    monkeypatch.setattr("pipeline.storage.BACKOFF_S", 0.0)
+    monkeypatch.setattr("pipeline.io.storage.BACKOFF_S", 0.0)
     import fsspec.implementations.local as local
 
     calls, failed = [], []

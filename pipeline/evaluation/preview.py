@@ -1,0 +1,74 @@
+"""A picture of a few processed images with their landmarks drawn, for a person to look at."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image, ImageDraw
+
+from pipeline.io.output import output_file_name
+from pipeline.io.shards import list_shards, read_samples
+from pipeline.io.storage import read_bytes, write_bytes
+from pipeline.stages.preprocess import decode_image
+
+TILE = 320
+
+
+def _draw_points(draw: ImageDraw.ImageDraw, points, scale: float, colour, radius: float) -> None:
+    for x, y in points:
+        x, y = x * scale, y * scale
+        draw.ellipse([x - radius, y - radius, x + radius, y + radius], fill=colour)
+
+
+def save_preview(
+    input_uri: str,
+    output_uri: str,
+    picture_path: str,
+    count: int = 8,
+    fmt: str = "auto",
+    storage_options: Mapping[str, Any] | None = None,
+    columns: int = 4,
+) -> int:
+    """Draw predicted landmarks (red) and, where the sidecar has them, the labelled ones (green)
+    on the first ``count`` good samples of the first shard. Returns how many were drawn."""
+    shard = list_shards(input_uri, fmt, storage_options)[0]
+    part = read_bytes(f"{output_uri.rstrip('/')}/{output_file_name(shard.name)}", storage_options)
+    wanted = ["key", "landmarks", "crop", "error"]
+    rows = pq.read_table(pa.BufferReader(part), columns=wanted).to_pylist()
+    by_key = {r["key"]: r for r in rows if r["error"] is None}
+    tiles = []
+    for sample in read_samples(shard, storage_options):
+        row = by_key.get(sample.key)
+        if row is None or sample.data is None:
+            continue
+        image = decode_image(sample.data)
+        scale = TILE / max(image.size)
+        tile = image.resize((round(image.width * scale), round(image.height * scale)))
+        draw = ImageDraw.Draw(tile)
+        x0, y0, x1, y1 = (v * scale for v in row["crop"])
+        draw.rectangle([x0, y0, x1, y1], outline=(60, 120, 255), width=2)
+        truth = (sample.meta or {}).get("landmarks")
+        if truth:
+            _draw_points(draw, truth, scale, (40, 220, 60), 2.0)
+        _draw_points(draw, row["landmarks"], scale, (255, 40, 40), 2.0)
+        draw.text((4, 4), sample.key, fill=(255, 255, 0))
+        tiles.append(tile)
+        if len(tiles) == count:
+            break
+    if not tiles:
+        return 0
+    rows_n = (len(tiles) + columns - 1) // columns
+    sheet = Image.new("RGB", (TILE * min(columns, len(tiles)), TILE * rows_n), (30, 30, 30))
+    for i, tile in enumerate(tiles):
+        sheet.paste(tile, ((i % columns) * TILE, (i // columns) * TILE))
+    legend = "red: predicted  green: labelled  blue: model crop"
+    ImageDraw.Draw(sheet).text((4, sheet.height - 14), legend, fill=(255, 255, 255))
+    png = io.BytesIO()
+    sheet.save(png, format="PNG")
+    write_bytes(picture_path, png.getvalue(), storage_options)
+    return len(tiles)
+

@@ -1,0 +1,290 @@
+"""The inference job: list shards, skip what is done, run the units on Ray, report receipts.
+
+The driver lists the input once, reads the completion records of an earlier run, groups the shards
+still to do into read tasks (``pipeline.stages.units``) and hands them to
+``pipeline.backend.executor.UnitRunner``, which moves each unit from a read task through a predictor
+actor to the commit tasks that write its pieces. The driver never holds a row: it receives one small
+receipt per committed file, for the progress line, the summary and the manifest.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from pipeline.io.report import ManifestWriter, Summary, new_run_id, write_manifest
+from pipeline.io.resume import completed_pieces, remove_stale_temporary_files, settings_id
+from pipeline.io.shards import list_shards
+from pipeline.model.network import load_model
+from pipeline.stages.commit import PieceSpec
+from pipeline.stages.predictor import LandmarkPredictor
+from pipeline.stages.preprocess import DEFAULT_MARGIN, DEFAULT_MAX_PIXELS
+from pipeline.stages.reader import DEFAULT_UNIT_BYTES
+from pipeline.stages.units import DEFAULT_ROWS_PER_FILE, ShardTask, plan_read_tasks
+
+log = logging.getLogger("pipeline")
+
+DEVICES = ("auto", "cuda", "cpu")
+DECODES = ("auto", "cpu", "gpu")
+CONFIG_FILE = "_config.yaml"
+# Batch sizes by device (the predictor's micro-batch); ../shared/DESIGN.md measured the model
+# on an H100 at batch 512 in bf16 eager (7,923 images/s) and 256 compiled (13,618). On CPU the
+# batch is mostly latency: on 2 cores VGG16 ran 1.84 / 1.94 / 2.08 images/s at batch 8 / 16 /
+# 64, so 16 gives results (and progress) 4x sooner than 64 for 7 % less throughput.
+DEFAULT_BATCH_SIZE = {"cuda": 512, "cuda+compile": 256, "cpu": 16}
+# --decode auto: decode on the GPU unless the CPUs beside each GPU can decode as fast as the
+# GPU runs the model. Measured (../shared/DESIGN.md): PIL decode + crop/resize of a 640x480 JPEG
+# on one core 158 images/s; the model 7,923 images/s per H100 (bf16) -> ~50 cores per GPU.
+CPU_DECODE_IMAGES_PER_S = 158
+GPU_MODEL_IMAGES_PER_S = 7_923
+# Rows per unit (one predictor call). The driver pays ~7-10 ms of CPU per unit (measured on a
+# simulated 5-node cluster, jobs/benchmark_scale.py), so on a GPU a unit is 4,096 rows (~0.5 s
+# of an H100, ~200 MB of 640x480 JPEG bytes; units also stop at 256 MB): ~2 s of driver CPU per
+# million rows. On CPU, 4 batches: results (and progress) every ~30 s of a 2-core machine.
+GPU_UNIT_ROWS = 4096
+UNIT_BATCHES = 4
+COMMIT_CPUS = 0.25  # a commit is Parquet encoding and two PUTs: mostly waiting
+MIN_FREE_CPUS = 0.5  # what the actors always leave to read and commit tasks
+
+
+@dataclass(frozen=True)
+class InferConfig:
+    """Everything the inference job needs; built by the CLI (``pipeline.cli.main``)."""
+
+    input: str
+    output: str
+    weights: str | None = None
+    init: str = "random"
+    seed: int = 0
+    format: str = "auto"
+    image_column: str = "image"
+    key_column: str = "key"
+    files_per_shard: int = 256
+    margin: float = DEFAULT_MARGIN
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    batch_size: int | None = None  # None: DEFAULT_BATCH_SIZE for the device
+    unit_rows: int | None = None  # None: GPU_UNIT_ROWS on GPU, UNIT_BATCHES batches on CPU
+    unit_bytes: int = DEFAULT_UNIT_BYTES
+    rows_per_file: int = DEFAULT_ROWS_PER_FILE
+    num_predictors: int | None = None
+    predictor_cpus: float | None = None
+    device: str = "auto"
+    decode: str = "auto"
+    compile: bool = False
+    predictor_concurrency: int | None = None
+    ray_address: str | None = None
+    force: bool = False
+    max_error_fraction: float = 0.01
+    storage_options: Mapping[str, Any] = field(default_factory=dict, repr=False)
+    # Failure tests only (pipeline.stages.faults): deliberate process deaths.
+    faults: str = ""
+
+    def __post_init__(self):
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
+        if self.decode not in DECODES:
+            raise ValueError(f"decode must be one of {DECODES}, got {self.decode!r}")
+        for name in ("batch_size", "unit_rows", "unit_bytes", "rows_per_file",
+                     "files_per_shard", "max_pixels", "predictor_concurrency"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_predictors is not None and self.num_predictors < 1:
+            raise ValueError(f"num_predictors must be >= 1, got {self.num_predictors}")
+        if not 0 <= self.margin <= 2:
+            raise ValueError(f"margin must be between 0 and 2, got {self.margin}")
+        if not 0 <= self.max_error_fraction <= 1:
+            raise ValueError(f"max_error_fraction must be between 0 and 1, got "
+                             f"{self.max_error_fraction}")
+
+    def result_settings(self) -> dict[str, Any]:
+        """The settings besides input and model that change the output rows (for resume)."""
+        return {"format": self.format, "image_column": self.image_column,
+                "key_column": self.key_column, "files_per_shard": self.files_per_shard,
+                "rows_per_file": self.rows_per_file, "margin": self.margin,
+                "max_pixels": self.max_pixels}
+
+    def public_dict(self) -> dict[str, Any]:
+        """The config without secrets: storage option values are left out."""
+        data = asdict(self)
+        data["storage_options"] = sorted(self.storage_options)
+        data.pop("faults")
+        return data
+
+
+def run_inference(cfg: InferConfig, job_config: Mapping[str, Any] | None = None, *,
+                  predictor: type = LandmarkPredictor) -> Summary:
+    """Run the whole job and return its summary; output files are committed piece by piece.
+
+    Pieces completed by an earlier run with the same model and settings are skipped unless
+    ``cfg.force``. ``job_config`` (the resolved command-line config) is saved as
+    ``OUTPUT/_config.yaml`` once the input is listed and the model loads, so a job that fails
+    its checks leaves nothing behind. ``predictor`` is the class the actors run (the
+    benchmarks put a stand-in there)."""
+    from pipeline.backend import executor
+
+    started = time.time()
+    start_iso = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    output = cfg.output.rstrip("/")
+    shards = list_shards(cfg.input, cfg.format, cfg.storage_options, cfg.files_per_shard)
+    log.info("found %d %s shard(s) under %s", len(shards), shards[0].format, cfg.input)
+    # Load once on the driver: a bad weights URI fails here, before any cluster work.
+    _, model_info = load_model(cfg.weights, cfg.init, cfg.storage_options, cfg.seed)
+    log.info("model %s from %s", model_info.version, model_info.source)
+    settings = settings_id(cfg.result_settings())
+
+    remove_stale_temporary_files(output)
+    if job_config is not None:
+        from pipeline.cli.config import save_config
+
+        save_config(job_config, f"{output}/{CONFIG_FILE}", cfg.storage_options)
+        log.info("resolved config saved to %s/%s (reuse it with --config)", output, CONFIG_FILE)
+    progress = {} if cfg.force else completed_pieces(output, shards, model_info.version,
+                                                     settings, cfg.storage_options)
+    finished = {name for name, p in progress.items() if p.finished}
+    todo = [ShardTask(s, frozenset(progress[s.name].pieces) if s.name in progress else
+                      frozenset()) for s in shards if s.name not in finished]
+    if progress:
+        log.info("%d shard(s) already done for model %s with these settings: skipped "
+                 "(--force redoes them); %d to do", len(finished), model_info.version,
+                 len(todo))
+
+    summary = Summary(len(shards), 0, 0, 0.0, model_info.version, output, [],
+                      skipped_shards=len(finished), max_error_fraction=cfg.max_error_fraction,
+                      skipped_rows=sum(p.rows for p in progress.values()),
+                      skipped_errors=sum(p.errors for p in progress.values()))
+    manifest = ManifestWriter(output, new_run_id(), cfg.storage_options)
+    if todo:
+        executor.ensure_ray(cfg.ray_address)
+        cpus, gpus = executor.cluster_resources()
+        p = plan(cfg, cpus, gpus)
+        log.info("predictors: %d %s actor(s), batch size %d, %g CPU each, %d call(s) at once; "
+                 "units of up to %d rows; %d read task(s) at once (%g CPU each); decoding on "
+                 "the %s%s", p.pool_size, "GPU" if p.use_gpu else "CPU", p.batch_size,
+                 p.actor_cpus, p.concurrency, p.unit_rows, p.max_reads, p.read_cpus,
+                 "GPU" if p.decode == "gpu" else "CPU", ", model compiled" if cfg.compile else "")
+        if p.decode == "gpu" and not p.use_gpu:
+            log.info("--decode gpu without GPUs: the CPU predictor actor decodes (torchvision)")
+        tasks = plan_read_tasks(todo, min_tasks=p.max_reads)
+        log.info("%d shard(s) to read in %d read task(s)", len(todo), len(tasks))
+        last_log = [time.time()]
+
+        def on_receipt(receipt: dict[str, Any]) -> None:
+            summary.add(receipt)
+            manifest.add(receipt)
+            log.debug("committed %s: %d rows, %d errors", receipt["file"], receipt["rows"],
+                      receipt["errors"])
+            if time.time() - last_log[0] >= 10:
+                last_log[0] = time.time()
+                elapsed = time.time() - started
+                log.info("[%d files] %d samples, %d errors, %.1f images/s",
+                         summary.files_committed, summary.samples, summary.errors,
+                         (summary.samples - summary.errors) / max(elapsed, 1e-9))
+
+        runner = executor.UnitRunner(
+            p.placement(),
+            reader_kwargs=dict(
+                storage_options=dict(cfg.storage_options), margin=cfg.margin,
+                max_pixels=cfg.max_pixels, image_column=cfg.image_column,
+                key_column=cfg.key_column, unit_rows=p.unit_rows, faults=cfg.faults,
+                decode=p.decode, rows_per_file=cfg.rows_per_file, unit_bytes=cfg.unit_bytes),
+            predictor_cls=predictor,
+            predictor_kwargs=dict(
+                weights=cfg.weights, init=cfg.init, seed=cfg.seed,
+                storage_options=dict(cfg.storage_options),
+                device="cuda" if p.use_gpu else "cpu",
+                # The core left to the read tasks is mostly idle on CPU (decoding is ~100x
+                # cheaper than the CPU forward pass), so the model threads use it too: 2 threads
+                # run the forward pass ~1.9x faster than 1 on a 2-core machine.
+                num_threads=None if p.use_gpu else math.ceil(p.actor_cpus) + 1,
+                faults=cfg.faults, micro_batch=p.batch_size, compile=cfg.compile,
+                max_pixels=cfg.max_pixels),
+            piece_spec=lambda task, shard, piece, last: PieceSpec(
+                output, task.shards[shard].shard, piece, piece * cfg.rows_per_file, last,
+                model_info.version, settings, dict(cfg.storage_options), cfg.faults),
+            on_receipt=on_receipt)
+        stats = runner.run(tasks)
+        summary.predictor_calls = stats.units
+        summary.rows_per_call = stats.call_sizes()
+        log.info("predictor calls: %d, rows per call %s", stats.units, summary.rows_per_call)
+
+    summary.seconds = time.time() - started
+    summary.files.sort()
+    write_manifest(cfg.public_dict(), summary, manifest, start_iso, cfg.storage_options)
+    return summary
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How the job runs on this cluster: the choices the ``auto`` settings resolve to."""
+
+    use_gpu: bool
+    decode: str
+    batch_size: int
+    pool_size: int
+    actor_cpus: float
+    concurrency: int
+    unit_rows: int = 0
+    max_reads: int = 1
+    read_cpus: float = 1.0
+    max_commits: int = 1
+    commit_cpus: float = COMMIT_CPUS
+
+    def placement(self):
+        from pipeline.backend.executor import Placement
+
+        return Placement(self.pool_size, self.actor_cpus, 1 if self.use_gpu else 0,
+                         self.concurrency, self.max_reads, self.read_cpus, self.max_commits,
+                         self.commit_cpus)
+
+
+def plan(cfg: InferConfig, cluster_cpus: float, cluster_gpus: int) -> Plan:
+    """Resolve device, decode mode, batch and unit sizes, and how many of each worker run at
+    once with which CPUs, for a cluster of ``cluster_cpus`` CPUs and ``cluster_gpus`` GPUs.
+
+    CPUs go to the predictor actors first, then a reserve for commits, and the rest to read
+    tasks (at least one, with a fraction of a CPU if that is all there is): so a read task never
+    takes the CPU a commit needs, and the job makes progress on any cluster with a CPU."""
+    use_gpu = cfg.device == "cuda" or (cfg.device == "auto" and cluster_gpus > 0)
+    if use_gpu and cluster_gpus == 0:
+        raise ValueError("--device cuda was asked for but the Ray cluster has no GPUs")
+    if cluster_cpus <= 0:
+        raise ValueError("the Ray cluster has no CPUs: read and commit tasks need at least one")
+    decode = cfg.decode
+    if decode == "auto":
+        # One GPU outruns ~50 cores of PIL decoding; below that the GPU decodes (nvJPEG).
+        fast_enough = cluster_cpus * CPU_DECODE_IMAGES_PER_S >= max(
+            cluster_gpus, 1) * GPU_MODEL_IMAGES_PER_S
+        decode = "gpu" if use_gpu and not fast_enough else "cpu"
+    key = ("cuda+compile" if cfg.compile else "cuda") if use_gpu else "cpu"
+    batch_size = cfg.batch_size or DEFAULT_BATCH_SIZE[key]
+    pool_size = cfg.num_predictors or (cluster_gpus if use_gpu else 1)
+    # CPU inference: one actor with all but one core (the other reads and decodes); GPU:
+    # 1 CPU per actor (its host work: batching, copies, and the CPU decode fallback). Never
+    # all of the cluster's CPUs: the read and commit tasks need some.
+    actor_cpus = cfg.predictor_cpus or (1 if use_gpu else max(1, cluster_cpus - 1))
+    actor_cpus = min(actor_cpus, (cluster_cpus - MIN_FREE_CPUS) / pool_size)
+    free = cluster_cpus - pool_size * actor_cpus
+    max_commits = max(1, min(2 * pool_size + 2, int(free / 2 / COMMIT_CPUS)))
+    commit_cpus = min(COMMIT_CPUS, free / 2 / max_commits)
+    rest = free - max_commits * commit_cpus
+    max_reads = max(1, int(rest))
+    return Plan(
+        use_gpu=use_gpu,
+        decode=decode,
+        batch_size=batch_size,
+        pool_size=pool_size,
+        actor_cpus=actor_cpus,
+        # GPU: two calls at once per actor, so one batch's host work and copy overlap the
+        # other's GPU work (each thread has its own CUDA streams); CPU: one (it owns the cores).
+        concurrency=cfg.predictor_concurrency or (2 if use_gpu else 1),
+        unit_rows=cfg.unit_rows or (GPU_UNIT_ROWS if use_gpu else UNIT_BATCHES * batch_size),
+        max_reads=max_reads,
+        read_cpus=min(1.0, rest / max_reads),
+        max_commits=max_commits,
+        commit_cpus=commit_cpus,
+    )

@@ -1,0 +1,164 @@
+"""What a run did: the summary line, the verdict behind the exit status, and the manifest.
+
+The manifest is written as the run goes, never as one object that grows with the archive:
+the receipt of every committed file (one JSON line each) goes into
+``_manifest/<run id>/part-NNNNN.jsonl``, a part written whole every ``PART_RECEIPTS`` receipts
+or ``PART_SECONDS`` seconds; ``_manifest.json`` (small: counts, status, config, the part names)
+is written at the end and names the run's parts.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from pipeline.io.storage import read_bytes, write_bytes
+
+MANIFEST_FILE = "_manifest.json"
+MANIFEST_DIR = "_manifest"
+PART_RECEIPTS = 10_000
+PART_SECONDS = 60.0
+FILES_KEPT = 100_000  # file names a summary keeps in memory (the manifest parts have them all)
+
+
+@dataclass
+class Summary:
+    """What a run did. ``samples``/``errors`` count this run's rows; skipped shards were
+    complete from an earlier run with the same model and settings."""
+
+    shards: int
+    samples: int
+    errors: int
+    seconds: float
+    model_version: str
+    output: str
+    files: list[str]
+    skipped_shards: int = 0
+    skipped_rows: int = 0
+    skipped_errors: int = 0
+    errors_by_kind: dict[str, int] = field(default_factory=dict)
+    failed_shards: list[str] = field(default_factory=list)
+    max_error_fraction: float = 0.01
+    files_committed: int = 0
+    output_bytes: int = 0
+    commit_cpu_s: float = 0.0
+    predictor_calls: int = 0
+    rows_per_call: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def images_per_s(self) -> float:
+        return (self.samples - self.errors) / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def failed(self) -> bool:
+        """A shard stopped part-way, or too large a share of the output's rows (this run's and
+        the skipped shards') are errors."""
+        rows = self.samples + self.skipped_rows
+        fraction = (self.errors + self.skipped_errors) / rows if rows else 0.0
+        return bool(self.failed_shards) or fraction > self.max_error_fraction
+
+    def add(self, receipt: Mapping[str, Any]) -> None:
+        """Count one committed file's receipt."""
+        self.files_committed += 1
+        if len(self.files) < FILES_KEPT:
+            self.files.append(f"{self.output}/{receipt['file']}")
+        self.samples += receipt["rows"]
+        self.errors += receipt["errors"]
+        for kind, n in receipt["errors_by_kind"].items():
+            self.errors_by_kind[kind] = self.errors_by_kind.get(kind, 0) + n
+        if receipt["shard_failed"]:
+            self.failed_shards.append(receipt["shard"])
+        self.output_bytes += receipt.get("bytes", 0)
+        self.commit_cpu_s += receipt.get("cpu_s", 0.0)
+
+    def line(self) -> str:
+        kinds = ", ".join(f"{k}: {v}" for k, v in sorted(self.errors_by_kind.items()))
+        return (f"{self.samples} samples in {self.shards - self.skipped_shards} shards "
+                f"({self.skipped_shards} already done), {self.errors} errors"
+                f"{f' ({kinds})' if kinds else ''}, {self.seconds:.1f} s, "
+                f"{self.images_per_s:.1f} images/s (model {self.model_version}) -> {self.output}"
+                f" [{'FAILED' if self.failed else 'OK'}]")
+
+
+def new_run_id(now: datetime | None = None) -> str:
+    """Time-ordered and unique: names this run's manifest parts."""
+    now = now or datetime.now(timezone.utc)
+    return f"{now:%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
+
+
+class ManifestWriter:
+    """Receipts in, JSON-lines parts out: memory bounded by one part, one write per part."""
+
+    def __init__(self, output: str, run_id: str,
+                 storage_options: Mapping[str, Any] | None = None,
+                 part_receipts: int = PART_RECEIPTS, part_seconds: float = PART_SECONDS):
+        self.output, self.run_id = output.rstrip("/"), run_id
+        self.storage_options = storage_options
+        self.part_receipts, self.part_seconds = part_receipts, part_seconds
+        self.buffer: list[str] = []
+        self.parts: list[str] = []
+        self.since = time.monotonic()
+
+    def add(self, receipt: Mapping[str, Any]) -> None:
+        self.buffer.append(json.dumps(receipt, sort_keys=True))
+        if (len(self.buffer) >= self.part_receipts
+                or time.monotonic() - self.since >= self.part_seconds):
+            self.flush()
+
+    def flush(self) -> None:
+        if self.buffer:
+            name = f"{MANIFEST_DIR}/{self.run_id}/part-{len(self.parts):05d}.jsonl"
+            write_bytes(f"{self.output}/{name}", ("\n".join(self.buffer) + "\n").encode(),
+                        self.storage_options)
+            self.parts.append(name)
+            self.buffer = []
+        self.since = time.monotonic()
+
+
+def write_manifest(config: dict[str, Any], summary: Summary, writer: ManifestWriter,
+                   start: str, storage_options: Mapping[str, Any] | None = None) -> None:
+    """``_manifest.json`` beside the output: what ran, on what, with which outcome, and the
+    parts that list every file this run committed."""
+    writer.flush()
+    manifest = {
+        "config": config,
+        "run_id": writer.run_id,
+        "model_version": summary.model_version,
+        "started": start,
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "status": "failed" if summary.failed else "ok",
+        "shards": summary.shards,
+        "shards_skipped": summary.skipped_shards,
+        "samples": summary.samples,
+        "samples_skipped": summary.skipped_rows,
+        "errors": summary.errors,
+        "errors_by_kind": summary.errors_by_kind,
+        "failed_shards": summary.failed_shards,
+        "files": summary.files_committed,
+        "output_bytes": summary.output_bytes,
+        "commit_cpu_s": round(summary.commit_cpu_s, 3),
+        "predictor_calls": summary.predictor_calls,
+        "rows_per_call": summary.rows_per_call,
+        "seconds": round(summary.seconds, 3),
+        "images_per_s": round(summary.images_per_s, 3),
+        "receipts": writer.parts,
+    }
+    write_bytes(f"{summary.output}/{MANIFEST_FILE}", json.dumps(manifest, indent=2).encode(),
+                storage_options)
+
+
+def read_receipts(output: str, storage_options: Mapping[str, Any] | None = None
+                  ) -> list[dict[str, Any]]:
+    """Every receipt of the run that wrote ``output``'s ``_manifest.json``, in commit order."""
+    root = output.rstrip("/")
+    manifest = json.loads(read_bytes(f"{root}/{MANIFEST_FILE}", storage_options))
+    receipts = []
+    for part in manifest["receipts"]:
+        text = read_bytes(f"{root}/{part}", storage_options).decode()
+        receipts.extend(json.loads(line) for line in text.splitlines() if line)
+    return receipts

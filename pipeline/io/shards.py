@@ -1,0 +1,276 @@
+"""Find input shards and stream the samples out of them, through fsspec.
+
+Three layouts:
+
+- ``tar``: WebDataset-style; consecutive members sharing a key (the member name up to the first
+  dot of its file name) form a sample: one image member plus an optional ``.json`` sidecar.
+- ``parquet``: one row per sample, with an image-bytes column and a key column (names
+  configurable); a ``bbox`` column is used as the face box and other scalar columns pass through
+  to ``meta``.
+- ``images``: loose image files; each file is a sample keyed by its path relative to the input
+  root, and the sorted files are grouped into shards of ``files_per_shard``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import posixpath
+import re
+import tarfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeline.io.storage import filesystem, open_for_reading, retry
+
+# Piece k >= 1 of a big shard is named <shard name>.c<k:05d> (pipeline.stages.units).
+CHUNK_NAME = re.compile(r"(.+)\.c(\d{5,})")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".ppm", ".bmp")
+FORMATS = ("auto", "tar", "parquet", "images")
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One unit of input: a tar or Parquet file, or a group of loose image files."""
+
+    name: str  # stable, unique within the input: names the output file
+    uri: str  # what the output rows record as ``shard``
+    format: str
+    paths: tuple[str, ...] = field(default_factory=tuple)  # filesystem paths (no protocol)
+    root: str = ""  # the listing root: loose images are keyed by their path relative to it
+    fingerprint: str = ""  # total size and a hash of the files' ETags / mtimes at listing time
+    size: int = 0  # bytes at listing time (what read tasks are sized by)
+
+
+@dataclass
+class Sample:
+    """One input sample before decoding; ``error`` set when it cannot be used."""
+
+    key: str
+    data: bytes | None = None
+    meta: dict[str, Any] | None = None
+    meta_error: str | None = None
+    error: str | None = None
+    error_kind: str | None = None
+
+
+class DamagedShardError(ValueError):
+    """The shard ends before its end-of-archive marker, or is otherwise damaged."""
+
+
+def _list_once(fs, root: str, input_uri: str) -> dict[str, dict]:
+    """``{path: info}`` of every file under ``root`` (or matching it, for a glob) from one
+    recursive listing: on S3 one request per 1,000 keys, whatever the folder depth."""
+    def listing():
+        if any(ch in root for ch in "*?["):
+            return fs.glob(root, detail=True)
+        found = fs.find(root, detail=True)
+        if not found and fs.isfile(root):
+            found = {root: fs.info(root)}
+        return found
+
+    found = retry(listing, input_uri, "listing")
+    files = {p.rstrip("/"): info for p, info in found.items() if info.get("type") != "directory"}
+    if files or any(ch in root for ch in "*?["):  # a glob that matches nothing: no shards
+        return files
+    if not retry(lambda: fs.exists(root), input_uri, "listing"):
+        raise FileNotFoundError(f"input not found: {input_uri}")
+    return {}
+
+
+def _fingerprint(infos: list[dict]) -> str:
+    """Size plus the store's version marker (ETag / generation / mtime) of the shard's files:
+    what a later run compares to tell whether a shard changed."""
+    digest = hashlib.sha256()
+    for info in infos:
+        marker = next((info[k] for k in ("ETag", "etag", "generation", "md5Hash", "mtime",
+                                         "LastModified", "updated") if info.get(k)), "")
+        digest.update(f"{info.get('name')}|{info.get('size')}|{marker}\n".encode())
+    return f"{sum(int(i.get('size') or 0) for i in infos)}:{digest.hexdigest()[:16]}"
+
+
+def _kind(path: str) -> str | None:
+    lower = path.lower()
+    if lower.endswith(".tar"):
+        return "tar"
+    if lower.endswith(".parquet"):
+        return "parquet"
+    if lower.endswith(IMAGE_EXTENSIONS):
+        return "images"
+    return None
+
+
+def list_shards(
+    input_uri: str,
+    fmt: str = "auto",
+    storage_options: Mapping[str, Any] | None = None,
+    files_per_shard: int = 256,
+) -> list[Shard]:
+    """List the input once and return its shards, sorted.
+
+    ``input_uri`` is a file, a folder / prefix (searched recursively) or a glob pattern.
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+    if files_per_shard < 1:
+        raise ValueError(f"files_per_shard must be >= 1, got {files_per_shard}")
+    fs, root = filesystem(input_uri, storage_options)
+    root = root.rstrip("/") or root
+    infos = _list_once(fs, root, input_uri)
+    if any(ch in root for ch in "*?["):
+        root = root[: min(root.find(ch) for ch in "*?[" if ch in root)].rsplit("/", 1)[0]
+    elif list(infos) == [root]:  # the input is a single file
+        root = posixpath.dirname(root)
+
+    by_kind: dict[str, list[str]] = {}
+    for path in sorted(infos):
+        kind = _kind(path)
+        if kind is not None and not posixpath.basename(path).startswith((".", "_")):
+            by_kind.setdefault(kind, []).append(path)
+    if fmt == "auto":
+        if len(by_kind) > 1:
+            found = ", ".join(f"{len(v)} {k}" for k, v in sorted(by_kind.items()))
+            raise ValueError(f"{input_uri} holds several shard formats ({found}); pick one with "
+                             "--format tar|parquet|images")
+        fmt = next(iter(by_kind), "tar")
+    selected = by_kind.get(fmt, [])
+    if not selected:
+        raise ValueError(f"no {fmt} shards found under {input_uri} "
+                         f"(looked for {IMAGE_EXTENSIONS if fmt == 'images' else '.' + fmt})")
+
+    protocol = input_uri.split("://", 1)[0] + "://" if "://" in input_uri else ""
+
+    def relative(path: str) -> str:
+        return posixpath.relpath(path, root) if root else path
+
+    if fmt == "images":
+        groups = [selected[i : i + files_per_shard]
+                  for i in range(0, len(selected), files_per_shard)]
+        return [
+            Shard(name=f"images-{i:05d}", uri=protocol + root, format="images",
+                  paths=tuple(group), root=root,
+                  fingerprint=_fingerprint([infos[p] for p in group]),
+                  size=sum(int(infos[p].get("size") or 0) for p in group))
+            for i, group in enumerate(groups)
+        ]
+    shards = [
+        Shard(name=posixpath.splitext(relative(p))[0].replace("/", "__"), uri=protocol + p,
+              format=fmt, paths=(p,), root=root, fingerprint=_fingerprint([infos[p]]),
+              size=int(infos[p].get("size") or 0))
+        for p in selected
+    ]
+    del infos
+    seen: dict[str, str] = {}
+    for shard in shards:
+        if shard.name in seen:
+            raise ValueError(f"{seen[shard.name]} and {shard.uri} would both be written as "
+                             f"part-{shard.name}.parquet: rename one of them")
+        seen[shard.name] = shard.uri
+    for shard in shards:  # a big shard's later pieces are part-<name>.cNNNNN.parquet
+        match = CHUNK_NAME.fullmatch(shard.name)
+        if match and match.group(1) in seen:
+            raise ValueError(f"{shard.uri} would be written as part-{shard.name}.parquet, the "
+                             f"name of a later piece of {seen[match.group(1)]}: rename it")
+    return shards
+
+
+def read_samples(
+    shard: Shard,
+    storage_options: Mapping[str, Any] | None = None,
+    image_column: str = "image",
+    key_column: str = "key",
+) -> Iterator[Sample]:
+    """Stream the samples of one shard in order. Errors of one sample stay in that sample;
+    an error that stops the shard is raised after the samples read before it."""
+    fs = filesystem(shard.uri, storage_options)[0]
+    if shard.format == "tar":
+        yield from _read_tar(fs, shard.paths[0], shard.uri)
+    elif shard.format == "parquet":
+        yield from _read_parquet(fs, shard.paths[0], shard.uri, image_column, key_column)
+    elif shard.format == "images":
+        for path in shard.paths:
+            key = posixpath.relpath(path, shard.root) if shard.root else path
+            uri = f"{fs.unstrip_protocol(path)}"
+            try:
+                yield Sample(key=key, data=retry(lambda p=path: fs.cat_file(p), uri, "read"))
+            except FileNotFoundError:
+                yield Sample(key=key, error=f"file disappeared before it was read: {uri}",
+                             error_kind="missing_file")
+            except OSError as exc:  # transient errors that outlasted the retries, access denied
+                yield Sample(key=key, error=str(exc), error_kind="storage")
+    else:
+        raise ValueError(f"unknown shard format {shard.format!r}")
+
+
+def _sample_from_members(key: str, members: dict[str, bytes]) -> Sample:
+    sample = Sample(key=key)
+    images = sorted(ext for ext in members if "." + ext in IMAGE_EXTENSIONS)
+    if "json" in members:
+        try:
+            meta = json.loads(members["json"].decode("utf-8"))
+            if not isinstance(meta, dict):
+                raise ValueError("sidecar must be a JSON object")
+            sample.meta = meta
+        except (UnicodeDecodeError, ValueError) as exc:
+            sample.meta_error = f"sidecar {key}.json is not valid JSON: {exc}"
+    if images:
+        sample.data = members[images[0]]
+    else:
+        found = ", ".join("." + ext for ext in sorted(members)) or "nothing"
+        sample.error = f"no image member for key {key!r} (found {found})"
+        sample.error_kind = "no_image"
+    return sample
+
+
+def _split_member_name(name: str) -> tuple[str, str]:
+    directory, base = posixpath.split(name)
+    stem, _, ext = base.partition(".")
+    return posixpath.join(directory, stem), ext.lower()
+
+
+def _read_tar(fs, path: str, uri: str) -> Iterator[Sample]:
+    """Stream a tar shard member by member (mode ``r|``: never seeks, never loads it whole)."""
+    with open_for_reading(path, fs, uri) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+        key, members = None, {}
+        for info in tar:
+            if not info.isfile():
+                continue
+            member_key, ext = _split_member_name(info.name)
+            # A new key, or the same key again with a member it already has: a new sample
+            # (the duplicate key is flagged downstream instead of silently merged).
+            if key is not None and (member_key != key or ext in members):
+                yield _sample_from_members(key, members)
+                members = {}
+            key = member_key
+            extracted = tar.extractfile(info)
+            members[ext] = extracted.read() if extracted is not None else b""
+        if key is not None:
+            yield _sample_from_members(key, members)
+        # tarfile takes a file that stops exactly between members for a complete one; every
+        # tar writer ends the archive with zero blocks, so their absence means a truncated shard.
+        end = f.seek(0, 2)
+        f.seek(max(0, end - 1024))
+        if end < 1024 or f.read(1024).strip(b"\0"):
+            raise DamagedShardError(f"{uri} ends without the tar end-of-archive marker: "
+                                    "the shard is truncated")
+
+
+def _read_parquet(fs, path: str, uri: str, image_column: str, key_column: str
+                  ) -> Iterator[Sample]:
+    import pyarrow.parquet as pq
+
+    with open_for_reading(path, fs, uri) as f:
+        parquet = pq.ParquetFile(f)
+        names = parquet.schema_arrow.names
+        missing = [c for c in (image_column, key_column) if c not in names]
+        if missing:
+            raise ValueError(f"{path} has no column {missing} (columns: {names}); set "
+                             "--image-column / --key-column")
+        for batch in parquet.iter_batches(batch_size=64):
+            for row in batch.to_pylist():
+                key = str(row.pop(key_column))
+                data = row.pop(image_column)
+                meta = {k: v for k, v in row.items() if not isinstance(v, (bytes, bytearray))}
+                yield Sample(key=key, data=data, meta=meta or None)
+

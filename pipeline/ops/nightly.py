@@ -1,0 +1,544 @@
+"""Nightly incremental runs: ``landmarks nightly`` and its ledger, ``landmarks ledger``.
+
+Inputs arrive under date partitions, ``INPUT/date=YYYY-MM-DD/`` (or any layout given as a
+template with ``{date}``, e.g. ``s3://bucket/incoming/{date}/``). A nightly run takes one date
+(``--date``, default yesterday in UTC) or every existing partition from ``--since`` to
+``--date``, and runs the inference job on each partition into the matching output partition,
+``OUTPUT/date=YYYY-MM-DD/``. Which shards to do is the inference job's own resume logic: a shard
+whose completion record matches the current input bytes, model version and settings is skipped,
+so running the same night twice does no work the second time and a shard that arrived since the
+last run is processed alone.
+
+Every run leaves one JSON record in ``OUTPUT/_ledger/<start>-<id>.json``: written as "running"
+when the run starts, rewritten after each date and at the end (one whole-object write each time;
+object stores cannot append), so a killed run leaves a record that says it never finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import posixpath
+import re
+import secrets
+import socket
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import replace
+from datetime import date, datetime, timedelta, timezone
+from typing import Any
+
+from pipeline.io.shards import CHUNK_NAME
+from pipeline.io.storage import filesystem, retry, write_bytes
+
+log = logging.getLogger("pipeline")
+
+DATE_FIELD = "{date}"
+LEDGER_DIR = "_ledger"
+CONFIG_FILE = "_config.yaml"
+LEDGER_VERSION = 1
+_DATE_RE = r"\d{4}-\d{2}-\d{2}"
+_PARTITION_RE = re.compile(rf"date=({_DATE_RE})")
+# Per-run selections, not job settings: never saved in the output's _config.yaml (a saved
+# config reused with --config would otherwise pin every later night to one date).
+RUN_OPTIONS = ("date", "since")
+
+NIGHTLY_EPILOG = """\
+examples:
+  landmarks nightly --input s3://bucket/incoming/ --output s3://bucket/landmarks/ \\
+                    --weights s3://bucket/models/landmarks.pt          # yesterday (UTC)
+  landmarks nightly --input ... --output ... --date 2026-11-20         # one given night
+  landmarks nightly --input ... --output ... --since 2026-11-01        # catch up
+  landmarks nightly --input 's3://b/in/{date}/' --output 's3://b/out/{date}/' ...
+  landmarks ledger --output s3://bucket/landmarks/                     # what the runs did
+  ray job submit --working-dir . -- python jobs/nightly.py --input ... --output ...
+
+Partitions: INPUT/date=YYYY-MM-DD/ -> OUTPUT/date=YYYY-MM-DD/, or the URIs with {date} filled
+in. Only shards not yet done for the current model version and settings are processed: a
+second run of the same night does nothing; a new model version redoes them.
+Ledger: OUTPUT/_ledger/<start>-<id>.json, one record per run (read it with landmarks ledger).
+Exit status: 0 every date ok or without input; 1 a date failed (see landmarks infer);
+2 bad arguments or input (a missing input root is an error, a missing partition is not).
+"""
+
+
+# ---------------------------------------------------------------------------------------------
+# Dates and partitions
+
+
+def parse_date(text: str) -> str:
+    """argparse ``type=`` for ``--date`` / ``--since``: a valid ``YYYY-MM-DD``, kept as text."""
+    if not re.fullmatch(_DATE_RE, str(text)):
+        raise argparse.ArgumentTypeError(f"expected a date as YYYY-MM-DD, got {text!r}")
+    try:
+        return date.fromisoformat(text).isoformat()
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"invalid date {text!r}: {exc}") from None
+
+
+def default_date(now: datetime | None = None) -> str:
+    """Yesterday in UTC: the night that has just finished."""
+    now = now or datetime.now(timezone.utc)
+    if now.tzinfo is not None:
+        now = now.astimezone(timezone.utc)
+    return (now.date() - timedelta(days=1)).isoformat()
+
+
+def partition_uri(root: str, day: str) -> str:
+    """The partition of ``day`` under ``root``: ``root`` with ``{date}`` filled in when it holds
+    the field, else ``root/date=YYYY-MM-DD``."""
+    if DATE_FIELD in root:
+        return root.replace(DATE_FIELD, day)
+    return f"{root.rstrip('/')}/date={day}"
+
+
+def root_of(uri: str) -> str:
+    """The fixed part of a partition layout: ``uri`` itself, or for a template the folder
+    before ``{date}`` (``s3://b/in/{date}/`` -> ``s3://b/in``)."""
+    if DATE_FIELD not in uri:
+        return uri.rstrip("/") or uri
+    head = uri[: uri.index(DATE_FIELD)]
+    root = head.rsplit("/", 1)[0] if "/" in head else ""
+    if not root or root.endswith(":/") or root.endswith(":"):
+        raise ValueError(f"{uri}: a {DATE_FIELD} template needs a fixed folder before "
+                         f"{DATE_FIELD} (e.g. s3://bucket/incoming/{DATE_FIELD}/)")
+    return root
+
+
+def _template_regex(path: str) -> re.Pattern:
+    """A regex matching the filesystem paths of ``path`` (a template) and capturing the date."""
+    parts = [re.escape(p).replace(r"\*", "[^/]*").replace(r"\?", "[^/]")
+             for p in path.split(DATE_FIELD)]
+    pattern = f"(?P<date>{_DATE_RE})".join(parts[:2])
+    for part in parts[2:]:
+        pattern += "(?P=date)" + part
+    return re.compile(pattern)
+
+
+def list_partitions(input_uri: str, storage_options: Mapping[str, Any] | None = None
+                    ) -> list[str]:
+    """The dates of the input partitions that exist, sorted, from one listing of the root.
+
+    Raises ``FileNotFoundError`` when the root itself does not exist."""
+    if DATE_FIELD in input_uri:
+        root = root_of(input_uri)
+        _check_root(root, storage_options)
+        fs, path = filesystem(input_uri, storage_options)
+        path = path.rstrip("/")
+        matcher = _template_regex(path)
+        fs.invalidate_cache()  # a long-lived process must see what arrived since last time
+        found = retry(lambda: fs.glob(path.replace(DATE_FIELD, "*")), input_uri, "listing")
+        days = {m.group("date") for p in found if (m := matcher.fullmatch(p.rstrip("/")))}
+    else:
+        fs, path = filesystem(input_uri, storage_options)
+        fs.invalidate_cache()
+        try:
+            children = retry(lambda: fs.ls(path.rstrip("/") or path, detail=True), input_uri,
+                             "listing")
+        except FileNotFoundError:
+            raise FileNotFoundError(_root_missing(input_uri)) from None
+        days = {m.group(1) for c in children if c.get("type") == "directory"
+                and (m := _PARTITION_RE.fullmatch(posixpath.basename(c["name"].rstrip("/"))))}
+    valid = []
+    for day in sorted(days):
+        try:
+            valid.append(parse_date(day))
+        except argparse.ArgumentTypeError:
+            log.warning("ignoring partition with an invalid date: %s", day)
+    return valid
+
+
+def _root_missing(root: str) -> str:
+    return (f"input root not found: {root} (check the path, bucket and endpoint; a missing "
+            f"partition of one date is fine, a missing root is not)")
+
+
+def _check_root(root: str, storage_options: Mapping[str, Any] | None) -> None:
+    fs, path = filesystem(root, storage_options)
+    fs.invalidate_cache()
+    if not retry(lambda: fs.exists(path), root, "listing"):
+        raise FileNotFoundError(_root_missing(root))
+
+
+def partition_files(uri: str, storage_options: Mapping[str, Any] | None = None
+                    ) -> list[str] | None:
+    """The files of a partition (hidden ``.x`` and ``_x`` names left out), or None when the
+    partition does not exist."""
+    fs, path = filesystem(uri, storage_options)
+    path = path.rstrip("/") or path
+    fs.invalidate_cache()
+    if any(ch in path for ch in "*?["):
+        found = [p for p, info in retry(lambda: fs.glob(path, detail=True), uri,
+                                        "listing").items() if info.get("type") != "directory"]
+        exists = bool(found)
+    else:
+        try:
+            found = retry(lambda: fs.find(path), uri, "listing")
+        except FileNotFoundError:
+            return None
+        exists = bool(found) or retry(lambda: fs.exists(path), uri, "listing")
+    if not exists:
+        return None
+    return [p for p in found if not posixpath.basename(p.rstrip("/")).startswith((".", "_"))]
+
+
+def select_dates(args: argparse.Namespace, storage_options: Mapping[str, Any] | None = None
+                 ) -> list[str]:
+    """The dates this run covers: ``--date`` alone, or the existing partitions from ``--since``
+    to ``--date`` plus ``--date`` itself (so a night without input is always recorded)."""
+    if args.since is None:
+        _check_root(root_of(args.input), storage_options)
+        return [args.date]
+    existing = list_partitions(args.input, storage_options)
+    days = [d for d in existing if args.since <= d <= args.date]
+    log.info("%d input partition(s) from %s to %s under %s", len(days), args.since, args.date,
+             root_of(args.input))
+    return sorted(set(days) | {args.date})
+
+
+# ---------------------------------------------------------------------------------------------
+# The ledger
+
+
+def ledger_dir(output: str) -> str:
+    return f"{root_of(output).rstrip('/')}/{LEDGER_DIR}"
+
+
+def read_ledger(output: str, storage_options: Mapping[str, Any] | None = None) -> list[dict]:
+    """Every run record under ``output``'s ledger (one listing, one batched read), oldest first.
+    ``output`` is the nightly ``--output`` (a root or a ``{date}`` template)."""
+    uri = ledger_dir(output)
+    fs, path = filesystem(uri, storage_options)
+    fs.invalidate_cache()
+    try:
+        names = [p for p in retry(lambda: fs.ls(path, detail=False), uri, "listing")
+                 if p.endswith(".json") and not posixpath.basename(p).startswith(".")]
+    except FileNotFoundError:
+        return []
+    if not names:
+        return []
+    raw = retry(lambda: fs.cat(names), uri, "reading the ledger")
+    records = []
+    for name in names:
+        try:
+            record = json.loads(raw[name])
+            if not isinstance(record, dict):
+                raise ValueError("not a JSON object")
+        except (KeyError, ValueError) as exc:
+            log.warning("unreadable ledger record %s: %s", name, exc)
+            continue
+        records.append(record)
+    return sorted(records, key=lambda r: (str(r.get("started", "")), str(r.get("run_id", ""))))
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _iso(moment: datetime) -> str:
+    # Milliseconds: records are ordered by this, and two runs may start within one second.
+    return moment.isoformat(timespec="milliseconds")
+
+
+class Ledger:
+    """This run's record; ``save()`` rewrites it whole."""
+
+    def __init__(self, output: str, config: dict[str, Any], dates: dict[str, Any],
+                 storage_options: Mapping[str, Any] | None = None):
+        started = _now()
+        self.run_id = f"{started:%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
+        self.uri = f"{ledger_dir(output)}/{self.run_id}.json"
+        self.storage_options = storage_options
+        self.t0 = time.time()
+        self.record: dict[str, Any] = {
+            "ledger_version": LEDGER_VERSION,
+            "run_id": self.run_id,
+            "status": "running",
+            "exit_code": None,
+            "started": _iso(started),
+            "finished": None,
+            "seconds": None,
+            "host": socket.gethostname(),
+            "model_version": None,
+            "selection": dates,
+            "dates": [],
+            "totals": {},
+            "config": config,
+        }
+
+    def add(self, entry: dict[str, Any]) -> None:
+        self.record["dates"].append(entry)
+        if entry.get("model_version") and not self.record["model_version"]:
+            self.record["model_version"] = entry["model_version"]
+        self.record["totals"] = _totals(self.record["dates"])
+
+    def finish(self, status: str, exit_code: int | None, error: str | None = None) -> None:
+        self.record.update(status=status, exit_code=exit_code, finished=_iso(_now()),
+                           seconds=round(time.time() - self.t0, 3))
+        if error:
+            self.record["error"] = error
+        self.record["totals"] = _totals(self.record["dates"])
+
+    def save(self) -> None:
+        write_bytes(self.uri, json.dumps(self.record, indent=2).encode(), self.storage_options)
+
+
+def _totals(entries: list[dict]) -> dict[str, Any]:
+    keys = ("shards_found", "shards_processed", "shards_skipped", "samples", "errors")
+    totals = {k: sum(e.get(k) or 0 for e in entries) for k in keys}
+    totals["dates"] = len(entries)
+    for status in ("ok", "failed", "no_input", "error"):
+        totals[f"dates_{status}"] = sum(e.get("status") == status for e in entries)
+    return totals
+
+
+def _shard_names(files: list[str]) -> list[str]:
+    """The shards behind output files (a big shard's later pieces name it once)."""
+    names = set()
+    for uri in files:
+        base = posixpath.basename(uri)
+        if base.startswith("part-") and base.endswith(".parquet"):
+            base = base[len("part-"): -len(".parquet")]
+        match = CHUNK_NAME.fullmatch(base)
+        names.add(match.group(1) if match else base)
+    return sorted(names)
+
+
+def _report_previous(records: list[dict], ledger_uri: str) -> None:
+    if not records:
+        log.info("ledger %s: no earlier runs", ledger_uri)
+        return
+    last = records[-1]
+    totals = last.get("totals") or {}
+    log.info("previous run %s (started %s on %s): %s, dates %s, %s shard(s) processed, "
+             "%s skipped", last.get("run_id"), last.get("started"), last.get("host"),
+             last.get("status"), _dates_text(last), totals.get("shards_processed", 0),
+             totals.get("shards_skipped", 0))
+    if last.get("status") == "running":
+        log.warning("previous run %s (started %s on %s) did not finish: it was killed, or it "
+                    "is still going and both runs work on the same output; the shards it did "
+                    "not commit are done by the next run that covers their dates",
+                    last.get("run_id"), last.get("started"), last.get("host"))
+    elif last.get("status") in ("error", "failed", "interrupted"):
+        log.warning("previous run %s ended with status %s%s", last.get("run_id"),
+                    last.get("status"), f": {last['error']}" if last.get("error") else "")
+
+
+# ---------------------------------------------------------------------------------------------
+# The nightly command
+
+
+def run_nightly(args: argparse.Namespace) -> int:
+    from pipeline.cli import main as cli
+
+    if not args.input or not args.output:
+        raise ValueError("nightly needs --input and --output (roots of the date partitions, "
+                         "or URIs with {date})")
+    if args.preview:
+        raise ValueError("--preview is not used by nightly; run landmarks infer --preview on "
+                         "one partition")
+    args.date = args.date or default_date()
+    if args.since is not None and args.since > args.date:
+        raise ValueError(f"--since {args.since} is after --date {args.date}")
+    out_root = root_of(args.output)
+    base = cli.infer_config(args)  # checks the settings before anything is written
+
+    cli.announce_config(args, f"{out_root}/{CONFIG_FILE}", base.storage_options,
+                        leave_out=RUN_OPTIONS)
+    selection = {"date": args.date, "since": args.since, "input": args.input,
+                 "output": args.output}
+    print(f"nightly: {'dates ' + args.since + ' to ' if args.since else 'date '}{args.date}, "
+          f"{args.input} -> {args.output}", flush=True)
+
+    _report_previous(read_ledger(args.output, base.storage_options), ledger_dir(args.output))
+    ledger = Ledger(args.output, base.public_dict(), selection, base.storage_options)
+    ledger.save()
+    log.info("ledger record: %s", ledger.uri)
+    try:
+        code = _run_dates(args, base, ledger)
+    except BaseException as exc:  # record why the run stopped, then let it propagate
+        bad_input = isinstance(exc, (ValueError, FileNotFoundError))
+        status = "error" if isinstance(exc, Exception) else "interrupted"
+        ledger.finish(status, 2 if bad_input else None, f"{type(exc).__name__}: {exc}")
+        try:
+            ledger.save()
+        except Exception:  # keep the original error; this one is only logged
+            log.exception("could not update the ledger record %s", ledger.uri)
+        raise
+    print(_final_line(ledger), flush=True)
+    return code
+
+
+def _run_dates(args: argparse.Namespace, base, ledger: Ledger) -> int:
+    from pipeline.inference.job import run_inference
+
+    days = select_dates(args, base.storage_options)
+    code = 0
+    for i, day in enumerate(days, 1):
+        partition_in, partition_out = partition_uri(args.input, day), partition_uri(args.output,
+                                                                                    day)
+        entry: dict[str, Any] = {"date": day, "input": partition_in, "output": partition_out}
+        t0 = time.time()
+        files = partition_files(partition_in, base.storage_options)
+        if not files:
+            why = "does not exist" if files is None else "is empty"
+            log.warning("date %s (%d/%d): input partition %s %s: nothing to do", day, i,
+                        len(days), partition_in, why)
+            entry.update(status="no_input", message=f"input partition {why}", shards_found=0,
+                         shards_processed=0, shards_skipped=0, samples=0, errors=0)
+            print(f"date {day}: no input ({partition_in} {why})", flush=True)
+        else:
+            log.info("date %s (%d/%d): %s -> %s (%d file(s))", day, i, len(days), partition_in,
+                     partition_out, len(files))
+            try:
+                summary = run_inference(replace(base, input=partition_in, output=partition_out))
+            except Exception as exc:
+                # One bad partition must not stop the other dates, nor every later night.
+                log.error("date %s: %s: %s", day, type(exc).__name__, exc,
+                          exc_info=not isinstance(exc, (ValueError, FileNotFoundError)))
+                print(f"date {day}: error: {exc}", file=sys.stderr, flush=True)
+                bad_input = isinstance(exc, (ValueError, FileNotFoundError))
+                entry.update(status="error", message=f"{type(exc).__name__}: {exc}",
+                             seconds=round(time.time() - t0, 3))
+                code = max(code, 2 if bad_input else 1)
+            else:
+                entry.update(_summary_entry(summary))
+                print(f"date {day}: {summary.line()}", flush=True)
+                if summary.failed:
+                    code = max(code, 1)
+        entry.setdefault("seconds", round(time.time() - t0, 3))
+        ledger.add(entry)
+        ledger.save()
+    statuses = {e["status"] for e in ledger.record["dates"]}
+    status = ("error" if "error" in statuses else "failed" if "failed" in statuses
+              else "ok" if "ok" in statuses else "no_input")
+    ledger.finish(status, code)
+    ledger.save()
+    return code
+
+
+def _summary_entry(summary) -> dict[str, Any]:
+    return {
+        "status": "failed" if summary.failed else "ok",
+        "model_version": summary.model_version,
+        "shards_found": summary.shards,
+        "shards_processed": summary.shards - summary.skipped_shards,
+        "shards_skipped": summary.skipped_shards,
+        "samples": summary.samples,
+        "samples_skipped": summary.skipped_rows,
+        "errors": summary.errors,
+        "errors_by_kind": dict(summary.errors_by_kind),
+        "failed_shards": list(summary.failed_shards),
+        "seconds": round(summary.seconds, 3),
+        "images_per_s": round(summary.images_per_s, 3),
+        "processed": _shard_names(summary.files),
+    }
+
+
+def _final_line(ledger: Ledger) -> str:
+    r, t = ledger.record, ledger.record["totals"]
+    counts = ", ".join(f"{t[f'dates_{s}']} {s}" for s in ("ok", "failed", "no_input", "error")
+                       if t[f"dates_{s}"])
+    return (f"nightly: {t['dates']} date(s) ({counts or 'none'}): {t['shards_processed']} "
+            f"shard(s) processed, {t['shards_skipped']} already done, {t['samples']} samples, "
+            f"{t['errors']} errors, {r['seconds']:.1f} s; ledger {ledger.uri} "
+            f"[{r['status'].upper()}]")
+
+
+# ---------------------------------------------------------------------------------------------
+# The ledger command
+
+
+def _dates_text(record: dict) -> str:
+    days = [e.get("date") for e in record.get("dates") or []]
+    if not days:
+        sel = record.get("selection") or {}
+        days = [d for d in (sel.get("since"), sel.get("date")) if d]
+    if not days:
+        return "-"
+    return days[0] if len(days) == 1 else f"{days[0]}..{days[-1]} ({len(days)})"
+
+
+def ledger_table(records: list[dict]) -> str:
+    header = ("started", "run", "dates", "status", "processed", "skipped", "samples", "errors",
+              "seconds")
+    rows = [header]
+    for r in records:
+        t = r.get("totals") or {}
+        seconds = r.get("seconds")
+        rows.append((str(r.get("started", "")), str(r.get("run_id", "")).rsplit("-", 1)[-1],
+                     _dates_text(r), str(r.get("status", "")),
+                     str(t.get("shards_processed", 0)), str(t.get("shards_skipped", 0)),
+                     str(t.get("samples", 0)), str(t.get("errors", 0)),
+                     "-" if seconds is None else f"{seconds:.1f}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) if i < 4 else c.rjust(w)
+                               for i, (c, w) in enumerate(zip(row, widths, strict=True))).rstrip()
+                     for row in rows)
+
+
+def run_ledger(args: argparse.Namespace) -> int:
+    from pipeline.io.storage import resolve_storage_options
+
+    options = resolve_storage_options(args.storage_options, [args.output])
+    records = read_ledger(args.output, options)
+    if args.last is not None:
+        records = records[-args.last:] if args.last > 0 else []
+    if args.json:
+        print(json.dumps(records, indent=2))
+    elif not records:
+        print(f"no runs recorded in {ledger_dir(args.output)}")
+    else:
+        print(ledger_table(records))
+    return 0
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def add_nightly_parser(subparsers) -> argparse.ArgumentParser:
+    """Mount ``nightly`` (the inference job per date partition) and ``ledger``."""
+    from pipeline.cli.main import add_infer_arguments
+    from pipeline.io.storage import storage_options_arg
+
+    p = subparsers.add_parser(
+        "nightly", help="incremental run over date partitions (default: yesterday, UTC)",
+        epilog=NIGHTLY_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Run the inference job on the date partitions of the input that have "
+                    "shards not yet done for the current model and settings, and record the "
+                    "run in the output's ledger.")
+    add_infer_arguments(p)
+    for action in p._actions:
+        if action.dest == "input":
+            action.required = True  # a --config that sets it lifts this (pipeline.cli.config)
+            action.help = ("root of the date=YYYY-MM-DD/ input partitions, or a URI with "
+                           "{date} (e.g. s3://bucket/incoming/{date}/)")
+        elif action.dest == "output":
+            action.required = True
+            action.help = ("root of the date=YYYY-MM-DD/ output partitions (and of _ledger/), "
+                           "or a URI with {date}")
+    when = p.add_argument_group("dates")
+    when.add_argument("--date", type=parse_date, metavar="YYYY-MM-DD",
+                      help="the night to process (default: yesterday in UTC)")
+    when.add_argument("--since", type=parse_date, metavar="YYYY-MM-DD",
+                      help="also every existing input partition from this date to --date")
+    p.set_defaults(run=run_nightly)
+
+    ledger = subparsers.add_parser(
+        "ledger", help="list the nightly runs recorded under an output",
+        description="Print the nightly runs recorded in OUTPUT/_ledger/, oldest first.")
+    ledger.add_argument("--output", required=True,
+                        help="the nightly --output (a root or a URI with {date})")
+    ledger.add_argument("--json", action="store_true", help="print the records as JSON")
+    ledger.add_argument("--last", type=_positive_int, metavar="N", help="only the last N runs")
+    ledger.add_argument("--storage-options", type=storage_options_arg, default={},
+                        help="fsspec options as JSON or @file.json (as for nightly)")
+    ledger.set_defaults(run=run_ledger)
+    return p
+

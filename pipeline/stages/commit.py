@@ -1,0 +1,87 @@
+"""The commit stage, free of Ray: write one piece's rows as its Parquet file, then its record.
+
+Runs in a Ray worker (``pipeline.backend.executor``), never in the driver. Its input is the
+predicted units that hold the piece's rows and, per unit, the row range that belongs to the piece;
+its output is a small receipt for the driver (file, rows, errors by kind, bytes, seconds).
+Committing the same piece twice (a retried task) writes the same bytes under the same name.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from pipeline.io.output import output_file_name, rows_to_table, write_table_atomic
+from pipeline.io.resume import SHARD_FAILURE_KINDS, write_completion_record
+from pipeline.io.shards import Shard
+from pipeline.stages.faults import FaultPlan
+from pipeline.stages.units import piece_stem
+
+
+@dataclass(frozen=True)
+class PieceSpec:
+    """Everything a commit needs besides the rows: where, what, and for which model."""
+
+    output: str
+    shard: Shard
+    piece: int
+    first_row: int
+    last: bool
+    model_version: str
+    settings: str
+    storage_options: Mapping[str, Any] = field(default_factory=dict, repr=False)
+    faults: str = ""
+
+    @property
+    def stem(self) -> str:
+        return piece_stem(self.shard.name, self.piece)
+
+
+def gather(units: Sequence[Mapping[str, np.ndarray]],
+           ranges: Sequence[tuple[int, int]]) -> dict[str, np.ndarray]:
+    """The rows ``ranges[i]`` of ``units[i]``, concatenated in order."""
+    parts = [{k: np.asarray(v)[a:b] for k, v in unit.items()}
+             for unit, (a, b) in zip(units, ranges, strict=True)]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def commit_piece(spec: PieceSpec, rows: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    """Write ``rows`` (the piece's predicted rows, in order) as ``part-<stem>.parquet``, then
+    its completion record; return the receipt."""
+    started, cpu = time.time(), time.thread_time()
+    uri = f"{spec.output.rstrip('/')}/{output_file_name(spec.stem)}"
+    table = rows_to_table(rows)
+    kinds: dict[str, int] = {}
+    for kind in table.column("error_kind").to_pylist():
+        if kind:
+            kinds[kind] = kinds.get(kind, 0) + 1
+    # A row without a key is the shard's own error: the read stopped, so a rerun redoes it.
+    shard_failed = any(not key and kind in SHARD_FAILURE_KINDS
+                       for key, kind in zip(rows["key"], rows["error_kind"], strict=True))
+    size = write_table_atomic(table, uri, spec.storage_options)
+    FaultPlan(spec.faults).at_commit(spec.stem)
+    errors = sum(kinds.values())
+    # The record that says the piece is done goes last, after its data is committed.
+    write_completion_record(spec.output, spec.shard, spec.stem, spec.piece, spec.first_row,
+                            spec.last, table.num_rows, errors, shard_failed, spec.model_version,
+                            spec.settings, spec.storage_options)
+    return {
+        "file": output_file_name(spec.stem),
+        "shard": spec.shard.name,
+        "piece": spec.piece,
+        "last": spec.last,
+        "rows": table.num_rows,
+        "errors": errors,
+        "errors_by_kind": kinds,
+        "shard_failed": shard_failed,
+        "bytes": size,
+        "seconds": round(time.time() - started, 4),
+        "cpu_s": round(time.thread_time() - cpu, 4),
+        "worker": f"{socket.gethostname()}:{os.getpid()}",
+    }

@@ -1,0 +1,480 @@
+"""Decode JPEG batches where it is cheapest: nvJPEG on the GPU, with the CPU path's exact geometry.
+
+The CPU path (``preprocess.preprocess``) decodes with PIL, applies the EXIF orientation, cuts
+the crop square (black outside the image) and resizes it to 224x224. This module does the same
+on a torch device, in two halves, so that only the encoded bytes travel to the GPU actor:
+
+* ``probe(data, max_pixels) -> Probe`` and ``probe_and_crop(data, bbox, margin, max_pixels) ->
+  (Probe, crop)``, in the CPU read task: the header only (PIL ``Image.open`` without ``load()``
+  and a walk over the JPEG markers up to the first scan). They give the stored and the
+  EXIF-oriented size and the crop ``(x0, y0, side)`` exactly as ``preprocess`` computes it,
+  raise ``SampleError`` with the CPU path's kinds and messages for empty, unreadable and
+  oversized images and bad boxes, and say whether the device may decode the bytes
+  (``Probe.device_decodable``, ``device_decode_problem``: 8-bit Huffman baseline or
+  progressive JPEG, grey or YCbCr, chroma 4:4:4 / 4:2:2 / 4:4:0 / 4:2:0, not cut short).
+  Anything else (PNG, PPM, CMYK, arithmetic-coded, truncated, ...) takes the CPU path.
+* ``decode_crop_resize(encoded, orientations, crops, device, size, stored_sizes) ->
+  (pixels, failed)``, in the predictor actor: one batched ``torchvision.io.decode_jpeg(list,
+  device=...)`` (nvJPEG on CUDA, libjpeg-turbo on CPU); when that call fails, each image is
+  retried alone, and the ones that still fail (or that the header check rejects) come back in
+  ``failed`` for the CPU path. Then the crop and resize reproduce ``preprocess.crop_and_resize``
+  step by step: black padding to whole boxes and PIL's ``reduce(f)`` box average (its fixed-
+  point rounding included) when ``f = int(side / 224) >= 2``, then PIL's affine BILINEAR
+  sampling (pixel-centre mapping, edge clamping, black where a sample point falls outside the
+  image, truncation to uint8) in float64 and in PIL's order of operations. The EXIF
+  orientation is a transposed view of the decoded image plus mirrored sample indices, so no
+  pixels move for it; per image only the window the crop touches is copied (and box-averaged:
+  a few small tensor ops), and the sampling runs on up to 64 images at once.
+
+Tolerance. With the same decoder (device="cpu": torchvision and Pillow both decode with
+libjpeg-turbo) the output is bit-identical to the CPU path on every image tested (72 cases:
+synthetic faces 50x40 to 1917x1077, all 8 orientations, odd sizes, grey, progressive,
+4:2:0 / 4:2:2 / 4:4:4, MPO, boxes inside and across the border, no box, the 1920x1080
+photo). ``SAME_DECODER_TOLERANCE`` (mean |diff| <= 0.05, p99 <= 1 level) leaves room only for
+another libjpeg-turbo build's rounding; a crop moved by half an output pixel (min. 0.35 / 4
+levels over the test images), a wrong orientation, a missing box average or padding on the
+wrong side of a mirrored axis all exceed it, so the geometry is checked there, on CPU and,
+against nvJPEG's own decoded image, on CUDA.
+
+nvJPEG has its own IDCT and upsamples chroma by repetition where libjpeg interpolates, so on
+CUDA the pixels also differ by decoder noise. No GPU was at hand to measure it; emulating such
+a decoder on CPU (chroma repeated, +-1 level of IDCT noise) gave at most mean 2.55 / p99 18
+levels on a 50x40 face magnified ~5x, 1.1 / 10 on crops of 224 to 448 pixels and 0.3 / 3 on
+larger ones. ``TOLERANCE`` (mean |diff| <= 3, p99 <= 24 levels of the 224x224x3 uint8 input,
+per image) bounds that decoder difference; it still catches a wrong orientation, or a face
+crop moved by two output pixels along both axes, while a half-pixel error can hide in decoder
+noise on magnified crops (hence the exact geometry check above). ``tests/test_gpu_decode.py``
+checks both directions; its CUDA tests report the measured worst case.
+
+On landmarks: the same pixels give the same landmarks; the emulated decoder noise moved a
+random-weight model's landmarks by at most 0.09 px of the source image, against
+``LANDMARK_TOLERANCE_PX`` = 0.5 px.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline.model.geometry import INPUT_SIZE
+from pipeline.stages.preprocess import (
+    DEFAULT_MARGIN,
+    DEFAULT_MAX_PIXELS,
+    crop_square,
+    image_errors,
+    open_image,
+    validate_bbox,
+)
+
+ORIENTATION_TAG = 0x0112
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Largest allowed difference between this path's pixels and the CPU path's."""
+
+    mean_abs: float  # mean |diff| over the 224x224x3 uint8 values, in levels
+    p99_abs: float   # 99th percentile of |diff|, in levels
+
+    def check(self, pixels: np.ndarray, reference: np.ndarray) -> tuple[float, float, bool]:
+        """``(mean |diff|, p99 |diff|, within)`` of one image against its reference."""
+        diff = np.abs(pixels.astype(np.int16) - reference.astype(np.int16))
+        mean, p99 = float(diff.mean()), float(np.percentile(diff, 99))
+        return mean, p99, mean <= self.mean_abs and p99 <= self.p99_abs
+
+
+# Any device (nvJPEG's decoder noise included) against preprocess.preprocess.
+TOLERANCE = Tolerance(mean_abs=3.0, p99_abs=24.0)
+# The same decoded image (device="cpu", or nvJPEG's image through crop_and_resize): measured
+# bit-identical; the bound allows for another libjpeg-turbo build's rounding.
+SAME_DECODER_TOLERANCE = Tolerance(mean_abs=0.05, p99_abs=1.0)
+# Landmarks from the two paths' pixels, in pixels of the oriented source image.
+LANDMARK_TOLERANCE_PX = 0.5
+
+# EXIF orientation -> (transpose, flip x, flip y), applied in that order: the same pixels as
+# PIL's ImageOps.exif_transpose (2 FLIP_LEFT_RIGHT, 3 ROTATE_180, 4 FLIP_TOP_BOTTOM,
+# 5 TRANSPOSE, 6 ROTATE_270, 7 TRANSVERSE, 8 ROTATE_90).
+_ORIENT = {
+    1: (False, False, False),
+    2: (False, True, False),
+    3: (False, True, True),
+    4: (False, False, True),
+    5: (True, False, False),
+    6: (True, True, False),
+    7: (True, True, True),
+    8: (True, False, True),
+}
+_DEVICE_SOF = {0xC0, 0xC2}  # baseline, progressive (Huffman-coded)
+_SOF_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+# Luma sampling factors nvJPEG decodes (chroma at 1x1): 4:4:4, 4:2:2, 4:4:0, 4:2:0.
+_LUMA_SAMPLING = {(1, 1), (2, 1), (1, 2), (2, 2)}
+# Images resampled together: bounds the float64 temporaries (~1.2 MB per image each).
+_CHUNK = 64
+
+
+@dataclass(frozen=True)
+class Probe:
+    """What the header says about one encoded image."""
+
+    format: str             # PIL's format name: "JPEG", "MPO", "PNG", "PPM", ...
+    width: int              # stored size, before the EXIF orientation
+    height: int
+    orientation: int        # EXIF orientation 1..8 (1 when absent or not one of those)
+    device_decodable: bool  # torchvision's decode_jpeg (nvJPEG) takes it on any device
+    reason: str = ""        # why not, when not device-decodable
+
+    @property
+    def oriented_width(self) -> int:
+        return self.height if _ORIENT[self.orientation][0] else self.width
+
+    @property
+    def oriented_height(self) -> int:
+        return self.width if _ORIENT[self.orientation][0] else self.height
+
+
+def probe(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Probe:
+    """Read the header of ``data`` without decoding pixels.
+
+    Raises ``SampleError`` as ``preprocess.decode_image`` does (``empty``, ``too_large``,
+    ``decode``) for what the header already shows; errors that only decoding reveals (a
+    truncated JPEG, a broken PNG CRC) come from the CPU fallback, since such images are not
+    ``device_decodable``. For JPEG, WebP and TIFF the EXIF block sits in the header; a PNG may
+    keep it after the pixels, so PIL decodes a PNG to look for it.
+    """
+    with image_errors(), open_image(data, max_pixels) as image:
+        width, height = image.size
+        orientation = image.getexif().get(ORIENTATION_TAG, 1)
+        fmt = image.format or ""
+    try:  # exif_transpose looks the value up in a dict: anything else means "no transpose"
+        orientation = int(orientation) if orientation in _ORIENT else 1
+    except TypeError:
+        orientation = 1
+    # MPO (a JPEG with more frames appended): the first frame is a plain JPEG stream.
+    reason = device_decode_problem(data) if fmt in ("JPEG", "MPO") else f"{fmt} is not JPEG"
+    return Probe(fmt, width, height, orientation, not reason, reason)
+
+
+def probe_and_crop(
+    data: bytes,
+    bbox: Sequence[float] | None = None,
+    margin: float = DEFAULT_MARGIN,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> tuple[Probe, tuple[float, float, float]]:
+    """``probe`` + the crop ``preprocess`` would use: ``(probe, (x0, y0, side))``.
+
+    Validates ``bbox`` against the oriented size like ``preprocess`` (``SampleError``
+    ``bad_bbox``); the size of the output row is ``(probe.oriented_width, .oriented_height)``.
+    """
+    info = probe(data, max_pixels)
+    width, height = info.oriented_width, info.oriented_height
+    if bbox is not None:
+        bbox = validate_bbox(bbox, width, height)
+    return info, crop_square(width, height, bbox, margin)
+
+
+def device_decode_problem(data: bytes) -> str:
+    """Why torchvision's ``decode_jpeg`` on CUDA (nvJPEG) should not get ``data``; "" if it may.
+
+    From the JPEG markers before the first scan: 8-bit Huffman baseline or progressive, grey
+    or YCbCr (not CMYK/YCCK, not RGB-coded), chroma 4:4:4 / 4:2:2 / 4:4:0 / 4:2:0, and an
+    end-of-image marker after the scan (entropy-coded data cannot hold FF D9, so its absence
+    means the file was cut short: the CPU path reports that as a decode error, where a
+    decoder on the device could return a half-grey image).
+    """
+    header = _jpeg_header(bytes(data))
+    if header is None:
+        return "not a JPEG stream (or unreadable JPEG markers)"
+    sof, precision, sampling, adobe_transform, scan_at = header
+    if sof not in _DEVICE_SOF:
+        return f"JPEG process SOF{sof - 0xC0} (only baseline and progressive Huffman)"
+    if precision != 8:
+        return f"{precision}-bit JPEG"
+    if len(sampling) == 3:
+        if adobe_transform == 0:
+            return "RGB-coded JPEG (Adobe transform 0)"
+        if sampling[0] not in _LUMA_SAMPLING or sampling[1] != (1, 1) or sampling[2] != (1, 1):
+            return f"chroma subsampling {sampling}"
+    elif len(sampling) == 4:
+        return "CMYK JPEG"
+    elif len(sampling) != 1:
+        return f"{len(sampling)}-component JPEG"
+    if bytes(data).find(b"\xff\xd9", scan_at) < 0:
+        return "truncated JPEG (no end-of-image marker)"
+    return ""
+
+
+def _jpeg_header(data: bytes):
+    """``(SOF marker, precision, [(h, v) sampling per component], Adobe transform or None,
+    offset of the first scan)`` from the markers before the first scan, or None when they
+    do not parse."""
+    if data[:2] != b"\xff\xd8":
+        return None
+    pos, end, frame, adobe_transform = 2, len(data), None, None
+    while pos + 4 <= end:
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # no length field
+            pos += 2
+            continue
+        length = int.from_bytes(data[pos + 2:pos + 4], "big")
+        if length < 2:
+            return None
+        body = data[pos + 4:pos + 2 + length]
+        if marker in _SOF_MARKERS:
+            if len(body) < 6 or len(body) < 6 + 3 * body[5]:
+                return None
+            sampling = [(body[7 + 3 * k] >> 4, body[7 + 3 * k] & 15) for k in range(body[5])]
+            frame = (marker, body[0], sampling)
+        elif marker == 0xEE and body[:5] == b"Adobe" and len(body) >= 12:
+            adobe_transform = body[11]
+        elif marker == 0xDA:
+            return None if frame is None else (*frame, adobe_transform, pos)
+        pos += 2 + length
+    return None
+
+
+def decode_crop_resize(
+    encoded: Sequence[bytes | bytearray | memoryview | np.ndarray],
+    orientations: Sequence[int] | np.ndarray,
+    crops: np.ndarray,
+    device="cpu",
+    size: int = INPUT_SIZE,
+    stored_sizes: np.ndarray | None = None,
+):
+    """Decode JPEG bytes on ``device`` and cut each image's crop, resized to ``size`` x ``size``.
+
+    ``encoded``: the image bytes (bytes-like or uint8 arrays); ``orientations``: EXIF
+    orientation 1..8 per image; ``crops``: (N, 3) ``x0, y0, side`` in pixels of the oriented
+    image (from ``probe_and_crop``); ``stored_sizes``: optional (N, 2) ``width, height``
+    before orientation, as probed: an image that decodes to another size counts as failed.
+
+    Returns ``(pixels, failed)``: a uint8 tensor (N, size, size, 3) on ``device``, equal to
+    ``preprocess.crop_and_resize`` of the CPU path's image within ``TOLERANCE``, and the
+    sorted indices of the images not decoded here, zeros in ``pixels``: those whose header
+    ``device_decode_problem`` rejects (never sent to the decoder) and those the decoder
+    refuses. The caller runs the CPU path for them. Decoded images stay on the device until
+    the batch is done (about 3 bytes per stored pixel): size batches of large photos
+    accordingly.
+    """
+    import torch
+
+    device = torch.device(device)
+    count = len(encoded)
+    pixels = torch.zeros((count, size, size, 3), dtype=torch.uint8, device=device)
+    if count == 0:
+        return pixels, []
+    crops = np.asarray(crops, dtype=np.float64).reshape(count, 3)
+    orientations = [int(o) for o in orientations]
+    if len(orientations) != count:
+        raise ValueError(f"{count} images but {len(orientations)} orientations")
+    for i, (orientation, crop) in enumerate(zip(orientations, crops, strict=True)):
+        if orientation not in _ORIENT:
+            raise ValueError(f"image {i}: EXIF orientation must be 1..8, got {orientation}")
+        if not np.all(np.isfinite(crop)) or crop[2] <= 0:
+            raise ValueError(f"image {i}: crop must be finite with side > 0, got {crop}")
+
+    images, failed = _decode(encoded, device)
+    plans = []
+    for i, image in enumerate(images):
+        if image is None:
+            continue
+        if image.shape[0] != 3 or (
+            stored_sizes is not None
+            and tuple(image.shape[1:]) != (int(stored_sizes[i][1]), int(stored_sizes[i][0]))
+        ):
+            failed.append(i)
+            continue
+        plan = _plan(i, image.shape[2], image.shape[1], orientations[i], crops[i], size)
+        if plan is not None:  # None: no sample point lands in the image, all black
+            plans.append(plan)
+    for start in range(0, len(plans), _CHUNK):
+        _resample(images, plans[start:start + _CHUNK], pixels, size)
+    return pixels, sorted(failed)
+
+
+def _as_bytes(data) -> bytes:
+    if isinstance(data, np.ndarray):
+        return np.ascontiguousarray(data).tobytes()
+    return bytes(data)
+
+
+def _decode(encoded, device):
+    """Decoded (3, H, W) uint8 tensors on ``device`` (None where not decoded) + failures."""
+    import torch
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    images, failed, todo = [None] * len(encoded), [], []
+    for i, data in enumerate(encoded):
+        data = _as_bytes(data)
+        if device_decode_problem(data):
+            failed.append(i)
+        else:
+            todo.append((i, torch.frombuffer(bytearray(data), dtype=torch.uint8)))
+    if not todo:
+        return images, failed
+    with warnings.catch_warnings():
+        # torchvision 0.29 deprecates its image codecs in favour of TorchCodec; they still work.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        if device.type == "cuda":  # one batched nvJPEG call; it fails whole if one image does
+            try:
+                decoded = decode_jpeg([t for _, t in todo], mode=ImageReadMode.RGB, device=device)
+                for (i, _), image in zip(todo, decoded, strict=True):
+                    images[i] = image
+                return images, failed
+            except Exception:  # whatever the reason, the images alone tell which failed
+                pass
+        for i, tensor in todo:
+            try:
+                images[i] = decode_jpeg(tensor, mode=ImageReadMode.RGB, device=device)
+            except Exception:
+                failed.append(i)
+    return images, failed
+
+
+@dataclass
+class _Plan:
+    """Where one image's crop comes from: a window of the stored image, box-averaged by
+    ``factor``, then sampled bilinearly at per-axis neighbours ``lo``/``hi`` with weights."""
+
+    index: int
+    transpose: bool
+    rows: tuple[int, int]      # window of the (transposed if needed) stored image
+    cols: tuple[int, int]
+    pad: tuple[int, int, int, int]  # black (left, right, top, bottom) to whole boxes
+    factor: int
+    height: int                # window size after the box average
+    width: int
+    x: tuple[np.ndarray, ...]  # lo, hi, weight, valid along x (window coordinates)
+    y: tuple[np.ndarray, ...]
+
+
+def _axis(origin: float, scale: float, length: int, size: int):
+    """PIL's affine BILINEAR sampling along one axis (Geometry.c), for a crop starting at
+    ``origin`` in pixels of the (reduced) oriented image of ``length`` pixels: output pixel
+    ``i`` samples ``scale * (i + 0.5) + origin``; outside ``[0, length)`` it is black, inside
+    it blends the two nearest pixel centres, clamped to the edge.
+
+    Returns ``(first, last, count, lo, hi, weight, valid)``, or None when no sample lands in
+    the image: the span of pixels used and the neighbours relative to ``first``.
+    """
+    position = scale * (np.arange(size, dtype=np.float64) + 0.5) + origin
+    valid = (position >= 0.0) & (position < length)
+    if not valid.any():
+        return None
+    shifted = position - 0.5
+    floor = np.floor(shifted)
+    weight = shifted - floor
+    lo = np.clip(floor, 0, length - 1).astype(np.int64)
+    hi = np.clip(floor + 1, 0, length - 1).astype(np.int64)
+    first, last = int(lo[valid].min()), int(hi[valid].max())
+    lo = np.where(valid, lo, first) - first
+    hi = np.where(valid, hi, first) - first
+    return first, last, last + 1 - first, lo, hi, weight, valid
+
+
+def _plan(index: int, width: int, height: int, orientation: int, crop, size: int):
+    """Host-side geometry of one image (stored ``width`` x ``height``) for ``_resample``."""
+    transpose, flip_x, flip_y = _ORIENT[orientation]
+    if transpose:
+        width, height = height, width  # now the oriented size
+    x0, y0, side = (float(v) for v in crop)
+    # Exactly preprocess.crop_and_resize's arithmetic.
+    scale = side / size
+    factor = int(scale)
+    if factor >= 2:
+        x0, y0, scale = x0 / factor, y0 / factor, scale / factor
+    else:
+        factor = 1
+    spans = []
+    for origin, length, flip in ((x0, width, flip_x), (y0, height, flip_y)):
+        reduced = -(-length // factor)  # the CPU path pads with black to whole boxes
+        axis = _axis(origin, scale, reduced, size)
+        if axis is None:
+            return None
+        first, last, count, lo, hi, weight, valid = axis
+        start, stop = first * factor, min((last + 1) * factor, length)
+        short = count * factor - (stop - start)  # black beyond the image's far edge
+        if flip:
+            # The oriented axis runs backwards through the stored one: read the mirrored
+            # span, put the padding before it, and mirror the sample indices instead of
+            # the pixels.
+            start, stop = length - stop, length - start
+            pad = (short, 0)
+            lo, hi = count - 1 - lo, count - 1 - hi
+        else:
+            pad = (0, short)
+        spans.append(((start, stop), pad, count, (lo, hi, weight, valid)))
+    (cols, pad_x, count_x, sample_x), (rows, pad_y, count_y, sample_y) = spans
+    return _Plan(index, transpose, rows, cols, (*pad_x, *pad_y), factor, count_y, count_x,
+                 sample_x, sample_y)
+
+
+def _window(image, plan: _Plan):
+    """The plan's window of ``image`` (3, H, W), box-averaged: uint8 (3, height, width)."""
+    import torch
+
+    view = image.transpose(1, 2) if plan.transpose else image
+    window = view[:, plan.rows[0]:plan.rows[1], plan.cols[0]:plan.cols[1]]
+    factor = plan.factor
+    if factor == 1:
+        return window
+    window = torch.nn.functional.pad(window, plan.pad) if any(plan.pad) else window.contiguous()
+    # Box sums, the contiguous axis first (far faster than one 5-D reduction on CPU).
+    sums = window.reshape(3, plan.height * factor, plan.width, factor).sum(-1, dtype=torch.int32)
+    sums = sums.reshape(3, plan.height, factor, plan.width).sum(2, dtype=torch.int64)
+    # PIL's fixed-point box average (Reduce.c): (sum + f*f/2) * m >> 24 with
+    # m = (uint32)(2**32 / (2**8 * f*f)) computed in float32 (not always the exact quotient).
+    area = factor * factor
+    multiplier = int(np.float32(4294967296.0) / np.float32(256 * area))
+    return ((sums + area // 2) * multiplier) >> 24
+
+
+def _resample(images, plans: list[_Plan], pixels, size: int) -> None:
+    """Bilinear sampling of a chunk of images at once, written into ``pixels``."""
+    import torch
+
+    device = pixels.device
+    count = len(plans)
+    if count == 0:
+        return
+    height = max(p.height for p in plans)
+    width = max(p.width for p in plans)
+    windows = torch.zeros((count, 3, height, width), dtype=torch.uint8, device=device)
+    for k, plan in enumerate(plans):
+        windows[k, :, :plan.height, :plan.width] = _window(images[plan.index], plan)
+
+    def stacked(axis: str, part: int, dtype):
+        values = np.stack([getattr(p, axis)[part] for p in plans])
+        return torch.from_numpy(values.astype(dtype)).to(device, non_blocking=True)
+
+    lo_x, hi_x = stacked("x", 0, np.int64), stacked("x", 1, np.int64)
+    lo_y, hi_y = stacked("y", 0, np.int64), stacked("y", 1, np.int64)
+    weight_x = stacked("x", 2, np.float64)[:, None, None, :]
+    weight_y = stacked("y", 2, np.float64)[:, None, :, None]
+    valid = stacked("y", 3, bool)[:, None, :, None] & stacked("x", 3, bool)[:, None, None, :]
+
+    def rows(index):
+        return windows.gather(2, index[:, None, :, None].expand(count, 3, size, width))
+
+    def cols(source, index):
+        picked = source.gather(3, index[:, None, None, :].expand(count, 3, size, size))
+        return picked.to(torch.float64)
+
+    top, bottom = rows(lo_y), rows(hi_y)
+    # Horizontal blends of the two rows, then the vertical one, in PIL's order of operations
+    # (v = a + (b - a) * d, in double), then truncation to uint8 and black outside the image.
+    left, right = cols(top, lo_x), cols(top, hi_x)
+    upper = left + (right - left) * weight_x
+    left, right = cols(bottom, lo_x), cols(bottom, hi_x)
+    lower = left + (right - left) * weight_x
+    value = (upper + (lower - upper) * weight_y).floor_()
+    value = torch.where(valid, value, torch.zeros((), dtype=value.dtype, device=device))
+    index = torch.tensor([p.index for p in plans], device=device)
+    pixels[index] = value.to(torch.uint8).permute(0, 2, 3, 1)

@@ -1,0 +1,264 @@
+"""The read stage, free of Ray: read + preprocess shards into units of rows.
+
+``pipeline.backend.executor`` runs them in Ray tasks and actors; tests call them directly. A unit's
+rows are a dict of numpy arrays (which pieces of which shards they belong to is in the unit's
+header, ``pipeline.stages.units``). Between the stages the rows carry:
+
+=========== ==================== ===============================================================
+column      dtype / shape        meaning
+=========== ==================== ===============================================================
+key         str                  sample key ("" for a shard-level error row)
+shard       str                  input shard URI
+width       int32                oriented image width (0 when unknown)
+height      int32                oriented image height (0 when unknown)
+bbox        float32 (4,)         sidecar face box, NaN when none
+crop        float64 (3,)         square crop ``x0, y0, side`` in source pixels
+meta        str                  sidecar JSON ("" when none)
+error       str                  what went wrong ("" when fine)
+error_kind  str                  one of ``preprocess.ERROR_KINDS`` ("" when fine)
+pixels      uint8 (224, 224, 3)  the model input, zeros on error rows (``decode="cpu"`` only)
+encoded     bytes                the image file's bytes (``decode="gpu"`` only)
+orientation int8                 its EXIF orientation 1..8 (``decode="gpu"`` only)
+stored_size int32 (2,)           its width, height before orientation (``decode="gpu"`` only)
+on_device   bool                 the device decoder takes it (``decode="gpu"`` only)
+=========== ==================== ===============================================================
+
+With ``decode="cpu"`` the read task decodes, crops and resizes (PIL). With ``decode="gpu"`` it
+only reads each image's header (``gpu_decode.probe_and_crop``: size, EXIF orientation, crop)
+and sends the encoded bytes on, so a batch weighs ~50 KB per 640x480 JPEG instead of 150 KB of
+pixels; the predictor decodes the unit on its device (nvJPEG on CUDA) and crops and resizes
+there (``gpu_decode.decode_crop_resize``). Images the device decoder does not take (PNG, CMYK
+JPEG, ...) or fails on are decoded by the CPU path inside the predictor, one by one.
+
+The predictor drops ``pixels`` / ``encoded`` / ``orientation`` / ``stored_size`` and adds
+``landmarks`` (float32 (68, 2), NaN on error rows) and ``model_version``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import tarfile
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict
+from typing import Any
+
+import numpy as np
+
+from pipeline.io.shards import Sample, Shard, read_samples
+from pipeline.model.geometry import INPUT_SIZE
+from pipeline.stages.faults import FaultPlan
+from pipeline.stages.gpu_decode import probe_and_crop
+from pipeline.stages.preprocess import (
+    DEFAULT_MARGIN,
+    DEFAULT_MAX_PIXELS,
+    SampleError,
+    preprocess,
+)
+from pipeline.stages.units import (
+    DEFAULT_ROWS_PER_FILE,
+    ReadTask,
+    ShardTask,
+    UnitBuilder,
+    UnitHeader,
+)
+
+
+def encode_shard(shard: Shard) -> str:
+    return json.dumps(asdict(shard))
+
+
+def decode_shard(text: str) -> Shard:
+    fields = json.loads(text)
+    fields["paths"] = tuple(fields["paths"])
+    return Shard(**fields)
+
+
+DECODE_MODES = ("cpu", "gpu")
+DEVICE_DECODE_COLUMNS = ("encoded", "orientation", "stored_size", "on_device")
+# What a unit may hold: rows, and bytes of pixels (decode="cpu") or encoded images ("gpu").
+DEFAULT_UNIT_BYTES = 256 << 20
+
+
+def empty_rows(n: int, decode: str = "cpu") -> dict[str, np.ndarray]:
+    rows = {
+        "key": np.empty(n, dtype=object),
+        "shard": np.empty(n, dtype=object),
+        "width": np.zeros(n, dtype=np.int32),
+        "height": np.zeros(n, dtype=np.int32),
+        "bbox": np.full((n, 4), np.nan, dtype=np.float32),
+        "crop": np.full((n, 3), np.nan, dtype=np.float64),
+        "meta": np.full(n, "", dtype=object),
+        "error": np.full(n, "", dtype=object),
+        "error_kind": np.full(n, "", dtype=object),
+    }
+    if decode == "gpu":
+        rows["encoded"] = np.full(n, b"", dtype=object)
+        rows["orientation"] = np.ones(n, dtype=np.int8)
+        rows["stored_size"] = np.zeros((n, 2), dtype=np.int32)
+        rows["on_device"] = np.zeros(n, dtype=bool)
+    else:
+        rows["pixels"] = np.zeros((n, INPUT_SIZE, INPUT_SIZE, 3), dtype=np.uint8)
+    return rows
+
+
+def _shard_error(exc: Exception, samples_read: int) -> Sample:
+    """The row that reports why a shard stopped; its kind says whether a rerun may help."""
+    if isinstance(exc, FileNotFoundError):
+        kind = "missing_file"
+    elif isinstance(exc, OSError) and not isinstance(exc, tarfile.TarError):
+        kind = "storage"
+    else:
+        kind = "shard_error"
+    error = f"shard error after {samples_read} samples: {exc.__class__.__name__}: {exc}"
+    return Sample(key="", error=error, error_kind=kind)
+
+
+class ShardReader:
+    """The read stage: stream the shards of a read task and yield units of preprocessed rows.
+
+    ``read_task`` yields ``(UnitHeader, rows)`` per unit (``pipeline.stages.units``): a unit closes
+    at ``unit_rows`` rows or ``unit_bytes`` bytes, and its header maps its rows to output pieces of
+    ``rows_per_file`` rows. Rows of pieces a task says to skip are read past (a tar has to be) but
+    neither decoded nor sent on.
+    """
+
+    def __init__(
+        self,
+        storage_options: Mapping[str, Any] | None = None,
+        margin: float = DEFAULT_MARGIN,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        image_column: str = "image",
+        key_column: str = "key",
+        unit_rows: int = 32,
+        faults: str = "",
+        decode: str = "cpu",
+        rows_per_file: int = DEFAULT_ROWS_PER_FILE,
+        unit_bytes: int = DEFAULT_UNIT_BYTES,
+    ):
+        if decode not in DECODE_MODES:
+            raise ValueError(f"decode must be one of {DECODE_MODES}, got {decode!r}")
+        self.decode = decode
+        self.storage_options = dict(storage_options or {})
+        self.margin = margin
+        self.max_pixels = max_pixels
+        self.image_column = image_column
+        self.key_column = key_column
+        self.unit_rows = unit_rows
+        self.rows_per_file = rows_per_file
+        self.unit_bytes = unit_bytes
+        self.faults = FaultPlan(faults)
+
+    def read(self, shard: Shard) -> Iterator[dict[str, np.ndarray]]:
+        """The rows of one whole shard, in units (without their headers)."""
+        for _, rows in self.read_task(ReadTask(0, (ShardTask(shard),))):
+            yield rows
+
+    def read_task(self, task: ReadTask) -> Iterator[tuple[UnitHeader, dict[str, np.ndarray]]]:
+        """Yield the task's units in order; every row of every shard is in exactly one."""
+        builder = UnitBuilder(task.index, self.rows_per_file, self.unit_rows, self.unit_bytes)
+        pending: list[tuple[str, Sample, Any]] = []
+        for i, item in enumerate(task.shards):
+            rows = 0
+            for row, sample, is_last in self._shard_rows(item):
+                self.faults.at_read(item.shard.name, row, builder.units)
+                prepared = self._prepare(sample)
+                pending.append((item.shard.uri, sample, prepared))
+                rows += 1
+                if builder.add(i, row, is_last, self._weight(prepared)):
+                    yield builder.flush(), self._to_batch(pending)
+                    pending = []
+            if rows == 0 and not item.skip:
+                builder.empty_shard(i)
+        if builder.pending():
+            yield builder.flush(), self._to_batch(pending)
+
+    def _shard_rows(self, item: ShardTask) -> Iterator[tuple[int, Sample, bool]]:
+        """``(row, sample, is_last_row)`` of the rows to process, reading one sample ahead so
+        the last row is known as such. A shard that stops part-way ends with an error row."""
+        shard = item.shard
+        samples = read_samples(shard, self.storage_options, self.image_column, self.key_column)
+
+        def fetch() -> tuple[Sample | None, Exception | None]:
+            try:
+                return next(samples), None
+            except StopIteration:
+                return None, None
+            except Exception as exc:  # the shard itself is broken: keep what came before
+                return None, exc
+
+        first_seen: dict[str, int] = {}
+        row = 0
+        current, error = fetch()
+        while current is not None:
+            following, error = fetch()
+            if current.key in first_seen and not current.error:
+                current.error = (f"duplicate key {current.key!r}: first seen at row "
+                                 f"{first_seen[current.key]} of this shard")
+                current.error_kind = "duplicate_key"
+            first_seen.setdefault(current.key, row)
+            if row // self.rows_per_file not in item.skip:
+                yield row, current, following is None and error is None
+            row += 1
+            current = following
+        if error is not None:
+            # The error row goes into the first piece still to do from here on (a piece done
+            # before was complete: its rows are all there).
+            piece = row // self.rows_per_file
+            while piece in item.skip:
+                piece += 1
+            yield max(row, piece * self.rows_per_file), _shard_error(error, row), True
+
+    def _prepare(self, sample: Sample):
+        if sample.error or sample.meta_error:
+            return None
+        bbox = (sample.meta or {}).get("bbox")
+        try:
+            if self.decode == "gpu":
+                info, crop = probe_and_crop(sample.data, bbox, self.margin, self.max_pixels)
+                return info, crop, sample.data
+            return preprocess(sample.data, bbox, self.margin, self.max_pixels)
+        except SampleError as exc:
+            return exc
+        except Exception as exc:  # a decoder bug must cost one sample, not the shard
+            return SampleError(f"unexpected {exc.__class__.__name__} while decoding: {exc}")
+
+    def _weight(self, prepared) -> int:
+        """Bytes a row adds to its unit: its pixels, or its encoded image."""
+        if prepared is None or isinstance(prepared, Exception):
+            return 0
+        return INPUT_SIZE * INPUT_SIZE * 3 if self.decode == "cpu" else len(prepared[2])
+
+    def _to_batch(self, rows: list[tuple[str, Sample, Any]]) -> dict[str, np.ndarray]:
+        out = empty_rows(len(rows), self.decode)
+        for i, (uri, sample, prepared) in enumerate(rows):
+            out["key"][i] = sample.key
+            out["shard"][i] = uri
+            meta = sample.meta or {}
+            if meta:
+                out["meta"][i] = json.dumps(meta, ensure_ascii=False, sort_keys=True)
+            bbox = meta.get("bbox")
+            if isinstance(bbox, (list, tuple)) and len(bbox) == 4:
+                with contextlib.suppress(TypeError, ValueError):  # bad boxes: error set below
+                    out["bbox"][i] = np.asarray(bbox, dtype=np.float32)
+            if sample.error:
+                out["error"][i], out["error_kind"][i] = sample.error, sample.error_kind
+            elif sample.meta_error:
+                out["error"][i], out["error_kind"][i] = sample.meta_error, "bad_sidecar"
+            elif isinstance(prepared, Exception):
+                out["error"][i] = str(prepared)
+                out["error_kind"][i] = getattr(prepared, "kind", "invalid")
+            elif self.decode == "gpu":
+                info, crop, data = prepared
+                out["encoded"][i] = data
+                out["orientation"][i] = info.orientation
+                out["stored_size"][i] = info.width, info.height
+                out["on_device"][i] = info.device_decodable
+                out["width"][i], out["height"][i] = info.oriented_width, info.oriented_height
+                out["crop"][i] = crop
+            else:
+                pixels, width, height, crop = prepared
+                out["pixels"][i] = pixels
+                out["width"][i], out["height"][i] = width, height
+                out["crop"][i] = crop
+        return out

@@ -1,0 +1,213 @@
+"""Work units: how the listed shards become output files (pieces) and read tasks, without Ray.
+
+Three granularities, each chosen for one job:
+
+- **piece** = one output file ``part-<stem>.parquet`` and its completion record
+  ``_done/<stem>.json``. A shard of up to ``rows_per_file`` rows is one piece named after the
+  shard (``stem`` = shard name); a larger shard is cut at every multiple of ``rows_per_file``
+  rows, and piece ``k >= 1`` is ``<shard name>.c<k:05d>``. The cut depends on the shard's
+  content and that setting only, so names are deterministic and a rerun replaces files.
+- **unit** = what travels from a read task through one predictor call to the commits: the rows
+  of consecutive pieces (small shards bundled together, or a slice of a big one), cut when it
+  holds ``unit_rows`` rows or ``unit_bytes`` bytes. A predictor call sees one unit, so GPU
+  batches stay full however small the shards are. Units never name anything.
+- **read task** = consecutive shards read by one Ray task, sized by their listed bytes, so a
+  million small shards are a few thousand tasks rather than a million.
+
+A unit carries a ``UnitHeader``: for each piece it touches, the row range inside the unit and
+whether the piece ends there. The driver needs only the headers to know when every row of a
+piece has been predicted, and then hands the piece's ranges to a commit task.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from pipeline.io.shards import CHUNK_NAME, Shard
+
+DEFAULT_ROWS_PER_FILE = 10_000
+DEFAULT_TASK_BYTES = 256 << 20  # input bytes one read task streams (a few units' worth)
+DEFAULT_TASK_SHARDS = 1_000  # at most this many shards in one read task's arguments
+
+
+def piece_stem(shard_name: str, index: int) -> str:
+    """The output name stem of piece ``index`` of a shard (the shard's own name for piece 0)."""
+    return shard_name if index == 0 else f"{shard_name}.c{index:05d}"
+
+
+def split_stem(stem: str, shard_names: Mapping[str, object] | set[str]) -> tuple[str, int] | None:
+    """``(shard name, piece index)`` for an output stem, or None when no listed shard has it."""
+    if stem in shard_names:
+        return stem, 0
+    match = CHUNK_NAME.fullmatch(stem)
+    if match and match.group(1) in shard_names:
+        return match.group(1), int(match.group(2))
+    return None
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    """One shard to read; rows of the pieces in ``skip`` were committed before (not decoded,
+    not predicted, not written again)."""
+
+    shard: Shard
+    skip: frozenset[int] = frozenset()
+
+
+@dataclass(frozen=True)
+class ReadTask:
+    """Consecutive shards that one read task streams, in order."""
+
+    index: int
+    shards: tuple[ShardTask, ...]
+
+    @property
+    def bytes(self) -> int:
+        return sum(t.shard.size for t in self.shards)
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Rows ``start:stop`` of a unit belong to piece ``piece`` of shard ``shard`` (the index of
+    the shard in its read task), from row ``first_row`` of that piece on. ``ends``: the piece's
+    last row is in this unit; ``last``: that piece is the shard's last."""
+
+    shard: int
+    piece: int
+    start: int
+    stop: int
+    first_row: int
+    ends: bool
+    last: bool
+
+
+@dataclass
+class UnitHeader:
+    """What the driver learns of a unit: its place in its read task and its pieces."""
+
+    task: int
+    index: int
+    rows: int = 0
+    bytes: int = 0
+    segments: list[Segment] = field(default_factory=list)
+
+
+def plan_read_tasks(
+    todo: Iterable[ShardTask], task_bytes: int = DEFAULT_TASK_BYTES,
+    task_shards: int = DEFAULT_TASK_SHARDS, min_tasks: int = 1,
+) -> list[ReadTask]:
+    """Group shards, in listing order, into read tasks of about ``task_bytes`` listed bytes and
+    at most ``task_shards`` shards; a shard larger than that is a task of its own. With fewer
+    bytes than ``min_tasks`` tasks' worth, the target shrinks so the cluster's read slots all
+    get work (never below one shard a task)."""
+    todo = list(todo)
+    total = sum(t.shard.size for t in todo)
+    target = max(1, min(task_bytes, total // max(1, min_tasks)))
+    tasks, current, size = [], [], 0
+    for item in todo:
+        if current and (size + item.shard.size > target or len(current) >= task_shards):
+            tasks.append(ReadTask(len(tasks), tuple(current)))
+            current, size = [], 0
+        current.append(item)
+        size += item.shard.size
+    if current:
+        tasks.append(ReadTask(len(tasks), tuple(current)))
+    return tasks
+
+
+class UnitBuilder:
+    """Cuts the row stream of a read task into units and pieces (used by the read task).
+
+    Call ``add(shard, row, is_last_row, nbytes)`` for every row in order (``row`` counts from 0
+    within its shard, ``is_last_row`` when no row of that shard follows), ``empty_shard(shard)``
+    for a shard without rows, and ``cut()`` / ``flush()`` to take finished units. A unit is
+    finished when it reaches ``unit_rows`` rows or ``unit_bytes`` bytes."""
+
+    def __init__(self, task: int, rows_per_file: int, unit_rows: int, unit_bytes: int):
+        if min(rows_per_file, unit_rows, unit_bytes) < 1:
+            raise ValueError("rows_per_file, unit_rows and unit_bytes must be >= 1")
+        self.task, self.rows_per_file = task, rows_per_file
+        self.unit_rows, self.unit_bytes = unit_rows, unit_bytes
+        self.units = 0
+        self.header = UnitHeader(task, 0)
+
+    def piece_of(self, row: int) -> int:
+        return row // self.rows_per_file
+
+    def add(self, shard: int, row: int, is_last_row: bool, nbytes: int) -> bool:
+        """Record one row; returns True when the unit is full (take it with ``flush``)."""
+        h = self.header
+        piece = self.piece_of(row)
+        ends = is_last_row or (row + 1) % self.rows_per_file == 0
+        seg = h.segments[-1] if h.segments else None
+        if seg is not None and (seg.shard, seg.piece) == (shard, piece):
+            h.segments[-1] = Segment(shard, piece, seg.start, h.rows + 1, seg.first_row, ends,
+                                     is_last_row)
+        else:
+            h.segments.append(Segment(shard, piece, h.rows, h.rows + 1,
+                                      row - piece * self.rows_per_file, ends, is_last_row))
+        h.rows += 1
+        h.bytes += nbytes
+        return h.rows >= self.unit_rows or h.bytes >= self.unit_bytes
+
+    def empty_shard(self, shard: int) -> None:
+        """A shard without a single row still gets its (empty) piece 0."""
+        self.header.segments.append(Segment(shard, 0, self.header.rows, self.header.rows, 0,
+                                            True, True))
+
+    def pending(self) -> bool:
+        return bool(self.header.segments)
+
+    def flush(self) -> UnitHeader:
+        """Take the unit built so far and start the next one."""
+        done = self.header
+        self.units += 1
+        self.header = UnitHeader(self.task, self.units)
+        return done
+
+
+@dataclass
+class _OpenPiece:
+    parts: list = field(default_factory=list)  # (first row in piece, unit, (start, stop))
+    rows: int = 0
+    total: int | None = None
+    last: bool = False
+
+
+@dataclass(frozen=True)
+class ReadyPiece:
+    """Every row of a piece has been predicted: ``parts`` are ``(unit, (start, stop))`` in row
+    order (an empty shard's piece has one empty range)."""
+
+    task: int
+    shard: int
+    piece: int
+    last: bool
+    parts: list
+
+
+class PieceAssembler:
+    """Collects predicted units by piece; a piece is ready once all its rows are in, whatever
+    order the units come back in (they come from several predictors). Holds only the opaque
+    ``unit`` handles given to ``add`` (on Ray: object references), never rows."""
+
+    def __init__(self):
+        self.open: dict[tuple[int, int, int], _OpenPiece] = {}
+
+    def add(self, header: UnitHeader, unit) -> list[ReadyPiece]:
+        ready = []
+        for seg in header.segments:
+            key = (header.task, seg.shard, seg.piece)
+            piece = self.open.setdefault(key, _OpenPiece())
+            if seg.stop > seg.start:
+                piece.parts.append((seg.first_row, unit, (seg.start, seg.stop)))
+                piece.rows += seg.stop - seg.start
+            if seg.ends:
+                piece.total, piece.last = seg.first_row + seg.stop - seg.start, seg.last
+            if piece.rows == piece.total:
+                del self.open[key]
+                parts = [(u, r) for _, u, r in sorted(piece.parts, key=lambda p: p[0])]
+                ready.append(ReadyPiece(*key, piece.last,
+                                        parts or [(unit, (seg.start, seg.start))]))
+        return ready
