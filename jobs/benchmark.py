@@ -50,14 +50,10 @@ from pathlib import Path
 # Run from anywhere, installed or not (as under `ray job submit --working-dir .`).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.backend.executor import ensure_ray  # noqa: E402
+from pipeline.backend.cluster import ensure_ray  # noqa: E402
 from pipeline.demo.synthetic import write_sample_archive  # noqa: E402
-from pipeline.inference.job import (  # noqa: E402
-    DEFAULT_BATCH_SIZE,
-    InferConfig,
-    plan,
-    run_inference,
-)
+from pipeline.inference.config import DEFAULT_BATCH_SIZE, InferConfig  # noqa: E402
+from pipeline.inference.job import plan, run_inference  # noqa: E402
 from pipeline.io.resume import DONE_DIR  # noqa: E402
 from pipeline.model.network import INPUT_SIZE, load_model  # noqa: E402
 from pipeline.stages.runner import ModelRunner  # noqa: E402
@@ -65,7 +61,7 @@ from pipeline.stages.runner import ModelRunner  # noqa: E402
 # Per device: images, images per shard, untimed and timed model-alone steps, decode modes of the
 # pipeline. CUDA: the warm-up covers cuDNN's algorithm choice (and compiling), 30 steps of 512
 # take ~2 s in bf16 on an H100. CPU: VGG16 takes ~0.5 s per image on 2 cores, so few steps.
-# Batch sizes: the job's own defaults (pipeline.inference.job.DEFAULT_BATCH_SIZE).
+# Batch sizes: the job's own defaults (pipeline.inference.config.DEFAULT_BATCH_SIZE).
 DEFAULTS = {
     "cuda": dict(images=30_000, per_shard=1000, warmup=5, steps=30, decode="cpu,gpu"),
     "cpu": dict(batch_size=16, images=64, per_shard=16, warmup=1, steps=2, decode="cpu"),

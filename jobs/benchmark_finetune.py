@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.backend.trainer import main as finetune  # noqa: E402
 from pipeline.demo.synthetic import write_sample_archive  # noqa: E402
-from pipeline.evaluation.evaluate import EvalConfig  # noqa: E402
+from pipeline.evaluation.config import EvalConfig  # noqa: E402
 from pipeline.evaluation.evaluate import main as evaluate  # noqa: E402
 from pipeline.training.config import FinetuneConfig  # noqa: E402
 from pipeline.training.importer import import_annotated_folder  # noqa: E402
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     import torch
 
-    from pipeline.backend.executor import ensure_ray
+    from pipeline.backend.cluster import ensure_ray
 
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)

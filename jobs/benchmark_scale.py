@@ -62,7 +62,8 @@ import numpy as np
 # Run from anywhere, installed or not (as under `ray job submit --working-dir .`).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.inference.job import InferConfig, run_inference  # noqa: E402
+from pipeline.inference.config import InferConfig  # noqa: E402
+from pipeline.inference.job import run_inference  # noqa: E402
 from pipeline.io.resume import DONE_DIR  # noqa: E402
 
 log = logging.getLogger("benchmark_scale")

@@ -6,7 +6,7 @@ from pathlib import Path
 # Under `ray job submit --working-dir .` the project is the working directory, not installed.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.cli.train import main_finetune  # noqa: E402
+from pipeline.cli.main import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main_finetune(sys.argv[1:]))
+    sys.exit(main(["finetune", *sys.argv[1:]]))

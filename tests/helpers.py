@@ -7,6 +7,12 @@ import json
 import tarfile
 from pathlib import Path
 
+import numpy as np
+import torch
+
+from pipeline.model.geometry import IMAGENET_MEAN, IMAGENET_STD, NUM_LANDMARKS
+from pipeline.training.augment import FLIP_PERMUTATION
+
 DATA = Path(__file__).parent / "data"
 
 
@@ -36,3 +42,39 @@ def tar_members(path: Path) -> dict[str, bytes]:
 
 def sidecar(meta: dict) -> bytes:
     return json.dumps(meta).encode()
+
+
+# Reference computations the tests check the library against (not used by the library itself).
+
+
+def normalize(pixels: np.ndarray) -> np.ndarray:
+    """uint8 NHWC -> float32 NCHW with ImageNet mean/std (the CPU reference of the predictor)."""
+    x = pixels.astype(np.float32) / 255.0
+    x = (x - np.asarray(IMAGENET_MEAN, np.float32)) / np.asarray(IMAGENET_STD, np.float32)
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+
+
+def identity_params(n: int) -> dict:
+    """Augmentation parameters that change nothing (no flip, rotation, scale, shift, colour,
+    blur)."""
+    zeros, ones = torch.zeros(n, dtype=torch.float64), torch.ones(n, dtype=torch.float64)
+    return {
+        "flip": torch.zeros(n, dtype=torch.bool),
+        "angle": zeros,
+        "scale": ones,
+        "shift": torch.zeros(n, 2, dtype=torch.float64),
+        "brightness": ones,
+        "contrast": ones,
+        "saturation": ones,
+        "blur": zeros,
+    }
+
+
+def flip_landmarks(points, width: float):
+    """Mirror 68 labelled points of an image ``width`` pixels wide (integer = pixel centre):
+    ``x -> width - 1 - x`` and the iBUG index swap. Works on numpy arrays and tensors."""
+    if points.shape[-2] != NUM_LANDMARKS:
+        raise ValueError(f"expected {NUM_LANDMARKS} points, got shape {tuple(points.shape)}")
+    mirrored = points[..., list(FLIP_PERMUTATION), :] * 1.0
+    mirrored[..., 0] = width - 1 - mirrored[..., 0]
+    return mirrored

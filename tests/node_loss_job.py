@@ -12,7 +12,8 @@ from pathlib import Path
 import ray
 from ray.cluster_utils import Cluster
 
-from pipeline.inference.job import InferConfig, run_inference
+from pipeline.inference.config import InferConfig
+from pipeline.inference.job import run_inference
 
 
 def main(input_dir: str, output_dir: str, weights: str) -> None:

@@ -7,20 +7,14 @@ import io
 import numpy as np
 import pytest
 import torch
+from helpers import flip_landmarks, identity_params
 from PIL import Image
 
 from pipeline.demo.synthetic import render_face
-from pipeline.io.labels import LabelledReader
 from pipeline.io.shards import Sample
-from pipeline.training.augment import (
-    FLIP_PERMUTATION,
-    AugmentConfig,
-    augment_batch,
-    flip_landmarks,
-    gaussian_blur,
-    identity_params,
-    sample_params,
-)
+from pipeline.stages.labels import LabelledReader
+from pipeline.training.augment import FLIP_PERMUTATION, augment_batch, gaussian_blur, sample_params
+from pipeline.training.config import AugmentConfig
 
 CONTEXT = 1.5
 

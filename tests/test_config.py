@@ -7,8 +7,10 @@ import json
 import pytest
 import yaml
 
-from pipeline.cli.config import REDACTED, ConfigError, save_config
-from pipeline.cli.main import job_config, main, parse_args
+from pipeline.cli.common import job_config
+from pipeline.cli.main import main
+from pipeline.cli.registry import parse_args
+from pipeline.config.files import REDACTED, ConfigError, save_config
 
 
 def write(path, text):
@@ -119,3 +121,37 @@ def test_infer_prints_and_saves_the_resolved_config(tmp_path, capsys, ray_sessio
     assert saved["seed"] == 5 and saved["batch_size"] == 2 and saved["input"] == str(
         tmp_path / "in")
     assert (out / "part-faces-00000.parquet").exists()
+
+
+@pytest.mark.parametrize("command, given", [
+    ("infer", {}),
+    ("nightly", {"input": "in/", "output": "out/"}),
+    ("finetune", {"input": "in/", "storage_path": "runs", "name": "v1"}),
+    ("evaluate", {"labels": "l/", "predictions": "p/", "output": "r.json"}),
+])
+def test_flags_and_config_keys_come_from_the_config_dataclasses(tmp_path, command, given):
+    """One schema: every option field of the command's dataclasses is a flag whose default is
+    the field's and a config key that takes that default back; other fields are neither."""
+    import dataclasses
+
+    from pipeline.cli import registry
+    from pipeline.config.files import check_config
+
+    spec = registry.command(command)
+    argv = [command] + [a for k, v in given.items() for a in (f"--{k.replace('_', '-')}", v)]
+    args = parse_args(argv)
+    keys = {o.name for o in spec.options()}
+    seen = 0
+    for schema in spec.schema:
+        for f in dataclasses.fields(schema):
+            meta = f.metadata.get("option")
+            if not meta or not meta["cli"]:
+                assert f.name not in keys and not hasattr(args, f.name), f.name
+                continue
+            seen += 1
+            default = f.default if f.default is not dataclasses.MISSING else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+            assert getattr(args, f.name) == given.get(f.name, default), f.name
+            if default is not None:
+                assert check_config(spec.options(), {f.name: default}, "x") == {f.name: default}
+    assert seen == len(keys) > 5

@@ -13,7 +13,8 @@ import torch
 from PIL import Image
 
 from pipeline.demo.synthetic import render_face
-from pipeline.inference.job import InferConfig, plan, run_inference
+from pipeline.inference.config import InferConfig
+from pipeline.inference.job import plan, run_inference
 from pipeline.io.shards import list_shards
 from pipeline.stages.gpu_decode import LANDMARK_TOLERANCE_PX, SAME_DECODER_TOLERANCE, TOLERANCE
 from pipeline.stages.predictor import LandmarkPredictor

@@ -22,8 +22,8 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.version import Version
 
-from pipeline.cli import main as cli
-from pipeline.cli.config import ConfigError, check_config
+from pipeline.cli import registry
+from pipeline.config.files import ConfigError, check_config
 
 try:
     import tomllib
@@ -249,7 +249,7 @@ def parse_command(command: str, files: dict[str, str],
     with tempfile.TemporaryDirectory() as tmp:
         args = [materialise(a, args, i, files, Path(tmp), command) for i, a in enumerate(args)]
         try:
-            return job, cli.parse_args([job, *args])
+            return job, registry.parse_args([job, *args])
         except SystemExit as exc:
             raise AssertionError(f"{command!r}: `landmarks {job}` rejects these arguments "
                                  f"(exit status {exc.code})") from None
@@ -298,11 +298,10 @@ def local_copy(path: str, files: dict[str, str], tmp: Path, command: str,
     return str(target)
 
 
-def job_parser(job: str) -> argparse.ArgumentParser:
-    parser = cli.build_parser()
-    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    assert job in commands.choices, f"`landmarks {job}` does not exist"
-    return commands.choices[job]
+def job_options(job: str) -> list:
+    """The options (and config keys) of ``landmarks JOB``."""
+    assert job in registry.COMMANDS, f"`landmarks {job}` does not exist"
+    return registry.command(job).options()
 
 
 def job_config_files() -> dict[str, dict[str, str]]:
@@ -538,11 +537,11 @@ def test_job_configs_validate_against_their_jobs():
     texts = job_config_files()["texts"]
     assert set(texts) == {"infer", "nightly", "finetune"}
     for job, text in texts.items():
-        check_config(job_parser(job), yaml.safe_load(text), f"deploy/configs/{job}.yaml")
+        check_config(job_options(job), yaml.safe_load(text), f"deploy/configs/{job}.yaml")
     with pytest.raises(ConfigError, match="batch_sise"):
-        check_config(job_parser("infer"), {"batch_sise": 8}, "broken")
+        check_config(job_options("infer"), {"batch_sise": 8}, "broken")
     with pytest.raises(ConfigError, match="batch_size"):
-        check_config(job_parser("infer"), {"batch_size": "many"}, "broken")
+        check_config(job_options("infer"), {"batch_size": "many"}, "broken")
 
 
 def test_configmap_copies_equal_the_config_files():
@@ -557,7 +556,7 @@ def test_configmap_copies_equal_the_config_files():
                 assert job in texts, f"{name}: ConfigMap {cm_name} key {key}: no deploy/configs"
                 assert yaml.safe_load(text) == yaml.safe_load(texts[job]), \
                     f"{name}: ConfigMap {cm_name} differs from deploy/configs/{key}"
-                check_config(job_parser(job), yaml.safe_load(text), f"{name}: {cm_name}")
+                check_config(job_options(job), yaml.safe_load(text), f"{name}: {cm_name}")
                 copies += 1
     assert copies == 4  # infer, finetune, nightly (RayCronJob), nightly (CronJob)
 

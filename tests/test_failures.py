@@ -20,7 +20,8 @@ from PIL import Image
 
 from pipeline.cli.main import main
 from pipeline.demo.synthetic import write_sample_archive
-from pipeline.inference.job import InferConfig, run_inference
+from pipeline.inference.config import InferConfig
+from pipeline.inference.job import run_inference
 from pipeline.io.report import read_receipts
 from pipeline.io.shards import list_shards
 from pipeline.stages.reader import ShardReader

@@ -13,7 +13,7 @@ import io
 import numpy as np
 import pytest
 import torch
-from helpers import DATA, real_photo
+from helpers import DATA, normalize, real_photo
 from PIL import Image, ImageDraw
 
 from pipeline.demo.synthetic import render_face
@@ -30,7 +30,6 @@ from pipeline.stages.preprocess import (
     SampleError,
     crop_and_resize,
     decode_image,
-    normalize,
     preprocess,
     to_pixels,
 )

@@ -11,13 +11,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from helpers import real_photo, tar_members, write_tar
+from helpers import normalize, real_photo, tar_members, write_tar
 from PIL import Image
 
 from pipeline.demo.synthetic import write_sample_archive
-from pipeline.inference.job import InferConfig, run_inference
+from pipeline.inference.config import InferConfig
+from pipeline.inference.job import run_inference
 from pipeline.io.output import SCHEMA
-from pipeline.stages.preprocess import normalize, preprocess, to_pixels
+from pipeline.stages.preprocess import preprocess, to_pixels
 
 PHOTOS = {"photo-takeo": "takeo.ppm", "photo-breakingbad": "breakingbad.jpg"}
 

@@ -13,14 +13,14 @@ import pytest
 from helpers import DATA, real_photo, sidecar, tar_members, write_tar
 
 from pipeline.demo.synthetic import write_sample_archive
-from pipeline.io.labels import (
+from pipeline.io.shards import list_shards, read_samples
+from pipeline.stages.labels import (
     LabelledReader,
     bbox_from_landmarks,
     key_hash,
     parse_landmarks,
     split_of,
 )
-from pipeline.io.shards import list_shards, read_samples
 from pipeline.stages.preprocess import SampleError
 from pipeline.stages.reader import ShardReader
 from pipeline.training.importer import import_annotated_folder, parse_pts
@@ -189,18 +189,19 @@ def test_parse_pts_refuses_malformed_files():
 
 
 def test_import_pts_command(tmp_path, capsys):
-    from pipeline.cli.train import main_import_pts
+    from pipeline.cli.main import main
 
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "takeo.ppm").write_bytes((DATA / "takeo.ppm").read_bytes())
     _write_pts(tmp_path / "in" / "takeo.pts", _labels("takeo"), 1)
-    code = main_import_pts(
-        ["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--origin", "1"]
+    code = main(
+        ["import-pts", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"),
+         "--origin", "1"]
     )
     assert code == 0 and "1 labelled samples in 1 shard(s)" in capsys.readouterr().out
     meta = json.loads(tar_members(tmp_path / "out" / "part-00000.tar")["takeo.json"])
     assert meta["landmarks"] == _labels("takeo")
     assert (
-        main_import_pts(["--input", str(tmp_path / "nowhere"), "--output", "x", "--origin", "1"])
+        main(["import-pts", "--input", str(tmp_path / "nowhere"), "--output", "x", "--origin", "1"])
         == 2
     )

@@ -4,6 +4,7 @@ import io
 
 import numpy as np
 import pytest
+from helpers import normalize
 from PIL import Image
 
 from pipeline.stages.preprocess import (
@@ -11,7 +12,6 @@ from pipeline.stages.preprocess import (
     crop_and_resize,
     crop_square,
     decode_image,
-    normalize,
     preprocess,
     to_pixels,
     validate_bbox,

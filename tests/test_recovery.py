@@ -19,9 +19,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.demo.synthetic import write_sample_archive
-from pipeline.inference.job import InferConfig, run_inference
+from pipeline.inference.config import InferConfig
+from pipeline.inference.job import run_inference
 from pipeline.io.report import read_receipts
 from pipeline.model.network import load_model, save_model
+from pipeline.stages import faults
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARDS, PER_SHARD = 4, 2
@@ -77,11 +79,11 @@ def _assert_same_output(folder: Path, clean: dict, summary=None) -> None:
     ("commit=faces-00001", "commit-faces-00001"),
 ])
 def test_process_killed_mid_unit(ray_session, archive, weights_file, clean, tmp_path, fault,
-                                 marker):
+                                 marker, monkeypatch):
     marks = tmp_path / "marks"
     marks.mkdir()
-    summary = run_inference(_cfg(archive, tmp_path / "out", weights_file[0],
-                                 faults=f"dir={marks};{fault}"))
+    monkeypatch.setenv(faults.ENV, f"dir={marks};{fault}")  # read by the driver, not a setting
+    summary = run_inference(_cfg(archive, tmp_path / "out", weights_file[0]))
     assert (marks / marker).exists()  # the process really died there
     if fault.startswith("read"):  # it died after handing over units, not before any
         assert int((marks / marker).read_text().removeprefix("units_delivered=")) >= 1

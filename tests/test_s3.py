@@ -15,7 +15,8 @@ from moto.server import ThreadedMotoServer
 from s3server import FaultProxy
 
 from pipeline.demo.synthetic import write_sample_archive
-from pipeline.inference.job import InferConfig, run_inference
+from pipeline.inference.config import InferConfig
+from pipeline.inference.job import run_inference
 from pipeline.io import storage
 from pipeline.io.shards import list_shards
 

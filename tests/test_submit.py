@@ -8,7 +8,6 @@ process group or naming its temp dir, and their descendants (workers, job driver
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import shutil
@@ -24,14 +23,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.ops.submit import (
-    ADDRESS_VARIABLES,
-    EXCLUDES,
-    PROJECT_ROOT,
-    add_submit_parser,
-    connect,
-    run_submit,
-)
+from pipeline.backend.jobs import connect
+from pipeline.cli.registry import parse_args
+from pipeline.ops.submit import ADDRESS_VARIABLES, EXCLUDES, PROJECT_ROOT
 
 RAY = Path(sys.executable).parent / "ray"
 pytestmark = [
@@ -150,11 +144,9 @@ def submit(monkeypatch):
     """Run ``landmarks submit ARGV`` through the subcommand's own parser; returns the status."""
     for name in ADDRESS_VARIABLES:  # the environment's cluster must not leak in
         monkeypatch.delenv(name, raising=False)
-    parser = argparse.ArgumentParser(prog="landmarks")
-    add_submit_parser(parser.add_subparsers(dest="command", required=True))
-
     def run(*argv: str) -> int:
-        return run_submit(parser.parse_args(["submit", *argv]))
+        args = parse_args(["submit", *argv])
+        return args.run(args)
 
     return run
 
@@ -306,7 +298,7 @@ class FakeClient:
 def test_follow_falls_back_to_polling_when_the_stream_breaks(submit, monkeypatch, capsys):
     fake = FakeClient(["RUNNING", "SUCCEEDED"], logs="line 1\nline 2\nline 3\n",
                       stream=["line 1\n"], stream_error=RuntimeError("WebSocket closed"))
-    monkeypatch.setattr("pipeline.ops.submit.connect", lambda address: fake)
+    monkeypatch.setattr("pipeline.cli.submit.connect", lambda address: fake)
     code = submit("--address", "http://fake-head:8265", "--follow", "--poll", "0.01",
                   "infer", "--input", "x", "--output", "y")
     printed = capsys.readouterr()
@@ -321,7 +313,7 @@ def test_follow_falls_back_to_polling_when_the_stream_breaks(submit, monkeypatch
 def test_ctrl_c_while_waiting_leaves_the_job_running(submit, monkeypatch, capsys):
     fake = FakeClient(["RUNNING"])
     fake.statuses = [fake.statuses[0], KeyboardInterrupt()]
-    monkeypatch.setattr("pipeline.ops.submit.connect", lambda address: fake)
+    monkeypatch.setattr("pipeline.cli.submit.connect", lambda address: fake)
     code = submit("--address", "http://fake-head:8265", "--poll", "0.01", "infer",
                   "--input", "x", "--output", "y")
     err = capsys.readouterr().err

@@ -12,19 +12,20 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from helpers import normalize
 
 from pipeline.backend.trainer import main
 from pipeline.demo.synthetic import write_sample_archive
-from pipeline.evaluation.evaluate import EvalConfig
+from pipeline.evaluation.config import EvalConfig
 from pipeline.evaluation.evaluate import main as evaluate
-from pipeline.io.labels import LabelledReader
 from pipeline.io.shards import list_shards, read_samples
 from pipeline.model.network import build_model, load_model, read_model_file, weights_version
+from pipeline.stages import faults
+from pipeline.stages.labels import LabelledReader
 from pipeline.stages.predictor import LandmarkPredictor
-from pipeline.stages.preprocess import normalize, to_pixels
+from pipeline.stages.preprocess import to_pixels
 from pipeline.stages.reader import ShardReader
-from pipeline.training.augment import AugmentConfig
-from pipeline.training.config import FinetuneConfig, resolve_storage
+from pipeline.training.config import AugmentConfig, FinetuneConfig, resolve_storage
 from pipeline.training.loop import load_state, optimizer_digest
 
 
@@ -72,14 +73,18 @@ def run(ray_session, archive, tmp_path_factory):
     once more in epoch 3 and FailureConfig(max_failures=1) restarts the group."""
     from ray.train import TrainingFailedError
 
-    cfg = _config(archive, tmp_path_factory.mktemp("runs"), "two-workers", fail_at_step=2)
-    with pytest.raises(TrainingFailedError, match="fault injected at step 2"):
-        main(cfg)
-    run_dir = Path(cfg.storage_path) / cfg.name
-    after_kill = sorted(p.name for p in run_dir.glob("epoch-*"))
-    saved = load_state(str(run_dir / "epoch-0001"))
-    cfg = replace(cfg, fail_at_step=3, max_failures=1)
-    return cfg, after_kill, saved, main(cfg)
+    cfg = _config(archive, tmp_path_factory.mktemp("runs"), "two-workers")
+    marks = tmp_path_factory.mktemp("marks")
+    with pytest.MonkeyPatch.context() as env:  # read by the job's driver, not a setting
+        env.setenv(faults.ENV, f"dir={marks};step=2")
+        with pytest.raises(TrainingFailedError, match="fault injected at step 2"):
+            main(cfg)
+        run_dir = Path(cfg.storage_path) / cfg.name
+        after_kill = sorted(p.name for p in run_dir.glob("epoch-*"))
+        saved = load_state(str(run_dir / "epoch-0001"))
+        env.setenv(faults.ENV, f"dir={marks};step=3")
+        cfg = replace(cfg, max_failures=1)
+        return cfg, after_kill, saved, main(cfg)
 
 
 def test_two_workers_overfit_a_few_faces(run):
@@ -201,15 +206,10 @@ def test_config_refuses_bad_settings(archive, tmp_path):
 
 
 def test_command_line_builds_the_configs(archive, tmp_path):
-    import argparse
+    from pipeline.cli.registry import parse_args
+    from pipeline.cli.train import finetune_config
 
-    from pipeline.cli.train import add_evaluate_parser, add_finetune_parser, finetune_config
-
-    parser = argparse.ArgumentParser()
-    commands = parser.add_subparsers()
-    add_finetune_parser(commands)
-    add_evaluate_parser(commands)
-    args = parser.parse_args(
+    args = parse_args(
         [
             "finetune",
             "--input",
@@ -232,9 +232,9 @@ def test_command_line_builds_the_configs(archive, tmp_path):
     assert cfg.augment == asdict(AugmentConfig.none()) and cfg.freeze_features
     assert (cfg.num_workers, cfg.loss, cfg.storage_options) == (4, "smooth_l1", {"anon": True})
     assert args.run.__name__ == "run_finetune"
-    args = parser.parse_args(
+    args = parse_args(
         ["finetune", "--input", "in", "--storage-path", "p", "--name", "n", "--max-rotation", "10"]
     )
     assert finetune_config(args).augment["max_rotation"] == 10.0
-    args = parser.parse_args(["evaluate", "--labels", "l", "--predictions", "p", "--output", "o"])
+    args = parse_args(["evaluate", "--labels", "l", "--predictions", "p", "--output", "o"])
     assert args.run.__name__ == "run_evaluate"

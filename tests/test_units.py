@@ -13,6 +13,7 @@ from helpers import tar_members, write_tar
 
 from pipeline.demo.synthetic import write_sample_archive
 from pipeline.io import resume
+from pipeline.io.output import piece_stem, split_stem
 from pipeline.io.report import ManifestWriter, Summary, read_receipts, write_manifest
 from pipeline.io.resume import completed_pieces, settings_id
 from pipeline.io.shards import Shard, list_shards
@@ -23,9 +24,7 @@ from pipeline.stages.units import (
     ReadTask,
     ShardTask,
     UnitBuilder,
-    piece_stem,
     plan_read_tasks,
-    split_stem,
 )
 
 

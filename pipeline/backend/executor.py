@@ -1,5 +1,5 @@
-"""Run the inference job's units on Ray Core; the only module of the inference path that imports
-Ray.
+"""Run the inference job's units on Ray Core (the inference half of ``pipeline.backend``, the only
+package that imports Ray).
 
     read task (CPU, streaming generator) --unit--> predictor actor (GPU) --rows--> commit task
           per read task: a few shards                per call: one unit         per piece:
@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -48,25 +47,6 @@ ACTOR_RESTARTS = 3
 COMMIT_RETRIES = 3
 COMMIT_THREADS = 8  # pieces one commit task writes at once (small shards: many files a unit)
 PROGRESS_S = 30.0
-
-
-def ensure_ray(address: str | None = None) -> None:
-    """Connect to the cluster at ``address`` / ``RAY_ADDRESS`` or start a local Ray instance."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS") or None
-    log.info("connecting to Ray at %s", address) if address else log.info("starting local Ray")
-    ray.init(address=address)
-
-
-def cluster_resources() -> tuple[float, int]:
-    """(CPUs, GPUs) of the cluster."""
-    import ray
-
-    resources = ray.cluster_resources()
-    return float(resources.get("CPU", 0)), int(resources.get("GPU", 0))
 
 
 @dataclass(frozen=True)

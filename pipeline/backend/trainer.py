@@ -1,13 +1,13 @@
 """The fine-tuning job: labelled shards -> Ray Data -> Ray Train ``TorchTrainer`` -> model file.
 
-The only module of the training path that imports Ray, and only inside functions. The driver lists
-the shards, builds two Ray Data pipelines of ``pipeline.io.labels.LabelledReader`` tasks (training:
-context crops, split across workers; validation: the inference job's exact 224x224 crops, read by
-every worker, each scoring the rows whose key hash falls to it) and runs ``TorchTrainer``. Every
-epoch each worker trains on its shard of the data with on-device augmentation, the validation sums
-are all-reduced, and rank 0 reports a checkpoint; Ray keeps the best ``keep_best`` by validation NME
-(plus the latest) under ``storage_path/name``. Rerunning with the same storage path and name resumes
-from the latest checkpoint (Ray Train V2 restores its run snapshot from there), and
+The training half of ``pipeline.backend``; Ray is imported inside functions only. The driver lists
+the shards, builds two Ray Data pipelines of ``pipeline.stages.labels.LabelledReader`` tasks
+(training: context crops, split across workers; validation: the inference job's exact 224x224 crops,
+read by every worker, each scoring the rows whose key hash falls to it) and runs ``TorchTrainer``.
+Every epoch each worker trains on its shard of the data with on-device augmentation, the validation
+sums are all-reduced, and rank 0 reports a checkpoint; Ray keeps the best ``keep_best`` by
+validation NME (plus the latest) under ``storage_path/name``. Rerunning with the same storage path
+and name resumes from the latest checkpoint (Ray Train V2 restores its run snapshot from there), and
 ``FailureConfig(max_failures)`` restarts a failed worker group from it. At the end the best
 checkpoint is exported as a model file that ``pipeline.model.network.load_model`` reads.
 """
@@ -21,10 +21,11 @@ import time
 from dataclasses import asdict
 from typing import Any
 
+from pipeline.stages.faults import FaultPlan, plan_from_env
 from pipeline.training.config import (
+    AugmentConfig,
     FinetuneConfig,
     FinetuneSummary,
-    inject_fault_once,
     resolve_storage,
     run_dir_uri,
 )
@@ -34,11 +35,10 @@ log = logging.getLogger("pipeline")
 
 def main(cfg: FinetuneConfig) -> FinetuneSummary:
     """Train (or resume), then export the best checkpoint; returns what was written."""
-    import ray
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from pipeline.backend.executor import ensure_ray
+    from pipeline.backend.cluster import cluster_resources, ensure_ray, wants_gpu
     from pipeline.io.shards import list_shards
 
     train_shards = list_shards(cfg.input, cfg.format, cfg.storage_options)
@@ -48,10 +48,7 @@ def main(cfg: FinetuneConfig) -> FinetuneSummary:
         else train_shards
     )
     ensure_ray(cfg.ray_address)
-    cluster_gpus = int(ray.cluster_resources().get("GPU", 0))
-    use_gpu = cfg.device == "cuda" or (cfg.device == "auto" and cluster_gpus > 0)
-    if use_gpu and cluster_gpus == 0:
-        raise ValueError("--device cuda was asked for but the Ray cluster has no GPUs")
+    use_gpu = wants_gpu(cfg.device, cluster_resources()[1])
     split = "all" if cfg.val_input else "train"
     datasets = {
         "train": _dataset(cfg, train_shards, split, cfg.context).randomize_block_order(),
@@ -68,7 +65,7 @@ def main(cfg: FinetuneConfig) -> FinetuneSummary:
     )
     trainer = TorchTrainer(
         _train_loop_per_worker,
-        train_loop_config=asdict(cfg),
+        train_loop_config={"config": asdict(cfg), "faults": plan_from_env()},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=cfg.num_workers,
@@ -115,7 +112,7 @@ def _dataset(cfg: FinetuneConfig, shards, split: str, context: float):
 
 
 def _read_labelled(batch, **reader_kwargs):
-    from pipeline.io.labels import LabelledReader
+    from pipeline.stages.labels import LabelledReader
 
     yield from LabelledReader(**reader_kwargs)(batch)
 
@@ -129,10 +126,10 @@ def _train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
 
     from pipeline.model.network import load_model
     from pipeline.training import loop as tl
-    from pipeline.training.augment import AugmentConfig
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    cfg = FinetuneConfig.from_dict(config)
+    cfg = FinetuneConfig.from_dict(config["config"])
+    faults = FaultPlan(config["faults"])  # failure tests only (pipeline.stages.faults)
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
@@ -167,8 +164,8 @@ def _train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             log.info("resumed from epoch %d, step %d", state.epoch, state.step)
 
     def after_step(step: int) -> None:
-        if step == cfg.fail_at_step and rank == 0:
-            inject_fault_once(cfg, step)
+        if rank == 0:
+            faults.at_step(step)
 
     augment = AugmentConfig(**cfg.augment)
     train_data = ray.train.get_dataset_shard("train")

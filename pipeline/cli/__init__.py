@@ -1,0 +1,1 @@
+"""The ``landmarks`` command line: one entry point, a registry of commands."""

@@ -1,0 +1,1 @@
+"""The synthetic face archive the demo and the tests use."""

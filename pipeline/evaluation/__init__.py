@@ -1,0 +1,1 @@
+"""Scoring landmarks against labels, and the preview picture."""

@@ -13,57 +13,18 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Any
 
 import numpy as np
 
-from pipeline.io.labels import SPLITS, LabelledReader, parse_landmarks, split_of
+from pipeline.evaluation.config import EvalConfig
 from pipeline.io.shards import Shard, list_shards, read_samples
-from pipeline.model.metrics import DEFAULT_THRESHOLD, nme, plot_ced, summarize
-from pipeline.stages.preprocess import DEFAULT_MARGIN, DEFAULT_MAX_PIXELS, SampleError
+from pipeline.model.metrics import nme, plot_ced, summarize
+from pipeline.stages.labels import LabelledReader, parse_landmarks, split_of
+from pipeline.stages.preprocess import SampleError
 
 log = logging.getLogger("pipeline")
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    """What to evaluate against which labels; built by ``pipeline.cli.train``."""
-
-    labels: str
-    output: str
-    weights: str | None = None
-    predictions: str | None = None
-    ced: str | None = None  # default: the output path with .png
-    split: str = "all"
-    val_fraction: float = 0.05
-    format: str = "auto"
-    image_column: str = "image"
-    key_column: str = "key"
-    margin: float = DEFAULT_MARGIN
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    batch_size: int = 32
-    device: str = "auto"
-    threshold: float = DEFAULT_THRESHOLD
-    worst: int = 10
-    storage_options: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self):
-        if (self.weights is None) == (self.predictions is None):
-            raise ValueError(
-                "give exactly one of --weights (a model file) or --predictions "
-                "(the inference job's Parquet output)"
-            )
-        if self.split not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, got {self.split!r}")
-        if self.split != "all" and not 0 < self.val_fraction < 1:
-            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
-        if self.threshold <= 0 or self.batch_size < 1:
-            raise ValueError("need threshold > 0 and batch_size >= 1")
-
-    @property
-    def ced_uri(self) -> str:
-        return self.ced or (self.output.rsplit(".", 1)[0] + ".png")
 
 
 def read_labels(

@@ -1,0 +1,1 @@
+"""The inference job: its settings and its driver."""

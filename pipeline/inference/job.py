@@ -13,107 +13,35 @@ import logging
 import math
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
+from pipeline.inference.config import (
+    DEFAULT_BATCH_SIZE,
+    GPU_UNIT_ROWS,
+    UNIT_BATCHES,
+    InferConfig,
+)
 from pipeline.io.report import ManifestWriter, Summary, new_run_id, write_manifest
 from pipeline.io.resume import completed_pieces, remove_stale_temporary_files, settings_id
 from pipeline.io.shards import list_shards
 from pipeline.model.network import load_model
 from pipeline.stages.commit import PieceSpec
+from pipeline.stages.faults import plan_from_env
 from pipeline.stages.predictor import LandmarkPredictor
-from pipeline.stages.preprocess import DEFAULT_MARGIN, DEFAULT_MAX_PIXELS
-from pipeline.stages.reader import DEFAULT_UNIT_BYTES
-from pipeline.stages.units import DEFAULT_ROWS_PER_FILE, ShardTask, plan_read_tasks
+from pipeline.stages.units import ShardTask, plan_read_tasks
 
 log = logging.getLogger("pipeline")
 
-DEVICES = ("auto", "cuda", "cpu")
-DECODES = ("auto", "cpu", "gpu")
 CONFIG_FILE = "_config.yaml"
-# Batch sizes by device (the predictor's micro-batch); ../shared/DESIGN.md measured the model
-# on an H100 at batch 512 in bf16 eager (7,923 images/s) and 256 compiled (13,618). On CPU the
-# batch is mostly latency: on 2 cores VGG16 ran 1.84 / 1.94 / 2.08 images/s at batch 8 / 16 /
-# 64, so 16 gives results (and progress) 4x sooner than 64 for 7 % less throughput.
-DEFAULT_BATCH_SIZE = {"cuda": 512, "cuda+compile": 256, "cpu": 16}
 # --decode auto: decode on the GPU unless the CPUs beside each GPU can decode as fast as the
 # GPU runs the model. Measured (../shared/DESIGN.md): PIL decode + crop/resize of a 640x480 JPEG
 # on one core 158 images/s; the model 7,923 images/s per H100 (bf16) -> ~50 cores per GPU.
 CPU_DECODE_IMAGES_PER_S = 158
 GPU_MODEL_IMAGES_PER_S = 7_923
-# Rows per unit (one predictor call). The driver pays ~7-10 ms of CPU per unit (measured on a
-# simulated 5-node cluster, jobs/benchmark_scale.py), so on a GPU a unit is 4,096 rows (~0.5 s
-# of an H100, ~200 MB of 640x480 JPEG bytes; units also stop at 256 MB): ~2 s of driver CPU per
-# million rows. On CPU, 4 batches: results (and progress) every ~30 s of a 2-core machine.
-GPU_UNIT_ROWS = 4096
-UNIT_BATCHES = 4
 COMMIT_CPUS = 0.25  # a commit is Parquet encoding and two PUTs: mostly waiting
 MIN_FREE_CPUS = 0.5  # what the actors always leave to read and commit tasks
-
-
-@dataclass(frozen=True)
-class InferConfig:
-    """Everything the inference job needs; built by the CLI (``pipeline.cli.main``)."""
-
-    input: str
-    output: str
-    weights: str | None = None
-    init: str = "random"
-    seed: int = 0
-    format: str = "auto"
-    image_column: str = "image"
-    key_column: str = "key"
-    files_per_shard: int = 256
-    margin: float = DEFAULT_MARGIN
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    batch_size: int | None = None  # None: DEFAULT_BATCH_SIZE for the device
-    unit_rows: int | None = None  # None: GPU_UNIT_ROWS on GPU, UNIT_BATCHES batches on CPU
-    unit_bytes: int = DEFAULT_UNIT_BYTES
-    rows_per_file: int = DEFAULT_ROWS_PER_FILE
-    num_predictors: int | None = None
-    predictor_cpus: float | None = None
-    device: str = "auto"
-    decode: str = "auto"
-    compile: bool = False
-    predictor_concurrency: int | None = None
-    ray_address: str | None = None
-    force: bool = False
-    max_error_fraction: float = 0.01
-    storage_options: Mapping[str, Any] = field(default_factory=dict, repr=False)
-    # Failure tests only (pipeline.stages.faults): deliberate process deaths.
-    faults: str = ""
-
-    def __post_init__(self):
-        if self.device not in DEVICES:
-            raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
-        if self.decode not in DECODES:
-            raise ValueError(f"decode must be one of {DECODES}, got {self.decode!r}")
-        for name in ("batch_size", "unit_rows", "unit_bytes", "rows_per_file",
-                     "files_per_shard", "max_pixels", "predictor_concurrency"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.num_predictors is not None and self.num_predictors < 1:
-            raise ValueError(f"num_predictors must be >= 1, got {self.num_predictors}")
-        if not 0 <= self.margin <= 2:
-            raise ValueError(f"margin must be between 0 and 2, got {self.margin}")
-        if not 0 <= self.max_error_fraction <= 1:
-            raise ValueError(f"max_error_fraction must be between 0 and 1, got "
-                             f"{self.max_error_fraction}")
-
-    def result_settings(self) -> dict[str, Any]:
-        """The settings besides input and model that change the output rows (for resume)."""
-        return {"format": self.format, "image_column": self.image_column,
-                "key_column": self.key_column, "files_per_shard": self.files_per_shard,
-                "rows_per_file": self.rows_per_file, "margin": self.margin,
-                "max_pixels": self.max_pixels}
-
-    def public_dict(self) -> dict[str, Any]:
-        """The config without secrets: storage option values are left out."""
-        data = asdict(self)
-        data["storage_options"] = sorted(self.storage_options)
-        data.pop("faults")
-        return data
 
 
 def run_inference(cfg: InferConfig, job_config: Mapping[str, Any] | None = None, *,
@@ -125,7 +53,7 @@ def run_inference(cfg: InferConfig, job_config: Mapping[str, Any] | None = None,
     ``OUTPUT/_config.yaml`` once the input is listed and the model loads, so a job that fails
     its checks leaves nothing behind. ``predictor`` is the class the actors run (the
     benchmarks put a stand-in there)."""
-    from pipeline.backend import executor
+    from pipeline.backend import cluster, executor
 
     started = time.time()
     start_iso = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -136,10 +64,11 @@ def run_inference(cfg: InferConfig, job_config: Mapping[str, Any] | None = None,
     _, model_info = load_model(cfg.weights, cfg.init, cfg.storage_options, cfg.seed)
     log.info("model %s from %s", model_info.version, model_info.source)
     settings = settings_id(cfg.result_settings())
+    faults = plan_from_env()  # failure tests only (pipeline.stages.faults); empty otherwise
 
     remove_stale_temporary_files(output)
     if job_config is not None:
-        from pipeline.cli.config import save_config
+        from pipeline.config.files import save_config
 
         save_config(job_config, f"{output}/{CONFIG_FILE}", cfg.storage_options)
         log.info("resolved config saved to %s/%s (reuse it with --config)", output, CONFIG_FILE)
@@ -159,8 +88,8 @@ def run_inference(cfg: InferConfig, job_config: Mapping[str, Any] | None = None,
                       skipped_errors=sum(p.errors for p in progress.values()))
     manifest = ManifestWriter(output, new_run_id(), cfg.storage_options)
     if todo:
-        executor.ensure_ray(cfg.ray_address)
-        cpus, gpus = executor.cluster_resources()
+        cluster.ensure_ray(cfg.ray_address)
+        cpus, gpus = cluster.cluster_resources()
         p = plan(cfg, cpus, gpus)
         log.info("predictors: %d %s actor(s), batch size %d, %g CPU each, %d call(s) at once; "
                  "units of up to %d rows; %d read task(s) at once (%g CPU each); decoding on "
@@ -190,7 +119,7 @@ def run_inference(cfg: InferConfig, job_config: Mapping[str, Any] | None = None,
             reader_kwargs=dict(
                 storage_options=dict(cfg.storage_options), margin=cfg.margin,
                 max_pixels=cfg.max_pixels, image_column=cfg.image_column,
-                key_column=cfg.key_column, unit_rows=p.unit_rows, faults=cfg.faults,
+                key_column=cfg.key_column, unit_rows=p.unit_rows, faults=faults,
                 decode=p.decode, rows_per_file=cfg.rows_per_file, unit_bytes=cfg.unit_bytes),
             predictor_cls=predictor,
             predictor_kwargs=dict(
@@ -201,11 +130,11 @@ def run_inference(cfg: InferConfig, job_config: Mapping[str, Any] | None = None,
                 # cheaper than the CPU forward pass), so the model threads use it too: 2 threads
                 # run the forward pass ~1.9x faster than 1 on a 2-core machine.
                 num_threads=None if p.use_gpu else math.ceil(p.actor_cpus) + 1,
-                faults=cfg.faults, micro_batch=p.batch_size, compile=cfg.compile,
+                faults=faults, micro_batch=p.batch_size, compile=cfg.compile,
                 max_pixels=cfg.max_pixels),
             piece_spec=lambda task, shard, piece, last: PieceSpec(
                 output, task.shards[shard].shard, piece, piece * cfg.rows_per_file, last,
-                model_info.version, settings, dict(cfg.storage_options), cfg.faults),
+                model_info.version, settings, dict(cfg.storage_options), faults),
             on_receipt=on_receipt)
         stats = runner.run(tasks)
         summary.predictor_calls = stats.units
@@ -249,9 +178,9 @@ def plan(cfg: InferConfig, cluster_cpus: float, cluster_gpus: int) -> Plan:
     CPUs go to the predictor actors first, then a reserve for commits, and the rest to read
     tasks (at least one, with a fraction of a CPU if that is all there is): so a read task never
     takes the CPU a commit needs, and the job makes progress on any cluster with a CPU."""
-    use_gpu = cfg.device == "cuda" or (cfg.device == "auto" and cluster_gpus > 0)
-    if use_gpu and cluster_gpus == 0:
-        raise ValueError("--device cuda was asked for but the Ray cluster has no GPUs")
+    from pipeline.backend.cluster import wants_gpu  # Ray-free; imported where the job uses it
+
+    use_gpu = wants_gpu(cfg.device, cluster_gpus)
     if cluster_cpus <= 0:
         raise ValueError("the Ray cluster has no CPUs: read and commit tasks need at least one")
     decode = cfg.decode

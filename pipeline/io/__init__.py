@@ -1,0 +1,1 @@
+"""Storage, shard listing and reading, output files, completion records, reports."""

@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.io.shards import CHUNK_NAME
 from pipeline.io.storage import write_bytes
 from pipeline.model.geometry import NUM_LANDMARKS
 
@@ -40,6 +41,21 @@ SCHEMA = pa.schema(
 
 def output_file_name(stem: str) -> str:
     return f"part-{stem}.parquet"
+
+
+def piece_stem(shard_name: str, index: int) -> str:
+    """The output name stem of piece ``index`` of a shard (the shard's own name for piece 0)."""
+    return shard_name if index == 0 else f"{shard_name}.c{index:05d}"
+
+
+def split_stem(stem: str, shard_names: Mapping[str, object] | set[str]) -> tuple[str, int] | None:
+    """``(shard name, piece index)`` for an output stem, or None when no listed shard has it."""
+    if stem in shard_names:
+        return stem, 0
+    match = CHUNK_NAME.fullmatch(stem)
+    if match and match.group(1) in shard_names:
+        return match.group(1), int(match.group(2))
+    return None
 
 
 def _nullable_strings(values: Sequence[str]) -> pa.Array:

@@ -25,10 +25,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.io.output import output_file_name
+from pipeline.io.output import output_file_name, split_stem
 from pipeline.io.shards import Shard
 from pipeline.io.storage import filesystem, is_transient, protocol_of, retry, write_bytes
-from pipeline.stages.units import split_stem
 
 log = logging.getLogger("pipeline")
 

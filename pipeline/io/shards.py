@@ -28,6 +28,7 @@ from pipeline.io.storage import filesystem, open_for_reading, retry
 CHUNK_NAME = re.compile(r"(.+)\.c(\d{5,})")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".ppm", ".bmp")
 FORMATS = ("auto", "tar", "parquet", "images")
+DEFAULT_FILES_PER_SHARD = 256  # loose images: files per output file (one "shard")
 
 
 @dataclass(frozen=True)
@@ -105,7 +106,7 @@ def list_shards(
     input_uri: str,
     fmt: str = "auto",
     storage_options: Mapping[str, Any] | None = None,
-    files_per_shard: int = 256,
+    files_per_shard: int = DEFAULT_FILES_PER_SHARD,
 ) -> list[Shard]:
     """List the input once and return its shards, sorted.
 

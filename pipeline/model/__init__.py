@@ -1,0 +1,1 @@
+"""The keypoint network, its model file and geometry, and accuracy metrics."""

@@ -1,7 +1,9 @@
-"""What the model takes and gives, without importing torch: the read and commit workers need
-these numbers, not the model (importing torch costs a worker ~1.5 s and ~400 MB)."""
+"""What the model takes and gives (and where it runs), without importing torch: the read and commit
+workers need these numbers, not the model (importing torch costs a worker ~1.5 s and ~400 MB)."""
 
 INPUT_SIZE = 224  # the model sees 224x224 RGB crops
 NUM_LANDMARKS = 68  # iBUG 68 points, (x, y) each
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+INIT_CHOICES = ("random", "imagenet")  # a model without a weights file: how it is initialised
+DEVICES = ("auto", "cuda", "cpu")  # where the jobs run the model (auto: CUDA when there is one)

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.model.network import NUM_LANDMARKS
+from pipeline.model.geometry import NUM_LANDMARKS
 
 DEFAULT_THRESHOLD = 0.08
 REGIONS: dict[str, tuple[int, int]] = {  # [start, stop) of each iBUG region

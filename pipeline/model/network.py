@@ -26,13 +26,19 @@ import torch
 from torch import nn
 
 from pipeline.io.storage import read_bytes, write_bytes
-from pipeline.model.geometry import IMAGENET_MEAN, IMAGENET_STD, INPUT_SIZE, NUM_LANDMARKS  # noqa: F401
+from pipeline.model.geometry import (  # noqa: F401
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    INIT_CHOICES,
+    INPUT_SIZE,
+    NUM_LANDMARKS,
+)
 
 ARCH = "vgg16-keypoints-68"
 LANDMARK_SCHEME = "ibug68"
 FILE_FORMAT = "face-landmarks-model"
 FILE_FORMAT_VERSION = 1
-INIT_CHOICES = ("random", "imagenet")
+
 
 
 def build_model() -> nn.Module:

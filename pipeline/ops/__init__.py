@@ -1,0 +1,1 @@
+"""Operations: nightly runs and their ledger, what ``landmarks submit`` sends."""

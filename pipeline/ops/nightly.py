@@ -45,23 +45,6 @@ _PARTITION_RE = re.compile(rf"date=({_DATE_RE})")
 # config reused with --config would otherwise pin every later night to one date).
 RUN_OPTIONS = ("date", "since")
 
-NIGHTLY_EPILOG = """\
-examples:
-  landmarks nightly --input s3://bucket/incoming/ --output s3://bucket/landmarks/ \\
-                    --weights s3://bucket/models/landmarks.pt          # yesterday (UTC)
-  landmarks nightly --input ... --output ... --date 2026-11-20         # one given night
-  landmarks nightly --input ... --output ... --since 2026-11-01        # catch up
-  landmarks nightly --input 's3://b/in/{date}/' --output 's3://b/out/{date}/' ...
-  landmarks ledger --output s3://bucket/landmarks/                     # what the runs did
-  ray job submit --working-dir . -- python jobs/nightly.py --input ... --output ...
-
-Partitions: INPUT/date=YYYY-MM-DD/ -> OUTPUT/date=YYYY-MM-DD/, or the URIs with {date} filled
-in. Only shards not yet done for the current model version and settings are processed: a
-second run of the same night does nothing; a new model version redoes them.
-Ledger: OUTPUT/_ledger/<start>-<id>.json, one record per run (read it with landmarks ledger).
-Exit status: 0 every date ok or without input; 1 a date failed (see landmarks infer);
-2 bad arguments or input (a missing input root is an error, a missing partition is not).
-"""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -330,23 +313,9 @@ def _report_previous(records: list[dict], ledger_uri: str) -> None:
 # The nightly command
 
 
-def run_nightly(args: argparse.Namespace) -> int:
-    from pipeline.cli import main as cli
-
-    if not args.input or not args.output:
-        raise ValueError("nightly needs --input and --output (roots of the date partitions, "
-                         "or URIs with {date})")
-    if args.preview:
-        raise ValueError("--preview is not used by nightly; run landmarks infer --preview on "
-                         "one partition")
-    args.date = args.date or default_date()
-    if args.since is not None and args.since > args.date:
-        raise ValueError(f"--since {args.since} is after --date {args.date}")
-    out_root = root_of(args.output)
-    base = cli.infer_config(args)  # checks the settings before anything is written
-
-    cli.announce_config(args, f"{out_root}/{CONFIG_FILE}", base.storage_options,
-                        leave_out=RUN_OPTIONS)
+def run_nights(args: argparse.Namespace, base) -> int:
+    """Run the selected dates of ``args`` (``input``, ``output``, ``date``, ``since``) with the
+    inference settings ``base``, recording the run in the output's ledger."""
     selection = {"date": args.date, "since": args.since, "input": args.input,
                  "output": args.output}
     print(f"nightly: {'dates ' + args.since + ' to ' if args.since else 'date '}{args.date}, "
@@ -477,68 +446,3 @@ def ledger_table(records: list[dict]) -> str:
     return "\n".join("  ".join(c.ljust(w) if i < 4 else c.rjust(w)
                                for i, (c, w) in enumerate(zip(row, widths, strict=True))).rstrip()
                      for row in rows)
-
-
-def run_ledger(args: argparse.Namespace) -> int:
-    from pipeline.io.storage import resolve_storage_options
-
-    options = resolve_storage_options(args.storage_options, [args.output])
-    records = read_ledger(args.output, options)
-    if args.last is not None:
-        records = records[-args.last:] if args.last > 0 else []
-    if args.json:
-        print(json.dumps(records, indent=2))
-    elif not records:
-        print(f"no runs recorded in {ledger_dir(args.output)}")
-    else:
-        print(ledger_table(records))
-    return 0
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def add_nightly_parser(subparsers) -> argparse.ArgumentParser:
-    """Mount ``nightly`` (the inference job per date partition) and ``ledger``."""
-    from pipeline.cli.main import add_infer_arguments
-    from pipeline.io.storage import storage_options_arg
-
-    p = subparsers.add_parser(
-        "nightly", help="incremental run over date partitions (default: yesterday, UTC)",
-        epilog=NIGHTLY_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Run the inference job on the date partitions of the input that have "
-                    "shards not yet done for the current model and settings, and record the "
-                    "run in the output's ledger.")
-    add_infer_arguments(p)
-    for action in p._actions:
-        if action.dest == "input":
-            action.required = True  # a --config that sets it lifts this (pipeline.cli.config)
-            action.help = ("root of the date=YYYY-MM-DD/ input partitions, or a URI with "
-                           "{date} (e.g. s3://bucket/incoming/{date}/)")
-        elif action.dest == "output":
-            action.required = True
-            action.help = ("root of the date=YYYY-MM-DD/ output partitions (and of _ledger/), "
-                           "or a URI with {date}")
-    when = p.add_argument_group("dates")
-    when.add_argument("--date", type=parse_date, metavar="YYYY-MM-DD",
-                      help="the night to process (default: yesterday in UTC)")
-    when.add_argument("--since", type=parse_date, metavar="YYYY-MM-DD",
-                      help="also every existing input partition from this date to --date")
-    p.set_defaults(run=run_nightly)
-
-    ledger = subparsers.add_parser(
-        "ledger", help="list the nightly runs recorded under an output",
-        description="Print the nightly runs recorded in OUTPUT/_ledger/, oldest first.")
-    ledger.add_argument("--output", required=True,
-                        help="the nightly --output (a root or a URI with {date})")
-    ledger.add_argument("--json", action="store_true", help="print the records as JSON")
-    ledger.add_argument("--last", type=_positive_int, metavar="N", help="only the last N runs")
-    ledger.add_argument("--storage-options", type=storage_options_arg, default={},
-                        help="fsspec options as JSON or @file.json (as for nightly)")
-    ledger.set_defaults(run=run_ledger)
-    return p
-

@@ -1,0 +1,1 @@
+"""The Ray-free stages a unit of rows goes through: read, predict, commit."""

@@ -17,11 +17,10 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.io.output import output_file_name, rows_to_table, write_table_atomic
+from pipeline.io.output import output_file_name, piece_stem, rows_to_table, write_table_atomic
 from pipeline.io.resume import SHARD_FAILURE_KINDS, write_completion_record
 from pipeline.io.shards import Shard
 from pipeline.stages.faults import FaultPlan
-from pipeline.stages.units import piece_stem
 
 
 @dataclass(frozen=True)

@@ -1,14 +1,18 @@
 """Deliberate process deaths, for the failure tests (chaos testing), off unless asked for.
 
-A plan such as ``"dir=/tmp/marks;read=faces-00001@3;predict=2;commit=faces-00002"`` makes,
-each once:
+No job setting turns them on: a test sets the environment variable ``LANDMARKS_FAULTS`` in the
+driver's process (``monkeypatch.setenv``), the job reads it once with :func:`plan_from_env` and
+hands the plan to its stages. A plan such as
+``"dir=/tmp/marks;read=faces-00001@3;predict=2;commit=faces-00002"`` makes, each once:
 
 - the read task that reaches row 3 of shard ``faces-00001`` die (after the units before that
   row were delivered: the marker file says how many);
 - the predictor process die in its 2nd call, after computing that unit's landmarks and before
   returning them;
 - the commit of piece ``faces-00002`` die after its Parquet file is written and before its
-  completion record is.
+  completion record is;
+- with ``step=N``, fine-tuning's rank 0 raise once at training step N (like a worker that
+  failed; Ray Train restarts the group from its last checkpoint).
 
 The first process to get there leaves a marker file in ``dir`` and exits at once, like a process
 killed by the OOM killer or a lost node, so Ray's own recovery (task retries, actor restarts) is
@@ -20,11 +24,18 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+ENV = "LANDMARKS_FAULTS"
+
+
+def plan_from_env() -> str:
+    """The fault plan the test process asked for (``LANDMARKS_FAULTS``), or "" for none."""
+    return os.environ.get(ENV, "")
+
 
 class FaultPlan:
     def __init__(self, plan: str = ""):
         fields = dict(part.split("=", 1) for part in plan.split(";") if part)
-        unknown = set(fields) - {"dir", "read", "predict", "commit"}
+        unknown = set(fields) - {"dir", "read", "predict", "commit", "step"}
         if unknown:
             raise ValueError(f"unknown fault injection points {sorted(unknown)}")
         if fields and "dir" not in fields:
@@ -33,6 +44,7 @@ class FaultPlan:
         self.read = fields.get("read")
         self.predict = int(fields["predict"]) if "predict" in fields else None
         self.commit = fields.get("commit")
+        self.step = int(fields["step"]) if "step" in fields else None
 
     def _die_once(self, name: str, note: str = "") -> None:
         marker = self.dir / name
@@ -54,3 +66,12 @@ class FaultPlan:
     def at_commit(self, stem: str) -> None:
         if self.commit == stem:
             self._die_once(f"commit-{stem}")
+
+    def at_step(self, step: int) -> None:
+        if self.step == step:
+            marker = self.dir / f"step-{step}"
+            try:
+                marker.open("x").close()
+            except FileExistsError:
+                return  # the restarted attempt gets past this step
+            raise RuntimeError(f"fault injected at step {step} (LANDMARKS_FAULTS, for testing)")

@@ -196,15 +196,6 @@ def preprocess(
     return crop_and_resize(image, crop), width, height, crop
 
 
-def normalize(pixels: np.ndarray) -> np.ndarray:
-    """uint8 NHWC -> float32 NCHW with ImageNet mean/std (the CPU reference of the predictor)."""
-    from pipeline.model.geometry import IMAGENET_MEAN, IMAGENET_STD
-
-    x = pixels.astype(np.float32) / 255.0
-    x = (x - np.asarray(IMAGENET_MEAN, np.float32)) / np.asarray(IMAGENET_STD, np.float32)
-    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
-
-
 def to_pixels(outputs: np.ndarray, crops: np.ndarray) -> np.ndarray:
     """Model outputs (N, 136) in [0, 1] of the crop -> (N, 68, 2) source pixel coordinates."""
     uv = outputs.reshape(len(outputs), -1, 2).astype(np.float64)

@@ -21,29 +21,14 @@ piece has been predicted, and then hands the piece's ranges to a commit task.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from pipeline.io.shards import CHUNK_NAME, Shard
+from pipeline.io.shards import Shard
 
 DEFAULT_ROWS_PER_FILE = 10_000
 DEFAULT_TASK_BYTES = 256 << 20  # input bytes one read task streams (a few units' worth)
 DEFAULT_TASK_SHARDS = 1_000  # at most this many shards in one read task's arguments
-
-
-def piece_stem(shard_name: str, index: int) -> str:
-    """The output name stem of piece ``index`` of a shard (the shard's own name for piece 0)."""
-    return shard_name if index == 0 else f"{shard_name}.c{index:05d}"
-
-
-def split_stem(stem: str, shard_names: Mapping[str, object] | set[str]) -> tuple[str, int] | None:
-    """``(shard name, piece index)`` for an output stem, or None when no listed shard has it."""
-    if stem in shard_names:
-        return stem, 0
-    match = CHUNK_NAME.fullmatch(stem)
-    if match and match.group(1) in shard_names:
-        return match.group(1), int(match.group(2))
-    return None
 
 
 @dataclass(frozen=True)

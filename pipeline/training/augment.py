@@ -1,13 +1,13 @@
 """Training augmentations whose landmark labels stay exact, batched in torch on the worker's device.
 
 A training sample arrives as a *context crop*: the square the model would see (``crop_square`` of
-the face box and margin) grown ``context`` times about its centre and resized to
-``round(224 * context)`` pixels, with its landmarks in ``[0, 1]`` units of that context crop
-(``pipeline.io.labels``). One affine map per sample takes every output pixel of the 224x224 model
-input to a point of the context crop; ``grid_sample`` resamples the image through it and the
-inverse map moves the labels, so image and labels cannot drift apart. The map combines a
-horizontal flip (with the iBUG 68-point index swap), a rotation about the crop centre, a scale and
-a shift. Colour jitter and blur change pixels only.
+the face box and margin) grown ``context`` times about its centre and resized to ``round(224 *
+context)`` pixels, with its landmarks in ``[0, 1]`` units of that context crop
+(``pipeline.stages.labels``). One affine map per sample takes every output pixel of the 224x224
+model input to a point of the context crop; ``grid_sample`` resamples the image through it and the
+inverse map moves the labels, so image and labels cannot drift apart. The map combines a horizontal
+flip (with the iBUG 68-point index swap), a rotation about the crop centre, a scale and a shift.
+Colour jitter and blur change pixels only.
 
 Coordinates. Labels use the convention of the inference job: a model output ``u`` means source
 pixel ``x0 + u * side``, with integer pixel coordinates at pixel centres, while the resampling works
@@ -19,12 +19,12 @@ sample's labels on the same image content to a fraction of a pixel instead of on
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from pipeline.model.network import IMAGENET_MEAN, IMAGENET_STD, INPUT_SIZE, NUM_LANDMARKS
+from pipeline.model.geometry import IMAGENET_MEAN, IMAGENET_STD, INPUT_SIZE
+from pipeline.training.config import AugmentConfig
 
 # Index i of a mirrored face is index FLIP_PERMUTATION[i] of the original (iBUG 68 layout):
 # jaw 0<->16 ..., brows 17<->26 ..., nose 31<->35 32<->34, eyes 36<->45 37<->44 38<->43 39<->42
@@ -41,36 +41,6 @@ FLIP_PERMUTATION: tuple[int, ...] = (
     64, 63, 62, 61, 60,  # inner lip, top
     67, 66, 65,  # inner lip, bottom
 )  # fmt: skip
-
-
-@dataclass(frozen=True)
-class AugmentConfig:
-    """Ranges of the random augmentations; ``AugmentConfig.none()`` turns them all off."""
-
-    flip_prob: float = 0.5
-    max_rotation: float = 20.0  # degrees, uniform in [-max, max]
-    max_scale: float = 0.1  # crop side scaled by a factor uniform in [1 - max, 1 + max]
-    max_shift: float = 0.05  # crop centre moved by up to this fraction of its side, per axis
-    colour_jitter: float = 0.3  # brightness, contrast, saturation factors in [1 - j, 1 + j]
-    blur_prob: float = 0.2
-    max_blur: float = 1.5  # gaussian sigma in pixels of the 224x224 input
-
-    def __post_init__(self):
-        for name in ("flip_prob", "blur_prob"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise ValueError(f"{name} must be between 0 and 1, got {getattr(self, name)}")
-        if not 0 <= self.max_scale < 1:
-            raise ValueError(f"max_scale must be in [0, 1), got {self.max_scale}")
-        if not 0 <= self.colour_jitter < 1:
-            raise ValueError(f"colour_jitter must be in [0, 1), got {self.colour_jitter}")
-        for name in ("max_rotation", "max_shift", "max_blur"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-
-    @classmethod
-    def none(cls) -> AugmentConfig:
-        """No augmentation: the model input is the plain crop."""
-        return cls(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
 
 
 def sample_params(n: int, cfg: AugmentConfig, generator: torch.Generator) -> dict:
@@ -90,21 +60,6 @@ def sample_params(n: int, cfg: AugmentConfig, generator: torch.Generator) -> dic
         "contrast": uniform(1 - j, 1 + j),
         "saturation": uniform(1 - j, 1 + j),
         "blur": torch.where(blurred, uniform(0.3, max(cfg.max_blur, 0.3)), 0.0),
-    }
-
-
-def identity_params(n: int) -> dict:
-    """Parameters that leave samples unchanged (no flip, rotation, scale, shift, colour, blur)."""
-    zeros, ones = torch.zeros(n, dtype=torch.float64), torch.ones(n, dtype=torch.float64)
-    return {
-        "flip": torch.zeros(n, dtype=torch.bool),
-        "angle": zeros,
-        "scale": ones,
-        "shift": torch.zeros(n, 2, dtype=torch.float64),
-        "brightness": ones,
-        "contrast": ones,
-        "saturation": ones,
-        "blur": zeros,
     }
 
 
@@ -199,13 +154,3 @@ def normalize_images(images: torch.Tensor) -> torch.Tensor:
     mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
     return (images - mean) / std
-
-
-def flip_landmarks(points, width: float):
-    """Mirror 68 labelled points of an image ``width`` pixels wide (integer = pixel centre):
-    ``x -> width - 1 - x`` and the iBUG index swap. Works on numpy arrays and tensors."""
-    if points.shape[-2] != NUM_LANDMARKS:
-        raise ValueError(f"expected {NUM_LANDMARKS} points, got shape {tuple(points.shape)}")
-    mirrored = points[..., list(FLIP_PERMUTATION), :] * 1.0
-    mirrored[..., 0] = width - 1 - mirrored[..., 0]
-    return mirrored

@@ -8,64 +8,127 @@ plain dict. A run lives under ``<storage_path>/<name>`` at any fsspec URI: Ray T
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from pipeline.config.options import option
+from pipeline.io.shards import FORMATS
+from pipeline.io.storage import storage_options_arg
+from pipeline.model.geometry import DEVICES, INIT_CHOICES
 from pipeline.model.metrics import DEFAULT_THRESHOLD
 from pipeline.stages.preprocess import DEFAULT_MARGIN, DEFAULT_MAX_PIXELS
 
-DEVICES = ("auto", "cuda", "cpu")
+LOSSES = ("l1", "smooth_l1", "wing")
+SCHEDULES = ("cosine", "constant")
 # pyarrow reads these natively; Ray Train then needs no fsspec wrapper for them.
 NATIVE_PROTOCOLS = ("s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss")
+DATA, MODEL, AUG, RUN = ("labelled data", "model and optimisation",
+                         "augmentation (labels stay exact)", "execution")
 
 
 @dataclass(frozen=True)
-class FinetuneConfig:
-    """Everything the fine-tuning job needs; built by ``pipeline.cli.train``."""
+class LabelledData:
+    """How labelled shards are read: shared by fine-tuning and evaluation."""
 
-    input: str
-    storage_path: str
-    name: str
-    val_input: str | None = None
-    val_fraction: float = 0.05
-    export: str | None = None  # default: <storage_path>/<name>/model.pt
-    format: str = "auto"
-    image_column: str = "image"
-    key_column: str = "key"
-    margin: float = DEFAULT_MARGIN
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    context: float = 1.5  # training crops read this much larger, so warps see real image
-    weights: str | None = None
-    init: str = "imagenet"
-    seed: int = 0
-    epochs: int = 10
-    batch_size: int = 32  # per worker
-    lr: float = 1e-3
-    backbone_lr_mult: float = 0.1
-    weight_decay: float = 1e-4
-    freeze_features: bool = False
-    loss: str = "wing"
-    lr_schedule: str = "cosine"
-    augment: dict[str, float] = field(default_factory=dict)  # AugmentConfig fields
-    num_workers: int = 1
-    device: str = "auto"
-    cpus_per_worker: float = 1.0
-    threads_per_worker: int | None = None
-    reader_cpus: float = 1.0
-    shuffle_buffer: int = 256
-    cache: bool = False  # keep decoded crops in the object store: no re-decoding every epoch
-    keep_best: int = 3
-    max_failures: int = 2
-    threshold: float = DEFAULT_THRESHOLD
-    fail_at_step: int | None = None  # testing: rank 0 raises once when it reaches this step
-    ray_address: str | None = None
-    storage_options: dict[str, Any] = field(default_factory=dict)
+    format: str = option("shard layout", default="auto", choices=FORMATS, group=DATA)
+    image_column: str = option("Parquet: image bytes column", default="image", group=DATA)
+    key_column: str = option("Parquet: sample key column", default="key", group=DATA)
+    margin: float = option(
+        f"face box grown by this fraction per side (default {DEFAULT_MARGIN}; keep it equal to "
+        "the inference job's)", default=DEFAULT_MARGIN, group=DATA)
+    val_fraction: float = option(
+        "share of keys (stable hash) held out for validation (default 0.05)", default=0.05,
+        group=DATA)
+    storage_options: dict[str, Any] = option(
+        "fsspec options as JSON (or @file.json), flat or keyed by protocol",
+        default_factory=dict, parse=storage_options_arg, group=DATA)
+    max_pixels: int = option(default=DEFAULT_MAX_PIXELS, cli=False)
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Ranges of the random augmentations; ``AugmentConfig.none()`` turns them all off."""
+
+    flip_prob: float = option("horizontal flip with the 68-point swap (default 0.5)",
+                              default=0.5, group=AUG)
+    max_rotation: float = option("degrees, uniform in [-max, max] (default 20.0)", default=20.0,
+                                 group=AUG)
+    max_scale: float = option("crop scale 1 +- this (default 0.1)", default=0.1, group=AUG)
+    max_shift: float = option("crop shift, fraction of its side (default 0.05)", default=0.05,
+                              group=AUG)
+    colour_jitter: float = option("brightness/contrast/saturation 1 +- this (default 0.3)",
+                                  default=0.3, group=AUG)
+    blur_prob: float = option("share of blurred samples (default 0.2)", default=0.2, group=AUG)
+    max_blur: float = option("gaussian sigma in pixels of the 224x224 input (default 1.5)",
+                             default=1.5, group=AUG)
 
     def __post_init__(self):
-        from pipeline.model.network import INIT_CHOICES
-        from pipeline.training.augment import AugmentConfig
-        from pipeline.training.loop import LOSSES, SCHEDULES
+        for name in ("flip_prob", "blur_prob"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be between 0 and 1, got {getattr(self, name)}")
+        if not 0 <= self.max_scale < 1:
+            raise ValueError(f"max_scale must be in [0, 1), got {self.max_scale}")
+        if not 0 <= self.colour_jitter < 1:
+            raise ValueError(f"colour_jitter must be in [0, 1), got {self.colour_jitter}")
+        for name in ("max_rotation", "max_shift", "max_blur"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
+    @classmethod
+    def none(cls) -> AugmentConfig:
+        """No augmentation: the model input is the plain crop."""
+        return cls(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class FinetuneConfig(LabelledData):
+    """Everything the fine-tuning job needs; the ``finetune`` command line is derived from it
+    (with ``AugmentConfig``'s fields, gathered into ``augment``)."""
+
+    input: str = option(
+        "labelled shards (tar with landmarks in the sidecar, or Parquet), any fsspec URI")
+    val_input: str | None = option(
+        "separate validation shards (default: a hash split of --input)", default=None)
+    storage_path: str = option("checkpoint root: local path, s3://...")
+    name: str = option("run name; the same name resumes")
+    export: str | None = option("model file URI (default <storage-path>/<name>/model.pt)",
+                                default=None)
+    context: float = option(
+        "training crops read this much larger than the model crop (default 1.5)", default=1.5,
+        group=AUG)
+    weights: str | None = option("start from this model file", default=None, group=MODEL)
+    init: str = option("without --weights: imagenet (downloads once) or random",
+                       default="imagenet", choices=INIT_CHOICES, group=MODEL)
+    seed: int = option(default=0, group=MODEL)
+    freeze_features: bool = option(
+        "train only the head; the conv backbone stays as initialised", default=False, group=MODEL)
+    backbone_lr_mult: float = option("backbone learning rate = lr x this (default 0.1)",
+                                     default=0.1, group=MODEL)
+    epochs: int = option(default=10, group=MODEL)
+    batch_size: int = option("per worker (default 32)", default=32, group=MODEL)
+    lr: float = option(default=1e-3, group=MODEL)
+    weight_decay: float = option(default=1e-4, group=MODEL)
+    loss: str = option(default="wing", choices=LOSSES, group=MODEL)
+    lr_schedule: str = option(default="cosine", choices=SCHEDULES, group=MODEL)
+    augment: dict[str, float] = option(default_factory=dict, cli=False)  # AugmentConfig fields
+    num_workers: int = option("Ray Train workers (DDP)", default=1, group=RUN)
+    device: str = option("auto: one GPU per worker when the cluster has GPUs", default="auto",
+                         choices=DEVICES, group=RUN)
+    cpus_per_worker: float = option(default=1.0, group=RUN)
+    threads_per_worker: int | None = option("torch threads on CPU workers", default=None,
+                                            group=RUN)
+    reader_cpus: float = option("CPUs per read task", default=1.0, group=RUN)
+    cache: bool = option("keep decoded crops in the Ray object store (when the data fits)",
+                         default=False, group=RUN)
+    shuffle_buffer: int = option("rows, per worker", default=256, group=RUN)
+    keep_best: int = option("checkpoints kept, by val NME", default=3, group=RUN)
+    max_failures: int = option("worker-group restarts from the last checkpoint (default 2)",
+                               default=2, group=RUN)
+    ray_address: str | None = option("Ray cluster (default: RAY_ADDRESS, else local Ray)",
+                                     default=None, group=RUN)
+    threshold: float = option(default=DEFAULT_THRESHOLD, cli=False)
+
+    def __post_init__(self):
         choices = {
             "loss": LOSSES,
             "lr_schedule": SCHEDULES,
@@ -134,16 +197,3 @@ def resolve_storage(uri: str, storage_options: dict[str, Any] | None = None):
 def run_dir_uri(cfg: FinetuneConfig) -> str:
     """Where the run's checkpoints, model file and summary live, as an fsspec URI."""
     return f"{cfg.storage_path.rstrip('/')}/{cfg.name}"
-
-
-def inject_fault_once(cfg: FinetuneConfig, step: int) -> None:
-    """Fail like a lost worker, once per run and step: a marker in the run folder remembers it,
-    so the attempt that restarts from the checkpoint gets past this step."""
-    from pipeline.io.storage import filesystem
-
-    fs, marker = filesystem(
-        f"{run_dir_uri(cfg)}/_fault-injected-at-step-{step}", cfg.storage_options
-    )
-    if not fs.exists(marker):
-        fs.pipe_file(marker, b"")
-        raise RuntimeError(f"fault injected at step {step} (fail_at_step, for testing)")

@@ -3,7 +3,7 @@
 300-W, HELEN, LFPW, AFW and iBUG ship as folders of images, each beside a ``.pts`` file of the
 same stem holding 68 points (``version: 1``, ``n_points: 68``, ``{``, 68 lines ``x y``, ``}``),
 counted from 1 (Matlab) or from 0 depending on the source: the user states which. A ``.json``
-file with ``landmarks`` works the same way. The result is what ``pipeline.io.labels`` reads.
+file with ``landmarks`` works the same way. The result is what ``pipeline.stages.labels`` reads.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.io.labels import bbox_from_landmarks, parse_landmarks
 from pipeline.io.shards import IMAGE_EXTENSIONS
-from pipeline.model.network import NUM_LANDMARKS
+from pipeline.model.geometry import NUM_LANDMARKS
+from pipeline.stages.labels import bbox_from_landmarks, parse_landmarks
 from pipeline.stages.preprocess import SampleError
 
 ANNOTATIONS = ("pts", "json")

@@ -4,7 +4,7 @@ training and one of validation over any iterable of batches.
 ``pipeline.backend.trainer`` runs them inside Ray Train workers (batches from Ray Data shards,
 gradients synchronised by DDP, sums all-reduced across workers); tests can call them directly. A
 training batch holds ``pixels`` uint8 (N, S, S, 3) context crops, ``landmarks`` (N, 68, 2) in crop
-units and ``pixel_uv`` (N,), as ``pipeline.io.labels.LabelledReader`` writes them; a validation
+units and ``pixel_uv`` (N,), as ``pipeline.stages.labels.LabelledReader`` writes them; a validation
 batch holds the 224x224 inference crop (context 1) and ``key_hash``.
 """
 
@@ -26,10 +26,9 @@ from torch import nn
 
 from pipeline.model.metrics import DEFAULT_THRESHOLD, REGIONS
 from pipeline.model.network import INPUT_SIZE, NUM_LANDMARKS
-from pipeline.training.augment import AugmentConfig, augment_batch, normalize_images, sample_params
+from pipeline.training.augment import augment_batch, normalize_images, sample_params
+from pipeline.training.config import LOSSES, SCHEDULES, AugmentConfig
 
-LOSSES = ("l1", "smooth_l1", "wing")
-SCHEDULES = ("cosine", "constant")
 STATE_FILE = "state.pt"
 PROGRESS_FILE = "progress.json"  # the TrainState alone, small enough to read without the weights
 WING_W, WING_EPS = 10.0, 2.0  # Feng et al. 2018, in pixels of the 224x224 input

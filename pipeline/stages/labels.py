@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.io.shards import Sample, Shard, read_samples
-from pipeline.model.network import INPUT_SIZE, NUM_LANDMARKS
+from pipeline.model.geometry import INPUT_SIZE, NUM_LANDMARKS
 from pipeline.stages.preprocess import (
     DEFAULT_MARGIN,
     DEFAULT_MAX_PIXELS,

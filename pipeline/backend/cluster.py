@@ -1,0 +1,38 @@
+"""The cluster, as both jobs see it: connect (or start local Ray), count its CPUs and GPUs, and
+decide whether a job runs its model on GPUs. Inference and fine-tuning call these; a Ray upgrade
+that changes how a job joins a cluster changes this file."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+log = logging.getLogger("pipeline")
+
+
+def ensure_ray(address: str | None = None) -> None:
+    """Connect to the cluster at ``address`` / ``RAY_ADDRESS`` or start a local Ray instance."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    log.info("connecting to Ray at %s", address) if address else log.info("starting local Ray")
+    ray.init(address=address)
+
+
+def cluster_resources() -> tuple[float, int]:
+    """(CPUs, GPUs) of the cluster."""
+    import ray
+
+    resources = ray.cluster_resources()
+    return float(resources.get("CPU", 0)), int(resources.get("GPU", 0))
+
+
+def wants_gpu(device: str, cluster_gpus: int) -> bool:
+    """Whether a job with ``--device device`` runs on GPUs; a clear error when it asks for CUDA
+    on a cluster without any."""
+    use_gpu = device == "cuda" or (device == "auto" and cluster_gpus > 0)
+    if use_gpu and cluster_gpus == 0:
+        raise ValueError("--device cuda was asked for but the Ray cluster has no GPUs")
+    return use_gpu

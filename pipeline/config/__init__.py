@@ -1,0 +1,1 @@
+"""Option schemas (dataclass fields -> flags and config keys) and YAML job configs."""

@@ -1,0 +1,202 @@
+"""One schema per option: a job's config dataclass is where each option is declared.
+
+A config field declared with :func:`option` (help text, choices, group, how text becomes a value)
+is a command-line flag and a YAML config key at once: :func:`options_of` reads the dataclasses
+into :class:`Option` records, :func:`add_options` builds the argparse flags from them and
+:func:`check_value` validates YAML values against them. Names, types and defaults are written once,
+in the dataclass; fields without ``option`` metadata (or with ``cli=False``) are settings that the
+command line does not expose.
+
+Why not a library: jsonargparse builds a CLI and YAML configs from dataclasses too, but it is a new
+dependency whose flag syntax (``--cfg.key``), error texts and ``--config`` rules would change what
+users type and read; pydantic (in Ray's dependency set, not ours) validates types but builds no
+parser. What we need is ~150 lines over the standard library's ``dataclasses`` and ``argparse``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import types
+import typing
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+MISSING = dataclasses.MISSING
+_KEY = "option"
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used; the message names the file and the key."""
+
+
+def option(help: str | None = None, *, default: Any = MISSING,
+           default_factory: Callable[[], Any] | Any = MISSING,
+           choices: Iterable[Any] | None = None, parse: Callable[[str], Any] | None = None,
+           group: str | None = None, metavar: str | None = None, flag: str | None = None,
+           exclusive: str | None = None, cli: bool = True, **field_kwargs) -> Any:
+    """A dataclass field that is also a command-line option and a config key.
+
+    ``parse`` turns a flag's text (or a config's string) into the value; ``exclusive`` names a
+    required mutually exclusive group (exactly one of its options must be given); ``cli=False``
+    keeps the field off the command line (and out of configs)."""
+    meta = {"help": help, "choices": tuple(choices) if choices is not None else None,
+            "parse": parse, "group": group, "metavar": metavar, "flag": flag,
+            "exclusive": exclusive, "cli": cli}
+    return field(default=default, default_factory=default_factory,
+                 metadata={_KEY: meta}, **field_kwargs)
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option as the parser and the config checker see it."""
+
+    name: str  # attribute, config key (``batch_size``; ``batch-size`` is accepted too)
+    flag: str  # ``--batch-size``
+    kind: type  # bool, int, float, str or dict
+    default: Any
+    required: bool
+    help: str | None = None
+    choices: tuple | None = None
+    parse: Callable[[str], Any] | None = None
+    group: str | None = None
+    metavar: str | None = None
+    exclusive: str | None = None
+
+
+def options_of(*schemas: type, overrides: Mapping[str, Mapping[str, Any]] | None = None
+               ) -> list[Option]:
+    """The options the dataclasses declare, in field order by group; ``overrides`` replace
+    attributes of named options (a command that reuses another's schema with its own help or
+    requirements)."""
+    out: list[Option] = []
+    for schema in schemas:
+        hints = typing.get_type_hints(schema)
+        for f in dataclasses.fields(schema):
+            meta = f.metadata.get(_KEY)
+            if not meta or not meta["cli"]:
+                continue
+            kind, optional = _kind(hints[f.name], f"{schema.__name__}.{f.name}")
+            if f.default is not MISSING:
+                default = f.default
+            elif f.default_factory is not MISSING:
+                default = f.default_factory()
+            else:
+                default = None
+            required = f.default is MISSING and f.default_factory is MISSING and not optional
+            out.append(Option(
+                name=f.name, flag=meta["flag"] or "--" + f.name.replace("_", "-"), kind=kind,
+                default=default, required=required and not meta["exclusive"],
+                help=meta["help"], choices=meta["choices"], parse=meta["parse"],
+                group=meta["group"], metavar=meta["metavar"], exclusive=meta["exclusive"]))
+    for name, changes in (overrides or {}).items():
+        i = next(i for i, o in enumerate(out) if o.name == name)
+        out[i] = dataclasses.replace(out[i], **changes)
+    # Ungrouped options first, then each group where it first appears (as --help shows them).
+    groups = list(dict.fromkeys(o.group for o in out))
+    return sorted(out, key=lambda o: (o.group is not None, groups.index(o.group)))
+
+
+def _kind(hint: Any, where: str) -> tuple[type, bool]:
+    """``(base type, accepts None)`` of a field's annotation."""
+    optional = False
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        optional = len(args) < len(typing.get_args(hint))
+        if len(args) != 1:
+            raise TypeError(f"{where}: an option has one type, got {hint}")
+        hint = args[0]
+    origin = typing.get_origin(hint) or hint
+    if origin in (dict, Mapping) or (isinstance(origin, type) and issubclass(origin, Mapping)):
+        return dict, optional
+    if origin in (bool, int, float, str):
+        return origin, optional
+    raise TypeError(f"{where}: options are bool, int, float, str or a mapping, got {hint}")
+
+
+def add_options(parser: argparse.ArgumentParser, options: Iterable[Option],
+                config: Mapping[str, Any] | None = None) -> None:
+    """Add ``options`` as flags; a ``config`` value becomes the flag's default (so the flag still
+    wins) and lifts its requirement."""
+    config = config or {}
+    options = list(options)
+    groups: dict[str, Any] = {}
+    exclusive: dict[str, Any] = {}
+    for o in options:
+        container = parser
+        if o.group is not None:
+            if o.group not in groups:
+                groups[o.group] = parser.add_argument_group(o.group)
+            container = groups[o.group]
+        if o.exclusive is not None:
+            if o.exclusive not in exclusive:
+                given = any(config.get(x.name) is not None
+                            for x in options if x.exclusive == o.exclusive)
+                exclusive[o.exclusive] = container.add_mutually_exclusive_group(
+                    required=not given)
+            container = exclusive[o.exclusive]
+        kwargs: dict[str, Any] = {"dest": o.name, "default": config.get(o.name, o.default),
+                                  "help": o.help}
+        if o.kind is bool:
+            kwargs["action"] = "store_true"
+        else:
+            kwargs.update(type=o.parse or (None if o.kind is str else o.kind),
+                          choices=o.choices, metavar=o.metavar)
+            if o.exclusive is None:
+                kwargs["required"] = o.required and config.get(o.name) is None
+        container.add_argument(o.flag, **kwargs)
+
+
+def check_value(o: Option, value: Any, where: str) -> Any:
+    """``value`` (from YAML) as the option's value; ``ConfigError`` naming ``where`` if not."""
+    if o.kind is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {value!r}")
+        return value
+    if value is None:
+        if o.required:
+            raise ConfigError(f"{where} is required and cannot be null")
+        return None
+    if isinstance(value, datetime.date):  # YAML reads an unquoted 2026-11-20 as a date
+        value = value.isoformat()
+    if o.kind is dict:
+        if isinstance(value, str) and o.parse is not None:
+            return _parse(o.parse, value, where)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping or '@file.json', got {value!r}")
+        return dict(value)
+    if o.parse is not None:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{where} must be a single value, got {value!r}")
+        value = _parse(o.parse, str(value), where)
+    elif o.kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+    elif o.kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} must be a number, got {value!r}")
+        value = float(value)
+    elif not isinstance(value, str):
+        raise ConfigError(f"{where} must be a string, got {type(value).__name__} {value!r} "
+                          f"(quote it in the YAML)")
+    if o.choices is not None and value not in o.choices:
+        raise ConfigError(f"{where} must be one of {', '.join(map(str, o.choices))}, "
+                          f"got {value!r}")
+    return value
+
+
+def _parse(parse: Callable[[str], Any], text: str, where: str) -> Any:
+    try:
+        return parse(text)
+    except (argparse.ArgumentTypeError, TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def values_for(schema: type, args: argparse.Namespace, **values: Any) -> dict[str, Any]:
+    """The keyword arguments of ``schema`` that ``args`` holds, updated with ``values``."""
+    out = {f.name: getattr(args, f.name) for f in dataclasses.fields(schema)
+           if hasattr(args, f.name)}
+    out.update(values)
+    return out

@@ -1,0 +1,49 @@
+"""The evaluation job's settings; the ``evaluate`` command line is derived from them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipeline.config.options import option
+from pipeline.model.geometry import DEVICES
+from pipeline.model.metrics import DEFAULT_THRESHOLD
+from pipeline.stages.labels import SPLITS
+from pipeline.training.config import LabelledData
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalConfig(LabelledData):
+    """What to evaluate against which labels."""
+
+    labels: str = option("labelled shards, any fsspec URI")
+    weights: str | None = option("model file to run on the labelled crops", default=None,
+                                 exclusive="source")
+    predictions: str | None = option("Parquet output of the inference job", default=None,
+                                     exclusive="source")
+    output: str = option("report JSON URI")
+    ced: str | None = option("CED plot PNG URI (default: the report path with .png)",
+                             default=None)
+    split: str = option(
+        "score only the hash split of the fine-tuning job (with --val-fraction)", default="all",
+        choices=SPLITS)
+    threshold: float = option("failure / AUC threshold", default=DEFAULT_THRESHOLD)
+    batch_size: int = option(default=32)
+    device: str = option(default="auto", choices=DEVICES)
+    worst: int = option(default=10, cli=False)
+
+    def __post_init__(self):
+        if (self.weights is None) == (self.predictions is None):
+            raise ValueError(
+                "give exactly one of --weights (a model file) or --predictions "
+                "(the inference job's Parquet output)"
+            )
+        if self.split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {self.split!r}")
+        if self.split != "all" and not 0 < self.val_fraction < 1:
+            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        if self.threshold <= 0 or self.batch_size < 1:
+            raise ValueError("need threshold > 0 and batch_size >= 1")
+
+    @property
+    def ced_uri(self) -> str:
+        return self.ced or (self.output.rsplit(".", 1)[0] + ".png")

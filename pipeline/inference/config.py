@@ -1,0 +1,141 @@
+"""The inference job's settings: each one declared once, with its command-line help.
+
+``InferConfig`` is the schema of ``landmarks infer`` (and of ``nightly``, which adds its dates):
+the flags, the YAML config keys and their checks are derived from it (``pipeline.config.options``).
+Free of torch and Ray, so parsing a command line stays light.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from pipeline.config.options import option
+from pipeline.io.shards import DEFAULT_FILES_PER_SHARD, FORMATS
+from pipeline.io.storage import storage_options_arg
+from pipeline.model.geometry import DEVICES, INIT_CHOICES
+from pipeline.stages.preprocess import DEFAULT_MARGIN, DEFAULT_MAX_PIXELS
+from pipeline.stages.reader import DECODE_MODES, DEFAULT_UNIT_BYTES
+from pipeline.stages.units import DEFAULT_ROWS_PER_FILE
+
+DEMO_DIR = "sample-data"  # where `landmarks infer` without --input writes and reads its demo
+DECODES = ("auto", *DECODE_MODES)  # auto: gpu when the cluster is short of CPUs per GPU
+# Batch sizes by device (the predictor's micro-batch); the team's design notes measured the model
+# on an H100 at batch 512 in bf16 eager (7,923 images/s) and 256 compiled (13,618). On CPU the
+# batch is mostly latency: on 2 cores VGG16 ran 1.84 / 1.94 / 2.08 images/s at batch 8 / 16 /
+# 64, so 16 gives results (and progress) 4x sooner than 64 for 7 % less throughput.
+DEFAULT_BATCH_SIZE = {"cuda": 512, "cuda+compile": 256, "cpu": 16}
+# Rows per unit (one predictor call). The driver pays ~7-10 ms of CPU per unit (measured on a
+# simulated 5-node cluster, jobs/benchmark_scale.py), so on a GPU a unit is 4,096 rows (~0.5 s
+# of an H100, ~200 MB of 640x480 JPEG bytes; units also stop at 256 MB): ~2 s of driver CPU per
+# million rows. On CPU, 4 batches: results (and progress) every ~30 s of a 2-core machine.
+GPU_UNIT_ROWS = 4096
+UNIT_BATCHES = 4
+IO, MODEL, PRE, RUN = "input and output", "model", "preprocessing", "execution"
+
+
+@dataclass(frozen=True)
+class InferConfig:
+    """Everything the inference job needs; the command line is derived from it."""
+
+    input: str = option(
+        "shards: a file, folder/prefix or glob at any fsspec URI (local path, s3://, gs://). "
+        "Omitted: generate and use a sample archive", group=IO)
+    output: str = option(
+        "folder/prefix for part-<shard>.parquet files (default with the sample archive: "
+        f"{DEMO_DIR}/landmarks)", group=IO)
+    format: str = option("shard layout (default: from the file extensions)", default="auto",
+                         choices=FORMATS, group=IO)
+    image_column: str = option("Parquet: image bytes column", default="image", group=IO)
+    key_column: str = option("Parquet: sample key column", default="key", group=IO)
+    files_per_shard: int = option(
+        f"loose images: files per output file (default {DEFAULT_FILES_PER_SHARD})",
+        default=DEFAULT_FILES_PER_SHARD, group=IO)
+    storage_options: Mapping[str, Any] = option(
+        'fsspec options as JSON, e.g. \'{"endpoint_url": "http://..."}\', or @file.json; per '
+        'store: \'{"s3": {...}, "gs": {...}}\'. AWS_ENDPOINT_URL, AWS_PROFILE and AWS_REGION '
+        "are read too", default_factory=dict, parse=storage_options_arg, group=IO, repr=False)
+
+    weights: str | None = option("model file URI (pipeline.model format)", default=None,
+                                 group=MODEL)
+    init: str = option("without --weights: random, or ImageNet features (downloads once)",
+                       default="random", choices=INIT_CHOICES, group=MODEL)
+    seed: int = option("seed of random init (default 0)", default=0, group=MODEL)
+
+    margin: float = option(
+        f"grow the sidecar bbox by this fraction per side (default {DEFAULT_MARGIN})",
+        default=DEFAULT_MARGIN, group=PRE)
+    max_pixels: int = option("refuse images above this many pixels, before decoding them",
+                             default=DEFAULT_MAX_PIXELS, group=PRE)
+
+    batch_size: int | None = option(
+        f"model batch size (default: {DEFAULT_BATCH_SIZE['cuda']} on GPU, "
+        f"{DEFAULT_BATCH_SIZE['cuda+compile']} with --compile, {DEFAULT_BATCH_SIZE['cpu']} on "
+        "CPU); on GPU out-of-memory the actor halves it and goes on", default=None, group=RUN)
+    unit_rows: int | None = option(
+        f"rows per work unit, the rows one predictor call gets (default: {GPU_UNIT_ROWS} on GPU, "
+        f"{UNIT_BATCHES} batches on CPU; units also stop at {DEFAULT_UNIT_BYTES >> 20} MB); small "
+        "shards are bundled up to it, big ones sliced",
+        default=None, group=RUN)
+    unit_bytes: int = option(default=DEFAULT_UNIT_BYTES, cli=False)
+    rows_per_file: int = option(
+        "a shard with more rows is written as several files, part-<shard>.parquet then "
+        f"part-<shard>.c00001.parquet ... (default {DEFAULT_ROWS_PER_FILE})",
+        default=DEFAULT_ROWS_PER_FILE, group=RUN)
+    num_predictors: int | None = option(
+        "predictor actors (default: one per GPU, or 1 on CPU)", default=None, group=RUN)
+    predictor_cpus: float | None = option(
+        "CPUs per predictor actor (default: 1 with GPUs, else all but one)", default=None,
+        group=RUN)
+    device: str = option("auto: GPU actors when the cluster has GPUs", default="auto",
+                         choices=DEVICES, group=RUN)
+    decode: str = option(
+        "where images are decoded, cropped and resized: cpu (PIL in the read tasks), gpu "
+        "(nvJPEG in the predictor actors; non-JPEG images fall back to the CPU per sample), auto "
+        "(gpu when the cluster has fewer than ~50 CPUs per GPU, the cores it takes to keep one "
+        "H100 fed)", default="auto", choices=DECODES, group=RUN)
+    compile: bool = option(
+        "torch.compile the model in each actor (faster steady state on GPU, ~1 min of compiling "
+        "at start; off by default)", default=False, group=RUN)
+    predictor_concurrency: int | None = option(
+        "batches each predictor actor works on at once (default: 2 on GPU, so copies and host "
+        "work overlap the GPU's compute; 1 on CPU)", default=None, group=RUN)
+    ray_address: str | None = option("Ray cluster (default: RAY_ADDRESS, else local Ray)",
+                                     default=None, group=RUN)
+    force: bool = option(
+        "redo every shard, even those an earlier run completed with the same model and "
+        "settings (default: skip them)", default=False, group=RUN)
+    max_error_fraction: float = option(
+        "exit with status 1 when more than this share of the samples have errors (default "
+        "0.01); a shard that stops part-way always does", default=0.01, group=RUN)
+
+    def __post_init__(self):
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
+        if self.decode not in DECODES:
+            raise ValueError(f"decode must be one of {DECODES}, got {self.decode!r}")
+        for name in ("batch_size", "unit_rows", "unit_bytes", "rows_per_file",
+                     "files_per_shard", "max_pixels", "predictor_concurrency"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_predictors is not None and self.num_predictors < 1:
+            raise ValueError(f"num_predictors must be >= 1, got {self.num_predictors}")
+        if not 0 <= self.margin <= 2:
+            raise ValueError(f"margin must be between 0 and 2, got {self.margin}")
+        if not 0 <= self.max_error_fraction <= 1:
+            raise ValueError(f"max_error_fraction must be between 0 and 1, got "
+                             f"{self.max_error_fraction}")
+
+    def result_settings(self) -> dict[str, Any]:
+        """The settings besides input and model that change the output rows (for resume)."""
+        return {"format": self.format, "image_column": self.image_column,
+                "key_column": self.key_column, "files_per_shard": self.files_per_shard,
+                "rows_per_file": self.rows_per_file, "margin": self.margin,
+                "max_pixels": self.max_pixels}
+
+    def public_dict(self) -> dict[str, Any]:
+        """The config without secrets: storage option values are left out."""
+        data = asdict(self)
+        data["storage_options"] = sorted(self.storage_options)
+        return data
