@@ -19,6 +19,7 @@ from pipeline.demo.synthetic import write_sample_archive
 from pipeline.io.report import Summary
 from pipeline.ops.nightly import (
     default_date,
+    first_night,
     list_partitions,
     partition_uri,
     read_ledger,
@@ -380,3 +381,19 @@ def test_partitions_and_ledger_on_s3(tmp_path, monkeypatch, capsys):
             ("2026-11-19..2026-11-21 (3)", "ok"), (default_date(), "error")]
     finally:
         server.stop()
+
+
+def test_lookback_days_reach_back_from_the_date(tmp_path, capsys):
+    """A failed night is finished by the next run: lookback_days (in the nightly config) makes
+    each run also cover the partitions of the nights before its date; --since wins."""
+    assert first_night("2026-11-21", None, 0) is None  # the date alone
+    assert first_night("2026-11-21", None, 3) == "2026-11-18"
+    assert first_night("2026-03-01", None, 1) == "2026-02-28"
+    assert first_night("2026-11-21", "2026-11-01", 3) == "2026-11-01"
+    with pytest.raises(ValueError, match="--lookback-days must be >= 0"):
+        first_night("2026-11-21", None, -1)
+    (tmp_path / "in").mkdir()
+    assert main(["nightly", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"),
+                 "--lookback-days", "-2"]) == 2
+    assert "--lookback-days must be >= 0, got -2" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -15,6 +15,7 @@ from pipeline.ops.nightly import (
     CONFIG_FILE,
     RUN_OPTIONS,
     default_date,
+    first_night,
     ledger_dir,
     ledger_table,
     parse_date,
@@ -73,6 +74,10 @@ class NightlyDates:
     since: str | None = option("also every existing input partition from this date to --date",
                                default=None, parse=parse_date, metavar="YYYY-MM-DD",
                                group="dates")
+    lookback_days: int = option(
+        "without --since: also the existing partitions of the N nights before --date; only "
+        "their shards not done yet are processed, so a night that failed is finished by the "
+        "next run (default 0)", default=0, metavar="N", group="dates")
 
 
 NIGHTLY_IO = {
@@ -93,6 +98,7 @@ def run_nightly(args: argparse.Namespace) -> int:
     args.date = args.date or default_date()
     if args.since is not None and args.since > args.date:
         raise ValueError(f"--since {args.since} is after --date {args.date}")
+    args.since = first_night(args.date, args.since, args.lookback_days)
     base = infer_config(args)  # checks the settings before anything is written
     announce_config(args, f"{root_of(args.output)}/{CONFIG_FILE}", base.storage_options,
                     leave_out=RUN_OPTIONS)

@@ -167,6 +167,16 @@ def partition_files(uri: str, storage_options: Mapping[str, Any] | None = None
     return [p for p in found if not posixpath.basename(p.rstrip("/")).startswith((".", "_"))]
 
 
+def first_night(date_: str, since: str | None, lookback_days: int = 0) -> str | None:
+    """The first night a run covers besides ``date_``: ``since`` when given, else the night
+    ``lookback_days`` before ``date_`` (None for ``date_`` alone)."""
+    if lookback_days < 0:
+        raise ValueError(f"--lookback-days must be >= 0, got {lookback_days}")
+    if since is not None or lookback_days == 0:
+        return since
+    return (date.fromisoformat(date_) - timedelta(days=lookback_days)).isoformat()
+
+
 def select_dates(args: argparse.Namespace, storage_options: Mapping[str, Any] | None = None
                  ) -> list[str]:
     """The dates this run covers: ``--date`` alone, or the existing partitions from ``--since``
