@@ -17,6 +17,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import crds
+import kubernetes_validate
 import pytest
 import yaml
 from packaging.requirements import Requirement
@@ -209,8 +211,8 @@ def cronjob_rayjob(cronjob: dict, maps: dict[str, dict]) -> dict:
     """The RayJob that the CronJob's pod creates: the file its `kubectl create -f` reads."""
     pod = cronjob["spec"]["jobTemplate"]["spec"]["template"]["spec"]
     script = " ".join(pod["containers"][0]["command"] + pod["containers"][0].get("args", []))
-    found = re.search(r"kubectl create -f (\S+)", script)
-    assert found, "the CronJob's pod does not `kubectl create -f` a RayJob"
+    found = re.search(r"(/\S+\.yaml)\s*\|\s*kubectl create -f -", script)
+    assert found, "the CronJob's pod does not `kubectl create -f` a RayJob from a template"
     text = lookup(found.group(1), mounted_files(pod, maps))
     assert text is not None, f"{found.group(1)} is not mounted in the CronJob's pod"
     rayjob = yaml.safe_load(text)
@@ -719,3 +721,175 @@ def test_readme_covers_every_deploy_file():
         for token in shlex.split(command):
             if token.startswith("deploy/") and not any(c in token for c in "*<>"):
                 assert (REPO / token).exists(), f"deploy/README.md: {token} does not exist"
+
+
+# ---------------------------------------------------------------------------------------------
+# Manifests against the real schemas: KubeRay's CRDs and Kubernetes' own, unknown fields errors
+
+KUBERAY_KINDS = set(crds.SUPPORTED)
+PLAIN_KINDS = {"ConfigMap", "CronJob", "Role", "RoleBinding", "ServiceAccount"}
+KUBERNETES_VERSIONS = ("1.27", "1.37")  # CronJob timeZone needs 1.27; 1.37: the newest schemas
+
+
+def kuberay_objects() -> list[tuple[str, dict]]:
+    """Every KubeRay object under deploy/kuberay/, the RayJob template the CronJob creates
+    included."""
+    out = []
+    for name, docs in kuberay_files().items():
+        for doc in docs:
+            if doc["kind"] in KUBERAY_KINDS:
+                out.append((f"{name}: {doc['kind']} {doc['metadata']['name']}", doc))
+        for cron in of_kind(docs, "CronJob"):
+            out.append((f"{name}: the RayJob its CronJob creates",
+                        cronjob_rayjob(cron, configmaps(docs))))
+    return out
+
+
+def test_kuberay_objects_validate_against_the_oldest_and_newest_crds():
+    checked = set()
+    for where, doc in kuberay_objects():
+        for tag in crds.SUPPORTED[doc["kind"]]:
+            problems = crds.errors(doc, tag)
+            assert not problems, f"{where} against KubeRay {tag}'s CRD:\n" + "\n".join(problems)
+            checked.add((doc["kind"], tag))
+    assert checked == {(k, t) for k, tags in crds.SUPPORTED.items() for t in tags}
+    # The RayCluster, two RayJobs, the RayCronJob and the RayJob the CronJob creates.
+    assert len(kuberay_objects()) == 5
+
+
+def test_plain_kubernetes_objects_validate_strictly():
+    seen = set()
+    for name, docs in kuberay_files().items():
+        for doc in docs:
+            if doc["kind"] in KUBERAY_KINDS:
+                continue
+            for version in KUBERNETES_VERSIONS:
+                try:
+                    kubernetes_validate.validate(doc, version, strict=True)
+                except kubernetes_validate.ValidationError as exc:
+                    raise AssertionError(f"{name}: {doc['kind']} against Kubernetes {version}: "
+                                         f"{list(exc.path)}: {exc.message}") from None
+            seen.add(doc["kind"])
+    assert seen == PLAIN_KINDS
+
+
+def test_a_misspelled_field_fails_validation():
+    (job,) = of_kind(kuberay_files()["rayjob-infer.yaml"], "RayJob")
+    assert not crds.errors(job, "v1.7.0")
+    top = copy.deepcopy(job)
+    top["spec"]["shutdownAfterJobFinish"] = top["spec"].pop("shutdownAfterJobFinishes")
+    deep = copy.deepcopy(job)
+    container = deep["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"][
+        "containers"][0]
+    container["imagePullPolicyy"] = container.pop("imagePullPolicy")
+    for bad, field in ((top, "shutdownAfterJobFinish"), (deep, "imagePullPolicyy")):
+        for tag in crds.SUPPORTED["RayJob"]:
+            problems = crds.errors(bad, tag)
+            assert any(f"'{field}'" in p and "unexpected" in p for p in problems), (tag, problems)
+    retried = copy.deepcopy(job)  # a field KubeRay 1.1 does not know
+    retried["spec"]["backoffLimit"] = 0
+    assert crds.errors(retried, "v1.1.0") and not crds.errors(retried, "v1.7.0")
+
+    (cron,) = of_kind(kuberay_files()["cronjob-nightly.yaml"], "CronJob")
+    cron["spec"]["concurencyPolicy"] = cron["spec"].pop("concurrencyPolicy")
+    with pytest.raises(kubernetes_validate.ValidationError) as exc:
+        kubernetes_validate.validate(cron, KUBERNETES_VERSIONS[-1], strict=True)
+    assert "'concurencyPolicy' was unexpected" in exc.value.message
+
+
+def test_a_night_ends_before_the_next_one_and_before_its_date_changes():
+    """No retries for the scheduled RayJobs (a retry restarts activeDeadlineSeconds), and the
+    deadline ends the run before the next UTC midnight: it can neither overlap the next night
+    nor start after midnight and take the wrong "yesterday"."""
+    (cron,) = of_kind(kuberay_files()["raycronjob-nightly.yaml"], "RayCronJob")
+    docs = kuberay_files()["cronjob-nightly.yaml"]
+    (kube_cron,) = of_kind(docs, "CronJob")
+    for where, schedule, spec in (
+            ("RayCronJob", cron["spec"]["schedule"], cron["spec"]["jobTemplate"]),
+            ("CronJob's RayJob", kube_cron["spec"]["schedule"],
+             cronjob_rayjob(kube_cron, configmaps(docs))["spec"])):
+        minute, hour = (int(x) for x in schedule.split()[:2])
+        attempts = spec.get("backoffLimit", 0) + 1
+        assert attempts == 1, f"{where}: a retry's deadline starts over"
+        ends = hour * 3600 + minute * 60 + attempts * spec["activeDeadlineSeconds"]
+        assert ends < 24 * 3600, f"{where}: can run past midnight UTC"
+    assert kube_cron["spec"]["timeZone"] == "Etc/UTC"
+
+
+# The CronJob's launcher script, run with a stand-in kubectl.
+
+FAKE_KUBECTL = """#!/bin/sh
+case "$1" in
+  create) cat > "$FAKE/created.yaml"; echo rayjob.ray.io/landmarks-nightly-x7k2p ;;
+  get)
+    n=$(( $(cat "$FAKE/calls" 2>/dev/null || echo 0) + 1 )); echo "$n" > "$FAKE/calls"
+    state=$(sed -n "${n}p" "$FAKE/states"); [ -n "$state" ] || state=$(tail -n 1 "$FAKE/states")
+    [ "$state" != ERROR ] || exit 1
+    printf '%s' "$state" ;;
+  *) exit 2 ;;
+esac
+"""
+
+
+def run_launcher(tmp_path: Path, job_name: str, states: list[str]):
+    import subprocess
+
+    docs = kuberay_files()["cronjob-nightly.yaml"]
+    (cron,) = of_kind(docs, "CronJob")
+    container = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in container["env"]}
+    assert env == {"JOB_NAME": "metadata.labels['job-name']"}  # the Job's name, from its label
+    template = tmp_path / "rayjob.yaml"
+    template.write_text(configmaps(docs)["landmarks-nightly-rayjob"]["data"]["rayjob.yaml"])
+    shell, flag, script = container["command"]
+    script = script.replace("/template/rayjob.yaml", str(template))
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "kubectl").write_text(FAKE_KUBECTL)
+    (bin_dir / "kubectl").chmod(0o755)
+    (tmp_path / "states").write_text("".join(f"{s}\n" for s in states))
+    import os
+
+    done = subprocess.run(["sh", flag, script], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}",
+                               "FAKE": str(tmp_path), "JOB_NAME": job_name,
+                               "POLL_SECONDS": "0"})
+    created = tmp_path / "created.yaml"
+    return done, (yaml.safe_load(created.read_text()) if created.exists() else None)
+
+
+def test_cronjob_launcher_fixes_the_night_when_the_schedule_fires(tmp_path):
+    from datetime import datetime, timedelta, timezone
+
+    fired = datetime(2026, 11, 20, 2, 0, tzinfo=timezone.utc)  # long ago: a late (re)start
+    done, rayjob = run_launcher(tmp_path, f"landmarks-nightly-{int(fired.timestamp()) // 60}",
+                                ["Complete/SUCCEEDED"])
+    assert done.returncode == 0, done.stderr
+    entrypoint = rayjob["spec"]["entrypoint"]
+    assert entrypoint.endswith("--config /config/nightly.yaml --date 2026-11-19"), entrypoint
+    head = rayjob["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
+    _, args = parse_command(entrypoint, mounted_files(head, configmaps(
+        kuberay_files()["cronjob-nightly.yaml"])))
+    assert args.date == "2026-11-19"  # the job's own parser takes it
+    assert "night 2026-11-19 (schedule fired at 2026-11-20T02:00Z)" in done.stdout
+
+    # A Job started by hand (kubectl create job --from=cronjob/...): the night before now.
+    manual = tmp_path / "manual"
+    manual.mkdir()
+    done, rayjob = run_launcher(manual, "manual-1", ["Complete/SUCCEEDED"])
+    yesterday = (datetime.now(timezone.utc) - timedelta(days=1)).date().isoformat()
+    assert done.returncode == 0 and rayjob["spec"]["entrypoint"].endswith(f"--date {yesterday}")
+
+
+@pytest.mark.parametrize("states, code, said", [
+    (["", "Initializing/", "Running/RUNNING", "Complete/SUCCEEDED"], 0, "Complete/SUCCEEDED"),
+    (["Initializing/", "ValidationFailed/"], 1, "ValidationFailed/"),
+    (["Running/RUNNING", "Failed/FAILED"], 1, "Failed/FAILED"),
+    (["Running/RUNNING", "Complete/STOPPED"], 1, "Complete/STOPPED"),
+    (["ERROR", "Running/RUNNING", "Complete/SUCCEEDED"], 0, "Complete/SUCCEEDED"),  # a blip
+    (["ERROR"], 1, "cannot be read"),  # the RayJob was deleted
+])
+def test_cronjob_launcher_ends_with_the_rayjob(tmp_path, states, code, said):
+    done, _ = run_launcher(tmp_path, "landmarks-nightly-29400000", states)
+    assert done.returncode == code, done.stdout + done.stderr
+    assert said in done.stdout + done.stderr
