@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import io
+import tarfile
+
 import numpy as np
 import pytest
 import torch
@@ -49,6 +52,38 @@ def test_truncated_tar_keeps_earlier_samples_and_ends_with_a_shard_error(faces, 
                                     "face-00000-00002", ""]
     assert rows["error"][:3].tolist() == ["", "", ""]
     assert rows["error"][3].startswith("shard error after 3 samples: ReadError")
+
+
+def test_damaged_member_header_mid_archive_is_a_shard_error_and_later_members_are_read(
+        faces, tmp_path):
+    """A bad checksum on the 4th of 6 headers: tarfile alone stops there without an error (3
+    samples would vanish and the shard count as complete). The reader goes on at the next valid
+    header and ends the shard with its error row, so the shard is marked failed and redone."""
+    jpegs = [v for k, v in sorted(faces.items()) if k.endswith(".jpg")]
+    members = [(f"s{i}.jpg", jpegs[i % len(jpegs)]) for i in range(8)]
+    path = write_tar(tmp_path / "t.tar", members[:6])
+    data = bytearray(path.read_bytes())
+    header = data.index(b"s3.jpg")
+    data[header + 148:header + 156] = b"0000000\0"  # the checksum field: now wrong
+    path.write_bytes(bytes(data))
+    rows = _rows(list(ShardReader().read(list_shards(str(tmp_path))[0])))
+    assert rows["key"].tolist() == ["s0", "s1", "s2", "s4", "s5", ""]
+    assert rows["error"][:5].tolist() == [""] * 5 and rows["pixels"][:5].std() > 10
+    assert rows["error_kind"][5] == "shard_error"
+    assert rows["error"][5].startswith("shard error after 5 samples: DamagedShardError")
+    assert f"a damaged member header at byte {header}" in rows["error"][5]
+    # Zero blocks in the middle (two archives back to back): the second one is read too.
+    first = write_tar(tmp_path / "u.tar", members[:2]).read_bytes()
+    second = write_tar(tmp_path / "u.tar", members[6:]).read_bytes()
+    (tmp_path / "u.tar").unlink()
+    path.write_bytes(first + second)
+    rows = _rows(list(ShardReader().read(list_shards(str(tmp_path))[0])))
+    assert rows["key"].tolist() == ["s0", "s1", "s6", "s7", ""]
+    with tarfile.open(fileobj=io.BytesIO(first)) as tar:
+        last = tar.getmembers()[-1]
+    end = last.offset_data + -(-last.size // 512) * 512  # where the first archive's zeros start
+    assert f"end-of-archive blocks at byte {end} with more data after them (went on at the " \
+        f"next valid header, byte {len(first)})" in rows["error"][4]
 
 
 def test_sample_level_errors(faces, tmp_path):

@@ -231,30 +231,95 @@ def _split_member_name(name: str) -> tuple[str, str]:
 
 
 def _read_tar(fs, path: str, uri: str) -> Iterator[Sample]:
-    """Stream a tar shard member by member (mode ``r|``: never seeks, never loads it whole)."""
-    with open_for_reading(path, fs, uri) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
-        key, members = None, {}
-        for info in tar:
-            if not info.isfile():
-                continue
-            member_key, ext = _split_member_name(info.name)
-            # A new key, or the same key again with a member it already has: a new sample
-            # (the duplicate key is flagged downstream instead of silently merged).
-            if key is not None and (member_key != key or ext in members):
-                yield _sample_from_members(key, members)
-                members = {}
-            key = member_key
-            extracted = tar.extractfile(info)
-            members[ext] = extracted.read() if extracted is not None else b""
+    """Stream a tar shard member by member (mode ``r|``: never seeks back, never loads it whole).
+
+    tarfile ends its iteration without an error at a damaged member header, and takes a file
+    cut between two members for a whole one; so after it stops, the rest of the file must be the
+    end-of-archive zero blocks. Anything else is damage: the reader looks for the next valid
+    header, goes on from there (so later members still get rows), and raises
+    ``DamagedShardError`` after the last sample, so the shard gets its error row and is redone.
+    """
+    damage: list[str] = []
+    with open_for_reading(path, fs, uri) as f:
+        size = f.seek(0, 2)
+        start, key, members = 0, None, {}
+        while True:
+            f.seek(start)
+            with tarfile.open(fileobj=f, mode="r|") as tar:
+                for info in tar:
+                    if not info.isfile():
+                        continue
+                    member_key, ext = _split_member_name(info.name)
+                    # A new key, or the same key again with a member it already has: a new
+                    # sample (the duplicate key is flagged downstream instead of merged).
+                    if key is not None and (member_key != key or ext in members):
+                        yield _sample_from_members(key, members)
+                        members = {}
+                    key = member_key
+                    extracted = tar.extractfile(info)
+                    members[ext] = extracted.read() if extracted is not None else b""
+                stopped = start + tar.offset  # where the next header would be
+            bad = _first_data_block(f, stopped, size)
+            if bad is None:
+                break
+            resume = _next_header(f, bad, size)
+            what = (f"a damaged member header at byte {bad}" if bad == stopped else
+                    f"end-of-archive blocks at byte {stopped} with more data after them")
+            damage.append(what + (f" (went on at the next valid header, byte {resume})"
+                                  if resume is not None else " (no valid header after it)"))
+            if resume is None:
+                break
+            start = resume
         if key is not None:
             yield _sample_from_members(key, members)
-        # tarfile takes a file that stops exactly between members for a complete one; every
-        # tar writer ends the archive with zero blocks, so their absence means a truncated shard.
-        end = f.seek(0, 2)
-        f.seek(max(0, end - 1024))
-        if end < 1024 or f.read(1024).strip(b"\0"):
+        if damage:
+            raise DamagedShardError(f"{uri} has {'; '.join(damage)}: the members in between "
+                                    "are lost")
+        # Every tar writer ends the archive with zero blocks: without them the shard was cut
+        # (possibly exactly between two members).
+        f.seek(max(0, size - 2 * BLOCK))
+        if size < 2 * BLOCK or f.read(2 * BLOCK).strip(b"\0"):
             raise DamagedShardError(f"{uri} ends without the tar end-of-archive marker: "
                                     "the shard is truncated")
+
+
+BLOCK = tarfile.BLOCKSIZE
+
+
+def _first_data_block(f, offset: int, size: int) -> int | None:
+    """The offset of the first block at or after ``offset`` that is not all zeros."""
+    f.seek(offset)
+    position = offset
+    while position < size:
+        chunk = f.read(min(1 << 20, size - position))
+        if not chunk:
+            return None
+        stripped = chunk.lstrip(b"\0")
+        if stripped:
+            return position + (len(chunk) - len(stripped)) // BLOCK * BLOCK
+        position += len(chunk)
+    return None
+
+
+def _next_header(f, offset: int, size: int) -> int | None:
+    """The offset of the next block from ``offset`` on that is a valid tar header (its checksum
+    holds), or None."""
+    position = offset - offset % BLOCK
+    f.seek(position)
+    while position + BLOCK <= size:
+        chunk = f.read(min(1 << 20, size - position))
+        if not chunk:
+            return None
+        for i in range(0, len(chunk) - BLOCK + 1, BLOCK):
+            block = chunk[i:i + BLOCK]
+            if block.strip(b"\0"):
+                try:
+                    tarfile.TarInfo.frombuf(block, tarfile.ENCODING, "surrogateescape")
+                except tarfile.HeaderError:
+                    continue
+                return position + i
+        position += len(chunk) - len(chunk) % BLOCK
+    return None
 
 
 def _read_parquet(fs, path: str, uri: str, image_column: str, key_column: str
