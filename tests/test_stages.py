@@ -119,6 +119,34 @@ def test_predictor_skips_error_rows_and_maps_to_pixels(faces, tmp_path, weights_
     np.testing.assert_allclose(out["landmarks"][1:], expected, rtol=1e-6)
 
 
+def test_nonfinite_model_outputs_are_error_rows_not_zero_points(faces, tmp_path, weights_file):
+    from pipeline.io.output import rows_to_table
+
+    write_tar(tmp_path / "p.tar", sorted(faces.items())[:6])
+    batch = _rows(list(ShardReader().read(list_shards(str(tmp_path))[0])))
+    predictor = LandmarkPredictor(weights=weights_file[0], device="cpu")
+    real = predictor.forward
+
+    def forward(pixels):  # one image's activations blow up (NaN), another's overflow (inf)
+        outputs = real(pixels)
+        outputs[1, 7], outputs[2, 0] = np.nan, np.inf
+        return outputs
+
+    predictor.forward = forward
+    out = predictor(batch)
+    assert out["error_kind"].tolist() == ["", "nonfinite_output", "nonfinite_output"]
+    assert out["error"][1].startswith("the model's output for this image is not finite")
+    assert np.isfinite(out["landmarks"][0]).all() and np.isnan(out["landmarks"][1:]).all()
+    table = rows_to_table({**out, "meta": np.array([""] * 3, dtype=object)}).to_pydict()
+    assert table["landmarks"][1] is None and table["landmarks"][2] is None  # null, not (0, 0)
+    assert table["error_kind"] == [None, "nonfinite_output", "nonfinite_output"]
+
+    with torch.no_grad():  # broken weights: every row is an error
+        predictor.runner.model.classifier[-2].bias.fill_(float("nan"))
+    predictor.forward = real
+    assert set(predictor(batch)["error_kind"]) == {"nonfinite_output"}
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_gpu_predictor_matches_cpu_within_bf16_tolerance(faces, tmp_path, weights_file):

@@ -26,6 +26,9 @@ from pipeline.stages.preprocess import (
 )
 from pipeline.stages.reader import DEVICE_DECODE_COLUMNS
 
+NONFINITE_ERROR = ("the model's output for this image is not finite (NaN or inf): check the "
+                   "weights file")
+
 
 class LandmarkPredictor:
     """Run the keypoint model on a unit's rows. Loads the model once (once per Ray actor).
@@ -114,6 +117,13 @@ class LandmarkPredictor:
             with self.runner.stream():
                 outputs = self.forward(pixels)
             landmarks[ok] = to_pixels(outputs, batch["crop"][ok])
+            broken = ok & ~np.isfinite(landmarks).all(axis=(1, 2))
+            if broken.any():  # NaN / inf weights or activations: an error, never (0, 0) points
+                for column in ("error", "error_kind"):
+                    out[column] = np.array(out[column], dtype=object)  # may be read-only views
+                out["error"][broken] = NONFINITE_ERROR
+                out["error_kind"][broken] = "nonfinite_output"
+                landmarks[broken] = np.nan
         out["landmarks"] = landmarks
         out["model_version"] = np.full(n, self.info.version, dtype=object)
         return out

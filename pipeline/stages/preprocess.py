@@ -43,6 +43,7 @@ ERROR_KINDS = (
     "missing_file",   # listed, then gone before it was read
     "storage",        # read failed for good (access denied, retries exhausted)
     "shard_error",    # the shard itself is damaged or unreadable: rows after it are lost
+    "nonfinite_output",  # the model gave NaN or inf for a good input (broken weights)
     "invalid",        # anything else wrong with the sample
 )
 
