@@ -346,6 +346,7 @@ def test_validate_bbox_good_returns_floats():
     assert all(type(v) is float for v in out)
     # Partly outside the image is allowed.
     assert validate_bbox((-5, -5, 10.5, 10.5), 200, 150) == [-5.0, -5.0, 10.5, 10.5]
+    assert validate_bbox((-200, -150, 200, 150), 200, 150) == [-200.0, -150.0, 200.0, 150.0]
 
 
 @pytest.mark.parametrize(
@@ -367,6 +368,9 @@ def test_validate_bbox_good_returns_floats():
         ([10, 150, 50, 200], "outside the 200x150 image"),  # below
         ([-50, 20, 0, 100], "outside the 200x150 image"),  # left
         ([10, -40, 50, -1], "outside the 200x150 image"),  # above
+        ([0, 0, 1e8, 1e8], "more than 2x the 200x150 image"),  # once took 20 GB, then OOM
+        ([-250, 0, 160, 100], "more than 2x the 200x150 image"),  # 410 wide
+        ([0, -200, 50, 120], "more than 2x the 200x150 image"),  # 320 high
     ],
 )
 def test_validate_bbox_rejects(bbox, message):
@@ -378,6 +382,21 @@ def test_preprocess_validates_bbox():
     data = _png(Image.new("RGB", (20, 10)))
     with pytest.raises(SampleError, match="outside"):
         preprocess(data, bbox=[30, 0, 40, 5])
+
+
+def test_absurd_bbox_is_refused_before_any_crop_is_built():
+    """[0, 0, 1e8, 1e8] on a 300x260 photo: bad_bbox at once on both decode paths (the CPU
+    path once padded the image to the crop's scale, 20 GB; the GPU path to terabytes)."""
+    from pipeline.stages.gpu_decode import probe_and_crop
+
+    data = _jpeg(Image.new("RGB", (300, 260), (90, 120, 150)))
+    for run in (lambda: preprocess(data, bbox=[0, 0, 1e8, 1e8]),
+                lambda: probe_and_crop(data, [0, 0, 1e8, 1e8])):
+        with pytest.raises(SampleError, match="more than 2x the 300x260 image") as err:
+            run()
+        assert err.value.kind == "bad_bbox"
+    pixels, *_ = preprocess(data, bbox=[-300, -260, 300, 260])  # 2x: allowed, padded black
+    assert pixels.shape == (224, 224, 3) and pixels[:40].max() == 0 and pixels[150:].max() > 0
 
 
 # --------------------------------------------------------------------------------------------

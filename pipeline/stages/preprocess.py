@@ -32,6 +32,9 @@ class SampleError(ValueError):
 
 
 # What the end-of-run summary counts errors by (the output's ``error_kind``).
+# A sidecar box may reach past the image (the crop is padded black), up to this many times the
+# image's width / height; so a crop, padding included, stays within a few times the image.
+MAX_BBOX_SCALE = 2.0
 ERROR_KINDS = (
     "empty",          # a 0-byte image
     "decode",         # not an image, truncated, broken CRC, unsupported
@@ -144,6 +147,11 @@ def validate_bbox(bbox: object, width: int, height: int) -> list[float]:
                           "bad_bbox")
     if x1 <= 0 or y1 <= 0 or x0 >= width or y0 >= height:
         raise SampleError(f"bbox {bbox!r} lies outside the {width}x{height} image", "bad_bbox")
+    if x1 - x0 > MAX_BBOX_SCALE * width or y1 - y0 > MAX_BBOX_SCALE * height:
+        # The crop (and its black padding) would dwarf the image: a box of 1e8 pixels on a
+        # 300x260 photo once took 20 GB. Refused, not clipped: such a box is not a face's.
+        raise SampleError(f"bbox {bbox!r} is more than {MAX_BBOX_SCALE:g}x the {width}x{height} "
+                          "image", "bad_bbox")
     return [x0, y0, x1, y1]
 
 
