@@ -347,10 +347,10 @@ def test_read_parquet_custom_columns(tmp_path):
     samples = list(read_samples(shard, image_column="img", key_column="id"))
     assert [s.key for s in samples] == ["7", "8", "9"]
     assert [s.data for s in samples] == imgs
-    assert [s.meta for s in samples] == [
-        {"bbox": [1.0, 2.0, 3.0, 4.0], "label": "x"},
-        {"bbox": None, "label": "y"},
-        {"bbox": [0.5, 0.5, 2.5, 2.5], "label": None},
+    assert [s.meta for s in samples] == [  # binary side columns as base64
+        {"bbox": [1.0, 2.0, 3.0, 4.0], "label": "x", "thumb": "dDA="},
+        {"bbox": None, "label": "y", "thumb": "dDE="},
+        {"bbox": [0.5, 0.5, 2.5, 2.5], "label": None, "thumb": "dDI="},
     ]
     assert all(s.error is None and s.meta_error is None for s in samples)
 

@@ -156,3 +156,39 @@ def test_gpu_predictor_matches_cpu_within_bf16_tolerance(faces, tmp_path, weight
     gpu = LandmarkPredictor(weights=weights_file[0], device="cuda").forward(batch["pixels"])
     # bf16 autocast: outputs in [0, 1] of the crop agree to 2e-2 (about 4 px of the 224 input).
     np.testing.assert_allclose(gpu, cpu, atol=2e-2)
+
+
+def test_parquet_side_columns_of_any_arrow_type_pass_through_as_json(faces, tmp_path):
+    """Timestamps, dates, decimals, binary, durations, nested values: in ``meta`` as JSON. A
+    value Python cannot hold (a timestamp in the year 10000) costs its sample, not the job."""
+    import datetime as dt
+    import decimal
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    jpegs = [v for k, v in sorted(faces.items()) if k.endswith(".jpg")][:3]
+    table = pa.table({
+        "key": ["a", "b", "c"],
+        "image": jpegs,
+        "taken": pa.array([dt.datetime(2026, 11, 20, 1, 2, 3, tzinfo=dt.timezone.utc)] * 2
+                          + [None], pa.timestamp("us", tz="UTC")),
+        "day": pa.array([dt.date(2026, 11, 20)] * 3, pa.date32()),
+        "price": pa.array([decimal.Decimal("12.30")] * 3, pa.decimal128(6, 2)),
+        "thumb": pa.array([b"\x00\x01", b"x" * 5000, None], pa.binary()),
+        "took": pa.array([dt.timedelta(seconds=1.5)] * 3, pa.duration("ms")),
+        "tags": pa.array([[{"k": "v", "n": 1.0}]] * 3),
+        "far": pa.array([0, 0, 253402300800 + 86400], pa.timestamp("s")),  # 0: 1970; last: 10000
+    })
+    pq.write_table(table, tmp_path / "p.parquet")
+    rows = _rows(list(ShardReader().read(list_shards(str(tmp_path / "p.parquet"))[0])))
+    assert rows["key"].tolist() == ["a", "b", "c"]
+    assert rows["error"][:2].tolist() == ["", ""] and rows["pixels"][:2].std() > 10
+    meta = json.loads(rows["meta"][0])
+    assert meta == {"taken": "2026-11-20T01:02:03+00:00", "day": "2026-11-20", "price": "12.30",
+                    "thumb": "AAE=", "took": 1.5, "tags": [{"k": "v", "n": 1.0}],
+                    "far": "1970-01-01T00:00:00"}
+    assert json.loads(rows["meta"][1])["thumb"] == "<5000 bytes>"
+    assert rows["error_kind"][2] == "bad_sidecar"
+    assert rows["error"][2].startswith("a side column cannot be read as JSON: ")

@@ -13,8 +13,12 @@ Three layouts:
 
 from __future__ import annotations
 
+import base64
+import datetime
+import decimal
 import hashlib
 import json
+import math
 import posixpath
 import re
 import tarfile
@@ -334,9 +338,53 @@ def _read_parquet(fs, path: str, uri: str, image_column: str, key_column: str
             raise ValueError(f"{path} has no column {missing} (columns: {names}); set "
                              "--image-column / --key-column")
         for batch in parquet.iter_batches(batch_size=64):
-            for row in batch.to_pylist():
-                key = str(row.pop(key_column))
-                data = row.pop(image_column)
-                meta = {k: v for k, v in row.items() if not isinstance(v, (bytes, bytearray))}
-                yield Sample(key=key, data=data, meta=meta or None)
+            try:
+                rows = batch.to_pylist()
+            except (ValueError, OverflowError, ArithmeticError):  # a value Python cannot hold
+                rows = None
+            for i in range(batch.num_rows):
+                yield _parquet_sample(batch, i, rows, image_column, key_column)
+
+
+def _parquet_sample(batch, i: int, rows: list[dict] | None, image_column: str,
+                    key_column: str) -> Sample:
+    """Row ``i``: its key and image, the other columns as JSON-safe ``meta``. A side value that
+    cannot be converted costs this sample (``bad_sidecar``), not the shard."""
+    key = str(batch.column(key_column)[i].as_py())
+    data = batch.column(image_column)[i].as_py()
+    try:
+        row = rows[i] if rows is not None else batch.slice(i, 1).to_pylist()[0]
+        meta = {k: json_value(v) for k, v in row.items() if k not in (key_column, image_column)}
+    except (ValueError, TypeError, OverflowError, ArithmeticError) as exc:
+        return Sample(key=key, data=data,
+                      meta_error=f"a side column cannot be read as JSON: {exc}")
+    return Sample(key=key, data=data, meta=meta or None)
+
+
+BINARY_INLINE = 1024  # side binary values up to this size go into meta as base64
+
+
+def json_value(value: Any) -> Any:
+    """A Parquet side value as JSON: dates and times as ISO 8601 text, decimals as text, binary
+    as base64 (``"<N bytes>"`` above ``BINARY_INLINE``), durations in seconds, non-finite
+    floats as text; lists, maps and structs element by element."""
+    if value is None or isinstance(value, (str, bool, int)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, (datetime.datetime, datetime.date, datetime.time)):
+        return value.isoformat()
+    if isinstance(value, datetime.timedelta):
+        return value.total_seconds()
+    if isinstance(value, decimal.Decimal):
+        return str(value)
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        raw = bytes(value)
+        return (base64.b64encode(raw).decode("ascii") if len(raw) <= BINARY_INLINE
+                else f"<{len(raw)} bytes>")
+    if isinstance(value, dict):
+        return {str(k): json_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_value(v) for v in value]
+    raise TypeError(f"no JSON form for a {type(value).__name__} value")
 

@@ -236,7 +236,10 @@ class ShardReader:
             out["shard"][i] = uri
             meta = sample.meta or {}
             if meta:
-                out["meta"][i] = json.dumps(meta, ensure_ascii=False, sort_keys=True)
+                try:
+                    out["meta"][i] = json.dumps(meta, ensure_ascii=False, sort_keys=True)
+                except (TypeError, ValueError) as exc:  # costs this sample, not the shard
+                    sample.meta_error = f"the sidecar cannot be written as JSON: {exc}"
             bbox = meta.get("bbox")
             if isinstance(bbox, (list, tuple)) and len(bbox) == 4:
                 with contextlib.suppress(TypeError, ValueError):  # bad boxes: error set below
