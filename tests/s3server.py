@@ -15,21 +15,25 @@ FAULTS = {
     "slowdown": (503, "SlowDown", "Please reduce your request rate."),
     "internal": (500, "InternalError", "We encountered an internal error. Please try again."),
     "denied": (403, "AccessDenied", "Access Denied"),
+    "badkey": (403, "InvalidAccessKeyId",
+               "The AWS Access Key Id you provided does not exist in our records."),
 }
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "proxy-connection", "upgrade"}
 
 
 class FaultProxy:
-    """HTTP proxy in front of the S3 server. ``inject(key_part, faults)`` makes the next GETs of
-    any object whose path contains ``key_part`` fail, one fault each: ``slowdown`` (503),
-    ``internal`` (500), ``reset`` (connection dropped) or ``denied`` (403, for good when
-    ``sticky``). ``requests`` counts every request by method."""
+    """HTTP proxy in front of the S3 server. ``inject(key_part, faults, on)`` makes the next
+    requests of the kinds in ``on`` (``GET`` an object, ``LIST``, ``PUT``) whose path contains
+    ``key_part`` fail, one fault each: ``slowdown`` (503), ``internal`` (500), ``reset``
+    (connection dropped), ``denied`` or ``badkey`` (403); ``deny`` makes one fail for good.
+    ``requests`` counts every request by method, ``served_faults`` every fault served."""
 
     def __init__(self, upstream: tuple[str, int]):
         self.upstream = upstream
-        self.faults: dict[str, list[str]] = {}
-        self.sticky: dict[str, str] = {}
+        self.faults: dict[tuple[str, str], list[str]] = {}
+        self.sticky: dict[tuple[str, str], str] = {}
         self.requests: Counter = Counter()
+        self.log: list[tuple[str, str]] = []  # (method, path) of every request
         self.served_faults: list[tuple[str, str]] = []
         self.lock = threading.Lock()
         proxy = self
@@ -86,25 +90,27 @@ class FaultProxy:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.server.server_address[1]}"
 
-    def inject(self, key_part: str, faults: list[str]) -> None:
+    def inject(self, key_part: str, faults: list[str], on: tuple[str, ...] = ("GET",)) -> None:
         with self.lock:
-            self.faults[key_part] = list(faults)
+            for op in on:
+                self.faults[op, key_part] = list(faults)
 
-    def deny(self, key_part: str) -> None:
+    def deny(self, key_part: str, on: tuple[str, ...] = ("GET",), kind: str = "denied") -> None:
         with self.lock:
-            self.sticky[key_part] = "denied"
+            for op in on:
+                self.sticky[op, key_part] = kind
 
     def _next_fault(self, method: str, path: str) -> str | None:
         with self.lock:
             self.requests[method] += 1
-            if method != "GET" or "list-type=" in path:  # faults hit object reads only
-                return None
-            for part, kind in self.sticky.items():
-                if part in path:
+            self.log.append((method, path))
+            op = "LIST" if method == "GET" and "list-type=" in path else method
+            for (on, part), kind in self.sticky.items():
+                if on == op and part in path:
                     self.served_faults.append((path, kind))
                     return kind
-            for part, queue in self.faults.items():
-                if part in path and queue:
+            for (on, part), queue in self.faults.items():
+                if on == op and part in path and queue:
                     kind = queue.pop(0)
                     self.served_faults.append((path, kind))
                     return kind
@@ -115,6 +121,7 @@ class FaultProxy:
             self.faults.clear()
             self.sticky.clear()
             self.requests.clear()
+            self.log.clear()
             self.served_faults.clear()
 
     def start(self) -> FaultProxy:

@@ -115,9 +115,20 @@ def test_transient_errors_are_retried_and_every_row_arrives(ray_session, s3, s3_
     proxy.reset()
     faults = ["slowdown", "reset", "internal", "slowdown", "reset", "internal", "slowdown"]
     proxy.inject("faces-00001.tar", faults)
+    # Listing the input, and writing an output file and a completion record, fail too.
+    proxy.inject("list-type=", ["slowdown", "reset", "internal"], on=("LIST",))
+    proxy.inject("out-flaky/part-faces-00000", ["internal", "reset", "slowdown"], on=("PUT",))
+    proxy.inject("out-flaky/_done/faces-00001", ["reset", "internal"], on=("PUT",))
     summary = _run(f"s3://{BUCKET}/in/*.tar", f"s3://{BUCKET}/out-flaky",
                    f"s3://{BUCKET}/models/landmarks.pt", s3["options"])
-    assert [kind for _, kind in proxy.served_faults] == faults  # every fault was hit
+    served = proxy.served_faults
+    assert [kind for path, kind in served if "faces-00001.tar" in path] == faults
+    assert [kind for path, kind in served if "list-type=" in path] == [
+        "slowdown", "reset", "internal"]
+    assert [kind for path, kind in served if "out-flaky/part-faces-00000" in path] == [
+        "internal", "reset", "slowdown"]
+    assert [kind for path, kind in served if "out-flaky/_done/faces-00001" in path] == [
+        "reset", "internal"]
     assert (summary.samples, summary.errors) == (4, 0)
     _, tables = _read_s3(s3["fs"], f"{BUCKET}/out-flaky")
     _, clean = _read_s3(s3["fs"], f"{BUCKET}/out")
@@ -161,3 +172,32 @@ def test_listing_is_one_request_per_thousand_keys(s3):
     shards = list_shards(f"s3://{BUCKET}/many/", storage_options=s3["options"])
     assert len(shards) == 1200 and shards[0].name == "part-00000"
     assert proxy.requests["GET"] <= 3  # 2 pages of 1,000 keys (+ at most one probe)
+
+
+def test_invalid_credentials_or_an_unwritable_output_exit_2_before_any_work(s3, capsys):
+    """Listing with credentials the store rejects, and an output prefix that may not be
+    written: one line that says so, exit status 2, no shard read and no traceback."""
+    from pipeline.cli.main import main
+
+    proxy = s3["proxy"]
+    options = json.dumps(s3["options"])
+    base = ["infer", "--input", f"s3://{BUCKET}/in/", "--format", "tar", "--device", "cpu",
+            "--storage-options", options]
+    try:
+        proxy.reset()
+        proxy.deny("list-type=", on=("LIST",), kind="badkey")
+        assert main([*base, "--output", f"s3://{BUCKET}/out-badkey"]) == 2
+        err = capsys.readouterr().err
+        assert f"error: access denied to s3://{BUCKET}/in/: check the credentials" in err, err
+        assert "Traceback" not in err
+
+        proxy.reset()
+        proxy.deny("out-readonly/", on=("PUT",))
+        assert main([*base, "--output", f"s3://{BUCKET}/out-readonly"]) == 2
+        err = capsys.readouterr().err
+        assert f"error: cannot write to s3://{BUCKET}/out-readonly: access denied" in err, err
+        assert "Traceback" not in err
+        assert not [p for m, p in proxy.log if m == "GET" and ".tar" in p]  # no shard read
+        assert not s3["fs"].exists(f"{BUCKET}/out-readonly")
+    finally:
+        proxy.reset()

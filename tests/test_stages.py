@@ -192,3 +192,48 @@ def test_parquet_side_columns_of_any_arrow_type_pass_through_as_json(faces, tmp_
     assert json.loads(rows["meta"][1])["thumb"] == "<5000 bytes>"
     assert rows["error_kind"][2] == "bad_sidecar"
     assert rows["error"][2].startswith("a side column cannot be read as JSON: ")
+
+
+def test_loose_files_that_cannot_be_read_transient_ones_leave_the_group_to_be_redone(
+        faces, tmp_path, monkeypatch):
+    """Loose images: a file gone or denied costs its row for good; a file whose read failed
+    for transient errors after every retry gets its row too, but the group ends with a
+    shard-level error, so its completion record says incomplete and the next run redoes it."""
+    from pipeline.io import shards, storage
+    from pipeline.stages.commit import PieceSpec, commit_piece, gather
+
+    jpegs = [v for k, v in sorted(faces.items()) if k.endswith(".jpg")]
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i, name in enumerate(["a.jpg", "b.jpg", "c.jpg", "d.jpg"]):
+        (folder / name).write_bytes(jpegs[i])
+    real = shards.retry
+
+    def flaky(fn, uri, what="", **kw):
+        if uri.endswith("b.jpg"):
+            raise PermissionError(f"access denied to {uri}")
+        if uri.endswith("c.jpg"):
+            raise storage.StorageError(f"read failed 6 times with transient errors: {uri}")
+        return real(fn, uri, what, **kw)
+
+    monkeypatch.setattr(shards, "retry", flaky)
+    (shard,) = list_shards(str(folder))
+    rows = _rows(list(ShardReader().read(shard)))
+    assert rows["key"].tolist() == ["a.jpg", "b.jpg", "c.jpg", "d.jpg", ""]
+    assert rows["error_kind"].tolist() == ["", "storage", "storage", "", "storage"]
+    assert "could not be read for transient storage errors" in rows["error"][4]
+    spec = PieceSpec(output=str(tmp_path / "out"), shard=shard, piece=0, first_row=0, last=True,
+                     model_version="m", settings="s", storage_options={})
+    rows["landmarks"] = np.full((5, 68, 2), np.nan, dtype=np.float32)
+    rows["model_version"] = np.full(5, "m", dtype=object)
+    receipt = commit_piece(spec, gather([rows], [(0, 5)]))
+    assert receipt["shard_failed"] and receipt["rows"] == 5
+
+    def denied(fn, uri, what="", **kw):
+        if uri.endswith("b.jpg"):
+            raise PermissionError(f"access denied to {uri}")
+        return real(fn, uri, what, **kw)
+
+    monkeypatch.setattr(shards, "retry", denied)
+    rows = _rows(list(ShardReader().read(shard)))  # only a permanent error: the group is done
+    assert rows["key"].tolist() == ["a.jpg", "b.jpg", "c.jpg", "d.jpg"]

@@ -14,7 +14,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = parse_args(argv)
         return args.run(args)
-    except (ValueError, FileNotFoundError) as exc:  # ConfigError is a ValueError
+    except (ValueError, FileNotFoundError, PermissionError) as exc:  # ConfigError: ValueError
+        # Bad arguments or input, or storage the job may not read or write (credentials, bucket
+        # policy): said in one line, before any work where it can be checked first.
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

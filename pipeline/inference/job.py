@@ -26,6 +26,7 @@ from pipeline.inference.config import (
 from pipeline.io.report import ManifestWriter, Summary, new_run_id, write_manifest
 from pipeline.io.resume import completed_pieces, remove_stale_temporary_files, settings_id
 from pipeline.io.shards import list_shards
+from pipeline.io.storage import check_writable
 from pipeline.model.network import load_model
 from pipeline.stages.commit import PieceSpec
 from pipeline.stages.faults import plan_from_env
@@ -66,6 +67,7 @@ def run_inference(cfg: InferConfig, job_config: Mapping[str, Any] | None = None,
     settings = settings_id(cfg.result_settings())
     faults = plan_from_env()  # failure tests only (pipeline.stages.faults); empty otherwise
 
+    check_writable(output, cfg.storage_options)  # a denied output fails here, not at a commit
     remove_stale_temporary_files(output)
     if job_config is not None:
         from pipeline.config.files import save_config

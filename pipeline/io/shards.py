@@ -26,7 +26,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.io.storage import filesystem, open_for_reading, retry
+from pipeline.io.storage import StorageError, filesystem, open_for_reading, retry
 
 # Piece k >= 1 of a big shard is named <shard name>.c<k:05d> (pipeline.stages.units).
 CHUNK_NAME = re.compile(r"(.+)\.c(\d{5,})")
@@ -194,6 +194,7 @@ def read_samples(
     elif shard.format == "parquet":
         yield from _read_parquet(fs, shard.paths[0], shard.uri, image_column, key_column)
     elif shard.format == "images":
+        transient: list[str] = []
         for path in shard.paths:
             key = posixpath.relpath(path, shard.root) if shard.root else path
             uri = f"{fs.unstrip_protocol(path)}"
@@ -202,8 +203,17 @@ def read_samples(
             except FileNotFoundError:
                 yield Sample(key=key, error=f"file disappeared before it was read: {uri}",
                              error_kind="missing_file")
-            except OSError as exc:  # transient errors that outlasted the retries, access denied
+            except StorageError as exc:  # transient errors that outlasted the retries
+                transient.append(uri)
                 yield Sample(key=key, error=str(exc), error_kind="storage")
+            except OSError as exc:  # access denied: permanent, a rerun would not help
+                yield Sample(key=key, error=str(exc), error_kind="storage")
+        if transient:
+            # Every file has its row; the shard-level error marks the group incomplete, so the
+            # next run reads it again instead of keeping these rows as final.
+            raise StorageError(f"{len(transient)} file(s) could not be read for transient "
+                               f"storage errors, e.g. {transient[0]}: the group is redone by "
+                               "the next run")
     else:
         raise ValueError(f"unknown shard format {shard.format!r}")
 

@@ -252,6 +252,25 @@ def read_bytes(uri: str, storage_options: Mapping[str, Any] | None = None) -> by
     return retry(lambda: fs.cat_file(path), uri, "read")
 
 
+def check_writable(folder: str, storage_options: Mapping[str, Any] | None = None) -> None:
+    """Write and remove a small object under ``folder``, so that an output the job cannot write
+    fails before any work (``PermissionError`` / ``StorageError`` naming it) instead of at the
+    first commit."""
+    import uuid
+
+    probe = f"{folder.rstrip('/')}/_write-check-{uuid.uuid4().hex[:12]}"
+    try:
+        write_bytes(probe, b"", storage_options)
+        fs, path = filesystem(probe, storage_options)
+        retry(lambda: fs.rm_file(path), probe, "delete")
+    except PermissionError as exc:
+        raise PermissionError(f"cannot write to {folder}: {exc}") from exc
+    except OSError as exc:
+        if isinstance(exc, StorageError):
+            raise
+        raise PermissionError(f"cannot write to {folder}: {explain(exc, probe)}") from exc
+
+
 def write_bytes(uri: str, data: bytes, storage_options: Mapping[str, Any] | None = None) -> None:
     """Write a whole file so that readers see the old one or the whole new one: a single PUT on
     object stores; locally a hidden temporary file in the same folder, then an atomic rename
