@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import time
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "jobs" / "benchmark.py"
@@ -44,7 +48,9 @@ def test_benchmark_measures_the_three_configurations(ray_session, tmp_path):
         "--out",
         str(tmp_path / "results"),
     ]
+    started = time.perf_counter()
     _load_benchmark().main(argv)
+    wall = time.perf_counter() - started
 
     result = json.loads((tmp_path / "results" / "benchmark.json").read_text())
     assert result["device"] == "cpu" and result["batch_size"] == 2 and not result["compile"]
@@ -84,8 +90,22 @@ def test_benchmark_measures_the_three_configurations(ray_session, tmp_path):
     work = tmp_path / "work"  # kept, since it was given: shards, loose JPEGs, one file a shard
     assert len(list((work / "shards").glob("*.tar"))) == shards
     assert len(list((work / "jpegs").glob("*.jpg"))) == images
+    # Checked against what the JSON cannot vouch for itself: the outputs on disk and a clock
+    # outside the benchmark.
+    outputs = {}
     for decode in ("cpu", "gpu"):
-        assert len(list((work / f"landmarks-{decode}").glob("part-*.parquet"))) == shards
+        files = sorted((work / f"landmarks-{decode}").glob("part-*.parquet"))
+        assert len(files) == shards
+        table = pa.concat_tables(pq.read_table(f) for f in files)
+        assert table.num_rows == images and table.column("error").null_count == images
+        outputs[decode] = table
+    assert outputs["cpu"].column("key").to_pylist() == outputs["gpu"].column("key").to_pylist()
+    np.testing.assert_allclose(  # the same libjpeg-turbo decode on both paths, on a CPU
+        np.asarray(outputs["cpu"].column("landmarks").to_pylist()),
+        np.asarray(outputs["gpu"].column("landmarks").to_pylist()), atol=0.5)
+    timed = model["seconds"] + base["seconds"] + sum(
+        p["seconds"] for p in result["pipelines"].values())
+    assert 0 < timed <= wall
 
 
 def _load_scale_benchmark():

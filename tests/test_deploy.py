@@ -69,8 +69,15 @@ def _load_docs(path: Path) -> list[dict]:
     return [doc for doc in yaml.load_all(path.read_text(), Loader=loader) if doc is not None]
 
 
+# Each walker checks that it found what the manifests hold, so no loop over one passes vacuously.
+KUBERAY_FILES = {"cronjob-nightly.yaml", "raycluster.yaml", "raycronjob-nightly.yaml",
+                 "rayjob-finetune.yaml", "rayjob-infer.yaml"}
+
+
 def kuberay_files() -> dict[str, list[dict]]:
-    return {p.name: load_docs(p) for p in sorted(KUBERAY.glob("*.yaml"))}
+    files = {p.name: load_docs(p) for p in sorted(KUBERAY.glob("*.yaml"))}
+    assert set(files) == KUBERAY_FILES and all(files.values()), sorted(files)
+    return files
 
 
 def of_kind(docs: list[dict], kind: str) -> list[dict]:
@@ -131,40 +138,49 @@ def project_image() -> str:
 # Walking the manifests
 
 
-def rayjob_specs() -> Iterator[tuple[str, dict, dict[str, dict]]]:
+def rayjob_specs() -> list[tuple[str, dict, dict[str, dict]]]:
     """(where, RayJob spec, ConfigMaps by name it can mount) for every RayJob the manifests
     create: RayJobs, the RayCronJob's jobTemplate and the CronJob's RayJob template."""
+    out = []
     for name, docs in kuberay_files().items():
         maps = configmaps(docs)
         for doc in of_kind(docs, "RayJob"):
-            yield f"{name}: RayJob {doc['metadata']['name']}", doc["spec"], maps
+            out.append((f"{name}: RayJob {doc['metadata']['name']}", doc["spec"], maps))
         for doc in of_kind(docs, "RayCronJob"):
-            yield f"{name}: RayCronJob {doc['metadata']['name']}", doc["spec"]["jobTemplate"], maps
+            out.append((f"{name}: RayCronJob {doc['metadata']['name']}",
+                        doc["spec"]["jobTemplate"], maps))
         for doc in of_kind(docs, "CronJob"):
             template = cronjob_rayjob(doc, maps)
-            yield f"{name}: CronJob {doc['metadata']['name']} template", template["spec"], maps
+            out.append((f"{name}: CronJob {doc['metadata']['name']} template", template["spec"],
+                        maps))
+    assert len(out) == 4, [w for w, _, _ in out]  # infer, finetune, nightly twice
+    return out
 
 
-def cluster_specs() -> Iterator[tuple[str, dict]]:
-    for name, docs in kuberay_files().items():
-        for doc in of_kind(docs, "RayCluster"):
-            yield f"{name}: RayCluster {doc['metadata']['name']}", doc["spec"]
-    for where, spec, _ in rayjob_specs():
-        yield where, spec["rayClusterSpec"]
+def cluster_specs() -> list[tuple[str, dict]]:
+    out = [(f"{name}: RayCluster {doc['metadata']['name']}", doc["spec"])
+           for name, docs in kuberay_files().items() for doc in of_kind(docs, "RayCluster")]
+    out += [(where, spec["rayClusterSpec"]) for where, spec, _ in rayjob_specs()]
+    assert len(out) == 5, [w for w, _ in out]  # the long-running cluster and one per RayJob
+    return out
 
 
-def pod_specs() -> Iterator[tuple[str, dict]]:
+def pod_specs() -> list[tuple[str, dict]]:
     """Every pod spec the manifests run (Ray heads and workers, the CronJob's pod)."""
+    out = []
     for where, spec in cluster_specs():
-        yield f"{where} head", spec["headGroupSpec"]["template"]["spec"]
+        out.append((f"{where} head", spec["headGroupSpec"]["template"]["spec"]))
+        assert spec["workerGroupSpecs"], f"{where}: no worker group"
         for group in spec["workerGroupSpecs"]:
-            yield f"{where} group {group['groupName']}", group["template"]["spec"]
+            out.append((f"{where} group {group['groupName']}", group["template"]["spec"]))
     for name, docs in kuberay_files().items():
         for doc in of_kind(docs, "CronJob"):
-            yield f"{name}: CronJob", doc["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+            out.append((f"{name}: CronJob", doc["spec"]["jobTemplate"]["spec"]["template"]["spec"]))
+    assert len(out) == 11, [w for w, _ in out]  # 5 heads, 5 GPU groups, the launcher pod
+    return out
 
 
-def manifest_images() -> Iterator[tuple[str, str]]:
+def manifest_images() -> list[tuple[str, str]]:
     """Every ``image:`` anywhere in the manifests (RayJob templates in ConfigMaps included),
     but the helper containers'."""
     def walk(node, where: str) -> Iterator[tuple[str, str]]:
@@ -177,10 +193,13 @@ def manifest_images() -> Iterator[tuple[str, str]]:
             for i, value in enumerate(node):
                 yield from walk(value, f"{where}[{i}]")
 
+    found = []
     for name, docs in kuberay_files().items():
-        yield from walk(docs, name)
+        found += walk(docs, name)
         for doc in of_kind(docs, "CronJob"):
-            yield from walk(cronjob_rayjob(doc, configmaps(docs)), f"{name} RayJob template")
+            found += walk(cronjob_rayjob(doc, configmaps(docs)), f"{name} RayJob template")
+    assert len(found) == 10, found  # a head and a worker image in each of the 5 clusters
+    return found
 
 
 def mounted_files(pod: dict, maps: dict[str, dict]) -> dict[str, str]:

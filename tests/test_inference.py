@@ -164,11 +164,16 @@ def test_real_photos_decode_and_land_inside_their_images(result):
 
 
 def test_rerun_overwrites_with_the_same_files_and_rows(result, archive, weights_file):
+    """--force redoes every shard: each file is written again (not skipped), under the same
+    name, with the same rows; nothing is added."""
     _, output, tables, _ = result
     before = sorted(p.name for p in output.iterdir())
-    _job(archive, output, weights_file[0])
+    written = {name: (output / name).stat().st_mtime_ns for name in tables}
+    summary = _job(archive, output, weights_file[0], force=True)
+    assert summary.skipped_shards == 0 and summary.files_committed == len(tables)
     assert sorted(p.name for p in output.iterdir()) == before
     for name, table in tables.items():
+        assert (output / name).stat().st_mtime_ns != written[name], f"{name} was not rewritten"
         assert pq.read_table(output / name).equals(table), name
 
 

@@ -9,6 +9,7 @@ process group or naming its temp dir, and their descendants (workers, job driver
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -236,6 +237,31 @@ def test_submit_refuses_bad_config_locally(submit, tmp_path, capsys):
     argv = ["infer", "--config", str(config), "--input", "x", "--output", "y"]
     assert submit("--address", f"http://127.0.0.1:{_free_port()}", *argv) == 2
     assert "batch_sise" in capsys.readouterr().err
+
+
+def test_submit_refuses_inline_storage_secrets_and_never_shows_them(submit, tmp_path, capsys):
+    """Inline storage options would sit in the entrypoint (Ray keeps and shows it) and in the
+    printed command: refused before anything is sent, and the secret is not echoed. A reference
+    (@file read on the cluster) passes."""
+    secret = "planted-submit-secret-91d2"
+    inline = json.dumps({"s3": {"key": "AKIA-PLANTED", "secret": secret}})
+    config = tmp_path / "job.yaml"
+    config.write_text(f"storage_options:\n  s3: {{secret: {secret}}}\n")
+    address = f"http://127.0.0.1:{_free_port()}"
+    for argv in (["--storage-options", inline], [f"--storage-options={inline}"],
+                 ["--config", str(config)]):
+        assert submit("--address", address, "infer", "--input", "s3://b/in", "--output",
+                      "s3://b/out", *argv) == 2
+        printed = capsys.readouterr()
+        assert "pass them by reference, --storage-options @" in printed.err
+        assert secret not in printed.out + printed.err and "submitted" not in printed.out
+    by_reference = tmp_path / "s3.json"
+    by_reference.write_text(inline)
+    code = submit("--address", address, "infer", "--input", "s3://b/in", "--output", "s3://b/out",
+                  "--storage-options", f"@{by_reference}")
+    printed = capsys.readouterr()
+    assert code == 2 and "cannot reach the Ray job API" in printed.err  # checked, then sent
+    assert secret not in printed.out + printed.err
 
 
 def test_config_warning_for_paths_the_cluster_cannot_see(tmp_path, monkeypatch):

@@ -73,9 +73,13 @@ def run(ray_session, archive, tmp_path_factory):
     once more in epoch 3 and FailureConfig(max_failures=1) restarts the group."""
     from ray.train import TrainingFailedError
 
-    cfg = _config(archive, tmp_path_factory.mktemp("runs"), "two-workers")
+    # Storage options for s3:// (unused by these local paths) carry a planted secret that must
+    # reach no file, log or Ray run state (Ray Train's state tracking is on to show its state).
+    cfg = _config(archive, tmp_path_factory.mktemp("runs"), "two-workers",
+                  storage_options={"s3": {"key": "AKIA-PLANTED", "secret": PLANTED}})
     marks = tmp_path_factory.mktemp("marks")
     with pytest.MonkeyPatch.context() as env:  # read by the job's driver, not a setting
+        env.setenv("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
         env.setenv(faults.ENV, f"dir={marks};step=2")
         with pytest.raises(TrainingFailedError, match="fault injected at step 2"):
             main(cfg)
@@ -85,6 +89,36 @@ def run(ray_session, archive, tmp_path_factory):
         env.setenv(faults.ENV, f"dir={marks};step=3")
         cfg = replace(cfg, max_failures=1)
         return cfg, after_kill, saved, main(cfg)
+
+
+PLANTED = "planted-secret-7f3a9c"
+
+
+def test_storage_secrets_reach_no_file_log_or_ray_run_state(run):
+    """The workers get the storage options through the object store, not train_loop_config,
+    which Ray records in its run state (state API, dashboard, export events)."""
+    import ray
+    from ray.train.v2._internal.state.state_actor import get_state_actor
+
+    cfg, *_ = run
+    assert cfg.storage_options["s3"]["secret"] == PLANTED  # the job had it
+    actor = get_state_actor()
+    assert actor is not None, "Ray Train's state tracking was not on"
+    runs = [r for r in ray.get(actor.get_train_runs.remote()).values() if r.name == cfg.name]
+    assert len(runs) == 2  # the killed run and the resumed one
+    for train_run in runs:
+        state = train_run.model_dump_json()
+        assert '"train_loop_config"' in state and cfg.storage_path in state  # what Ray keeps
+        assert PLANTED not in state and "AKIA-PLANTED" not in state
+    places = [Path(cfg.storage_path),
+              Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"]
+    scanned = 0
+    for place in places:
+        for path in place.rglob("*"):
+            if path.is_file():
+                scanned += 1
+                assert PLANTED.encode() not in path.read_bytes(), path
+    assert scanned > 20
 
 
 def test_two_workers_overfit_a_few_faces(run):

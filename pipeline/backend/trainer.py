@@ -18,7 +18,7 @@ import json
 import logging
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
 from pipeline.stages.faults import FaultPlan, plan_from_env
@@ -35,6 +35,7 @@ log = logging.getLogger("pipeline")
 
 def main(cfg: FinetuneConfig) -> FinetuneSummary:
     """Train (or resume), then export the best checkpoint; returns what was written."""
+    import ray
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -65,7 +66,11 @@ def main(cfg: FinetuneConfig) -> FinetuneSummary:
     )
     trainer = TorchTrainer(
         _train_loop_per_worker,
-        train_loop_config={"config": asdict(cfg), "faults": plan_from_env()},
+        # Ray records train_loop_config in its run state: the storage options' values travel
+        # in the object store instead (a reference here), like every other task argument.
+        train_loop_config={"config": {**asdict(cfg), "storage_options": {}},
+                           "storage_options": ray.put(dict(cfg.storage_options)),
+                           "faults": plan_from_env()},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=cfg.num_workers,
@@ -119,6 +124,7 @@ def _read_labelled(batch, **reader_kwargs):
 
 def _train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     """One Ray Train worker: restore, train epochs, validate, report checkpoints."""
+    import ray
     import ray.train
     import ray.train.torch
     import torch
@@ -128,7 +134,8 @@ def _train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     from pipeline.training import loop as tl
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    cfg = FinetuneConfig.from_dict(config["config"])
+    cfg = replace(FinetuneConfig.from_dict(config["config"]),
+                  storage_options=ray.get(config["storage_options"]))
     faults = FaultPlan(config["faults"])  # failure tests only (pipeline.stages.faults)
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()

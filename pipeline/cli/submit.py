@@ -70,10 +70,22 @@ def submit_arguments(p: argparse.ArgumentParser) -> None:
                    help="the job's own arguments (see landmarks JOB --help)")
 
 
-def validate_job_args(job: str, job_args: list[str]) -> None:
+INLINE_SECRETS = (
+    "inline storage options would be stored in plain text in the Ray job's entrypoint (or in "
+    "the config uploaded with it) and printed: pass them by reference, --storage-options "
+    "@/path/on/the/cluster.json (a file the job reads there), or give the cluster the "
+    "credentials as environment variables (AWS_ACCESS_KEY_ID, ..., e.g. from a Kubernetes "
+    "Secret)")
+
+
+def validate_job_args(job: str, job_args: list[str]) -> argparse.Namespace:
     """Parse ``JOB ARGS`` with the job's own parser, ``--config FILE`` applied; argparse exits
-    (2) on an error, a bad config raises ``ConfigError``."""
-    parse_args([job, *job_args])
+    (2) on an error, a bad config raises ``ConfigError``, and inline storage options (secrets
+    in the entrypoint) a ``ValueError``."""
+    parsed = parse_args([job, *job_args])
+    if getattr(parsed, "storage_options", None) and not parsed.storage_reference:
+        raise ValueError(INLINE_SECRETS)
+    return parsed
 
 
 def run_submit(args: argparse.Namespace) -> int:
