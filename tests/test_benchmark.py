@@ -105,7 +105,7 @@ def test_benchmark_measures_the_three_configurations(ray_session, tmp_path):
         np.asarray(outputs["gpu"].column("landmarks").to_pylist()), atol=0.5)
     timed = model["seconds"] + base["seconds"] + sum(
         p["seconds"] for p in result["pipelines"].values())
-    assert 0 < timed <= wall
+    assert 0 < timed <= wall + 0.1  # (the benchmark's own clock and rounding: ~ms)
 
 
 def _load_scale_benchmark():

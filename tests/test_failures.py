@@ -9,6 +9,7 @@ import io
 import json
 import struct
 import sys
+import time
 import zlib
 
 import numpy as np
@@ -213,3 +214,51 @@ def test_a_stage_that_fails_for_good_stops_the_run_with_its_cause(ray_session, t
                                           r"not found on this node.*a rerun does the rest"):
         run_inference(cfg, predictor=BrokenPredictor)
     assert not list((tmp_path / "out").glob("*.parquet"))
+
+
+class HangingPredictor:
+    """A predictor whose calls never return (a wedged GPU, a deadlocked library)."""
+
+    def __init__(self, **kwargs):
+        pass
+
+    def __call__(self, unit):
+        time.sleep(3600)
+
+
+def test_a_stalled_stage_stops_the_run_and_says_which(ray_session, tmp_path, monkeypatch,
+                                                       capsys):
+    """No unit predicted or committed for --stall-timeout: the run stops (instead of waiting
+    for ever), naming the stalled stage and what every stage holds."""
+    import ray.cloudpickle
+
+    from pipeline.backend.executor import StageStalled
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    write_sample_archive(str(tmp_path / "in"), 2, 1, image_size=(32, 32))
+    cfg = InferConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out"), batch_size=2,
+                      device="cpu", stall_timeout=10)
+    started = time.monotonic()
+    with pytest.raises(StageStalled) as stalled:
+        run_inference(cfg, predictor=HangingPredictor)
+    assert time.monotonic() - started < 60
+    message = str(stalled.value)
+    assert message.startswith("no unit moved for 10 s (--stall-timeout): stalled in the "
+                              "predict stage: 1 unit(s) sent to the predictor actors got no "
+                              "answer"), message
+    assert "units in flight per actor [1]" in message and "rows committed: 0" in message
+    assert message.endswith("a rerun resumes")
+    assert not list((tmp_path / "out").glob("*.parquet"))
+
+    # On the command line: one line and exit status 1.
+    def stalls(cfg, config=None):
+        raise StageStalled("no unit moved for 10 s (--stall-timeout): stalled in the read stage")
+
+    monkeypatch.setattr("pipeline.inference.job.run_inference", stalls)
+    from pipeline.cli.main import main
+
+    assert main(["infer", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "o2"),
+                 "--stall-timeout", "10"]) == 1
+    err = capsys.readouterr().err
+    assert "error: no unit moved for 10 s (--stall-timeout): stalled in the read stage" in err
+    assert "Traceback" not in err

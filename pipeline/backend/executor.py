@@ -123,6 +123,12 @@ def _commit(specs: list[PieceSpec], parts: list[list[tuple[int, int, int]]], *un
 class StageFailed(RuntimeError):
     """A stage failed for good (after Ray's retries); what was committed stays committed."""
 
+    stops_job = True  # the command line says it in one line and exits 1
+
+
+class StageStalled(StageFailed):
+    """No unit moved for ``--stall-timeout``: the run stops instead of waiting for ever."""
+
 
 def _result(ref, what: str, get: Callable | None = None):
     """``ray.get(ref)`` (or ``get(ref)``), with a failure explained as the stage that failed."""
@@ -158,7 +164,7 @@ class UnitRunner:
     def __init__(self, placement: Placement, reader_kwargs: Mapping[str, Any],
                  predictor_cls: type, predictor_kwargs: Mapping[str, Any],
                  piece_spec: Callable[[ReadTask, int, int, bool], PieceSpec],
-                 on_receipt: Callable[[dict[str, Any]], None]):
+                 on_receipt: Callable[[dict[str, Any]], None], stall_timeout: float = 900.0):
         import ray
 
         self.ray = ray
@@ -180,6 +186,7 @@ class UnitRunner:
         self.load = [0] * len(self.actors)
         self.slots = placement.concurrency + 1  # one queued call: the actor never waits on us
         self.stats = RunStats()
+        self.stall_timeout = stall_timeout
 
     def run(self, tasks: list[ReadTask]) -> RunStats:
         """Run every read task's units to their commits; returns call statistics."""
@@ -193,7 +200,8 @@ class UnitRunner:
         self.seen: dict[int, set[int]] = {}
         self.ended: set[int] = set()
         self.done_tasks, self.rows = 0, 0
-        started = last_log = time.monotonic()
+        started = last_log = self.moved = time.monotonic()
+        tick = min(PROGRESS_S, self.stall_timeout / 4)
         try:
             while self.queue or self.streams or self.predicting or self.commits:
                 while self.queue and len(self.streams) < self.placement.max_reads:
@@ -205,8 +213,7 @@ class UnitRunner:
                 waiting = [*self.predicting, *self.commits,
                            *(s.generator for s in self.streams if room)]
                 # fetch_local=False: readiness only; never pull a unit to the driver's node.
-                ready, _ = ray.wait(waiting, num_returns=1, timeout=PROGRESS_S,
-                                    fetch_local=False)
+                ready, _ = ray.wait(waiting, num_returns=1, timeout=tick, fetch_local=False)
                 for ref in ready:
                     if ref in self.commits:
                         self._receipt(ref)
@@ -214,6 +221,8 @@ class UnitRunner:
                         self._predicted(ref)
                     else:
                         self._next_unit(next(s for s in self.streams if s.generator == ref))
+                if time.monotonic() - self.moved > self.stall_timeout:
+                    raise StageStalled(self._stalled(len(tasks)))
                 if time.monotonic() - last_log >= PROGRESS_S:
                     last_log = time.monotonic()
                     log.info("... %d/%d read tasks done, %d rows committed (%.1f rows/s), %d "
@@ -232,6 +241,40 @@ class UnitRunner:
                     ray.cancel(stream.generator, force=True)
             for actor in self.actors:  # give the GPUs back now, not when the job ends
                 ray.kill(actor)
+
+    def _stalled(self, total_tasks: int) -> str:
+        """Which stage stopped moving, and what every stage holds: logged, and the error."""
+        if self.predicting:
+            stage = (f"the predict stage: {len(self.predicting)} unit(s) sent to the predictor "
+                     f"actors got no answer")
+        elif self.commits:
+            stage = f"the commit stage: {len(self.commits)} commit(s) never returned"
+        else:
+            stage = f"the read stage: {len(self.streams)} read task(s) yielded no unit"
+        lines = [f"read tasks: {self.done_tasks}/{total_tasks} done, {len(self.streams)} "
+                 f"running ({'; '.join(_task_text(s.task) for s in self.streams[:3]) or '-'}), "
+                 f"{len(self.queue)} waiting",
+                 f"predictor actors: {len(self.actors)}, units in flight per actor "
+                 f"{self.load}{self._actor_states()}",
+                 f"commits running: {len(self.commits)} "
+                 f"({'; '.join(list(self.commits.values())[:3]) or '-'})",
+                 f"pieces open: {len(self.pieces.open)}, rows committed: {self.rows}"]
+        for line in lines:
+            log.error("stalled: %s", line)
+        return (f"no unit moved for {self.stall_timeout:g} s (--stall-timeout): stalled in "
+                f"{stage}. {'; '.join(lines)}. The files committed so far stay; a rerun "
+                "resumes")
+
+    def _actor_states(self) -> str:
+        """The predictor actors' states from Ray's state API, when it answers."""
+        try:
+            from ray.util.state import list_actors
+
+            actors = list_actors(filters=[("class_name", "=", "_Predictor")], timeout=5,
+                                 raise_on_missing_output=False)
+            return "; states " + ", ".join(sorted(a.state for a in actors))
+        except Exception:  # no dashboard (a bare local Ray): the counts above must do
+            return ""
 
     def _next_unit(self, stream: _Stream) -> None:
         """Take a read task's next unit and send it to the least loaded predictor."""
@@ -252,6 +295,7 @@ class UnitRunner:
         """A unit is predicted: add it to its pieces and commit every piece now complete."""
         actor, rows_ref, task = self.predicting.pop(header_ref)
         self.load[actor] -= 1
+        self.moved = time.monotonic()
         header = _result(header_ref, "a predictor actor")
         seen = self.seen.setdefault(header.task, set())
         if header.index in seen:
@@ -280,6 +324,7 @@ class UnitRunner:
 
     def _receipt(self, ref) -> None:
         stems = self.commits.pop(ref)
+        self.moved = time.monotonic()
         for receipt in _result(ref, f"the commit of piece(s) {stems}"):
             self.rows += receipt["rows"]
             self.on_receipt(receipt)

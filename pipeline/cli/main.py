@@ -19,6 +19,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         # policy): said in one line, before any work where it can be checked first.
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except RuntimeError as exc:
+        if not getattr(exc, "stops_job", False):
+            raise
+        print(f"error: {exc}", file=sys.stderr)  # a stage failed for good, or stalled
+        return 1
 
 
 if __name__ == "__main__":

@@ -106,6 +106,10 @@ class InferConfig:
     force: bool = option(
         "redo every shard, even those an earlier run completed with the same model and "
         "settings (default: skip them)", default=False, group=RUN)
+    stall_timeout: float = option(
+        "stop the job when no unit has been predicted or committed for this many seconds "
+        "(default 900): the log says what each stage holds, the exit status is 1, and a rerun "
+        "resumes", default=900.0, group=RUN)
     max_error_fraction: float = option(
         "exit with status 1 when more than this share of the samples have errors (default "
         "0.01); a shard that stops part-way always does", default=0.01, group=RUN)
@@ -123,6 +127,8 @@ class InferConfig:
             raise ValueError(f"num_predictors must be >= 1, got {self.num_predictors}")
         if not 0 <= self.margin <= 2:
             raise ValueError(f"margin must be between 0 and 2, got {self.margin}")
+        if not self.stall_timeout > 0:
+            raise ValueError(f"stall_timeout must be > 0, got {self.stall_timeout}")
         if not 0 <= self.max_error_fraction <= 1:
             raise ValueError(f"max_error_fraction must be between 0 and 1, got "
                              f"{self.max_error_fraction}")

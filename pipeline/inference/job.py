@@ -137,7 +137,7 @@ def run_inference(cfg: InferConfig, job_config: Mapping[str, Any] | None = None,
             piece_spec=lambda task, shard, piece, last: PieceSpec(
                 output, task.shards[shard].shard, piece, piece * cfg.rows_per_file, last,
                 model_info.version, settings, dict(cfg.storage_options), faults),
-            on_receipt=on_receipt)
+            on_receipt=on_receipt, stall_timeout=cfg.stall_timeout)
         stats = runner.run(tasks)
         summary.predictor_calls = stats.units
         summary.rows_per_call = stats.call_sizes()
