@@ -106,6 +106,10 @@ class InferConfig:
     force: bool = option(
         "redo every shard, even those an earlier run completed with the same model and "
         "settings (default: skip them)", default=False, group=RUN)
+    break_lease: bool = option(
+        "take over the output's lease from a run that died (its record, OUTPUT/_lease.json, "
+        "names it); a live run keeps its lease otherwise, and this job stops with exit 2",
+        default=False, group=RUN)
     stall_timeout: float = option(
         "stop the job when no unit has been predicted or committed for this many seconds "
         "(default 900): the log says what each stage holds, the exit status is 1, and a rerun "

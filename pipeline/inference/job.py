@@ -23,6 +23,7 @@ from pipeline.inference.config import (
     UNIT_BATCHES,
     InferConfig,
 )
+from pipeline.io.lease import Lease
 from pipeline.io.report import ManifestWriter, Summary, new_run_id, write_manifest
 from pipeline.io.resume import completed_pieces, remove_stale_temporary_files, settings_id
 from pipeline.io.shards import list_shards
@@ -54,7 +55,6 @@ def run_inference(cfg: InferConfig, job_config: Mapping[str, Any] | None = None,
     ``OUTPUT/_config.yaml`` once the input is listed and the model loads, so a job that fails
     its checks leaves nothing behind. ``predictor`` is the class the actors run (the
     benchmarks put a stand-in there)."""
-    from pipeline.backend import cluster, executor
 
     started = time.time()
     start_iso = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -68,6 +68,20 @@ def run_inference(cfg: InferConfig, job_config: Mapping[str, Any] | None = None,
     faults = plan_from_env()  # failure tests only (pipeline.stages.faults); empty otherwise
 
     check_writable(output, cfg.storage_options)  # a denied output fails here, not at a commit
+    run_id = new_run_id()
+    # One run at a time on an output: a live run's lease makes this one stop here (exit 2).
+    with Lease(output, run_id, cfg.storage_options, break_lease=cfg.break_lease) as lease:
+        return _run(cfg, job_config, predictor, output=output, shards=shards,
+                    model_info=model_info, settings=settings, faults=faults, run_id=run_id,
+                    lease=lease, started=started, start_iso=start_iso)
+
+
+def _run(cfg: InferConfig, job_config, predictor: type, *, output: str, shards, model_info,
+         settings: str, faults: str, run_id: str, lease: Lease, started: float,
+         start_iso: str) -> Summary:
+    """The job once it holds the output's lease: resume, run the units, report."""
+    from pipeline.backend import cluster, executor
+
     remove_stale_temporary_files(output)
     if job_config is not None:
         from pipeline.config.files import save_config
@@ -88,7 +102,7 @@ def run_inference(cfg: InferConfig, job_config: Mapping[str, Any] | None = None,
                       skipped_shards=len(finished), max_error_fraction=cfg.max_error_fraction,
                       skipped_rows=sum(p.rows for p in progress.values()),
                       skipped_errors=sum(p.errors for p in progress.values()))
-    manifest = ManifestWriter(output, new_run_id(), cfg.storage_options)
+    manifest = ManifestWriter(output, run_id, cfg.storage_options)
     if todo:
         cluster.ensure_ray(cfg.ray_address)
         cpus, gpus = cluster.cluster_resources()
@@ -105,6 +119,7 @@ def run_inference(cfg: InferConfig, job_config: Mapping[str, Any] | None = None,
         last_log = [time.time()]
 
         def on_receipt(receipt: dict[str, Any]) -> None:
+            lease.check()  # taken over by another run: stop before it writes more
             summary.add(receipt)
             manifest.add(receipt)
             log.debug("committed %s: %d rows, %d errors", receipt["file"], receipt["rows"],

@@ -1,0 +1,143 @@
+"""One run at a time per output: a lease object, ``OUTPUT/_lease.json``.
+
+Two runs on the same output would race: one run's sweep of stale temporary files deletes the
+other's file in flight, and a data file and its completion record can come from different
+models. A run therefore takes the output's lease before it touches anything there: a small JSON
+object naming the run (id, host, process, start) and a heartbeat that a thread renews every
+``HEARTBEAT_S``. Another run that finds a fresh lease refuses to start and says whose it is; a
+lease whose heartbeat is older than ``EXPIRES_S`` belonged to a run that died and is taken over
+with a warning; ``--break-lease`` takes over a lease at once (for a run known to be dead).
+
+Object stores have no portable compare-and-swap, so two runs that start within the same second
+are told apart by writing, waiting ``SETTLE_S`` and reading back: the later writer wins, the
+other sees a foreign record and stops. The heartbeat also reads before it writes: a run whose
+lease was taken over stops at its next commit (``lost``), before it writes another file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from typing import Any
+
+from pipeline.io.storage import filesystem, protocol_of, read_bytes, retry, write_bytes
+
+log = logging.getLogger("pipeline")
+
+LEASE_FILE = "_lease.json"
+HEARTBEAT_S = 30.0
+EXPIRES_S = 300.0  # ten missed heartbeats: the run is gone
+SETTLE_S = {"local": 0.1, "remote": 1.0}  # local files are replaced atomically
+
+
+class LeaseHeld(ValueError):
+    """Another live run holds the output (a bad-input error: exit status 2)."""
+
+
+class LeaseLost(RuntimeError):
+    """This run's lease was taken over by another run: it stops before writing more."""
+
+    stops_job = True
+
+
+def _now() -> float:
+    return time.time()
+
+
+def _describe(record: Mapping[str, Any], now: float) -> str:
+    age = now - float(record.get("heartbeat", 0))
+    return (f"run {record.get('run_id')} on host {record.get('host')} (pid {record.get('pid')}, "
+            f"started {record.get('started')}, last heartbeat {age:.0f} s ago)")
+
+
+class Lease:
+    """The lease of ``output`` for run ``run_id``; ``with Lease(...) as lease:`` holds it."""
+
+    def __init__(self, output: str, run_id: str,
+                 storage_options: Mapping[str, Any] | None = None, *,
+                 break_lease: bool = False, heartbeat_s: float = HEARTBEAT_S,
+                 expires_s: float = EXPIRES_S, settle_s: float | None = None):
+        self.uri = f"{output.rstrip('/')}/{LEASE_FILE}"
+        self.run_id, self.storage_options = run_id, storage_options
+        self.break_lease = break_lease
+        self.heartbeat_s, self.expires_s = heartbeat_s, expires_s
+        local = protocol_of(output) in ("file", "local")
+        self.settle_s = SETTLE_S["local" if local else "remote"] if settle_s is None else settle_s
+        self.record = {"run_id": run_id, "host": socket.gethostname(), "pid": os.getpid(),
+                       "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        self.lost: str | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def read(self) -> dict[str, Any] | None:
+        try:
+            return json.loads(read_bytes(self.uri, self.storage_options))
+        except FileNotFoundError:
+            return None
+        except ValueError:  # a torn or foreign file: nobody's lease
+            return None
+
+    def _write(self) -> None:
+        write_bytes(self.uri, json.dumps({**self.record, "heartbeat": _now()}).encode(),
+                    self.storage_options)
+
+    def acquire(self) -> None:
+        """Take the lease, or raise ``LeaseHeld`` naming the live run that has it."""
+        current = self.read()
+        if current and current.get("run_id") != self.run_id:
+            now = _now()
+            alive = now - float(current.get("heartbeat", 0)) < self.expires_s
+            if alive and not self.break_lease:
+                raise LeaseHeld(f"{self.uri.rsplit('/', 1)[0]} is being written by "
+                                f"{_describe(current, now)}: wait for it to end, or, if that "
+                                "run is dead, rerun with --break-lease")
+            log.warning("taking over the output's lease from %s (%s)", _describe(current, now),
+                        "--break-lease" if alive else "its heartbeat expired")
+        self._write()
+        time.sleep(self.settle_s)  # a run that wrote at the same moment: the later one wins
+        current = self.read()
+        if not current or current.get("run_id") != self.run_id:
+            raise LeaseHeld(f"{self.uri.rsplit('/', 1)[0]} was taken at the same moment by "
+                            f"{_describe(current or {}, _now())}: wait for it to end")
+        self._thread = threading.Thread(target=self._beat, name="lease-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.heartbeat_s):
+            try:
+                current = self.read()
+                if current and current.get("run_id") != self.run_id:
+                    self.lost = _describe(current, _now())
+                    log.error("the output's lease was taken over by %s: stopping", self.lost)
+                    return
+                self._write()
+            except Exception as exc:  # a missed beat; the next one may get through
+                log.warning("could not renew the output's lease %s: %s", self.uri, exc)
+
+    def check(self) -> None:
+        """Raise ``LeaseLost`` when another run has taken the lease (call before writing)."""
+        if self.lost:
+            raise LeaseLost(f"another run took over this output's lease: {self.lost}; this "
+                            "run stopped, the files it committed stay")
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        current = self.read()
+        if current and current.get("run_id") == self.run_id:
+            fs, path = filesystem(self.uri, self.storage_options)
+            retry(lambda: fs.rm_file(path), self.uri, "delete")
+
+    def __enter__(self) -> Lease:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()

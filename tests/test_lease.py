@@ -1,0 +1,124 @@
+"""One run at a time per output: the lease (Ray-free), and two real runs on one output."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import threading
+import time
+
+import pytest
+
+from pipeline.io import lease as lease_module
+from pipeline.io.lease import LEASE_FILE, Lease, LeaseHeld, LeaseLost
+
+
+def _plant(output, run_id, heartbeat_age_s, host="gpu-node-7"):
+    output.mkdir(parents=True, exist_ok=True)
+    (output / LEASE_FILE).write_text(json.dumps({
+        "run_id": run_id, "host": host, "pid": 4242, "started": "2026-11-27T01:00:00+00:00",
+        "heartbeat": time.time() - heartbeat_age_s}))
+
+
+def test_a_live_runs_lease_refuses_a_second_run_and_names_it(tmp_path):
+    out = tmp_path / "out"
+    _plant(out, "20261127T010000Z-aaaaaa", heartbeat_age_s=20)
+    with pytest.raises(LeaseHeld) as held:
+        Lease(str(out), "20261127T020000Z-bbbbbb").acquire()
+    message = str(held.value)
+    assert f"{out} is being written by run 20261127T010000Z-aaaaaa on host gpu-node-7" in message
+    assert "pid 4242" in message and "last heartbeat 20 s ago" in message
+    assert "rerun with --break-lease" in message
+    assert json.loads((out / LEASE_FILE).read_text())["run_id"] == "20261127T010000Z-aaaaaa"
+
+
+def test_an_expired_lease_is_taken_over_and_break_lease_takes_a_live_one(tmp_path, caplog):
+    out = tmp_path / "out"
+    _plant(out, "dead-run", heartbeat_age_s=lease_module.EXPIRES_S + 5)
+    with caplog.at_level(logging.WARNING, "pipeline"), Lease(str(out), "new-run") as lease:
+        assert json.loads((out / LEASE_FILE).read_text())["run_id"] == "new-run"
+        lease.check()
+    assert "taking over the output's lease from run dead-run" in caplog.text
+    assert "its heartbeat expired" in caplog.text
+    assert not (out / LEASE_FILE).exists()  # released
+
+    _plant(out, "live-run", heartbeat_age_s=1)
+    with Lease(str(out), "breaker", break_lease=True):
+        assert json.loads((out / LEASE_FILE).read_text())["run_id"] == "breaker"
+
+
+def test_the_heartbeat_renews_the_lease_and_notices_a_takeover(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = Lease(str(out), "holder", heartbeat_s=0.05)
+    holder.acquire()
+    try:
+        first = json.loads((out / LEASE_FILE).read_text())["heartbeat"]
+        deadline = time.time() + 5
+        while (json.loads((out / LEASE_FILE).read_text())["heartbeat"] == first
+               and time.time() < deadline):
+            time.sleep(0.02)
+        assert json.loads((out / LEASE_FILE).read_text())["heartbeat"] > first  # renewed
+        holder.check()
+        _plant(out, "thief", heartbeat_age_s=0)  # another run broke the lease
+        deadline = time.time() + 5
+        while holder.lost is None and time.time() < deadline:
+            time.sleep(0.02)
+        with pytest.raises(LeaseLost, match="another run took over this output's lease: run "
+                                            "thief"):
+            holder.check()
+    finally:
+        holder.release()
+    assert json.loads((out / LEASE_FILE).read_text())["run_id"] == "thief"  # theirs stays
+
+
+class SlowPredictor:
+    """Three seconds a unit: long enough for a second run to try the same output."""
+
+    def __init__(self, **kwargs):
+        pass
+
+    def __call__(self, rows):
+        import numpy as np
+
+        time.sleep(3)
+        n = len(rows["key"])
+        out = {k: v for k, v in rows.items() if k != "pixels"}
+        out["landmarks"] = np.zeros((n, 68, 2), dtype=np.float32)
+        out["model_version"] = np.full(n, "slow", dtype=object)
+        return out
+
+
+def test_two_concurrent_runs_on_one_output(ray_session, tmp_path, capsys):
+    """Run A holds the output; run B, started while A works, stops with exit 2 naming A and
+    touches nothing; after A ends (lease released), B runs and resumes from A's files."""
+    import ray.cloudpickle
+
+    from pipeline.cli.main import main
+    from pipeline.demo.synthetic import write_sample_archive
+    from pipeline.inference.config import InferConfig
+    from pipeline.inference.job import run_inference
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    write_sample_archive(str(tmp_path / "in"), 2, 2, image_size=(32, 32), seed=1)
+    out = tmp_path / "out"
+    cfg = InferConfig(input=str(tmp_path / "in"), output=str(out), batch_size=2, unit_rows=2,
+                      device="cpu")
+    result = {}
+    first = threading.Thread(target=lambda: result.update(
+        a=run_inference(cfg, predictor=SlowPredictor)))
+    first.start()
+    deadline = time.time() + 60
+    while not (out / LEASE_FILE).exists() and time.time() < deadline:
+        time.sleep(0.05)
+    holder = json.loads((out / LEASE_FILE).read_text())["run_id"]
+    before = sorted(p.name for p in out.iterdir())
+    code = main(["infer", "--input", str(tmp_path / "in"), "--output", str(out), "--device",
+                 "cpu", "--batch-size", "2"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"is being written by run {holder} on host" in err, err
+    assert first.is_alive(), "run A ended before run B tried: the test proved nothing"
+    assert sorted(p.name for p in out.iterdir()) == before  # B wrote nothing (no _config.yaml)
+    first.join(120)
+    assert result["a"].files_committed == 2 and not (out / LEASE_FILE).exists()
