@@ -1,9 +1,11 @@
 """Unit tests for pipeline.io.shards: listing inputs and streaming samples out of shards."""
 
 import dataclasses
+import hashlib
 import io
 import json
 import os
+import posixpath
 import tarfile
 import uuid
 from pathlib import Path
@@ -178,16 +180,44 @@ def test_list_loose_images_grouped(tmp_path):
     (tmp_path / "notes.txt").write_text("x")
     (tmp_path / ".thumb.jpg").write_bytes(b"img")
     shards = list_shards(str(tmp_path), files_per_shard=2)
-    assert [s.name for s in shards] == ["images-00000", "images-00001", "images-00002"]
     assert all(s.format == "images" and s.uri == str(tmp_path) for s in shards)
     assert all(s.root == str(tmp_path) for s in shards)
-    assert [s.paths for s in shards] == [
-        (f"{tmp_path}/a.jpg", f"{tmp_path}/b.PNG"),
-        (f"{tmp_path}/c.jpeg", f"{tmp_path}/sub/d.png"),
-        (f"{tmp_path}/sub/e.webp",),
-    ]
-    # Default grouping: all five files in one shard.
-    assert [len(s.paths) for s in list_shards(str(tmp_path))] == [5]
+    # Every file once, in sorted order, cut where a file's path hash is an anchor.
+    assert [p for s in shards for p in s.paths] == [f"{tmp_path}/{n}" for n in names]
+    for shard in shards:
+        first = posixpath.relpath(shard.paths[0], str(tmp_path))
+        digest = hashlib.sha1(first.encode()).hexdigest()[:12]
+        anchor = int(digest, 16) % 2 == 0
+        assert shard.name == (f"images-{digest}" if anchor else "images-head"), shard
+        assert all(int(hashlib.sha1(posixpath.relpath(p, str(tmp_path)).encode()).hexdigest()
+                       [:12], 16) % 2 for p in shard.paths[1:])  # no anchor inside a group
+    # One file per group: every file is its own anchor.
+    assert [len(s.paths) for s in list_shards(str(tmp_path), files_per_shard=1)] == [1] * 5
+
+
+def test_loose_image_groups_are_stable_under_insertions_and_removals(tmp_path):
+    """Adding or removing files changes only their own groups: the other groups keep their
+    names and files (so their outputs and completion records stay valid)."""
+    names = [f"photos/{i // 40:02d}/img-{i:04d}.jpg" for i in range(400)]
+    for name in names:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"img")
+
+    def groups():
+        return {s.name: s.paths for s in list_shards(str(tmp_path), files_per_shard=10)}
+
+    before = groups()
+    sizes = [len(p) for p in before.values()]
+    assert sum(sizes) == 400 and 20 <= len(sizes) <= 80 and max(sizes) <= 40
+    (tmp_path / "photos/05/img-0222b.jpg").write_bytes(b"img")  # one more, in the middle
+    (tmp_path / "photos/09/img-0399.jpg").unlink()  # one fewer, at the end
+    after = groups()
+    changed = {n for n in before.keys() | after.keys() if before.get(n) != after.get(n)}
+    assert 2 <= len(changed) <= 3  # the two touched groups (+1 if the new file is an anchor)
+    touched = [p for n in changed for p in (before.get(n, ()) + after.get(n, ()))]
+    assert any(p.endswith("img-0222b.jpg") for p in touched)
+    assert any(p.endswith("img-0399.jpg") for p in touched)
+    # Position-based groups (the old rule) would have shifted every group after the insert.
 
 
 def test_list_mixed_formats(tmp_path):

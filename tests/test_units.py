@@ -315,3 +315,51 @@ def test_manifest_parts_hold_every_receipt_and_the_summary_stays_small(tmp_path)
     assert manifest["commit_cpu_s"] == 3.5 and manifest["output_bytes"] == 700
     assert read_receipts(out) == receipts
     assert settings_id({"a": 1}) != settings_id({"a": 2})
+
+
+def test_a_full_run_retires_outputs_the_input_no_longer_produces(tmp_path):
+    """Files of a deleted input shard, and later pieces a shard's new layout does not have, move
+    to _retired/<run>/ with their records; files from elsewhere, and a failed shard's, stay."""
+    from pipeline.io.resume import RETIRED_DIR, retire_stale_outputs, write_completion_record
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for name in ("a", "b", "c"):
+        write_tar(src / f"{name}.tar", [(f"{name}.jpg", b"x")])
+    out = tmp_path / "out"
+    before = {s.name: s for s in list_shards(str(src))}
+
+    def commit(shard, piece, model="m1", stem=None):
+        stem = stem or piece_stem(shard.name, piece)
+        (out / f"part-{stem}.parquet").write_bytes(b"rows")
+        write_completion_record(str(out), shard, stem, piece, piece * 10, False, 1, 0, False,
+                                model, "s1")
+
+    out.mkdir()
+    for shard in before.values():
+        commit(shard, 0)
+    commit(before["a"], 1)  # a later piece: a's input was bigger before
+    elsewhere = Shard("z", "/elsewhere/z.tar", "tar", ("/elsewhere/z.tar",))
+    commit(elsewhere, 0)  # written by a run over another input: not ours to judge
+    (src / "b.tar").unlink()
+    write_tar(src / "a.tar", [("a.jpg", b"xy")])  # a changed: its old piece 1 is stale
+    shards = list_shards(str(src))
+    for shard in shards:  # this run rewrote piece 0 of what is listed
+        commit(shard, 0, model="m2")
+
+    retired = retire_stale_outputs(str(out), str(src), shards, "m2", "s1", "run-7")
+    assert sorted(retired) == ["a.c00001", "b"]
+    assert sorted(p.name for p in out.glob("part-*")) == [
+        "part-a.parquet", "part-c.parquet", "part-z.parquet"]
+    moved = out / RETIRED_DIR / "run-7"
+    assert sorted(p.name for p in moved.glob("part-*")) == [
+        "part-a.c00001.parquet", "part-b.parquet"]
+    assert sorted(p.name for p in (moved / "_done").iterdir()) == ["a.c00001.json", "b.json"]
+    assert not (out / "_done" / "b.json").exists() and (out / "_done" / "z.json").exists()
+    assert retire_stale_outputs(str(out), str(src), shards, "m2", "s1", "run-8") == []
+
+    commit(shards[0], 1)  # a stale later piece of a shard that failed this run: left for later
+    assert retire_stale_outputs(str(out), str(src), shards, "m2", "s1", "run-9",
+                                failed={"a"}) == []
+    assert retire_stale_outputs(str(out), f"{src}/*.tar", shards, "m2", "s1", "run-9") == [
+        "a.c00001"]  # a glob input covers it too

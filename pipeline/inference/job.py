@@ -25,7 +25,12 @@ from pipeline.inference.config import (
 )
 from pipeline.io.lease import Lease
 from pipeline.io.report import ManifestWriter, Summary, new_run_id, write_manifest
-from pipeline.io.resume import completed_pieces, remove_stale_temporary_files, settings_id
+from pipeline.io.resume import (
+    completed_pieces,
+    remove_stale_temporary_files,
+    retire_stale_outputs,
+    settings_id,
+)
 from pipeline.io.shards import list_shards
 from pipeline.io.storage import check_writable
 from pipeline.model.network import load_model
@@ -158,6 +163,10 @@ def _run(cfg: InferConfig, job_config, predictor: type, *, output: str, shards, 
         summary.rows_per_call = stats.call_sizes()
         log.info("predictor calls: %d, rows per call %s", stats.units, summary.rows_per_call)
 
+    # Files of shards the input no longer has (a deleted tar, a loose-image group gone) would
+    # hold keys a second time next to the current files: they move to _retired/<run>/.
+    retire_stale_outputs(output, cfg.input, shards, model_info.version, settings, run_id,
+                         set(summary.failed_shards), cfg.storage_options)
     summary.seconds = time.time() - started
     summary.files.sort()
     write_manifest(cfg.public_dict(), summary, manifest, start_iso, cfg.storage_options)

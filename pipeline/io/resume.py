@@ -15,6 +15,7 @@ one request.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import logging
@@ -169,3 +170,80 @@ def remove_stale_temporary_files(output: str) -> int:
     if removed:
         log.info("removed %d temporary file(s) left by an interrupted run", removed)
     return removed
+
+
+RETIRED_DIR = "_retired"
+
+
+def retire_stale_outputs(output: str, input_uri: str, shards: list[Shard], model_version: str,
+                         settings: str, run_id: str, failed: set[str] = frozenset(),
+                         storage_options: Mapping[str, Any] | None = None) -> list[str]:
+    """Move the output files that the current listing no longer produces, with their records,
+    to ``OUTPUT/_retired/<run_id>/`` (where dataset readers do not look), so that no key is in
+    two output files. Called after a run that completed.
+
+    Stale: a file whose input shard is gone though it lies where this run listed (a deleted tar,
+    a loose-image group that no longer exists), and a later piece of a listed shard that this
+    run's layout does not have (its record is for other input bytes, model or settings). A file
+    from somewhere this run did not list (another input, a narrower glob) is left alone, as is
+    every file of a shard that failed this run (``failed``: shard names)."""
+    fs, root = filesystem(output, storage_options)
+    root = root.rstrip("/")
+    try:
+        present = {posixpath.relpath(p, root) for p in retry(lambda: fs.find(root), output,
+                                                             "listing the output")}
+    except FileNotFoundError:
+        return []
+    by_name = {s.name: s for s in shards}
+    listed_uris = {s.uri for s in shards}
+    candidates = []  # (stem, shard or None)
+    for rel in present:
+        if "/" in rel or not (rel.startswith("part-") and rel.endswith(".parquet")):
+            continue
+        stem = rel[len("part-"):-len(".parquet")]
+        found = split_stem(stem, by_name)
+        if found is None:
+            candidates.append((stem, None))
+        elif found[1] > 0 and found[0] not in failed:
+            candidates.append((stem, by_name[found[0]]))
+    if not candidates:
+        return []
+    paths = [f"{root}/{DONE_DIR}/{stem}.json" for stem, _ in candidates]
+    raw = retry(lambda: fs.cat(paths, on_error="return"), output, "reading completion records")
+    covered = _listed_here(input_uri)
+    stale = []
+    for (stem, shard), path in zip(candidates, paths, strict=True):
+        record = _parse(raw.get(path))
+        if record is None:
+            continue  # no record: not ours to judge
+        if shard is None:
+            if covered(str(record.get("shard", ""))) and record.get("shard") not in listed_uris:
+                stale.append(stem)
+        elif (record.get("shard_fingerprint") != shard.fingerprint
+              or record.get("model_version") != model_version
+              or record.get("settings") != settings):
+            stale.append(stem)
+    target = f"{root}/{RETIRED_DIR}/{run_id}"
+    for folder in ((target, f"{target}/{DONE_DIR}") if stale else ()):
+        fs.makedirs(folder, exist_ok=True)
+    for stem in stale:
+        for rel in (output_file_name(stem), f"{DONE_DIR}/{stem}.json"):
+            if rel in present:
+                retry(lambda r=rel: fs.mv(f"{root}/{r}", f"{target}/{r}"), output,
+                      "retiring a stale output file")
+    if stale:
+        log.warning("retired %d output file(s) the input no longer produces (e.g. %s) to "
+                    "%s/%s/%s/", len(stale), output_file_name(stale[0]), output, RETIRED_DIR,
+                    run_id)
+    return stale
+
+
+def _listed_here(input_uri: str):
+    """Whether a shard URI lies where a listing of ``input_uri`` looks."""
+    base = input_uri.rstrip("/")
+    if any(c in base for c in "*?["):
+        return lambda uri: fnmatch.fnmatchcase(uri, base) or fnmatch.fnmatchcase(
+            uri, base.split("://", 1)[-1])
+    return lambda uri: (uri == base or uri.startswith(base + "/")
+                        or uri.split("://", 1)[-1] == base.split("://", 1)[-1]
+                        or uri.split("://", 1)[-1].startswith(base.split("://", 1)[-1] + "/"))

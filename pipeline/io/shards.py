@@ -8,7 +8,8 @@ Three layouts:
   configurable); a ``bbox`` column is used as the face box and other scalar columns pass through
   to ``meta``.
 - ``images``: loose image files; each file is a sample keyed by its path relative to the input
-  root, and the sorted files are grouped into shards of ``files_per_shard``.
+  root, and the sorted files are grouped into shards of ``files_per_shard`` on average, by path
+  hash, so that adding or removing files changes only their own groups (``group_images``).
 """
 
 from __future__ import annotations
@@ -150,14 +151,11 @@ def list_shards(
         return posixpath.relpath(path, root) if root else path
 
     if fmt == "images":
-        groups = [selected[i : i + files_per_shard]
-                  for i in range(0, len(selected), files_per_shard)]
         return [
-            Shard(name=f"images-{i:05d}", uri=protocol + root, format="images",
-                  paths=tuple(group), root=root,
-                  fingerprint=_fingerprint([infos[p] for p in group]),
+            Shard(name=name, uri=protocol + root, format="images", paths=tuple(group),
+                  root=root, fingerprint=_fingerprint([infos[p] for p in group]),
                   size=sum(int(infos[p].get("size") or 0) for p in group))
-            for i, group in enumerate(groups)
+            for name, group in group_images(selected, relative, files_per_shard)
         ]
     shards = [
         Shard(name=posixpath.splitext(relative(p))[0].replace("/", "__"), uri=protocol + p,
@@ -178,6 +176,29 @@ def list_shards(
             raise ValueError(f"{shard.uri} would be written as part-{shard.name}.parquet, the "
                              f"name of a later piece of {seen[match.group(1)]}: rename it")
     return shards
+
+
+def _path_hash(relative_path: str) -> str:
+    return hashlib.sha1(relative_path.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def group_images(paths: list[str], relative, files_per_shard: int
+                 ) -> list[tuple[str, list[str]]]:
+    """Loose images (sorted) in groups of ``files_per_shard`` on average, stable under
+    insertions and removals: a group starts at an *anchor*, a file whose path hash falls on a
+    multiple of ``files_per_shard``, and is named after it (``images-<hash>``; the files before
+    the first anchor are ``images-head``). Adding or removing a file changes its own group only
+    (an added anchor splits one group in two), so the other groups keep their names, files and
+    completion records. A group that reaches ``4 x files_per_shard`` files is cut there, at
+    the next file, so no group grows without bound."""
+    groups: list[tuple[str, list[str]]] = []
+    for path in paths:
+        digest = _path_hash(relative(path))
+        anchor = int(digest[:12], 16) % files_per_shard == 0
+        if not groups or anchor or len(groups[-1][1]) >= 4 * files_per_shard:
+            groups.append((f"images-{digest[:12]}" if groups or anchor else "images-head", []))
+        groups[-1][1].append(path)
+    return groups
 
 
 def read_samples(
