@@ -47,6 +47,19 @@ def test_an_expired_lease_is_taken_over_and_break_lease_takes_a_live_one(tmp_pat
     with Lease(str(out), "breaker", break_lease=True):
         assert json.loads((out / LEASE_FILE).read_text())["run_id"] == "breaker"
 
+    # A killed run on this host (its process is gone): taken over at once, no waiting.
+    import socket
+    import subprocess
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    _plant(out, "killed-run", heartbeat_age_s=1, host=socket.gethostname())
+    lease = json.loads((out / LEASE_FILE).read_text())
+    (out / LEASE_FILE).write_text(json.dumps({**lease, "pid": dead.pid}))
+    with caplog.at_level(logging.WARNING, "pipeline"), Lease(str(out), "rerun"):
+        assert json.loads((out / LEASE_FILE).read_text())["run_id"] == "rerun"
+    assert "its process on this host is gone" in caplog.text
+
 
 def test_the_heartbeat_renews_the_lease_and_notices_a_takeover(tmp_path):
     out = tmp_path / "out"

@@ -5,8 +5,9 @@ other's file in flight, and a data file and its completion record can come from 
 models. A run therefore takes the output's lease before it touches anything there: a small JSON
 object naming the run (id, host, process, start) and a heartbeat that a thread renews every
 ``HEARTBEAT_S``. Another run that finds a fresh lease refuses to start and says whose it is; a
-lease whose heartbeat is older than ``EXPIRES_S`` belonged to a run that died and is taken over
-with a warning; ``--break-lease`` takes over a lease at once (for a run known to be dead).
+lease whose heartbeat is older than ``EXPIRES_S``, or whose process on this same host is gone,
+belonged to a run that died and is taken over with a warning; ``--break-lease`` takes over a
+lease at once (for a run known to be dead elsewhere).
 
 Object stores have no portable compare-and-swap, so two runs that start within the same second
 are told apart by writing, waiting ``SETTLE_S`` and reading back: the later writer wins, the
@@ -56,6 +57,23 @@ def _describe(record: Mapping[str, Any], now: float) -> str:
             f"started {record.get('started')}, last heartbeat {age:.0f} s ago)")
 
 
+def _process_gone(record: Mapping[str, Any]) -> bool:
+    """The lease's run was on this host and its process no longer exists (killed, crashed):
+    a rerun on the same machine need not wait for the heartbeat to expire."""
+    pid = record.get("pid")
+    if record.get("host") != socket.gethostname() or not isinstance(pid, int):
+        return False
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # it exists, owned by someone else
+        return False
+    return False
+
+
 class Lease:
     """The lease of ``output`` for run ``run_id``; ``with Lease(...) as lease:`` holds it."""
 
@@ -92,13 +110,15 @@ class Lease:
         current = self.read()
         if current and current.get("run_id") != self.run_id:
             now = _now()
-            alive = now - float(current.get("heartbeat", 0)) < self.expires_s
-            if alive and not self.break_lease:
+            fresh = now - float(current.get("heartbeat", 0)) < self.expires_s
+            gone = fresh and _process_gone(current)
+            if fresh and not gone and not self.break_lease:
                 raise LeaseHeld(f"{self.uri.rsplit('/', 1)[0]} is being written by "
                                 f"{_describe(current, now)}: wait for it to end, or, if that "
                                 "run is dead, rerun with --break-lease")
             log.warning("taking over the output's lease from %s (%s)", _describe(current, now),
-                        "--break-lease" if alive else "its heartbeat expired")
+                        "its heartbeat expired" if not fresh else
+                        "its process on this host is gone" if gone else "--break-lease")
         self._write()
         time.sleep(self.settle_s)  # a run that wrote at the same moment: the later one wins
         current = self.read()
