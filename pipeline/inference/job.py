@@ -27,6 +27,7 @@ from pipeline.io.lease import Lease
 from pipeline.io.report import ManifestWriter, Summary, new_run_id, write_manifest
 from pipeline.io.resume import (
     completed_pieces,
+    list_output,
     remove_stale_temporary_files,
     retire_stale_outputs,
     settings_id,
@@ -93,8 +94,9 @@ def _run(cfg: InferConfig, job_config, predictor: type, *, output: str, shards, 
 
         save_config(job_config, f"{output}/{CONFIG_FILE}", cfg.storage_options)
         log.info("resolved config saved to %s/%s (reuse it with --config)", output, CONFIG_FILE)
+    present = list_output(output, cfg.storage_options)  # once: resume and retiring use it
     progress = {} if cfg.force else completed_pieces(output, shards, model_info.version,
-                                                     settings, cfg.storage_options)
+                                                     settings, cfg.storage_options, present)
     finished = {name for name, p in progress.items() if p.finished}
     todo = [ShardTask(s, frozenset(progress[s.name].pieces) if s.name in progress else
                       frozenset()) for s in shards if s.name not in finished]
@@ -166,7 +168,7 @@ def _run(cfg: InferConfig, job_config, predictor: type, *, output: str, shards, 
     # Files of shards the input no longer has (a deleted tar, a loose-image group gone) would
     # hold keys a second time next to the current files: they move to _retired/<run>/.
     retire_stale_outputs(output, cfg.input, shards, model_info.version, settings, run_id,
-                         set(summary.failed_shards), cfg.storage_options)
+                         set(summary.failed_shards), cfg.storage_options, present)
     summary.seconds = time.time() - started
     summary.files.sort()
     write_manifest(cfg.public_dict(), summary, manifest, start_iso, cfg.storage_options)

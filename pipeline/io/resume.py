@@ -86,18 +86,39 @@ class ShardProgress:
             p in self.pieces for p in range(self.last_piece + 1))
 
 
-def completed_pieces(
-    output: str, shards: list[Shard], model_version: str, settings: str,
-    storage_options: Mapping[str, Any] | None = None,
-) -> dict[str, ShardProgress]:
-    """``{shard name: ShardProgress}`` for the shards with at least one piece done."""
+def list_output(output: str, storage_options: Mapping[str, Any] | None = None) -> set[str]:
+    """Every file under ``output``, relative to it (empty when it does not exist yet): one
+    recursive listing, which a run makes once and hands to ``completed_pieces`` and
+    ``retire_stale_outputs``."""
     fs, root = filesystem(output, storage_options)
     root = root.rstrip("/")
     try:
-        present = {posixpath.relpath(p, root) for p in retry(lambda: fs.find(root), output,
-                                                             "listing the output")}
+        found = retry(lambda: fs.find(root), output, "listing the output")
     except FileNotFoundError:
-        return {}
+        return set()
+    return {posixpath.relpath(p, root) for p in found}
+
+
+def _read_records(fs, output: str, paths: list[str]) -> dict[str, Any]:
+    """``{path: bytes or exception}`` for completion records, in one request (a record gone
+    since the listing stays an exception; a transient failure is retried on its own)."""
+    raw = retry(lambda: fs.cat(paths, on_error="return"), output, "reading completion records")
+    for path, value in raw.items():
+        if isinstance(value, Exception) and is_transient(value):
+            raw[path] = retry(lambda p=path: fs.cat_file(p), path, "reading a record")
+    return raw
+
+
+def completed_pieces(
+    output: str, shards: list[Shard], model_version: str, settings: str,
+    storage_options: Mapping[str, Any] | None = None, present: set[str] | None = None,
+) -> dict[str, ShardProgress]:
+    """``{shard name: ShardProgress}`` for the shards with at least one piece done
+    (``present``: the output's listing, when the caller has it)."""
+    fs, root = filesystem(output, storage_options)
+    root = root.rstrip("/")
+    if present is None:
+        present = list_output(output, storage_options)
     by_name = {s.name: s for s in shards}
     wanted: list[tuple[Shard, int, str]] = []
     for rel in present:
@@ -115,13 +136,7 @@ def completed_pieces(
         log.info("reading %d completion records in %d batches", len(wanted), len(batches))
 
     def read(batch):
-        paths = [path for _, _, path in batch]
-        raw = retry(lambda: fs.cat(paths, on_error="return"), output,
-                    "reading completion records")
-        for path, value in raw.items():  # a record gone since the listing stays an exception
-            if isinstance(value, Exception) and is_transient(value):
-                raw[path] = retry(lambda p=path: fs.cat_file(p), path, "reading a record")
-        return raw
+        return _read_records(fs, output, [path for _, _, path in batch])
 
     done: dict[str, ShardProgress] = {}
     with ThreadPoolExecutor(RECORD_READERS) as pool:
@@ -177,7 +192,8 @@ RETIRED_DIR = "_retired"
 
 def retire_stale_outputs(output: str, input_uri: str, shards: list[Shard], model_version: str,
                          settings: str, run_id: str, failed: set[str] = frozenset(),
-                         storage_options: Mapping[str, Any] | None = None) -> list[str]:
+                         storage_options: Mapping[str, Any] | None = None,
+                         present: set[str] | None = None) -> list[str]:
     """Move the output files that the current listing no longer produces, with their records,
     to ``OUTPUT/_retired/<run_id>/`` (where dataset readers do not look), so that no key is in
     two output files. Called after a run that completed.
@@ -186,14 +202,14 @@ def retire_stale_outputs(output: str, input_uri: str, shards: list[Shard], model
     a loose-image group that no longer exists), and a later piece of a listed shard that this
     run's layout does not have (its record is for other input bytes, model or settings). A file
     from somewhere this run did not list (another input, a narrower glob) is left alone, as is
-    every file of a shard that failed this run (``failed``: shard names)."""
+    every file of a shard that failed this run (``failed``: shard names).
+
+    ``present``, the output's listing from the start of the run, is enough: a file this run
+    wrote belongs to the current layout, so only files listed before can be stale."""
     fs, root = filesystem(output, storage_options)
     root = root.rstrip("/")
-    try:
-        present = {posixpath.relpath(p, root) for p in retry(lambda: fs.find(root), output,
-                                                             "listing the output")}
-    except FileNotFoundError:
-        return []
+    if present is None:
+        present = list_output(output, storage_options)
     by_name = {s.name: s for s in shards}
     listed_uris = {s.uri for s in shards}
     candidates = []  # (stem, shard or None)
@@ -209,7 +225,7 @@ def retire_stale_outputs(output: str, input_uri: str, shards: list[Shard], model
     if not candidates:
         return []
     paths = [f"{root}/{DONE_DIR}/{stem}.json" for stem, _ in candidates]
-    raw = retry(lambda: fs.cat(paths, on_error="return"), output, "reading completion records")
+    raw = _read_records(fs, output, paths)
     covered = _listed_here(input_uri)
     stale = []
     for (stem, shard), path in zip(candidates, paths, strict=True):

@@ -310,10 +310,9 @@ def _read_tar(fs, path: str, uri: str) -> Iterator[Sample]:
         if damage:
             raise DamagedShardError(f"{uri} has {'; '.join(damage)}: the members in between "
                                     "are lost")
-        # Every tar writer ends the archive with zero blocks: without them the shard was cut
-        # (possibly exactly between two members).
-        f.seek(max(0, size - 2 * BLOCK))
-        if size < 2 * BLOCK or f.read(2 * BLOCK).strip(b"\0"):
+        # Only zero blocks follow where tarfile stopped; every tar writer ends the archive with
+        # at least two of them: fewer, and the shard was cut (possibly between two members).
+        if size - stopped < 2 * BLOCK:
             raise DamagedShardError(f"{uri} ends without the tar end-of-archive marker: "
                                     "the shard is truncated")
 
@@ -381,11 +380,16 @@ def _parquet_sample(batch, i: int, rows: list[dict] | None, image_column: str,
                     key_column: str) -> Sample:
     """Row ``i``: its key and image, the other columns as JSON-safe ``meta``. A side value that
     cannot be converted costs this sample (``bad_sidecar``), not the shard."""
-    key = str(batch.column(key_column)[i].as_py())
-    data = batch.column(image_column)[i].as_py()
+    if rows is not None:  # the batch converted whole: the usual, fast case
+        row = dict(rows[i])
+        key, data = str(row.pop(key_column)), row.pop(image_column)
+    else:  # a value Python cannot hold is in this batch: find whose, row by row
+        key = str(batch.column(key_column)[i].as_py())
+        data = batch.column(image_column)[i].as_py()
     try:
-        row = rows[i] if rows is not None else batch.slice(i, 1).to_pylist()[0]
-        meta = {k: json_value(v) for k, v in row.items() if k not in (key_column, image_column)}
+        if rows is None:
+            row = batch.slice(i, 1).drop_columns([key_column, image_column]).to_pylist()[0]
+        meta = {k: json_value(v) for k, v in row.items()}
     except (ValueError, TypeError, OverflowError, ArithmeticError) as exc:
         return Sample(key=key, data=data,
                       meta_error=f"a side column cannot be read as JSON: {exc}")

@@ -46,14 +46,19 @@ class FaultPlan:
         self.commit = fields.get("commit")
         self.step = int(fields["step"]) if "step" in fields else None
 
-    def _die_once(self, name: str, note: str = "") -> None:
-        marker = self.dir / name
+    def _first_time(self, name: str, note: str = "") -> bool:
+        """Leave the marker ``name``; False when it was there (the fault already happened,
+        the retry goes through)."""
         try:
-            with open(marker, "x") as f:
+            with open(self.dir / name, "x") as f:
                 f.write(note)
         except FileExistsError:
-            return  # this fault already happened: the retry goes through
-        os._exit(137)
+            return False
+        return True
+
+    def _die_once(self, name: str, note: str = "") -> None:
+        if self._first_time(name, note):
+            os._exit(137)
 
     def at_read(self, shard_name: str, row: int, units_delivered: int = 0) -> None:
         if self.read == f"{shard_name}@{row}":
@@ -68,10 +73,5 @@ class FaultPlan:
             self._die_once(f"commit-{stem}")
 
     def at_step(self, step: int) -> None:
-        if self.step == step:
-            marker = self.dir / f"step-{step}"
-            try:
-                marker.open("x").close()
-            except FileExistsError:
-                return  # the restarted attempt gets past this step
+        if self.step == step and self._first_time(f"step-{step}"):
             raise RuntimeError(f"fault injected at step {step} (LANDMARKS_FAULTS, for testing)")
