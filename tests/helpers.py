@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -78,3 +80,14 @@ def flip_landmarks(points, width: float):
     mirrored = points[..., list(FLIP_PERMUTATION), :] * 1.0
     mirrored[..., 0] = width - 1 - mirrored[..., 0]
     return mirrored
+
+
+def cluster_job(*args: str) -> dict:
+    """Run ``tests/cluster_jobs.py`` (on a Ray cluster of its own, in a process of its own, away
+    from this session's Ray); its ``RESULT`` line."""
+    done = subprocess.run([sys.executable, "tests/cluster_jobs.py", *args],
+                          cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                          text=True, timeout=900)
+    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert done.returncode == 0 and lines, done.stderr[-3000:]
+    return json.loads(lines[0][len("RESULT "):])

@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from helpers import sidecar, tar_members, write_tar
+from helpers import cluster_job, sidecar, tar_members, write_tar
 from PIL import Image
 
 from pipeline.cli.main import main
@@ -262,3 +262,15 @@ def test_a_stalled_stage_stops_the_run_and_says_which(ray_session, tmp_path, mon
     err = capsys.readouterr().err
     assert "error: no unit moved for 10 s (--stall-timeout): stalled in the read stage" in err
     assert "Traceback" not in err
+
+
+def test_a_task_killed_for_memory_is_retried_a_few_times_not_for_ever():
+    """Two tasks that each need 3 GB on a node whose memory monitor kills above what is in use
+    now + 1.5 GB. Ray's default reruns such tasks for ever (the job would never end); the cap
+    ``ensure_ray`` sets makes them fail with Ray's OutOfMemoryError after a few attempts."""
+    from pipeline.backend.cluster import OOM_TASK_RETRIES
+
+    result = cluster_job("oom-cap")
+    assert result["driver_setting"] == str(OOM_TASK_RETRIES)
+    assert result["outcomes"] == ["OutOfMemoryError", "OutOfMemoryError"], result
+    assert 2 <= result["attempts"] <= 2 * (OOM_TASK_RETRIES + 1), result

@@ -9,13 +9,25 @@ import os
 
 log = logging.getLogger("pipeline")
 
+# Times Ray reruns a task that its memory monitor killed. Ray's default (-1) is for ever, and
+# these retries do not count against the task's max_retries: a task that needs more memory than
+# the node has would be killed and rerun without end, and the job would never finish.
+OOM_TASK_RETRIES = 3
+
 
 def ensure_ray(address: str | None = None) -> None:
-    """Connect to the cluster at ``address`` / ``RAY_ADDRESS`` or start a local Ray instance."""
+    """Connect to the cluster at ``address`` / ``RAY_ADDRESS`` or start a local Ray instance.
+
+    Caps the retries of tasks killed for memory at ``OOM_TASK_RETRIES`` (a task this job
+    submits then fails, and the run stops with its cause) unless ``RAY_task_oom_retries`` is
+    set. Ray reads that setting in the process that submits a task, when it connects: the cap
+    holds for the tasks this driver submits (inference's read and commit tasks) on any cluster,
+    and for every task of a local instance started here; the deploy image sets it for all."""
     import ray
 
     if ray.is_initialized():
         return
+    os.environ.setdefault("RAY_task_oom_retries", str(OOM_TASK_RETRIES))
     address = address or os.environ.get("RAY_ADDRESS") or None
     log.info("connecting to Ray at %s", address) if address else log.info("starting local Ray")
     ray.init(address=address)
