@@ -11,20 +11,26 @@ hands the plan to its stages. A plan such as
   returning them;
 - the commit of piece ``faces-00002`` die after its Parquet file is written and before its
   completion record is;
-- with ``step=N``, fine-tuning's rank 0 raise once at training step N (like a worker that
-  failed; Ray Train restarts the group from its last checkpoint).
+- with ``step=N``, fine-tuning's rank 0 worker process die after training step N (Ray Train
+  restarts the group from its last checkpoint, or the job fails when no restarts are left).
+  It dies ``STEP_KILL_DELAY_S`` after the step: Ray Train's controller collects a worker's
+  reports when it polls the workers (every 2 s), and a worker that dies sooner after a
+  checkpoint report takes that checkpoint's registration with it (the files stay, the rerun
+  starts from the checkpoint before). The tests are about the restart, not that window.
 
 The first process to get there leaves a marker file in ``dir`` and exits at once, like a process
-killed by the OOM killer or a lost node, so Ray's own recovery (task retries, actor restarts) is
-what the tests exercise.
+killed by the OOM killer or a lost node, so Ray's own recovery (task retries, actor restarts,
+Ray Train's worker-group restarts) is what the tests exercise.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 ENV = "LANDMARKS_FAULTS"
+STEP_KILL_DELAY_S = 4.0
 
 
 def plan_from_env() -> str:
@@ -73,5 +79,6 @@ class FaultPlan:
             self._die_once(f"commit-{stem}")
 
     def at_step(self, step: int) -> None:
-        if self.step == step and self._first_time(f"step-{step}"):
-            raise RuntimeError(f"fault injected at step {step} (LANDMARKS_FAULTS, for testing)")
+        if self.step == step and not (self.dir / f"step-{step}").exists():
+            time.sleep(STEP_KILL_DELAY_S)
+            self._die_once(f"step-{step}", f"pid={os.getpid()}")
