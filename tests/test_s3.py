@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import boto3
 import numpy as np
@@ -21,6 +22,7 @@ from pipeline.io import storage
 from pipeline.io.shards import list_shards
 
 BUCKET = "faces"
+SECRET = "planted-s3-secret-5d1e8b"  # moto takes any; must reach no file or log
 
 
 @pytest.fixture(scope="module")
@@ -30,10 +32,10 @@ def s3(tmp_path_factory):
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     proxy = FaultProxy(server.get_host_and_port()).start()
-    options = {"key": "testing", "secret": "testing-secret", "endpoint_url": proxy.url,
+    options = {"key": "testing", "secret": SECRET, "endpoint_url": proxy.url,
                "client_kwargs": {"region_name": "us-east-1"}}
     boto3.client("s3", endpoint_url=proxy.url, region_name="us-east-1",
-                 aws_access_key_id="testing", aws_secret_access_key="testing-secret",
+                 aws_access_key_id="testing", aws_secret_access_key=SECRET,
                  ).create_bucket(Bucket=BUCKET)
     fs = s3fs.S3FileSystem(**options)
     local = tmp_path_factory.mktemp("local")
@@ -90,13 +92,25 @@ def test_s3_input_output_and_weights_give_the_local_rows(s3, s3_job):
     assert done["rows"] == 2 and done["file"] == "part-faces-00001.parquet"
 
 
-def test_no_credentials_in_the_saved_config(s3, s3_job):
+def test_storage_secret_reaches_no_output_file_or_log(s3, s3_job):
+    """The inference job had the secret (it read and wrote s3:// with it); it is in no object
+    it wrote, no local file and no log of this session's Ray (tasks get storage options as
+    arguments, through the object store, and a failing task's message must not show them)."""
+    import ray
+
     manifest = s3["fs"].cat(f"{BUCKET}/out/_manifest.json").decode()
-    assert "testing-secret" not in manifest
     assert json.loads(manifest)["config"]["storage_options"] == [
-        "client_kwargs", "endpoint_url", "key", "secret"]
-    assert "testing-secret" not in repr(InferConfig(input="a", output="b",
-                                                     storage_options=s3["options"]))
+        "client_kwargs", "endpoint_url", "key", "secret"]  # names only
+    assert SECRET not in repr(InferConfig(input="a", output="b", storage_options=s3["options"]))
+    objects = [p for p in s3["fs"].find(f"{BUCKET}/out") if not p.endswith("/")]
+    assert len(objects) >= 5
+    for path in objects:
+        assert SECRET.encode() not in s3["fs"].cat(path), path
+    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+    scanned = [p for place in (logs, s3["local"]) for p in place.rglob("*") if p.is_file()]
+    assert len(scanned) > 20
+    for path in scanned:
+        assert SECRET.encode() not in path.read_bytes(), path
 
 
 def test_parquet_shard_on_s3(ray_session, s3, s3_job, weights_file):
