@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pipeline.config.options import option
 from pipeline.model.geometry import DEVICES
 from pipeline.model.metrics import DEFAULT_THRESHOLD
+from pipeline.stages.detect import DEFAULT_FACE_THRESHOLD
 from pipeline.stages.labels import SPLITS
 from pipeline.training.config import LabelledData
 
@@ -27,6 +28,14 @@ class EvalConfig(LabelledData):
         "score only the hash split of the fine-tuning job (with --val-fraction)", default="all",
         choices=SPLITS)
     threshold: float = option("failure / AUC threshold", default=DEFAULT_THRESHOLD)
+    detect: str = option(
+        "with --weights: never (crop the labelled face box, the landmark model alone) or always "
+        "(find the faces in each labelled image with the face detector, as the inference job "
+        "does, and score the one that overlaps the labelled face; a labelled face found nowhere "
+        "counts as a failure)", default="never", choices=("never", "always"))
+    face_threshold: float = option(
+        "with --detect always: the detector score a face needs (default: the inference job's)",
+        default=DEFAULT_FACE_THRESHOLD)
     batch_size: int = option(default=32)
     device: str = option(default="auto", choices=DEVICES)
     worst: int = option(default=10, cli=False)
@@ -41,6 +50,10 @@ class EvalConfig(LabelledData):
             raise ValueError(f"split must be one of {SPLITS}, got {self.split!r}")
         if self.split != "all" and not 0 < self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        if self.detect == "always" and self.weights is None:
+            raise ValueError("--detect always runs the detector and the model: give --weights "
+                             "(Parquet predictions of a run with --detect are matched by "
+                             "overlap anyway)")
         if self.threshold <= 0 or self.batch_size < 1:
             raise ValueError("need threshold > 0 and batch_size >= 1")
 

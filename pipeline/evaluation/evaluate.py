@@ -2,8 +2,16 @@
 
 With a model file, each labelled sample is cropped exactly as the inference job crops it (the
 sidecar ``bbox``, else the landmarks' extent, grown by ``margin``) and run through the inference
-predictor, in this process. For archives too large for one process, run the inference job on the
-cluster and evaluate its Parquet output with ``predictions``: rows are matched to labels by key.
+predictor, in this process. With ``detect="always"`` the face detector finds the faces in each
+labelled image first, as the inference job does, and the face whose box (mapped to the landmark
+model's convention) overlaps the labelled face's box by ``MATCH_IOU`` or more is scored: detection
+and landmarks end to end. For archives too large for one process, run the inference job on the
+cluster and evaluate its Parquet output with ``predictions``: rows are matched to labels by key,
+and where an image has rows for several detected faces, by the same overlap.
+
+A labelled face that detection missed (no face found, or none overlapping it) counts as a
+failure: in the failure rate and the AUC (as an infinite NME), not in the mean NME, and the
+report says how many (``missed_faces``).
 Writes a JSON report (inter-ocular NME, failure rate and AUC at the threshold, NME per region, the
 worst samples) and a PNG of the cumulative error distribution.
 """
@@ -20,11 +28,28 @@ import numpy as np
 
 from pipeline.evaluation.config import EvalConfig
 from pipeline.io.shards import Shard, list_shards, read_samples
-from pipeline.model.metrics import nme, plot_ced, summarize
+from pipeline.model.metrics import auc, failure_rate, nme, plot_ced, summarize
 from pipeline.stages.labels import LabelledReader, parse_landmarks, split_of
 from pipeline.stages.preprocess import SampleError
 
 log = logging.getLogger("pipeline")
+
+MATCH_IOU = 0.5  # a found face is the labelled one when its box overlaps the labelled box this much
+
+
+def best_match(label_box: np.ndarray, boxes: np.ndarray) -> int | None:
+    """The index of the box (in the landmark model's convention) that overlaps ``label_box``
+    most, if it overlaps it by ``MATCH_IOU`` or more."""
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    if not len(boxes):
+        return None
+    lo = np.maximum(boxes[:, :2], label_box[:2])
+    hi = np.minimum(boxes[:, 2:], label_box[2:])
+    inter = np.prod(np.clip(hi - lo, 0, None), axis=1)
+    area = np.prod(boxes[:, 2:] - boxes[:, :2], axis=1)
+    iou = inter / (area + np.prod(label_box[2:] - label_box[:2]) - inter)
+    best = int(iou.argmax())
+    return best if iou[best] >= MATCH_IOU else None
 
 
 def read_labels(
@@ -73,7 +98,58 @@ def _with_model(cfg: EvalConfig, shards: list[Shard]):
         "model_version": predictor.info.version,
         "damaged_shards": reader.shard_errors,
     }
-    return keys, preds, targets, reader.skipped, 0, info
+    return keys, preds, targets, reader.skipped, 0, info, []
+
+
+def _with_model_and_detector(cfg: EvalConfig, shards: list[Shard]):
+    """Points (pixels) of the detected face that matches each labelled one, as the inference
+    job would give them; the labelled faces no face matched."""
+    from pipeline.stages.detect import FaceFinder
+    from pipeline.stages.labels import bbox_from_landmarks
+    from pipeline.stages.predictor import LandmarkPredictor
+    from pipeline.stages.preprocess import decode_image, to_pixels
+
+    predictor = LandmarkPredictor(
+        weights=cfg.weights, storage_options=cfg.storage_options, device=cfg.device
+    )
+    finder = FaceFinder(cfg.face_threshold, margin=cfg.margin)
+    keys, preds, targets, skipped, missed, damaged = [], [], [], 0, [], []
+    for shard in shards:
+        samples = read_samples(shard, cfg.storage_options, cfg.image_column, cfg.key_column)
+        try:
+            for sample in samples:
+                if cfg.split != "all" and split_of(sample.key, cfg.val_fraction) != cfg.split:
+                    continue
+                try:
+                    if sample.error or sample.meta_error:
+                        raise SampleError(sample.error or sample.meta_error)
+                    points = parse_landmarks((sample.meta or {}).get("landmarks"))
+                    image = decode_image(sample.data, cfg.max_pixels)
+                except SampleError as exc:
+                    skipped += 1
+                    log.warning("skipping %s: %s", sample.key, exc)
+                    continue
+                faces = finder(image)
+                found = best_match(np.asarray(bbox_from_landmarks(points)),
+                                   [face.model_box for face in faces])
+                if found is None:
+                    missed.append(sample.key)
+                    continue
+                face = faces[found]
+                outputs = predictor.forward(face.pixels[None])
+                preds.append(to_pixels(outputs, [face.crop]))
+                targets.append(points[None])
+                keys.append(sample.key)
+        except Exception as exc:  # a damaged shard: report it, score the rest
+            damaged.append(f"{shard.uri}: {exc.__class__.__name__}: {exc}")
+        log.info("%s: %d faces scored, %d missed so far", shard.uri, len(keys), len(missed))
+    info = {
+        "source": cfg.weights,
+        "model_version": predictor.info.version,
+        "damaged_shards": damaged,
+        "detect": "always",
+    }
+    return keys, preds, targets, skipped, 0, info, missed
 
 
 def _with_predictions(cfg: EvalConfig, shards: list[Shard]):
@@ -87,21 +163,35 @@ def _with_predictions(cfg: EvalConfig, shards: list[Shard]):
     def visible(path: str) -> bool:  # not a temporary file of a write in progress
         return path.endswith(".parquet") and not path.rsplit("/", 1)[-1].startswith((".", "_"))
 
+    from pipeline.model.detector import landmark_box
+    from pipeline.stages.labels import bbox_from_landmarks
+
     files = [root] if fs.isfile(root) else sorted(filter(visible, fs.find(root)))
     if not files:
         raise FileNotFoundError(f"no Parquet files under {cfg.predictions}")
-    predicted: dict[str, np.ndarray] = {}
+    # key -> [(landmarks, detector box or None)]: one row per key, or one per detected face
+    predicted: dict[str, list[tuple[np.ndarray, np.ndarray | None]]] = {}
+    searched = set()  # keys searched for faces and found without one
     versions = set()
     for path in files:
         with fs.open(path, "rb") as f:
-            table = pq.read_table(f, columns=["key", "landmarks", "error", "model_version"])
+            names = pq.read_schema(f).names
+            f.seek(0)
+            columns = ["key", "landmarks", "error", "error_kind", "model_version"]
+            faces = "face_box" in names
+            table = pq.read_table(f, columns=columns + (["face", "face_box"] if faces else []))
         for row in table.to_pylist():
-            if row["error"] is None and row["landmarks"] is not None:
-                if row["key"] in predicted:
+            if row["error_kind"] == "no_face":
+                searched.add(row["key"])
+            elif row["error"] is None and row["landmarks"] is not None:
+                rows = predicted.setdefault(row["key"], [])
+                box = row.get("face_box")
+                if rows and (box is None or rows[0][1] is None):
                     raise ValueError(f"key {row['key']!r} appears twice in {cfg.predictions}")
-                predicted[row["key"]] = np.asarray(row["landmarks"], dtype=np.float64)
+                rows.append((np.asarray(row["landmarks"], dtype=np.float64),
+                             None if box is None else np.asarray(box, dtype=np.float64)))
                 versions.add(row["model_version"])
-    keys, preds, targets, skipped, missing, damaged = [], [], [], 0, 0, []
+    keys, preds, targets, skipped, missing, damaged, missed = [], [], [], 0, 0, [], []
     for shard in shards:
         try:
             labels = list(read_labels(shard, cfg))
@@ -113,17 +203,29 @@ def _with_predictions(cfg: EvalConfig, shards: list[Shard]):
                 skipped += 1
                 log.warning("skipping %s: %s", key, error)
             elif key not in predicted:
-                missing += 1
+                if key in searched:
+                    missed.append(key)  # searched for faces: none found
+                else:
+                    missing += 1
             else:
+                rows = predicted[key]
+                if rows[0][1] is None:  # a sidecar box, or no detection: the one row
+                    found = 0
+                else:  # detected faces: the one over the labelled face, if any
+                    found = best_match(np.asarray(bbox_from_landmarks(points)),
+                                       landmark_box(np.stack([box for _, box in rows])))
+                if found is None:
+                    missed.append(key)
+                    continue
                 keys.append(key)
-                preds.append(predicted[key][None])
+                preds.append(rows[found][0][None])
                 targets.append(points[None])
     info = {
         "source": cfg.predictions,
         "model_version": ",".join(sorted(versions)),
         "damaged_shards": damaged,
     }
-    return keys, preds, targets, skipped, missing, info
+    return keys, preds, targets, skipped, missing, info, missed
 
 
 def main(cfg: EvalConfig) -> dict[str, Any]:
@@ -131,22 +233,35 @@ def main(cfg: EvalConfig) -> dict[str, Any]:
     from pipeline.io.storage import write_bytes
 
     shards = list_shards(cfg.labels, cfg.format, cfg.storage_options)
-    run = _with_model if cfg.weights else _with_predictions
-    keys, preds, targets, skipped, missing, info = run(cfg, shards)
-    if not keys:
+    if cfg.weights:
+        run = _with_model_and_detector if cfg.detect == "always" else _with_model
+    else:
+        run = _with_predictions
+    keys, preds, targets, skipped, missing, info, missed = run(cfg, shards)
+    if not keys and not missed:
         raise ValueError(
             f"no labelled sample of split {cfg.split!r} could be scored "
             f"({skipped} unusable, {missing} without a prediction)"
         )
-    pred, target = np.concatenate(preds), np.concatenate(targets)
+    shape = (0, 68, 2)
+    pred = np.concatenate(preds) if preds else np.zeros(shape)
+    target = np.concatenate(targets) if targets else np.zeros(shape)
     per_sample = nme(pred, target)
+    # A labelled face that detection missed is a failure: an infinite NME in the failure rate,
+    # the AUC and the CED curve (not in the mean NME, which is over the faces scored).
+    with_misses = np.concatenate([per_sample, np.full(len(missed), np.inf)])
+    t = cfg.threshold
     order = np.argsort(per_sample)[::-1][: cfg.worst]
     report = {
         "labels": cfg.labels,
         "split": cfg.split,
         **info,
-        **summarize(pred, target, cfg.threshold),
-        "threshold": cfg.threshold,
+        **summarize(pred, target, t),
+        f"failure_rate@{t:g}": failure_rate(with_misses, t),
+        f"auc@{t:g}": auc(with_misses, t),
+        "missed_faces": len(missed),
+        "missed": missed[: cfg.worst],
+        "threshold": t,
         "skipped_labels": skipped,
         "missing_predictions": missing,
         "worst": [[keys[i], float(per_sample[i])] for i in order],
@@ -155,7 +270,7 @@ def main(cfg: EvalConfig) -> dict[str, Any]:
     }
     write_bytes(cfg.output, json.dumps(report, indent=2).encode(), cfg.storage_options)
     plot_ced(
-        {cfg.split if cfg.split != "all" else "all": per_sample},
+        {cfg.split if cfg.split != "all" else "all": with_misses},
         cfg.ced_uri,
         cfg.threshold,
         cfg.storage_options,
@@ -166,7 +281,9 @@ def main(cfg: EvalConfig) -> dict[str, Any]:
 def report_line(report: Mapping[str, Any]) -> str:
     """One human line of a report."""
     t = report["threshold"]
+    missed = report.get("missed_faces", 0)
     return (
         f"{report['samples']} samples: NME {100 * report['nme']:.2f} %, failure rate@{t:g} "
         f"{100 * report[f'failure_rate@{t:g}']:.1f} %, AUC@{t:g} {report[f'auc@{t:g}']:.3f}"
+        + (f" ({missed} labelled faces not found, counted as failures)" if missed else "")
     )
