@@ -165,3 +165,16 @@ def test_a_batch_gives_each_image_its_own_faces(model):
         assert len(faces) == len(alone)
         assert (box_iou(faces.boxes, alone.boxes).diagonal() > 0.95).all()
         assert torch.allclose(faces.scores, alone.scores, atol=0.01)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_detector_gives_the_cpu_faces(model):
+    """The device path: the same faces from the detector on CUDA, images already on the GPU."""
+    cuda = detector.load_detector("cuda")
+    images = [_tensor(_photo(name)[0]) for name in ("takeo.ppm", "breakingbad.jpg")]
+    on_gpu = detector.detect(cuda, [im.cuda() for im in images])
+    for faces, reference in zip(on_gpu, detector.detect(model, images), strict=True):
+        assert len(faces) == len(reference)
+        assert (box_iou(faces.boxes.cpu(), reference.boxes).diagonal() > 0.98).all()
+        assert torch.allclose(faces.scores.cpu(), reference.scores, atol=1e-3)

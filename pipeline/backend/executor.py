@@ -302,7 +302,7 @@ class UnitRunner:
             return  # a unit delivered twice is committed once
         seen.add(header.index)
         self._forget(header.task)
-        self.stats.add(header.rows)
+        self.stats.add(header.out_rows)
         ready = self.pieces.add(header, rows_ref)
         if ready:  # one commit task for every piece this unit completed
             units: dict[int, tuple[int, Any]] = {}  # id(ref) -> (argument index, ref)

@@ -15,6 +15,12 @@ from pipeline.config.options import option
 from pipeline.io.shards import DEFAULT_FILES_PER_SHARD, FORMATS
 from pipeline.io.storage import storage_options_arg
 from pipeline.model.geometry import DEVICES, INIT_CHOICES
+from pipeline.stages.detect import (
+    DEFAULT_FACE_THRESHOLD,
+    DEFAULT_MAX_FACES,
+    DEFAULT_MIN_FACE_SIZE,
+    DETECT_MODES,
+)
 from pipeline.stages.preprocess import DEFAULT_MARGIN, DEFAULT_MAX_PIXELS
 from pipeline.stages.reader import DECODE_MODES, DEFAULT_UNIT_BYTES
 from pipeline.stages.units import DEFAULT_ROWS_PER_FILE
@@ -32,7 +38,8 @@ DEFAULT_BATCH_SIZE = {"cuda": 512, "cuda+compile": 256, "cpu": 16}
 # million rows. On CPU, 4 batches: results (and progress) every ~30 s of a 2-core machine.
 GPU_UNIT_ROWS = 4096
 UNIT_BATCHES = 4
-IO, MODEL, PRE, RUN = "input and output", "model", "preprocessing", "execution"
+IO, MODEL, PRE, FACES, RUN = ("input and output", "model", "preprocessing", "face detection",
+                              "execution")
 
 
 @dataclass(frozen=True)
@@ -68,6 +75,22 @@ class InferConfig:
         default=DEFAULT_MARGIN, group=PRE)
     max_pixels: int = option("refuse images above this many pixels, before decoding them",
                              default=DEFAULT_MAX_PIXELS, group=PRE)
+
+    detect: str = option(
+        "find faces with the face detector (RetinaFace) and give each its own row: auto (in "
+        "samples without a sidecar bbox; a sidecar box wins), always (every image; sidecar boxes "
+        "ignored), never (crop the sidecar box or the centred square). Detection runs in the "
+        "read tasks, on the CPU", default="auto",
+        choices=DETECT_MODES, group=FACES)
+    max_faces: int = option(
+        f"at most this many faces per image, the best scoring (default {DEFAULT_MAX_FACES})",
+        default=DEFAULT_MAX_FACES, group=FACES)
+    min_face_size: float = option(
+        "ignore faces whose detector box is smaller than this many image pixels on its shorter "
+        f"side (default {DEFAULT_MIN_FACE_SIZE:g})", default=DEFAULT_MIN_FACE_SIZE, group=FACES)
+    face_threshold: float = option(
+        f"detector score a face needs, in (0, 1) (default {DEFAULT_FACE_THRESHOLD:g})",
+        default=DEFAULT_FACE_THRESHOLD, group=FACES)
 
     batch_size: int | None = option(
         f"model batch size (default: {DEFAULT_BATCH_SIZE['cuda']} on GPU, "
@@ -131,6 +154,15 @@ class InferConfig:
             raise ValueError(f"num_predictors must be >= 1, got {self.num_predictors}")
         if not 0 <= self.margin <= 2:
             raise ValueError(f"margin must be between 0 and 2, got {self.margin}")
+        if self.detect not in DETECT_MODES:
+            raise ValueError(f"detect must be one of {DETECT_MODES}, got {self.detect!r}")
+        if self.max_faces < 1:
+            raise ValueError(f"max_faces must be >= 1, got {self.max_faces}")
+        if self.min_face_size < 0:
+            raise ValueError(f"min_face_size must be >= 0, got {self.min_face_size}")
+        if not 0 < self.face_threshold < 1:
+            raise ValueError(f"face_threshold must be between 0 and 1, got "
+                             f"{self.face_threshold}")
         if not self.stall_timeout > 0:
             raise ValueError(f"stall_timeout must be > 0, got {self.stall_timeout}")
         if not 0 <= self.max_error_fraction <= 1:
@@ -142,7 +174,9 @@ class InferConfig:
         return {"format": self.format, "image_column": self.image_column,
                 "key_column": self.key_column, "files_per_shard": self.files_per_shard,
                 "rows_per_file": self.rows_per_file, "margin": self.margin,
-                "max_pixels": self.max_pixels}
+                "max_pixels": self.max_pixels, "detect": self.detect,
+                "max_faces": self.max_faces, "min_face_size": self.min_face_size,
+                "face_threshold": self.face_threshold}
 
     def public_dict(self) -> dict[str, Any]:
         """The config without secrets: storage option values are left out."""

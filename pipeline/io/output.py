@@ -1,7 +1,8 @@
 """The output Parquet files: schema, names, and the atomic commit.
 
 One file per piece (an input shard, or a ``rows_per_file`` chunk of a big one: see
-``pipeline.stages.units``), ``part-<stem>.parquet``, one row per input sample in input order.
+``pipeline.stages.units``), ``part-<stem>.parquet``, one row per input sample in input order, or,
+for a sample searched for faces, one row per face found (``face`` 0, 1, ... by descending score).
 Committing goes through ``pipeline.io.storage.write_bytes``: a hidden temporary file renamed into
 place locally, a single PUT of the finished bytes on object stores. Either way a reader never sees a
 partial file, and a rerun replaces the file instead of adding one.
@@ -22,6 +23,7 @@ from pipeline.io.storage import write_bytes
 from pipeline.model.geometry import NUM_LANDMARKS
 
 LANDMARKS_TYPE = pa.list_(pa.list_(pa.float32(), 2), NUM_LANDMARKS)
+FACE_POINTS = 5  # the detector's keypoints: eyes, nose tip, mouth corners
 SCHEMA = pa.schema(
     [
         pa.field("key", pa.string(), nullable=False),
@@ -29,6 +31,10 @@ SCHEMA = pa.schema(
         pa.field("width", pa.int32()),
         pa.field("height", pa.int32()),
         pa.field("bbox", pa.list_(pa.float32(), 4)),
+        pa.field("face", pa.int16(), nullable=False),
+        pa.field("face_score", pa.float32()),
+        pa.field("face_box", pa.list_(pa.float32(), 4)),
+        pa.field("face_points", pa.list_(pa.list_(pa.float32(), 2), FACE_POINTS)),
         pa.field("crop", pa.list_(pa.float32(), 4)),
         pa.field("landmarks", LANDMARKS_TYPE),
         pa.field("model_version", pa.string(), nullable=False),
@@ -80,12 +86,21 @@ def rows_to_table(rows: Mapping[str, np.ndarray]) -> pa.Table:
     points = _fixed_lists(np.nan_to_num(landmarks), 2, np.ones(n * NUM_LANDMARKS, dtype=bool))
     landmark_lists = pa.FixedSizeListArray.from_arrays(
         points, NUM_LANDMARKS, mask=None if ok.all() else pa.array(~ok))
+    score = np.asarray(rows["face_score"], dtype=np.float32)
+    detected = np.isfinite(score)
+    points = np.nan_to_num(np.asarray(rows["face_points"], np.float32).reshape(n, FACE_POINTS, 2))
     columns = {
         "key": pa.array([str(k) for k in rows["key"]], pa.string()),
         "shard": pa.array([str(s) for s in rows["shard"]], pa.string()),
         "width": pa.array(np.asarray(rows["width"], np.int32), mask=~has_size),
         "height": pa.array(np.asarray(rows["height"], np.int32), mask=~has_size),
         "bbox": _fixed_lists(np.nan_to_num(rows["bbox"]), 4, has_bbox),
+        "face": pa.array(np.asarray(rows["face"], np.int16)),
+        "face_score": pa.array(np.nan_to_num(score), mask=~detected),
+        "face_box": _fixed_lists(np.nan_to_num(rows["face_box"]), 4, detected),
+        "face_points": pa.FixedSizeListArray.from_arrays(
+            _fixed_lists(points, 2, np.ones(n * FACE_POINTS, dtype=bool)), FACE_POINTS,
+            mask=None if detected.all() else pa.array(~detected)),
         "crop": _fixed_lists(np.nan_to_num(crop_box), 4, ok),
         "landmarks": landmark_lists,
         "model_version": pa.array([str(v) for v in rows["model_version"]], pa.string()),

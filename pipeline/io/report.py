@@ -28,7 +28,8 @@ FILES_KEPT = 100_000  # file names a summary keeps in memory (the manifest parts
 
 @dataclass
 class Summary:
-    """What a run did. ``samples``/``errors`` count this run's rows; skipped shards were
+    """What a run did. ``samples`` counts this run's input samples (images), ``errors`` its
+    error rows (an image without a face is not one: ``no_face``); skipped shards were
     complete from an earlier run with the same model and settings."""
 
     shards: int
@@ -49,6 +50,8 @@ class Summary:
     commit_cpu_s: float = 0.0
     predictor_calls: int = 0
     rows_per_call: dict[str, float] = field(default_factory=dict)
+    faces: int = 0  # rows of detected faces (images searched for faces: --detect)
+    no_face: int = 0  # images searched and found without a face (not errors)
 
     @property
     def images_per_s(self) -> float:
@@ -67,7 +70,9 @@ class Summary:
         self.files_committed += 1
         if len(self.files) < FILES_KEPT:
             self.files.append(f"{self.output}/{receipt['file']}")
-        self.samples += receipt["rows"]
+        self.samples += receipt.get("images", receipt["rows"])
+        self.faces += receipt.get("faces", 0)
+        self.no_face += receipt.get("no_face", 0)
         self.errors += receipt["errors"]
         for kind, n in receipt["errors_by_kind"].items():
             self.errors_by_kind[kind] = self.errors_by_kind.get(kind, 0) + n
@@ -78,8 +83,10 @@ class Summary:
 
     def line(self) -> str:
         kinds = ", ".join(f"{k}: {v}" for k, v in sorted(self.errors_by_kind.items()))
+        found = (f", {self.faces} faces found, {self.no_face} images without a face"
+                 if self.faces or self.no_face else "")
         return (f"{self.samples} samples in {self.shards - self.skipped_shards} shards "
-                f"({self.skipped_shards} already done), {self.errors} errors"
+                f"({self.skipped_shards} already done){found}, {self.errors} errors"
                 f"{f' ({kinds})' if kinds else ''}, {self.seconds:.1f} s, "
                 f"{self.images_per_s:.1f} images/s (model {self.model_version}) -> {self.output}"
                 f" [{'FAILED' if self.failed else 'OK'}]")
@@ -136,6 +143,8 @@ def write_manifest(config: dict[str, Any], summary: Summary, writer: ManifestWri
         "shards_skipped": summary.skipped_shards,
         "samples": summary.samples,
         "samples_skipped": summary.skipped_rows,
+        "faces": summary.faces,
+        "no_face": summary.no_face,
         "errors": summary.errors,
         "errors_by_kind": summary.errors_by_kind,
         "failed_shards": summary.failed_shards,

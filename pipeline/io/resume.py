@@ -49,9 +49,11 @@ def settings_id(settings: Mapping[str, Any]) -> str:
 def write_completion_record(
     output: str, shard: Shard, stem: str, piece: int, first_row: int, last: bool, rows: int,
     errors: int, shard_failed: bool, model_version: str, settings: str,
-    storage_options: Mapping[str, Any] | None = None,
+    storage_options: Mapping[str, Any] | None = None, images: int | None = None,
 ) -> None:
-    """Record that piece ``stem``'s output file is committed; call only after writing it."""
+    """Record that piece ``stem``'s output file is committed; call only after writing it.
+    ``rows``: the file's rows; ``images``: the input samples they are for (fewer when images
+    were searched for faces and some had several)."""
     record = {
         "record_version": RECORD_VERSION,
         "shard": shard.uri,
@@ -61,6 +63,7 @@ def write_completion_record(
         "first_row": first_row,
         "last": last,
         "rows": rows,
+        "images": rows if images is None else images,
         "errors": errors,
         "complete": not shard_failed,
         "model_version": model_version,
@@ -152,7 +155,7 @@ def completed_pieces(
                     continue
                 progress = done.setdefault(shard.name, ShardProgress())
                 progress.pieces.add(piece)
-                progress.rows += int(record.get("rows", 0))
+                progress.rows += int(record.get("images", record.get("rows", 0)))
                 progress.errors += int(record.get("errors", 0))
                 if record.get("last") is True:
                     progress.last_piece = piece

@@ -243,13 +243,17 @@ def to_input(images: list[torch.Tensor], size: int = DETECT_SIZE
 TO_LANDMARK_BOX = {"down": 0.123, "width": 1.088, "height": 0.746}
 
 
-def landmark_box(boxes: torch.Tensor) -> torch.Tensor:
-    """(..., 4) detector boxes -> the boxes the landmark model expects (``TO_LANDMARK_BOX``)."""
-    x0, y0, x1, y1 = boxes.unbind(-1)
+def landmark_box(boxes):
+    """(..., 4) detector boxes (a tensor or an array) -> the boxes the landmark model expects
+    (``TO_LANDMARK_BOX``), of the same kind."""
+    import numpy as np
+
+    x0, y0, x1, y1 = (boxes[..., i] for i in range(4))
     w, h = x1 - x0, y1 - y0
     cx, cy = (x0 + x1) / 2, (y0 + y1) / 2 + TO_LANDMARK_BOX["down"] * h
     half_w, half_h = TO_LANDMARK_BOX["width"] * w / 2, TO_LANDMARK_BOX["height"] * h / 2
-    return torch.stack([cx - half_w, cy - half_h, cx + half_w, cy + half_h], dim=-1)
+    stack = torch.stack if isinstance(boxes, torch.Tensor) else np.stack
+    return stack([cx - half_w, cy - half_h, cx + half_w, cy + half_h], -1)
 
 
 @dataclass(frozen=True)

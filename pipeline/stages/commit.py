@@ -60,6 +60,10 @@ def commit_piece(spec: PieceSpec, rows: Mapping[str, np.ndarray]) -> dict[str, A
     for kind in table.column("error_kind").to_pylist():
         if kind:
             kinds[kind] = kinds.get(kind, 0) + 1
+    # An image searched and found without a face is an answer, not a failure: counted apart.
+    no_face = kinds.pop("no_face", 0)
+    images = int(np.count_nonzero(np.asarray(rows["face"]) == 0))
+    faces = int(np.count_nonzero(np.isfinite(np.asarray(rows["face_score"], np.float32))))
     # A row without a key is the shard's own error: the read stopped, so a rerun redoes it.
     shard_failed = any(not key and kind in SHARD_FAILURE_KINDS
                        for key, kind in zip(rows["key"], rows["error_kind"], strict=True))
@@ -69,13 +73,16 @@ def commit_piece(spec: PieceSpec, rows: Mapping[str, np.ndarray]) -> dict[str, A
     # The record that says the piece is done goes last, after its data is committed.
     write_completion_record(spec.output, spec.shard, spec.stem, spec.piece, spec.first_row,
                             spec.last, table.num_rows, errors, shard_failed, spec.model_version,
-                            spec.settings, spec.storage_options)
+                            spec.settings, spec.storage_options, images=images)
     return {
         "file": output_file_name(spec.stem),
         "shard": spec.shard.name,
         "piece": spec.piece,
         "last": spec.last,
         "rows": table.num_rows,
+        "images": images,
+        "faces": faces,
+        "no_face": no_face,
         "errors": errors,
         "errors_by_kind": kinds,
         "shard_failed": shard_failed,

@@ -47,6 +47,7 @@ ERROR_KINDS = (
     "storage",        # read failed for good (access denied, retries exhausted)
     "shard_error",    # the shard itself is damaged or unreadable: rows after it are lost
     "nonfinite_output",  # the model gave NaN or inf for a good input (broken weights)
+    "no_face",        # searched for faces (--detect) and none found: counted apart, not an error
     "invalid",        # anything else wrong with the sample
 )
 

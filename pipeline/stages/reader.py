@@ -12,6 +12,11 @@ shard       str                  input shard URI
 width       int32                oriented image width (0 when unknown)
 height      int32                oriented image height (0 when unknown)
 bbox        float32 (4,)         sidecar face box, NaN when none
+face        int16                the face's index in its image, by descending score (0 when
+                                 the image was not searched for faces, or none was found)
+face_score  float32              the detector's score, NaN when not detected
+face_box    float32 (4,)         the detector's box, NaN when not detected
+face_points float32 (5, 2)       the detector's 5 keypoints, NaN when not detected
 crop        float64 (3,)         square crop ``x0, y0, side`` in source pixels
 meta        str                  sidecar JSON ("" when none)
 error       str                  what went wrong ("" when fine)
@@ -23,7 +28,12 @@ stored_size int32 (2,)           its width, height before orientation (``decode=
 on_device   bool                 the device decoder takes it (``decode="gpu"`` only)
 =========== ==================== ===============================================================
 
-With ``decode="cpu"`` the read task decodes, crops and resizes (PIL). With ``decode="gpu"`` it
+With ``decode="cpu"`` the read task decodes, crops and resizes (PIL); a sample without a face box
+(``--detect auto``) or every sample (``always``) goes through the face detector there
+(``pipeline.stages.detect``) and becomes one row per face found, or one ``no_face`` error row
+(with ``decode="gpu"`` too: such a sample is decoded on the CPU for the detector, and each face
+row carries the image's bytes and the face's crop to the device like any other row).
+With ``decode="gpu"`` it
 only reads each image's header (``gpu_decode.probe_and_crop``: size, EXIF orientation, crop)
 and sends the encoded bytes on, so a batch weighs ~50 KB per 640x480 JPEG instead of 150 KB of
 pixels; the predictor decodes the unit on its device (nvJPEG on CUDA) and crops and resizes
@@ -47,12 +57,22 @@ import numpy as np
 
 from pipeline.io.shards import Sample, Shard, read_samples
 from pipeline.model.geometry import INPUT_SIZE
+from pipeline.stages.detect import (
+    DEFAULT_FACE_THRESHOLD,
+    DEFAULT_MAX_FACES,
+    DEFAULT_MIN_FACE_SIZE,
+    DETECT_MODES,
+    FaceFinder,
+    FoundFace,
+    needs_detection,
+)
 from pipeline.stages.faults import FaultPlan
 from pipeline.stages.gpu_decode import probe_and_crop
 from pipeline.stages.preprocess import (
     DEFAULT_MARGIN,
     DEFAULT_MAX_PIXELS,
     SampleError,
+    decode_image,
     preprocess,
 )
 from pipeline.stages.units import (
@@ -87,6 +107,10 @@ def empty_rows(n: int, decode: str = "cpu") -> dict[str, np.ndarray]:
         "width": np.zeros(n, dtype=np.int32),
         "height": np.zeros(n, dtype=np.int32),
         "bbox": np.full((n, 4), np.nan, dtype=np.float32),
+        "face": np.zeros(n, dtype=np.int16),
+        "face_score": np.full(n, np.nan, dtype=np.float32),
+        "face_box": np.full((n, 4), np.nan, dtype=np.float32),
+        "face_points": np.full((n, 5, 2), np.nan, dtype=np.float32),
         "crop": np.full((n, 3), np.nan, dtype=np.float64),
         "meta": np.full(n, "", dtype=object),
         "error": np.full(n, "", dtype=object),
@@ -100,6 +124,30 @@ def empty_rows(n: int, decode: str = "cpu") -> dict[str, np.ndarray]:
     else:
         rows["pixels"] = np.zeros((n, INPUT_SIZE, INPUT_SIZE, 3), dtype=np.uint8)
     return rows
+
+
+class _Detected:
+    """What the detector made of one image: its size and its faces (none: a no_face row), and
+    with ``decode="gpu"`` the header facts and bytes the device decoder needs."""
+
+    def __init__(self, width: int, height: int, faces: list[FoundFace], finder: FaceFinder,
+                 device: tuple | None = None):
+        self.width, self.height, self.faces, self.device = width, height, faces, device
+        self.error = "" if faces else (
+            f"no face found (score above {finder.threshold:g}, at least "
+            f"{finder.min_size:g} px)")
+
+
+def _meta_json(sample: Sample) -> str:
+    """The sidecar as JSON for the ``meta`` column ("" when none); a sidecar that has no JSON
+    form costs this sample (``bad_sidecar``), not the shard."""
+    if not sample.meta:
+        return ""
+    try:
+        return json.dumps(sample.meta, ensure_ascii=False, sort_keys=True)
+    except (TypeError, ValueError) as exc:
+        sample.meta_error = f"the sidecar cannot be written as JSON: {exc}"
+        return ""
 
 
 def _shard_error(exc: Exception, samples_read: int) -> Sample:
@@ -135,10 +183,17 @@ class ShardReader:
         decode: str = "cpu",
         rows_per_file: int = DEFAULT_ROWS_PER_FILE,
         unit_bytes: int = DEFAULT_UNIT_BYTES,
+        detect: str = "never",
+        max_faces: int = DEFAULT_MAX_FACES,
+        min_face_size: float = DEFAULT_MIN_FACE_SIZE,
+        face_threshold: float = DEFAULT_FACE_THRESHOLD,
     ):
         if decode not in DECODE_MODES:
             raise ValueError(f"decode must be one of {DECODE_MODES}, got {decode!r}")
-        self.decode = decode
+        if detect not in DETECT_MODES:
+            raise ValueError(f"detect must be one of {DETECT_MODES}, got {detect!r}")
+        self.decode, self.detect = decode, detect
+        self.finder = FaceFinder(face_threshold, max_faces, min_face_size, margin)
         self.storage_options = dict(storage_options or {})
         self.margin = margin
         self.max_pixels = max_pixels
@@ -157,15 +212,17 @@ class ShardReader:
     def read_task(self, task: ReadTask) -> Iterator[tuple[UnitHeader, dict[str, np.ndarray]]]:
         """Yield the task's units in order; every row of every shard is in exactly one."""
         builder = UnitBuilder(task.index, self.rows_per_file, self.unit_rows, self.unit_bytes)
-        pending: list[tuple[str, Sample, Any]] = []
+        pending: list[tuple[str, Sample, str, Any]] = []
         for i, item in enumerate(task.shards):
             rows = 0
             for row, sample, is_last in self._shard_rows(item):
                 self.faults.at_read(item.shard.name, row, builder.units)
+                meta = _meta_json(sample)
                 prepared = self._prepare(sample)
-                pending.append((item.shard.uri, sample, prepared))
+                pending.append((item.shard.uri, sample, meta, prepared))
                 rows += 1
-                if builder.add(i, row, is_last, self._weight(prepared)):
+                if builder.add(i, row, is_last, self._weight(prepared),
+                               out_rows=self._out_rows(prepared)):
                     yield builder.flush(), self._to_batch(pending)
                     pending = []
             if rows == 0 and not item.skip:
@@ -214,6 +271,16 @@ class ShardReader:
             return None
         bbox = (sample.meta or {}).get("bbox")
         try:
+            if needs_detection(self.detect, bbox):
+                # The detector needs the decoded image: the CPU decodes it here. With
+                # decode="gpu" the faces' crops are still cut on the device, from the bytes.
+                device = None
+                if self.decode == "gpu":
+                    info, _ = probe_and_crop(sample.data, None, self.margin, self.max_pixels)
+                    device = (info, sample.data)
+                image = decode_image(sample.data, self.max_pixels)
+                faces = self.finder(image, cut=device is None)
+                return _Detected(*image.size, faces, self.finder, device)
             if self.decode == "gpu":
                 info, crop = probe_and_crop(sample.data, bbox, self.margin, self.max_pixels)
                 return info, crop, sample.data
@@ -223,45 +290,70 @@ class ShardReader:
         except Exception as exc:  # a decoder bug must cost one sample, not the shard
             return SampleError(f"unexpected {exc.__class__.__name__} while decoding: {exc}")
 
+    @staticmethod
+    def _out_rows(prepared) -> int:
+        """Output rows a sample becomes: one per face found, else one."""
+        return max(1, len(prepared.faces)) if isinstance(prepared, _Detected) else 1
+
     def _weight(self, prepared) -> int:
-        """Bytes a row adds to its unit: its pixels, or its encoded image."""
+        """Bytes a sample adds to its unit: its pixels (per face), or its encoded image."""
         if prepared is None or isinstance(prepared, Exception):
             return 0
+        if isinstance(prepared, _Detected):
+            if prepared.device:  # the faces' rows share one bytes object
+                return len(prepared.device[1]) if prepared.faces else 0
+            return INPUT_SIZE * INPUT_SIZE * 3 * len(prepared.faces)
         return INPUT_SIZE * INPUT_SIZE * 3 if self.decode == "cpu" else len(prepared[2])
 
-    def _to_batch(self, rows: list[tuple[str, Sample, Any]]) -> dict[str, np.ndarray]:
-        out = empty_rows(len(rows), self.decode)
-        for i, (uri, sample, prepared) in enumerate(rows):
-            out["key"][i] = sample.key
-            out["shard"][i] = uri
-            meta = sample.meta or {}
-            if meta:
-                try:
-                    out["meta"][i] = json.dumps(meta, ensure_ascii=False, sort_keys=True)
-                except (TypeError, ValueError) as exc:  # costs this sample, not the shard
-                    sample.meta_error = f"the sidecar cannot be written as JSON: {exc}"
-            bbox = meta.get("bbox")
-            if isinstance(bbox, (list, tuple)) and len(bbox) == 4:
-                with contextlib.suppress(TypeError, ValueError):  # bad boxes: error set below
-                    out["bbox"][i] = np.asarray(bbox, dtype=np.float32)
-            if sample.error:
-                out["error"][i], out["error_kind"][i] = sample.error, sample.error_kind
-            elif sample.meta_error:
-                out["error"][i], out["error_kind"][i] = sample.meta_error, "bad_sidecar"
-            elif isinstance(prepared, Exception):
-                out["error"][i] = str(prepared)
-                out["error_kind"][i] = getattr(prepared, "kind", "invalid")
-            elif self.decode == "gpu":
-                info, crop, data = prepared
-                out["encoded"][i] = data
-                out["orientation"][i] = info.orientation
-                out["stored_size"][i] = info.width, info.height
-                out["on_device"][i] = info.device_decodable
-                out["width"][i], out["height"][i] = info.oriented_width, info.oriented_height
-                out["crop"][i] = crop
+    def _to_batch(self, rows: list[tuple[str, Sample, str, Any]]) -> dict[str, np.ndarray]:
+        out = empty_rows(sum(self._out_rows(p) for *_, p in rows), self.decode)
+        i = 0
+        for uri, sample, meta, prepared in rows:
+            if isinstance(prepared, _Detected) and prepared.faces:
+                for k, face in enumerate(prepared.faces):  # one row per face
+                    if prepared.device:
+                        info, data = prepared.device
+                        self._fill(out, i, uri, sample, meta, (info, face.crop, data))
+                    else:
+                        self._fill(out, i, uri, sample, meta,
+                                   (face.pixels, prepared.width, prepared.height, face.crop))
+                    out["face"][i], out["face_score"][i] = k, face.score
+                    out["face_box"][i], out["face_points"][i] = face.box, face.keypoints
+                    i += 1
             else:
-                pixels, width, height, crop = prepared
-                out["pixels"][i] = pixels
-                out["width"][i], out["height"][i] = width, height
-                out["crop"][i] = crop
+                self._fill(out, i, uri, sample, meta, prepared)
+                i += 1
         return out
+
+    def _fill(self, out: dict[str, np.ndarray], i: int, uri: str, sample: Sample, meta: str,
+              prepared) -> None:
+        out["key"][i] = sample.key
+        out["shard"][i] = uri
+        out["meta"][i] = meta
+        bbox = (sample.meta or {}).get("bbox")
+        if isinstance(bbox, (list, tuple)) and len(bbox) == 4:
+            with contextlib.suppress(TypeError, ValueError):  # bad boxes: error set below
+                out["bbox"][i] = np.asarray(bbox, dtype=np.float32)
+        if sample.error:
+            out["error"][i], out["error_kind"][i] = sample.error, sample.error_kind
+        elif sample.meta_error:
+            out["error"][i], out["error_kind"][i] = sample.meta_error, "bad_sidecar"
+        elif isinstance(prepared, Exception):
+            out["error"][i] = str(prepared)
+            out["error_kind"][i] = getattr(prepared, "kind", "invalid")
+        elif isinstance(prepared, _Detected):  # searched, and no face found
+            out["error"][i], out["error_kind"][i] = prepared.error, "no_face"
+            out["width"][i], out["height"][i] = prepared.width, prepared.height
+        elif self.decode == "gpu":
+            info, crop, data = prepared
+            out["encoded"][i] = data
+            out["orientation"][i] = info.orientation
+            out["stored_size"][i] = info.width, info.height
+            out["on_device"][i] = info.device_decodable
+            out["width"][i], out["height"][i] = info.oriented_width, info.oriented_height
+            out["crop"][i] = crop
+        else:
+            pixels, width, height, crop = prepared
+            out["pixels"][i] = pixels
+            out["width"][i], out["height"][i] = width, height
+            out["crop"][i] = crop

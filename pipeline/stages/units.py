@@ -14,15 +14,21 @@ Three granularities, each chosen for one job:
 - **read task** = consecutive shards read by one Ray task, sized by their listed bytes, so a
   million small shards are a few thousand tasks rather than a million.
 
-A unit carries a ``UnitHeader``: for each piece it touches, the row range inside the unit and
-whether the piece ends there. The driver needs only the headers to know when every row of a
-piece has been predicted, and then hands the piece's ranges to a commit task.
+A unit carries a ``UnitHeader``: for each piece it touches, the range of its input rows (samples)
+inside the unit and whether the piece ends there. The driver needs only the headers to know when
+every row of a piece has been predicted, and then hands the piece's ranges to a commit task.
+
+Input rows and output rows differ once faces are detected: an image becomes one output row per
+face. A segment therefore also says which output rows (rows of the unit's arrays) hold its input
+rows (``out_start:out_stop``); pieces are completed by counting input rows and written from the
+output ranges. Whoever expands the rows sets them: the read task as it builds a unit
+(``UnitBuilder.add(..., out_rows=k)``), or a later stage with ``expand_header``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from pipeline.io.shards import Shard
 
@@ -54,9 +60,10 @@ class ReadTask:
 
 @dataclass(frozen=True)
 class Segment:
-    """Rows ``start:stop`` of a unit belong to piece ``piece`` of shard ``shard`` (the index of
-    the shard in its read task), from row ``first_row`` of that piece on. ``ends``: the piece's
-    last row is in this unit; ``last``: that piece is the shard's last."""
+    """Input rows ``start:stop`` of a unit belong to piece ``piece`` of shard ``shard`` (the
+    index of the shard in its read task), from input row ``first_row`` of that piece on; their
+    output rows are ``out_start:out_stop`` of the unit's arrays. ``ends``: the piece's last row
+    is in this unit; ``last``: that piece is the shard's last."""
 
     shard: int
     piece: int
@@ -65,17 +72,36 @@ class Segment:
     first_row: int
     ends: bool
     last: bool
+    out_start: int = 0
+    out_stop: int = 0
 
 
 @dataclass
 class UnitHeader:
-    """What the driver learns of a unit: its place in its read task and its pieces."""
+    """What the driver learns of a unit: its place in its read task and its pieces. ``rows``
+    counts input rows, ``out_rows`` the rows of its arrays (more with several faces an image)."""
 
     task: int
     index: int
     rows: int = 0
     bytes: int = 0
     segments: list[Segment] = field(default_factory=list)
+    out_rows: int = 0
+
+
+def expand_header(header: UnitHeader, source_rows) -> UnitHeader:
+    """The header of a unit whose rows were expanded: output row ``j`` came from input row
+    ``source_rows[j]`` (non-decreasing; every input row has at least one output row)."""
+    import numpy as np
+
+    source = np.asarray(source_rows)
+    if len(source) and (np.any(np.diff(source) < 0)
+                        or len(np.unique(source)) != header.rows):
+        raise ValueError("expanded rows must keep their order and keep every input row")
+    segments = [replace(seg, out_start=int(np.searchsorted(source, seg.start, "left")),
+                        out_stop=int(np.searchsorted(source, seg.stop, "left")))
+                for seg in header.segments]
+    return replace(header, segments=segments, out_rows=len(source))
 
 
 def plan_read_tasks(
@@ -120,26 +146,31 @@ class UnitBuilder:
     def piece_of(self, row: int) -> int:
         return row // self.rows_per_file
 
-    def add(self, shard: int, row: int, is_last_row: bool, nbytes: int) -> bool:
-        """Record one row; returns True when the unit is full (take it with ``flush``)."""
+    def add(self, shard: int, row: int, is_last_row: bool, nbytes: int, out_rows: int = 1
+            ) -> bool:
+        """Record one input row and its ``out_rows`` output rows; returns True when the unit is
+        full (take it with ``flush``): at ``unit_rows`` output rows or ``unit_bytes`` bytes."""
         h = self.header
         piece = self.piece_of(row)
         ends = is_last_row or (row + 1) % self.rows_per_file == 0
         seg = h.segments[-1] if h.segments else None
         if seg is not None and (seg.shard, seg.piece) == (shard, piece):
-            h.segments[-1] = Segment(shard, piece, seg.start, h.rows + 1, seg.first_row, ends,
-                                     is_last_row)
+            h.segments[-1] = replace(seg, stop=h.rows + 1, ends=ends, last=is_last_row,
+                                     out_stop=h.out_rows + out_rows)
         else:
             h.segments.append(Segment(shard, piece, h.rows, h.rows + 1,
-                                      row - piece * self.rows_per_file, ends, is_last_row))
+                                      row - piece * self.rows_per_file, ends, is_last_row,
+                                      h.out_rows, h.out_rows + out_rows))
         h.rows += 1
+        h.out_rows += out_rows
         h.bytes += nbytes
-        return h.rows >= self.unit_rows or h.bytes >= self.unit_bytes
+        return h.out_rows >= self.unit_rows or h.bytes >= self.unit_bytes
 
     def empty_shard(self, shard: int) -> None:
         """A shard without a single row still gets its (empty) piece 0."""
-        self.header.segments.append(Segment(shard, 0, self.header.rows, self.header.rows, 0,
-                                            True, True))
+        h = self.header
+        h.segments.append(Segment(shard, 0, h.rows, h.rows, 0, True, True, h.out_rows,
+                                  h.out_rows))
 
     def pending(self) -> bool:
         return bool(self.header.segments)
@@ -162,8 +193,8 @@ class _OpenPiece:
 
 @dataclass(frozen=True)
 class ReadyPiece:
-    """Every row of a piece has been predicted: ``parts`` are ``(unit, (start, stop))`` in row
-    order (an empty shard's piece has one empty range)."""
+    """Every row of a piece has been predicted: ``parts`` are ``(unit, (out_start, out_stop))``
+    in row order (an empty shard's piece has one empty range)."""
 
     task: int
     shard: int
@@ -186,7 +217,7 @@ class PieceAssembler:
             key = (header.task, seg.shard, seg.piece)
             piece = self.open.setdefault(key, _OpenPiece())
             if seg.stop > seg.start:
-                piece.parts.append((seg.first_row, unit, (seg.start, seg.stop)))
+                piece.parts.append((seg.first_row, unit, (seg.out_start, seg.out_stop)))
                 piece.rows += seg.stop - seg.start
             if seg.ends:
                 piece.total, piece.last = seg.first_row + seg.stop - seg.start, seg.last
@@ -194,5 +225,5 @@ class PieceAssembler:
                 del self.open[key]
                 parts = [(u, r) for _, u, r in sorted(piece.parts, key=lambda p: p[0])]
                 ready.append(ReadyPiece(*key, piece.last,
-                                        parts or [(unit, (seg.start, seg.start))]))
+                                        parts or [(unit, (seg.out_start, seg.out_start))]))
         return ready

@@ -1,0 +1,85 @@
+"""The detect stage, free of Ray: the faces of one decoded image, each cut out as the landmark
+model's crop.
+
+It runs in the read task, on the full-resolution image decoded there: the detector sees a copy
+scaled down to at most
+``pipeline.model.detector.DETECT_SIZE`` pixels on its longer side, and each face's crop is cut
+from the full image, so an image is decoded once whatever the number of faces. Each detector
+box is mapped to the box the landmark model's crop convention expects
+(``pipeline.model.detector.landmark_box``), then cropped like a sidecar box (``margin``).
+With ``--decode gpu`` the crops are cut on the device from the image's bytes instead (the image is
+then decoded twice: on the CPU for the detector, on the GPU for the crops); detecting on the GPU
+itself is not done yet.
+
+``--detect auto`` detects when a sample has no sidecar ``bbox`` (a sidecar box wins),
+``always`` detects in every image (sidecar boxes are ignored), ``never`` crops the sidecar box or
+the centred square, as without this stage. Torch and the detector are loaded on first use, so a
+read task over an archive with boxes never imports them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from pipeline.stages.preprocess import DEFAULT_MARGIN, crop_and_resize, crop_square
+
+DETECT_MODES = ("auto", "always", "never")
+DEFAULT_MAX_FACES = 20
+DEFAULT_MIN_FACE_SIZE = 20.0  # image pixels, the detector box's shorter side
+DEFAULT_FACE_THRESHOLD = 0.9  # pipeline.model.detector.DEFAULT_THRESHOLD, without torch
+
+
+def needs_detection(mode: str, bbox: object) -> bool:
+    """Whether a sample with sidecar box ``bbox`` (None: no box) goes through the detector."""
+    return mode == "always" or (mode == "auto" and bbox is None)
+
+
+@dataclass(frozen=True)
+class FoundFace:
+    """One detected face: the landmark model's input and where it came from."""
+
+    pixels: np.ndarray | None  # uint8 (224, 224, 3); None when not cut here (decode="gpu")
+    crop: tuple[float, float, float]  # x0, y0, side in image pixels
+    score: float
+    box: np.ndarray  # float32 (4,): the detector's box x0, y0, x1, y1 in image pixels
+    keypoints: np.ndarray  # float32 (5, 2): eyes, nose tip, mouth corners
+    model_box: tuple[float, float, float, float]  # the box mapped to the landmark model's
+
+
+class FaceFinder:
+    """Finds faces in decoded RGB images, one image at a time (a read task's CPU work)."""
+
+    def __init__(self, threshold: float = DEFAULT_FACE_THRESHOLD,
+                 max_faces: int = DEFAULT_MAX_FACES,
+                 min_size: float = DEFAULT_MIN_FACE_SIZE, margin: float = DEFAULT_MARGIN):
+        self.threshold, self.max_faces = threshold, max_faces
+        self.min_size, self.margin = min_size, margin
+        self._model = None
+        self.images = 0
+
+    def __call__(self, image: Image.Image, cut: bool = True) -> list[FoundFace]:
+        """The faces of ``image`` (oriented RGB), by descending score, at most ``max_faces``;
+        with ``cut``, each one's 224x224 crop too."""
+        import torch
+
+        from pipeline.model.detector import detect, landmark_box, load_detector
+
+        if self._model is None:
+            self._model = load_detector("cpu")
+        self.images += 1
+        pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
+        (faces,) = detect(self._model, [pixels], self.threshold, self.max_faces, self.min_size)
+        width, height = image.size
+        found = []
+        for box, score, points, model_box in zip(faces.boxes.numpy(), faces.scores.tolist(),
+                                                 faces.keypoints.numpy(),
+                                                 landmark_box(faces.boxes).tolist(),
+                                                 strict=True):
+            crop = crop_square(width, height, model_box, self.margin)
+            found.append(FoundFace(crop_and_resize(image, crop) if cut else None, crop, score,
+                                   box.astype(np.float32), points.astype(np.float32),
+                                   tuple(model_box)))
+        return found

@@ -1,0 +1,209 @@
+"""Archives without face boxes: the read stage detects faces and gives each its own row; the job
+writes them with the face columns and counts images without a face apart from errors."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from helpers import DATA, normalize, real_photo, write_tar
+from PIL import Image
+from torchvision.ops import box_iou
+
+from pipeline.inference.config import InferConfig
+from pipeline.inference.job import run_inference
+from pipeline.io.shards import list_shards
+from pipeline.stages.preprocess import crop_and_resize, decode_image, to_pixels
+from pipeline.stages.reader import ShardReader
+from pipeline.stages.units import ReadTask, ShardTask
+
+
+def _jpeg(image: Image.Image) -> bytes:
+    out = io.BytesIO()
+    image.save(out, "JPEG", quality=92)
+    return out.getvalue()
+
+
+def _sheet() -> Image.Image:
+    """Six copies of the portrait, 3x2."""
+    portrait = decode_image((DATA / "takeo.ppm").read_bytes())
+    w, h = portrait.size
+    sheet = Image.new("RGB", (3 * w, 2 * h))
+    for i in range(6):
+        sheet.paste(portrait, ((i % 3) * w, (i // 3) * h))
+    return sheet
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """A tar shard of real photos without sidecars, one with its labelled box, and two images
+    without any face."""
+    bb, labelled = real_photo("breakingbad.jpg")
+    rng = np.random.default_rng(3)
+    noise = Image.fromarray(rng.integers(0, 256, (200, 260, 3), dtype=np.uint8))
+    gradient = Image.fromarray(np.tile(np.linspace(0, 255, 300).astype(np.uint8), (200, 1)))
+    members = [
+        ("a-takeo.ppm", (DATA / "takeo.ppm").read_bytes()),
+        ("b-breakingbad.jpg", bb),
+        ("c-boxed.jpg", bb), ("c-boxed.json", json.dumps({"bbox": labelled["bbox"]}).encode()),
+        ("d-noise.png", _png(noise)),
+        ("e-gradient.jpg", _jpeg(gradient)),
+        ("f-sheet.jpg", _jpeg(_sheet())),
+    ]
+    folder = tmp_path_factory.mktemp("photos")
+    write_tar(folder / "photos.tar", members)
+    return list_shards(str(folder))[0], labelled
+
+
+def _png(image: Image.Image) -> bytes:
+    out = io.BytesIO()
+    image.save(out, "PNG")
+    return out.getvalue()
+
+
+KEYS = ["a-takeo", "b-breakingbad", "b-breakingbad", "c-boxed", "d-noise", "e-gradient",
+        *["f-sheet"] * 4]
+
+
+@pytest.mark.parametrize("decode", ["cpu", "gpu"])
+def test_read_stage_gives_a_row_per_face(photos, decode):
+    """--detect auto, --max-faces 4: the sidecar box wins; faces by descending score; a
+    no_face row for each image without one; the unit's header maps 6 samples to 10 rows."""
+    shard, labelled = photos
+    reader = ShardReader(decode=decode, detect="auto", max_faces=4, unit_rows=100)
+    ((header, rows),) = list(reader.read_task(ReadTask(0, (ShardTask(shard),))))
+    assert rows["key"].tolist() == KEYS
+    assert rows["face"].tolist() == [0, 0, 1, 0, 0, 0, 0, 1, 2, 3]
+    assert rows["error_kind"].tolist() == ["", "", "", "", "no_face", "no_face", "", "", "", ""]
+    assert rows["error"][4].startswith("no face found (score above 0.9")
+    detected = np.isfinite(rows["face_score"])
+    assert detected.tolist() == [True, True, True, False, False, False, True, True, True, True]
+    assert np.isnan(rows["face_box"][~detected]).all() and np.isnan(rows["bbox"][3]).sum() == 0
+    scores = rows["face_score"]
+    assert scores[1] >= scores[2] and (np.diff(scores[6:]) <= 0).all()
+    assert scores[detected].min() > 0.9
+    # The labelled face of breakingbad is one of the two found.
+    ious = box_iou(torch.from_numpy(rows["face_box"][1:3]), torch.tensor([labelled["bbox"]]))
+    assert ious.max() >= 0.5
+    # Each face row's crop is around its own detector box (the model's box inside the crop).
+    for i in np.flatnonzero(detected):
+        x0, y0, side = rows["crop"][i]
+        bx0, by0, bx1, by1 = rows["face_box"][i]
+        assert x0 <= bx0 and bx1 <= x0 + side and side < 3 * max(bx1 - bx0, by1 - by0)
+    assert (rows["width"][:4] > 0).all() and rows["width"][4] == 260  # no_face rows keep sizes
+    assert (header.rows, header.out_rows) == (6, 10)
+    assert [(s.start, s.stop, s.out_start, s.out_stop) for s in header.segments] == [
+        (0, 6, 0, 10)]
+    if decode == "gpu":  # face rows carry the image's bytes and their own crop to the device
+        assert rows["encoded"][1] is rows["encoded"][2] and rows["encoded"][4] == b""
+    else:
+        assert rows["pixels"][detected].reshape(7, -1).max(axis=1).min() > 0
+
+
+def test_detect_never_and_always(photos):
+    shard, _ = photos
+    task = ReadTask(0, (ShardTask(shard),))
+    ((_, never),) = list(ShardReader(detect="never").read_task(task))
+    assert never["key"].tolist() == ["a-takeo", "b-breakingbad", "c-boxed", "d-noise",
+                                     "e-gradient", "f-sheet"]
+    assert not any(never["error"]) and np.isnan(never["face_score"]).all()
+    ((_, always),) = list(ShardReader(detect="always", max_faces=6).read_task(task))
+    assert always["key"].tolist().count("c-boxed") == 2  # its sidecar box is not used
+    assert always["key"].tolist().count("f-sheet") == 6
+
+
+def test_units_cut_by_output_rows_and_pieces_by_samples(photos):
+    """Two rows per unit and two samples per output file: pieces complete by samples, their
+    rows come from the expanded ranges."""
+    from pipeline.stages.units import PieceAssembler
+
+    shard, _ = photos
+    reader = ShardReader(detect="auto", max_faces=4, unit_rows=2, rows_per_file=2)
+    units = list(reader.read_task(ReadTask(0, (ShardTask(shard),))))
+    assert all(h.out_rows == len(r["key"]) for h, r in units)
+    assembler, pieces = PieceAssembler(), {}
+    for n, (header, rows) in enumerate(units):
+        for ready in assembler.add(header, n):
+            pieces[ready.piece] = [k for u, (a, b) in ready.parts
+                                   for k in units[u][1]["key"][a:b].tolist()]
+    assert pieces == {0: ["a-takeo", "b-breakingbad", "b-breakingbad"],
+                      1: ["c-boxed", "d-noise"], 2: ["e-gradient", *["f-sheet"] * 4]}
+
+
+def test_job_writes_a_row_per_face(ray_session, photos, weights_file, tmp_path):
+    shard, labelled = photos
+    summary = run_inference(InferConfig(input=shard.uri, output=str(tmp_path / "out"),
+                                        weights=weights_file[0], batch_size=4, max_faces=4))
+    assert (summary.samples, summary.faces, summary.no_face, summary.errors) == (6, 7, 2, 0)
+    assert not summary.failed and "7 faces found, 2 images without a face" in summary.line()
+    table = pq.read_table(summary.files[0])
+    assert table.column("key").to_pylist() == KEYS
+    ids = list(zip(table.column("key").to_pylist(), table.column("face").to_pylist(),
+                   strict=True))
+    assert len(set(ids)) == len(ids)  # (shard, key, face) is unique
+    rows = table.to_pylist()
+    manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
+    assert (manifest["faces"], manifest["no_face"], manifest["samples"]) == (7, 2, 6)
+    # Each face row's landmarks are the model's on that row's crop (reference computation).
+    model = weights_file[1].eval()
+    images = {"a-takeo": (DATA / "takeo.ppm").read_bytes(),
+              "b-breakingbad": (DATA / "breakingbad.jpg").read_bytes()}
+    for row in rows[:3]:
+        x0, y0, x1, _ = row["crop"]
+        crop = (x0, y0, x1 - x0)
+        pixels = crop_and_resize(decode_image(images[row["key"]]), crop)[None]
+        with torch.no_grad():
+            out = model(torch.from_numpy(normalize(pixels))).numpy()
+        np.testing.assert_allclose(np.asarray(row["landmarks"]), to_pixels(out, [crop])[0],
+                                   atol=0.05)
+        assert len(row["face_points"]) == 5 and row["face_score"] > 0.9
+    assert rows[4]["landmarks"] is None and rows[4]["error_kind"] == "no_face"
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory):
+    """Labelled photos without boxes (sidecar: the 68 points only), and noise labelled with a
+    face that is not there."""
+    members = []
+    for key, name in (("a-takeo", "takeo.ppm"), ("b-breakingbad", "breakingbad.jpg")):
+        data, side = real_photo(name)
+        members += [(f"{key}.{name.rsplit('.', 1)[1]}", data),
+                    (f"{key}.json", json.dumps({"landmarks": side["landmarks"]}).encode())]
+    _, takeo = real_photo("takeo.ppm")
+    noise = np.random.default_rng(4).integers(0, 256, (225, 150, 3), dtype=np.uint8)
+    members += [("c-noise.png", _png(Image.fromarray(noise))),
+                ("c-noise.json", json.dumps({"landmarks": takeo["landmarks"]}).encode())]
+    folder = tmp_path_factory.mktemp("labelled")
+    write_tar(folder / "labelled.tar", members)
+    return folder
+
+
+def test_evaluation_scores_detection_and_landmarks_end_to_end(ray_session, labelled,
+                                                              weights_file, tmp_path):
+    """``evaluate --weights --detect always`` and ``evaluate --predictions`` of an inference run
+    with detection score the same faces with the same NME; the labelled face in the noise is
+    missed and counted as a failure; in breakingbad the labelled person's face is scored, not
+    the other one."""
+    from pipeline.evaluation.config import EvalConfig
+    from pipeline.evaluation.evaluate import main as evaluate
+
+    direct = evaluate(EvalConfig(labels=str(labelled), weights=weights_file[0], detect="always",
+                                 output=str(tmp_path / "direct.json"), device="cpu"))
+    summary = run_inference(InferConfig(input=str(labelled), output=str(tmp_path / "out"),
+                                        weights=weights_file[0], batch_size=4))
+    assert (summary.samples, summary.faces, summary.no_face) == (3, 3, 1)
+    via_job = evaluate(EvalConfig(labels=str(labelled), predictions=str(tmp_path / "out"),
+                                  output=str(tmp_path / "job.json")))
+    for report in (direct, via_job):
+        assert report["samples"] == 2 and report["missed_faces"] == 1
+        assert report["missed"] == ["c-noise"] and report["failure_rate@0.08"] == 1.0
+    assert via_job["nme"] == pytest.approx(direct["nme"], rel=1e-3)
+    assert dict(via_job["worst"]) == pytest.approx(dict(direct["worst"]), rel=1e-3)
+    # Without detection the box-given mode scores both labelled faces and misses nothing.
+    boxed = evaluate(EvalConfig(labels=str(labelled), weights=weights_file[0],
+                                output=str(tmp_path / "boxed.json"), device="cpu"))
+    assert boxed["samples"] == 3 and boxed["missed_faces"] == 0
