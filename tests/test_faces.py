@@ -17,6 +17,7 @@ from torchvision.ops import box_iou
 from pipeline.inference.config import InferConfig
 from pipeline.inference.job import run_inference
 from pipeline.io.shards import list_shards
+from pipeline.stages.gpu_decode import LANDMARK_TOLERANCE_PX
 from pipeline.stages.preprocess import crop_and_resize, decode_image, to_pixels
 from pipeline.stages.reader import ShardReader
 from pipeline.stages.units import ReadTask, ShardTask
@@ -162,6 +163,20 @@ def test_job_writes_a_row_per_face(ray_session, photos, weights_file, tmp_path):
                                    atol=0.05)
         assert len(row["face_points"]) == 5 and row["face_score"] > 0.9
     assert rows[4]["landmarks"] is None and rows[4]["error_kind"] == "no_face"
+
+    # --decode gpu (here the CPU actor decodes the bytes): the same rows, landmarks within the
+    # decode paths' tolerance.
+    gpu = run_inference(InferConfig(input=shard.uri, output=str(tmp_path / "gpu"),
+                                    weights=weights_file[0], batch_size=4, max_faces=4,
+                                    decode="gpu"))
+    assert (gpu.samples, gpu.faces, gpu.no_face, gpu.errors) == (6, 7, 2, 0)
+    other = pq.read_table(gpu.files[0])
+    for column in ("key", "face", "error_kind", "crop", "face_box"):
+        assert other.column(column).equals(table.column(column)), column
+    ok = [i for i, r in enumerate(rows) if r["landmarks"] is not None]
+    a = np.asarray([rows[i]["landmarks"] for i in ok])
+    b = np.asarray([other.column("landmarks")[i].as_py() for i in ok])
+    assert np.abs(a - b).max() <= LANDMARK_TOLERANCE_PX
 
 
 @pytest.fixture(scope="module")

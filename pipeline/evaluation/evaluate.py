@@ -177,11 +177,12 @@ def _with_predictions(cfg: EvalConfig, shards: list[Shard]):
         with fs.open(path, "rb") as f:
             names = pq.read_schema(f).names
             f.seek(0)
-            columns = ["key", "landmarks", "error", "error_kind", "model_version"]
-            faces = "face_box" in names
-            table = pq.read_table(f, columns=columns + (["face", "face_box"] if faces else []))
+            # error_kind and the face columns are the inference job's; other writers may
+            # give key, landmarks, error and model_version only.
+            wanted = ["key", "landmarks", "error", "model_version", "error_kind", "face_box"]
+            table = pq.read_table(f, columns=[c for c in wanted if c in names])
         for row in table.to_pylist():
-            if row["error_kind"] == "no_face":
+            if row.get("error_kind") == "no_face":
                 searched.add(row["key"])
             elif row["error"] is None and row["landmarks"] is not None:
                 rows = predicted.setdefault(row["key"], [])

@@ -33,28 +33,37 @@ def save_preview(
     storage_options: Mapping[str, Any] | None = None,
     columns: int = 4,
 ) -> int:
-    """Draw predicted landmarks (red) and, where the sidecar has them, the labelled ones (green)
-    on the first ``count`` good samples of the first shard. Returns how many were drawn."""
+    """Draw predicted landmarks (red) of every face, their crops (blue) and detector boxes
+    (yellow) and, where the sidecar has them, the labelled ones (green) on the first ``count``
+    good samples of the first shard. Returns how many were drawn."""
     shard = list_shards(input_uri, fmt, storage_options)[0]
     part = read_bytes(f"{output_uri.rstrip('/')}/{output_file_name(shard.name)}", storage_options)
-    wanted = ["key", "landmarks", "crop", "error"]
-    rows = pq.read_table(pa.BufferReader(part), columns=wanted).to_pylist()
-    by_key = {r["key"]: r for r in rows if r["error"] is None}
+    table = pq.read_table(pa.BufferReader(part))
+    names = table.schema.names
+    wanted = [c for c in ("key", "landmarks", "crop", "error", "face_box") if c in names]
+    by_key: dict[str, list[dict]] = {}  # every good row of a key: one per face found
+    for r in table.select(wanted).to_pylist():
+        if r["error"] is None:
+            by_key.setdefault(r["key"], []).append(r)
     tiles = []
     for sample in read_samples(shard, storage_options):
-        row = by_key.get(sample.key)
-        if row is None or sample.data is None:
+        faces = by_key.get(sample.key)
+        if not faces or sample.data is None:
             continue
         image = decode_image(sample.data)
         scale = TILE / max(image.size)
         tile = image.resize((round(image.width * scale), round(image.height * scale)))
         draw = ImageDraw.Draw(tile)
-        x0, y0, x1, y1 = (v * scale for v in row["crop"])
-        draw.rectangle([x0, y0, x1, y1], outline=(60, 120, 255), width=2)
         truth = (sample.meta or {}).get("landmarks")
         if truth:
             _draw_points(draw, truth, scale, (40, 220, 60), 2.0)
-        _draw_points(draw, row["landmarks"], scale, (255, 40, 40), 2.0)
+        for row in faces:
+            x0, y0, x1, y1 = (v * scale for v in row["crop"])
+            draw.rectangle([x0, y0, x1, y1], outline=(60, 120, 255), width=2)
+            if row.get("face_box"):
+                x0, y0, x1, y1 = (v * scale for v in row["face_box"])
+                draw.rectangle([x0, y0, x1, y1], outline=(255, 220, 0), width=1)
+            _draw_points(draw, row["landmarks"], scale, (255, 40, 40), 2.0)
         draw.text((4, 4), sample.key, fill=(255, 255, 0))
         tiles.append(tile)
         if len(tiles) == count:
@@ -65,7 +74,7 @@ def save_preview(
     sheet = Image.new("RGB", (TILE * min(columns, len(tiles)), TILE * rows_n), (30, 30, 30))
     for i, tile in enumerate(tiles):
         sheet.paste(tile, ((i % columns) * TILE, (i // columns) * TILE))
-    legend = "red: predicted  green: labelled  blue: model crop"
+    legend = "red: predicted  green: labelled  blue: model crop  yellow: detected face"
     ImageDraw.Draw(sheet).text((4, sheet.height - 14), legend, fill=(255, 255, 255))
     png = io.BytesIO()
     sheet.save(png, format="PNG")
