@@ -89,17 +89,17 @@ def main(argv=None) -> dict:
         pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1).to(device)
         batch = [pixels] * n
         faces = len(detect(detector, [pixels])[0])
-        detect_s = timed(lambda: detect(detector, batch), args.repeats, sync) / n
+        detect_s = timed(lambda b=batch: detect(detector, b), args.repeats, sync) / n
         crops = np.random.default_rng(0).integers(0, 256, (max(faces, 1) * n, 224, 224, 3),
                                                   dtype=np.uint8)
-        landmark_s = timed(lambda: runner.run(crops), args.repeats, sync) / n
+        landmark_s = timed(lambda c=crops: runner.run(c), args.repeats, sync) / n
         row = {"faces": faces, "detect_s": round(detect_s, 5),
                "detect_images_per_s": round(1 / detect_s, 1),
                "landmarks_s": round(landmark_s, 5),
                "detect_share": round(detect_s / (detect_s + landmark_s), 3)}
         if not cuda:
             finder = FaceFinder()
-            row["read_stage_s"] = round(timed(lambda: finder(image), args.repeats), 5)
+            row["read_stage_s"] = round(timed(lambda im=image, f=finder: f(im), args.repeats), 5)
         results[name] = row
         print(f"{name}: {faces} face(s), detection {1000 * detect_s:.1f} ms "
               f"({row['detect_images_per_s']} images/s), landmark model "

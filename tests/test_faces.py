@@ -127,7 +127,7 @@ def test_units_cut_by_output_rows_and_pieces_by_samples(photos):
     units = list(reader.read_task(ReadTask(0, (ShardTask(shard),))))
     assert all(h.out_rows == len(r["key"]) for h, r in units)
     assembler, pieces = PieceAssembler(), {}
-    for n, (header, rows) in enumerate(units):
+    for n, (header, _) in enumerate(units):
         for ready in assembler.add(header, n):
             pieces[ready.piece] = [k for u, (a, b) in ready.parts
                                    for k in units[u][1]["key"][a:b].tolist()]
