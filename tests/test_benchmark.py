@@ -146,3 +146,24 @@ def test_scale_benchmark_stand_in_feeds_the_real_commit_stage(tmp_path):
     # The steady window runs from the commit that passes 10 % of the rows to the one at 90 %.
     commits = [(float(t), 10) for t in range(10)]
     assert bench._steady_window(commits, 100) == (0.0, 8.0, 80)
+
+
+def test_detector_benchmark_reports_each_image(tmp_path):
+    """jobs/benchmark_detect.py on the CPU, one repeat: faces found per image, times and shares
+    that add up."""
+    spec = importlib.util.spec_from_file_location("benchmark_detect",
+                                                  SCRIPT.parent / "benchmark_detect.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "detect.json"
+    started = time.perf_counter()
+    report = module.main(["--repeats", "1", "--out", str(out)])
+    wall = time.perf_counter() - started
+    assert json.loads(out.read_text()) == report and report["device"] == "cpu"
+    rows = report["images"]
+    assert [r["faces"] for r in rows.values()] == [1, 2, 1]
+    for r in rows.values():
+        assert 0 < r["detect_s"] < wall and 0 < r["landmarks_s"] < wall
+        assert r["detect_share"] == pytest.approx(
+            r["detect_s"] / (r["detect_s"] + r["landmarks_s"]), abs=2e-3)
+        assert r["detect_images_per_s"] == pytest.approx(1 / r["detect_s"], rel=0.01)
