@@ -70,12 +70,11 @@ KEYS = ["a-takeo", "b-breakingbad", "b-breakingbad", "c-boxed", "d-noise", "e-gr
         *["f-sheet"] * 4]
 
 
-@pytest.mark.parametrize("decode", ["cpu", "gpu"])
-def test_read_stage_gives_a_row_per_face(photos, decode):
+def test_read_stage_gives_a_row_per_face(photos):
     """--detect auto, --max-faces 4: the sidecar box wins; faces by descending score; a
     no_face row for each image without one; the unit's header maps 6 samples to 10 rows."""
     shard, labelled = photos
-    reader = ShardReader(decode=decode, detect="auto", max_faces=4, unit_rows=100)
+    reader = ShardReader(decode="cpu", detect="auto", max_faces=4, unit_rows=100)
     ((header, rows),) = list(reader.read_task(ReadTask(0, (ShardTask(shard),))))
     assert rows["key"].tolist() == KEYS
     assert rows["face"].tolist() == [0, 0, 1, 0, 0, 0, 0, 1, 2, 3]
@@ -99,10 +98,46 @@ def test_read_stage_gives_a_row_per_face(photos, decode):
     assert (header.rows, header.out_rows) == (6, 10)
     assert [(s.start, s.stop, s.out_start, s.out_stop) for s in header.segments] == [
         (0, 6, 0, 10)]
-    if decode == "gpu":  # face rows carry the image's bytes and their own crop to the device
-        assert rows["encoded"][1] is rows["encoded"][2] and rows["encoded"][4] == b""
-    else:
-        assert rows["pixels"][detected].reshape(7, -1).max(axis=1).min() > 0
+    assert rows["pixels"][detected].reshape(7, -1).max(axis=1).min() > 0
+
+
+def test_predictor_finds_the_faces_of_device_decoded_rows(photos, weights_file):
+    """--decode gpu: the read task sends the unboxed samples' bytes with find_faces set; the
+    predictor decodes each once (here on the CPU device: JPEGs through torchvision's decoder,
+    the PPM and PNG through the CPU path), detects, and gives the CPU path's rows, crops and
+    faces; the unit's header is rewritten from source_row."""
+    from pipeline.stages.predictor import LandmarkPredictor
+    from pipeline.stages.units import expand_header
+
+    shard, _ = photos
+    task = ReadTask(0, (ShardTask(shard),))
+    ((header, rows),) = list(ShardReader(decode="gpu", detect="auto", unit_rows=100)
+                             .read_task(task))
+    assert rows["find_faces"].tolist() == [True, True, False, True, True, True]
+    assert np.isnan(rows["crop"][rows["find_faces"]]).all() and header.out_rows == 6
+    predictor = LandmarkPredictor(weights=weights_file[0], device="cpu", max_faces=4)
+    out = predictor(rows)
+    assert out["key"].tolist() == KEYS and out["face"].tolist() == [0, 0, 1, 0, 0, 0, 0, 1, 2, 3]
+    assert out["source_row"].tolist() == [0, 1, 1, 2, 3, 4, 5, 5, 5, 5]
+    assert out["error_kind"].tolist() == ["", "", "", "", "no_face", "no_face", "", "", "", ""]
+    ((_, cpu),) = list(ShardReader(decode="cpu", detect="auto", max_faces=6, unit_rows=100)
+                       .read_task(task))
+    # The same faces as the CPU path, which detects each image alone: here one batch, padded
+    # to its largest image, moves boxes by a fraction of a pixel, and among the sheet's six
+    # equal faces --max-faces 4 may keep other ones (the reference keeps all six).
+    for i in np.flatnonzero(np.isfinite(out["face_score"])):
+        same = np.flatnonzero(cpu["key"] == out["key"][i])
+        ious = box_iou(torch.from_numpy(out["face_box"][i:i + 1]),
+                       torch.from_numpy(cpu["face_box"][same]))[0]
+        j = same[int(ious.argmax())]
+        assert ious.max() > 0.97 and abs(out["face_score"][i] - cpu["face_score"][j]) < 1e-3
+        assert np.abs(out["crop"][i] - cpu["crop"][j]).max() < 0.02 * cpu["crop"][j][2]
+    found = np.isfinite(out["landmarks"]).all(axis=(1, 2))
+    assert found.tolist() == [True, True, True, True, False, False, True, True, True, True]
+    expanded = expand_header(header, out["source_row"])
+    assert (expanded.rows, expanded.out_rows) == (6, 10)
+    assert [(s.start, s.stop, s.out_start, s.out_stop) for s in expanded.segments] == [
+        (0, 6, 0, 10)]
 
 
 def test_detect_never_and_always(photos):
@@ -149,34 +184,41 @@ def test_job_writes_a_row_per_face(ray_session, photos, weights_file, tmp_path):
     rows = table.to_pylist()
     manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
     assert (manifest["faces"], manifest["no_face"], manifest["samples"]) == (7, 2, 6)
-    # Each face row's landmarks are the model's on that row's crop (reference computation).
-    model = weights_file[1].eval()
-    images = {"a-takeo": (DATA / "takeo.ppm").read_bytes(),
-              "b-breakingbad": (DATA / "breakingbad.jpg").read_bytes()}
-    for row in rows[:3]:
-        x0, y0, x1, _ = row["crop"]
-        crop = (x0, y0, x1 - x0)
-        pixels = crop_and_resize(decode_image(images[row["key"]]), crop)[None]
-        with torch.no_grad():
-            out = model(torch.from_numpy(normalize(pixels))).numpy()
-        np.testing.assert_allclose(np.asarray(row["landmarks"]), to_pixels(out, [crop])[0],
-                                   atol=0.05)
-        assert len(row["face_points"]) == 5 and row["face_score"] > 0.9
+    _assert_model_on_crops(rows, weights_file[1], tolerance=0.05)
     assert rows[4]["landmarks"] is None and rows[4]["error_kind"] == "no_face"
 
-    # --decode gpu (here the CPU actor decodes the bytes): the same rows, landmarks within the
-    # decode paths' tolerance.
+    # --decode gpu (here the CPU actor decodes the bytes): the predictor finds the faces; the
+    # same rows, and each face's landmarks are the model's on its crop within the decode
+    # paths' tolerance (the device crop equals the CPU crop within gpu_decode.TOLERANCE).
     gpu = run_inference(InferConfig(input=shard.uri, output=str(tmp_path / "gpu"),
                                     weights=weights_file[0], batch_size=4, max_faces=4,
                                     decode="gpu"))
     assert (gpu.samples, gpu.faces, gpu.no_face, gpu.errors) == (6, 7, 2, 0)
     other = pq.read_table(gpu.files[0])
-    for column in ("key", "face", "error_kind", "crop", "face_box"):
+    for column in ("key", "face", "error_kind"):
         assert other.column(column).equals(table.column(column)), column
-    ok = [i for i, r in enumerate(rows) if r["landmarks"] is not None]
-    a = np.asarray([rows[i]["landmarks"] for i in ok])
-    b = np.asarray([other.column("landmarks")[i].as_py() for i in ok])
-    assert np.abs(a - b).max() <= LANDMARK_TOLERANCE_PX
+    _assert_model_on_crops(other.to_pylist(), weights_file[1], tolerance=LANDMARK_TOLERANCE_PX)
+
+
+def _assert_model_on_crops(rows: list[dict], model, tolerance: float) -> None:
+    """The landmarks of the takeo and breakingbad face rows are the model's on the row's
+    crop of the decoded photo (reference computation: PIL crop, plain forward pass)."""
+    images = {"a-takeo": (DATA / "takeo.ppm").read_bytes(),
+              "b-breakingbad": (DATA / "breakingbad.jpg").read_bytes()}
+    checked = 0
+    for row in rows:
+        if row["key"] not in images:
+            continue
+        x0, y0, x1, _ = row["crop"]
+        crop = (x0, y0, x1 - x0)
+        pixels = crop_and_resize(decode_image(images[row["key"]]), crop)[None]
+        with torch.no_grad():
+            out = model.eval()(torch.from_numpy(normalize(pixels))).numpy()
+        np.testing.assert_allclose(np.asarray(row["landmarks"]), to_pixels(out, [crop])[0],
+                                   atol=tolerance)
+        assert len(row["face_points"]) == 5 and row["face_score"] > 0.9
+        checked += 1
+    assert checked == 3
 
 
 @pytest.fixture(scope="module")
@@ -222,3 +264,26 @@ def test_evaluation_scores_detection_and_landmarks_end_to_end(ray_session, label
     boxed = evaluate(EvalConfig(labels=str(labelled), weights=weights_file[0],
                                 output=str(tmp_path / "boxed.json"), device="cpu"))
     assert boxed["samples"] == 3 and boxed["missed_faces"] == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_predictor_finds_the_faces_once_decoded(photos, weights_file):
+    """The device path on a GPU: nvJPEG decodes the JPEGs once, the detector runs on them in
+    one batch on the GPU and the crops are cut there: the same rows and faces as on the CPU."""
+    from pipeline.stages.predictor import LandmarkPredictor
+
+    shard, _ = photos
+    ((_, rows),) = list(ShardReader(decode="gpu", detect="auto", unit_rows=100)
+                        .read_task(ReadTask(0, (ShardTask(shard),))))
+    on_cpu = LandmarkPredictor(weights=weights_file[0], device="cpu", max_faces=4)(rows)
+    cuda = LandmarkPredictor(weights=weights_file[0], device="cuda", max_faces=4)
+    on_gpu = cuda(rows)
+    assert on_gpu["key"].tolist() == KEYS and on_gpu["source_row"].tolist() == on_cpu[
+        "source_row"].tolist()
+    assert on_gpu["error_kind"].tolist() == on_cpu["error_kind"].tolist()
+    assert cuda.cpu_fallbacks == 2  # the PPM and the PNG; the JPEGs were decoded on the GPU
+    found = np.isfinite(on_gpu["face_score"])
+    ious = box_iou(torch.from_numpy(on_gpu["face_box"][found][:3]),
+                   torch.from_numpy(on_cpu["face_box"][found][:3])).diagonal()
+    assert (ious > 0.97).all()

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.stages.commit import PieceSpec, commit_piece, gather
-from pipeline.stages.units import PieceAssembler, ReadTask
+from pipeline.stages.units import PieceAssembler, ReadTask, expand_header
 
 log = logging.getLogger("pipeline")
 
@@ -102,7 +102,10 @@ class _Predictor:
         self.predictor = predictor_cls(**kwargs)
 
     def predict(self, unit: Mapping[str, Any]):
-        return unit["header"], self.predictor(unit["rows"])
+        rows = self.predictor(unit["rows"])
+        if "source_row" in rows:  # faces found: rows of the unit's rows, one per face
+            return expand_header(unit["header"], rows.pop("source_row")), rows
+        return unit["header"], rows
 
 
 def _commit(specs: list[PieceSpec], parts: list[list[tuple[int, int, int]]], *units

@@ -79,8 +79,9 @@ class InferConfig:
     detect: str = option(
         "find faces with the face detector (RetinaFace) and give each its own row: auto (in "
         "samples without a sidecar bbox; a sidecar box wins), always (every image; sidecar boxes "
-        "ignored), never (crop the sidecar box or the centred square). Detection runs in the "
-        "read tasks, on the CPU", default="auto",
+        "ignored), never (crop the sidecar box or the centred square). Faces are found where "
+        "the image is decoded: in the read tasks (--decode cpu) or the predictors (gpu)",
+        default="auto",
         choices=DETECT_MODES, group=FACES)
     max_faces: int = option(
         f"at most this many faces per image, the best scoring (default {DEFAULT_MAX_FACES})",

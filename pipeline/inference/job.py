@@ -157,7 +157,9 @@ def _run(cfg: InferConfig, job_config, predictor: type, *, output: str, shards, 
                 # run the forward pass ~1.9x faster than 1 on a 2-core machine.
                 num_threads=None if p.use_gpu else math.ceil(p.actor_cpus) + 1,
                 faults=faults, micro_batch=p.batch_size, compile=cfg.compile,
-                max_pixels=cfg.max_pixels),
+                max_pixels=cfg.max_pixels, margin=cfg.margin,
+                face_threshold=cfg.face_threshold, max_faces=cfg.max_faces,
+                min_face_size=cfg.min_face_size),
             piece_spec=lambda task, shard, piece, last: PieceSpec(
                 output, task.shards[shard].shard, piece, piece * cfg.rows_per_file, last,
                 model_info.version, settings, dict(cfg.storage_options), faults),

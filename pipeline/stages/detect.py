@@ -1,15 +1,13 @@
 """The detect stage, free of Ray: the faces of one decoded image, each cut out as the landmark
 model's crop.
 
-It runs in the read task, on the full-resolution image decoded there: the detector sees a copy
-scaled down to at most
+With ``--decode cpu`` it runs in the read task, on the full-resolution image decoded there (with
+``--decode gpu`` the predictor does the same on its device: ``pipeline.stages.predictor``): the
+detector sees a copy scaled down to at most
 ``pipeline.model.detector.DETECT_SIZE`` pixels on its longer side, and each face's crop is cut
 from the full image, so an image is decoded once whatever the number of faces. Each detector
 box is mapped to the box the landmark model's crop convention expects
 (``pipeline.model.detector.landmark_box``), then cropped like a sidecar box (``margin``).
-With ``--decode gpu`` the crops are cut on the device from the image's bytes instead (the image is
-then decoded twice: on the CPU for the detector, on the GPU for the crops); detecting on the GPU
-itself is not done yet.
 
 ``--detect auto`` detects when a sample has no sidecar ``bbox`` (a sidecar box wins),
 ``always`` detects in every image (sidecar boxes are ignored), ``never`` crops the sidecar box or
@@ -32,6 +30,11 @@ DEFAULT_MIN_FACE_SIZE = 20.0  # image pixels, the detector box's shorter side
 DEFAULT_FACE_THRESHOLD = 0.9  # pipeline.model.detector.DEFAULT_THRESHOLD, without torch
 
 
+def no_face_error(threshold: float, min_size: float) -> str:
+    """The ``error`` of a ``no_face`` row."""
+    return f"no face found (score above {threshold:g}, at least {min_size:g} px)"
+
+
 def needs_detection(mode: str, bbox: object) -> bool:
     """Whether a sample with sidecar box ``bbox`` (None: no box) goes through the detector."""
     return mode == "always" or (mode == "auto" and bbox is None)
@@ -41,7 +44,7 @@ def needs_detection(mode: str, bbox: object) -> bool:
 class FoundFace:
     """One detected face: the landmark model's input and where it came from."""
 
-    pixels: np.ndarray | None  # uint8 (224, 224, 3); None when not cut here (decode="gpu")
+    pixels: np.ndarray  # uint8 (224, 224, 3)
     crop: tuple[float, float, float]  # x0, y0, side in image pixels
     score: float
     box: np.ndarray  # float32 (4,): the detector's box x0, y0, x1, y1 in image pixels
@@ -60,9 +63,9 @@ class FaceFinder:
         self._model = None
         self.images = 0
 
-    def __call__(self, image: Image.Image, cut: bool = True) -> list[FoundFace]:
-        """The faces of ``image`` (oriented RGB), by descending score, at most ``max_faces``;
-        with ``cut``, each one's 224x224 crop too."""
+    def __call__(self, image: Image.Image) -> list[FoundFace]:
+        """The faces of ``image`` (oriented RGB), by descending score, at most ``max_faces``,
+        each with its 224x224 crop."""
         import torch
 
         from pipeline.model.detector import detect, landmark_box, load_detector
@@ -79,7 +82,7 @@ class FaceFinder:
                                                  landmark_box(faces.boxes).tolist(),
                                                  strict=True):
             crop = crop_square(width, height, model_box, self.margin)
-            found.append(FoundFace(crop_and_resize(image, crop) if cut else None, crop, score,
+            found.append(FoundFace(crop_and_resize(image, crop), crop, score,
                                    box.astype(np.float32), points.astype(np.float32),
                                    tuple(model_box)))
         return found

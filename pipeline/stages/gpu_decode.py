@@ -55,7 +55,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -299,6 +299,45 @@ def decode_crop_resize(
     return pixels, sorted(failed)
 
 
+def decode_images(encoded, device="cpu"):
+    """Decode JPEG bytes on ``device`` (one batched nvJPEG call on CUDA): ``(images, failed)``,
+    stored (not oriented) uint8 (3, H, W) tensors, None for the indices in ``failed`` (header
+    refused by ``device_decode_problem``, or refused by the decoder)."""
+    import torch
+
+    return _decode(encoded, torch.device(device))
+
+
+def oriented(image, orientation: int):
+    """A stored (3, H, W) image as displayed: its EXIF ``orientation`` applied (a view)."""
+    transpose, flip_x, flip_y = _ORIENT[int(orientation)]
+    view = image.transpose(1, 2) if transpose else image
+    dims = [d for d, flip in ((2, flip_x), (1, flip_y)) if flip]
+    return view.flip(dims) if dims else view
+
+
+def crop_decoded(images, sources: Sequence[int], orientations, crops: np.ndarray, device,
+                 size: int = INPUT_SIZE):
+    """Crops of already decoded images, several per image if need be: crop ``k`` (``x0, y0,
+    side`` in oriented pixels) of stored image ``images[sources[k]]`` with EXIF orientation
+    ``orientations[sources[k]]``, resized to ``size`` as ``decode_crop_resize`` does. Returns
+    a uint8 tensor (len(crops), size, size, 3) on ``device``."""
+    import torch
+
+    pixels = torch.zeros((len(sources), size, size, 3), dtype=torch.uint8,
+                         device=torch.device(device))
+    plans = []
+    for k, (source, crop) in enumerate(zip(sources, np.asarray(crops, dtype=np.float64),
+                                           strict=True)):
+        image = images[source]
+        plan = _plan(k, image.shape[2], image.shape[1], int(orientations[source]), crop, size)
+        if plan is not None:
+            plans.append(replace(plan, source=int(source)))
+    for start in range(0, len(plans), _CHUNK):
+        _resample(images, plans[start:start + _CHUNK], pixels, size)
+    return pixels
+
+
 def _as_bytes(data) -> bytes:
     if isinstance(data, np.ndarray):
         return np.ascontiguousarray(data).tobytes()
@@ -343,7 +382,7 @@ class _Plan:
     """Where one image's crop comes from: a window of the stored image, box-averaged by
     ``factor``, then sampled bilinearly at per-axis neighbours ``lo``/``hi`` with weights."""
 
-    index: int
+    index: int                 # the output slot in ``pixels``
     transpose: bool
     rows: tuple[int, int]      # window of the (transposed if needed) stored image
     cols: tuple[int, int]
@@ -353,6 +392,7 @@ class _Plan:
     width: int
     x: tuple[np.ndarray, ...]  # lo, hi, weight, valid along x (window coordinates)
     y: tuple[np.ndarray, ...]
+    source: int = -1           # the decoded image it reads (-1: the one at ``index``)
 
 
 def _axis(origin: float, scale: float, length: int, size: int):
@@ -448,7 +488,8 @@ def _resample(images, plans: list[_Plan], pixels, size: int) -> None:
     width = max(p.width for p in plans)
     windows = torch.zeros((count, 3, height, width), dtype=torch.uint8, device=device)
     for k, plan in enumerate(plans):
-        windows[k, :, :plan.height, :plan.width] = _window(images[plan.index], plan)
+        source = plan.index if plan.source < 0 else plan.source
+        windows[k, :, :plan.height, :plan.width] = _window(images[source], plan)
 
     def stacked(axis: str, part: int, dtype):
         values = np.stack([getattr(p, axis)[part] for p in plans])

@@ -4,6 +4,13 @@ described in ``pipeline.stages.reader``).
 ``pipeline.backend.executor`` runs it in a Ray actor; tests call it directly. The predictor drops
 ``pixels`` / ``encoded`` / ``orientation`` / ``stored_size`` and adds ``landmarks`` (float32
 (68, 2), NaN on error rows) and ``model_version``.
+
+Rows marked ``find_faces`` (``--decode gpu``, a sample without a box) are searched for faces
+here: the image is decoded once on the device (nvJPEG on CUDA; the CPU path for what nvJPEG does
+not take), the detector runs on the decoded images of the batch together, and each face's crop
+is cut from the decoded image (``gpu_decode.crop_decoded``). Such a row becomes one row per face,
+or one ``no_face`` row; the output then has a ``source_row`` column (the input row each output row
+comes from), from which the executor rewrites the unit's header (``units.expand_header``).
 """
 
 from __future__ import annotations
@@ -15,12 +22,20 @@ from typing import Any
 import numpy as np
 
 from pipeline.model.geometry import INPUT_SIZE, NUM_LANDMARKS
+from pipeline.stages.detect import (
+    DEFAULT_FACE_THRESHOLD,
+    DEFAULT_MAX_FACES,
+    DEFAULT_MIN_FACE_SIZE,
+    no_face_error,
+)
 from pipeline.stages.faults import FaultPlan
-from pipeline.stages.gpu_decode import decode_crop_resize
+from pipeline.stages.gpu_decode import crop_decoded, decode_crop_resize, decode_images, oriented
 from pipeline.stages.preprocess import (
+    DEFAULT_MARGIN,
     DEFAULT_MAX_PIXELS,
     SampleError,
     crop_and_resize,
+    crop_square,
     decode_image,
     to_pixels,
 )
@@ -51,6 +66,10 @@ class LandmarkPredictor:
         compile: bool = False,
         compile_backend: str = "inductor",
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        margin: float = DEFAULT_MARGIN,
+        face_threshold: float = DEFAULT_FACE_THRESHOLD,
+        max_faces: int = DEFAULT_MAX_FACES,
+        min_face_size: float = DEFAULT_MIN_FACE_SIZE,
     ):
         import torch
 
@@ -71,6 +90,10 @@ class LandmarkPredictor:
         self.faults = FaultPlan(faults)
         self.batches = 0
         self.cpu_fallbacks = 0  # decode="gpu": images the device decoder did not take
+        self.margin = margin
+        self.face_threshold, self.max_faces = face_threshold, max_faces
+        self.min_face_size = min_face_size
+        self._detector = None  # loaded on the first row to search for faces
 
     def forward(self, pixels) -> np.ndarray:
         """uint8 NHWC pixels (numpy, or a tensor on the device) -> (N, 136) float32 outputs."""
@@ -83,8 +106,12 @@ class LandmarkPredictor:
         self.batches += 1
         n = len(batch["key"])
         if "encoded" in batch and n > self.micro_batch:
+            starts = range(0, n, self.micro_batch)
             parts = [self._predict({k: v[i : i + self.micro_batch] for k, v in batch.items()})
-                     for i in range(0, n, self.micro_batch)]
+                     for i in starts]
+            if any("source_row" in p for p in parts):  # faces were found: rows of the unit
+                for start, p in zip(starts, parts, strict=True):
+                    p["source_row"] = p.get("source_row", np.arange(len(p["key"]))) + start
             out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         else:
             out = self._predict(batch)
@@ -92,12 +119,43 @@ class LandmarkPredictor:
         return out
 
     def _predict(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        source, found, slot = None, None, None
+        finding = np.asarray(batch["find_faces"]) if "find_faces" in batch else None
+        if finding is not None and finding.any():
+            with self.runner.stream():
+                batch, source, found, slot = self.find_faces(batch)
         out = {k: v for k, v in batch.items()
                if k != "pixels" and k not in DEVICE_DECODE_COLUMNS}
         n = len(batch["key"])
         landmarks = np.full((n, NUM_LANDMARKS, 2), np.nan, dtype=np.float32)
         ok = np.asarray([not e for e in batch["error"]], dtype=bool)
-        if "encoded" in batch and ok.any():
+        if found is not None and ok.any():  # faces found here: their crops are cut already
+            import torch
+
+            rest = np.flatnonzero(ok & (slot < 0))
+            with self.runner.stream():
+                decoded, errors = self.decode_on_device(batch, rest)
+            pixels = torch.empty((int(ok.sum()), INPUT_SIZE, INPUT_SIZE, 3), dtype=torch.uint8,
+                                 device=found.device)
+            position = np.cumsum(ok) - 1  # row -> its place among the ok rows
+            faces = np.flatnonzero(ok & (slot >= 0))
+            if len(faces):
+                pixels[torch.from_numpy(position[faces]).to(found.device)] = found[
+                    torch.from_numpy(slot[faces]).to(found.device)]
+            if len(rest):
+                pixels[torch.from_numpy(position[rest]).to(found.device)] = decoded
+            if errors:
+                for column in ("error", "error_kind", "width", "height", "crop"):
+                    out[column] = np.array(batch[column])
+                keep = np.ones(len(pixels), dtype=bool)
+                for row, exc in errors.values():
+                    out["error"][row], out["error_kind"][row] = str(exc), exc.kind
+                    out["width"][row] = out["height"][row] = 0
+                    out["crop"][row] = np.nan
+                    keep[position[row]] = False
+                    ok[row] = False
+                pixels = pixels[np.flatnonzero(keep).tolist()]
+        elif "encoded" in batch and ok.any():
             with self.runner.stream():  # decode on the stream the model then runs on
                 pixels, errors = self.decode_on_device(batch, np.flatnonzero(ok))
             if errors:  # the CPU fallback could not decode them either
@@ -126,7 +184,92 @@ class LandmarkPredictor:
                 landmarks[broken] = np.nan
         out["landmarks"] = landmarks
         out["model_version"] = np.full(n, self.info.version, dtype=object)
+        if source is not None:
+            out["source_row"] = source
         return out
+
+    def find_faces(self, batch: dict[str, np.ndarray]):
+        """Search the ``find_faces`` rows of a ``decode="gpu"`` batch for faces on the device.
+
+        Returns ``(rows, source, found, slot)``: the batch with each such row replaced by one
+        row per face (crop, ``face`` columns set) or one error row (``no_face``, or the decode
+        error), ``source`` the input row of each output row, ``found`` the faces' 224x224
+        crops (uint8, on the device) and ``slot`` each output row's index in ``found`` (-1 for
+        rows whose crop is still to cut)."""
+        import torch
+
+        from pipeline.model.detector import detect, landmark_box, load_detector
+
+        device = self.runner.device
+        if self._detector is None:
+            self._detector = load_detector(device)
+        ok = np.asarray([not e for e in batch["error"]], dtype=bool)
+        rows = np.flatnonzero(np.asarray(batch["find_faces"]) & ok)
+        encoded = [bytes(batch["encoded"][r]) for r in rows]
+        # Decode once: stored images and their orientation; the CPU path gives oriented ones.
+        images, orientations, errors = [None] * len(rows), [1] * len(rows), {}
+        on_device = np.flatnonzero(np.asarray(batch["on_device"])[rows])
+        if len(on_device):
+            decoded, _ = decode_images([encoded[j] for j in on_device], device)
+            for j, image in zip(on_device, decoded, strict=True):
+                stored = tuple(batch["stored_size"][rows[j]])
+                if image is not None and image.shape[0] == 3 and (
+                        image.shape[2], image.shape[1]) == stored:
+                    images[j], orientations[j] = image, int(batch["orientation"][rows[j]])
+        for j, image in enumerate(images):
+            if image is None:
+                self.cpu_fallbacks += 1
+                try:
+                    picture = decode_image(encoded[j], self.max_pixels)
+                except SampleError as exc:
+                    errors[j] = exc
+                    continue
+                images[j] = torch.from_numpy(np.array(picture)).permute(2, 0, 1).to(device)
+        views = {j: oriented(images[j], orientations[j])
+                 for j in range(len(rows)) if j not in errors}
+        faces = dict(zip(views, detect(self._detector, list(views.values()),
+                                       self.face_threshold, self.max_faces,
+                                       self.min_face_size), strict=True))
+        # Each face's crop, from the decoded image: the landmark model's box, grown by margin.
+        sources, crops, face_rows = [], [], {}
+        for j, view in views.items():
+            height, width = view.shape[1:]
+            face_rows[j] = []
+            for box in landmark_box(faces[j].boxes).tolist():
+                face_rows[j].append(len(crops))
+                sources.append(j)
+                crops.append(crop_square(width, height, box, self.margin))
+        found = crop_decoded(images, sources, orientations, np.asarray(crops).reshape(-1, 3),
+                             device)
+        # The expanded rows, in input order.
+        where = {int(r): j for j, r in enumerate(rows)}
+        source, slot = [], []
+        for r in range(len(batch["key"])):
+            j = where.get(r)
+            count = len(face_rows[j]) if j in face_rows else 0
+            source += [r] * max(1, count)
+            slot += face_rows[j] if count else [-1]
+        source, slot = np.asarray(source), np.asarray(slot)
+        out = {k: np.asarray(v)[source] for k, v in batch.items()}
+        for column in ("error", "error_kind"):
+            out[column] = np.array(out[column], dtype=object)
+        for j in range(len(rows)):
+            at = int(np.searchsorted(source, rows[j]))
+            if j in errors:
+                out["error"][at], out["error_kind"][at] = str(errors[j]), errors[j].kind
+                out["width"][at] = out["height"][at] = 0
+            elif not face_rows[j]:
+                out["error"][at] = no_face_error(self.face_threshold, self.min_face_size)
+                out["error_kind"][at] = "no_face"
+            for k, index in enumerate(face_rows.get(j, [])):
+                f = faces[j]
+                out["face"][at + k] = k
+                out["face_score"][at + k] = float(f.scores[k])
+                out["face_box"][at + k] = f.boxes[k].cpu().numpy()
+                out["face_points"][at + k] = f.keypoints[k].cpu().numpy()
+                out["crop"][at + k] = crops[index]
+        out["find_faces"] = np.zeros(len(source), dtype=bool)
+        return out, source, found, slot
 
     def decode_on_device(self, batch: dict[str, np.ndarray], rows: np.ndarray):
         """Decode, crop and resize ``rows`` of a ``decode="gpu"`` batch on the model's device.

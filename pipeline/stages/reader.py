@@ -26,19 +26,21 @@ encoded     bytes                the image file's bytes (``decode="gpu"`` only)
 orientation int8                 its EXIF orientation 1..8 (``decode="gpu"`` only)
 stored_size int32 (2,)           its width, height before orientation (``decode="gpu"`` only)
 on_device   bool                 the device decoder takes it (``decode="gpu"`` only)
+find_faces  bool                 the predictor finds the faces (``decode="gpu"`` only)
 =========== ==================== ===============================================================
 
 With ``decode="cpu"`` the read task decodes, crops and resizes (PIL); a sample without a face box
 (``--detect auto``) or every sample (``always``) goes through the face detector there
-(``pipeline.stages.detect``) and becomes one row per face found, or one ``no_face`` error row
-(with ``decode="gpu"`` too: such a sample is decoded on the CPU for the detector, and each face
-row carries the image's bytes and the face's crop to the device like any other row).
+(``pipeline.stages.detect``) and becomes one row per face found, or one ``no_face`` error row.
 With ``decode="gpu"`` it
 only reads each image's header (``gpu_decode.probe_and_crop``: size, EXIF orientation, crop)
 and sends the encoded bytes on, so a batch weighs ~50 KB per 640x480 JPEG instead of 150 KB of
 pixels; the predictor decodes the unit on its device (nvJPEG on CUDA) and crops and resizes
 there (``gpu_decode.decode_crop_resize``). Images the device decoder does not take (PNG, CMYK
-JPEG, ...) or fails on are decoded by the CPU path inside the predictor, one by one.
+JPEG, ...) or fails on are decoded by the CPU path inside the predictor, one by one. A sample
+to search for faces goes as its bytes with ``find_faces`` set and no crop: the predictor decodes
+it once on its device, detects there and cuts each face's crop from that decoded image, and
+returns one row per face (``pipeline.stages.predictor``).
 
 The predictor drops ``pixels`` / ``encoded`` / ``orientation`` / ``stored_size`` and adds
 ``landmarks`` (float32 (68, 2), NaN on error rows) and ``model_version``.
@@ -65,6 +67,7 @@ from pipeline.stages.detect import (
     FaceFinder,
     FoundFace,
     needs_detection,
+    no_face_error,
 )
 from pipeline.stages.faults import FaultPlan
 from pipeline.stages.gpu_decode import probe_and_crop
@@ -95,7 +98,7 @@ def decode_shard(text: str) -> Shard:
 
 
 DECODE_MODES = ("cpu", "gpu")
-DEVICE_DECODE_COLUMNS = ("encoded", "orientation", "stored_size", "on_device")
+DEVICE_DECODE_COLUMNS = ("encoded", "orientation", "stored_size", "on_device", "find_faces")
 # What a unit may hold: rows, and bytes of pixels (decode="cpu") or encoded images ("gpu").
 DEFAULT_UNIT_BYTES = 256 << 20
 
@@ -121,21 +124,25 @@ def empty_rows(n: int, decode: str = "cpu") -> dict[str, np.ndarray]:
         rows["orientation"] = np.ones(n, dtype=np.int8)
         rows["stored_size"] = np.zeros((n, 2), dtype=np.int32)
         rows["on_device"] = np.zeros(n, dtype=bool)
+        rows["find_faces"] = np.zeros(n, dtype=bool)
     else:
         rows["pixels"] = np.zeros((n, INPUT_SIZE, INPUT_SIZE, 3), dtype=np.uint8)
     return rows
 
 
 class _Detected:
-    """What the detector made of one image: its size and its faces (none: a no_face row), and
-    with ``decode="gpu"`` the header facts and bytes the device decoder needs."""
+    """What the detector made of one image: its size and its faces (none: a no_face row)."""
 
-    def __init__(self, width: int, height: int, faces: list[FoundFace], finder: FaceFinder,
-                 device: tuple | None = None):
-        self.width, self.height, self.faces, self.device = width, height, faces, device
-        self.error = "" if faces else (
-            f"no face found (score above {finder.threshold:g}, at least "
-            f"{finder.min_size:g} px)")
+    def __init__(self, width: int, height: int, faces: list[FoundFace], finder: FaceFinder):
+        self.width, self.height, self.faces = width, height, faces
+        self.error = "" if faces else no_face_error(finder.threshold, finder.min_size)
+
+
+class _FindOnDevice:
+    """A sample the predictor searches for faces on its device (``decode="gpu"``)."""
+
+    def __init__(self, info, data: bytes):
+        self.info, self.data = info, data
 
 
 def _meta_json(sample: Sample) -> str:
@@ -271,16 +278,12 @@ class ShardReader:
             return None
         bbox = (sample.meta or {}).get("bbox")
         try:
+            if needs_detection(self.detect, bbox) and self.decode == "gpu":
+                info, _ = probe_and_crop(sample.data, None, self.margin, self.max_pixels)
+                return _FindOnDevice(info, sample.data)
             if needs_detection(self.detect, bbox):
-                # The detector needs the decoded image: the CPU decodes it here. With
-                # decode="gpu" the faces' crops are still cut on the device, from the bytes.
-                device = None
-                if self.decode == "gpu":
-                    info, _ = probe_and_crop(sample.data, None, self.margin, self.max_pixels)
-                    device = (info, sample.data)
                 image = decode_image(sample.data, self.max_pixels)
-                faces = self.finder(image, cut=device is None)
-                return _Detected(*image.size, faces, self.finder, device)
+                return _Detected(*image.size, self.finder(image), self.finder)
             if self.decode == "gpu":
                 info, crop = probe_and_crop(sample.data, bbox, self.margin, self.max_pixels)
                 return info, crop, sample.data
@@ -300,9 +303,9 @@ class ShardReader:
         if prepared is None or isinstance(prepared, Exception):
             return 0
         if isinstance(prepared, _Detected):
-            if prepared.device:  # the faces' rows share one bytes object
-                return len(prepared.device[1]) if prepared.faces else 0
             return INPUT_SIZE * INPUT_SIZE * 3 * len(prepared.faces)
+        if isinstance(prepared, _FindOnDevice):
+            return len(prepared.data)
         return INPUT_SIZE * INPUT_SIZE * 3 if self.decode == "cpu" else len(prepared[2])
 
     def _to_batch(self, rows: list[tuple[str, Sample, str, Any]]) -> dict[str, np.ndarray]:
@@ -311,12 +314,8 @@ class ShardReader:
         for uri, sample, meta, prepared in rows:
             if isinstance(prepared, _Detected) and prepared.faces:
                 for k, face in enumerate(prepared.faces):  # one row per face
-                    if prepared.device:
-                        info, data = prepared.device
-                        self._fill(out, i, uri, sample, meta, (info, face.crop, data))
-                    else:
-                        self._fill(out, i, uri, sample, meta,
-                                   (face.pixels, prepared.width, prepared.height, face.crop))
+                    self._fill(out, i, uri, sample, meta,
+                               (face.pixels, prepared.width, prepared.height, face.crop))
                     out["face"][i], out["face_score"][i] = k, face.score
                     out["face_box"][i], out["face_points"][i] = face.box, face.keypoints
                     i += 1
@@ -344,6 +343,14 @@ class ShardReader:
         elif isinstance(prepared, _Detected):  # searched, and no face found
             out["error"][i], out["error_kind"][i] = prepared.error, "no_face"
             out["width"][i], out["height"][i] = prepared.width, prepared.height
+        elif isinstance(prepared, _FindOnDevice):  # crop unknown until the faces are found
+            info = prepared.info
+            out["encoded"][i] = prepared.data
+            out["orientation"][i] = info.orientation
+            out["stored_size"][i] = info.width, info.height
+            out["on_device"][i] = info.device_decodable
+            out["width"][i], out["height"][i] = info.oriented_width, info.oriented_height
+            out["find_faces"][i] = True
         elif self.decode == "gpu":
             info, crop, data = prepared
             out["encoded"][i] = data

@@ -90,16 +90,16 @@ class UnitHeader:
 
 
 def expand_header(header: UnitHeader, source_rows) -> UnitHeader:
-    """The header of a unit whose rows were expanded: output row ``j`` came from input row
-    ``source_rows[j]`` (non-decreasing; every input row has at least one output row)."""
+    """The header of a unit whose rows a later stage expanded (the predictor, finding faces):
+    row ``j`` of the new arrays came from row ``source_rows[j]`` of the unit's arrays
+    (non-decreasing, every row kept at least once)."""
     import numpy as np
 
     source = np.asarray(source_rows)
-    if len(source) and (np.any(np.diff(source) < 0)
-                        or len(np.unique(source)) != header.rows):
-        raise ValueError("expanded rows must keep their order and keep every input row")
-    segments = [replace(seg, out_start=int(np.searchsorted(source, seg.start, "left")),
-                        out_stop=int(np.searchsorted(source, seg.stop, "left")))
+    if np.any(np.diff(source) < 0) or len(np.unique(source)) != header.out_rows:
+        raise ValueError("expanded rows must keep their order and keep every row")
+    segments = [replace(seg, out_start=int(np.searchsorted(source, seg.out_start, "left")),
+                        out_stop=int(np.searchsorted(source, seg.out_stop, "left")))
                 for seg in header.segments]
     return replace(header, segments=segments, out_rows=len(source))
 
