@@ -261,13 +261,13 @@ class LandmarkPredictor:
             elif not face_rows[j]:
                 out["error"][at] = no_face_error(self.face_threshold, self.min_face_size)
                 out["error_kind"][at] = "no_face"
-            for k, index in enumerate(face_rows.get(j, [])):
-                f = faces[j]
-                out["face"][at + k] = k
-                out["face_score"][at + k] = float(f.scores[k])
-                out["face_box"][at + k] = f.boxes[k].cpu().numpy()
-                out["face_points"][at + k] = f.keypoints[k].cpu().numpy()
-                out["crop"][at + k] = crops[index]
+            if face_rows.get(j):  # one copy to the host per image, not per face
+                count, f = len(face_rows[j]), faces[j]
+                out["face"][at:at + count] = np.arange(count)
+                out["face_score"][at:at + count] = f.scores.cpu().numpy()
+                out["face_box"][at:at + count] = f.boxes.cpu().numpy()
+                out["face_points"][at:at + count] = f.keypoints.cpu().numpy()
+                out["crop"][at:at + count] = [crops[index] for index in face_rows[j]]
         out["find_faces"] = np.zeros(len(source), dtype=bool)
         return out, source, found, slot
 
