@@ -116,6 +116,7 @@ def test_predictor_finds_the_faces_of_device_decoded_rows(photos, weights_file):
     assert rows["find_faces"].tolist() == [True, True, False, True, True, True]
     assert np.isnan(rows["crop"][rows["find_faces"]]).all() and header.out_rows == 6
     predictor = LandmarkPredictor(weights=weights_file[0], device="cpu", max_faces=4)
+    predictor.detect_images = 2  # 5 images to search: decoded and searched 2 at a time
     out = predictor(rows)
     assert out["key"].tolist() == KEYS and out["face"].tolist() == [0, 0, 1, 0, 0, 0, 0, 1, 2, 3]
     assert out["source_row"].tolist() == [0, 1, 1, 2, 3, 4, 5, 5, 5, 5]

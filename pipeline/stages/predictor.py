@@ -94,6 +94,7 @@ class LandmarkPredictor:
         self.face_threshold, self.max_faces = face_threshold, max_faces
         self.min_face_size = min_face_size
         self._detector = None  # loaded on the first row to search for faces
+        self.detect_images = 32  # images decoded on the device at once to find faces
 
     def forward(self, pixels) -> np.ndarray:
         """uint8 NHWC pixels (numpy, or a tensor on the device) -> (N, 136) float32 outputs."""
@@ -198,49 +199,21 @@ class LandmarkPredictor:
         rows whose crop is still to cut)."""
         import torch
 
-        from pipeline.model.detector import detect, landmark_box, load_detector
+        from pipeline.model.detector import load_detector
 
         device = self.runner.device
         if self._detector is None:
             self._detector = load_detector(device)
         ok = np.asarray([not e for e in batch["error"]], dtype=bool)
         rows = np.flatnonzero(np.asarray(batch["find_faces"]) & ok)
-        encoded = [bytes(batch["encoded"][r]) for r in rows]
-        # Decode once: stored images and their orientation; the CPU path gives oriented ones.
-        images, orientations, errors = [None] * len(rows), [1] * len(rows), {}
-        on_device = np.flatnonzero(np.asarray(batch["on_device"])[rows])
-        if len(on_device):
-            decoded, _ = decode_images([encoded[j] for j in on_device], device)
-            for j, image in zip(on_device, decoded, strict=True):
-                stored = tuple(batch["stored_size"][rows[j]])
-                if image is not None and image.shape[0] == 3 and (
-                        image.shape[2], image.shape[1]) == stored:
-                    images[j], orientations[j] = image, int(batch["orientation"][rows[j]])
-        for j, image in enumerate(images):
-            if image is None:
-                self.cpu_fallbacks += 1
-                try:
-                    picture = decode_image(encoded[j], self.max_pixels)
-                except SampleError as exc:
-                    errors[j] = exc
-                    continue
-                images[j] = torch.from_numpy(np.array(picture)).permute(2, 0, 1).to(device)
-        views = {j: oriented(images[j], orientations[j])
-                 for j in range(len(rows)) if j not in errors}
-        faces = dict(zip(views, detect(self._detector, list(views.values()),
-                                       self.face_threshold, self.max_faces,
-                                       self.min_face_size), strict=True))
-        # Each face's crop, from the decoded image: the landmark model's box, grown by margin.
-        sources, crops, face_rows = [], [], {}
-        for j, view in views.items():
-            height, width = view.shape[1:]
-            face_rows[j] = []
-            for box in landmark_box(faces[j].boxes).tolist():
-                face_rows[j].append(len(crops))
-                sources.append(j)
-                crops.append(crop_square(width, height, box, self.margin))
-        found = crop_decoded(images, sources, orientations, np.asarray(crops).reshape(-1, 3),
-                             device)
+        # A few images at a time: decoded full-size images stay on the device only while
+        # their faces are found and cut.
+        errors, faces, crops, face_rows, found = {}, {}, [], {}, []
+        for first in range(0, len(rows), self.detect_images):
+            part = range(first, min(first + self.detect_images, len(rows)))
+            found.append(self._find_in(batch, rows, part, errors, faces, crops, face_rows))
+        found = torch.cat(found) if found else torch.zeros(
+            (0, INPUT_SIZE, INPUT_SIZE, 3), dtype=torch.uint8, device=device)
         # The expanded rows, in input order.
         where = {int(r): j for j, r in enumerate(rows)}
         source, slot = [], []
@@ -261,15 +234,63 @@ class LandmarkPredictor:
             elif not face_rows[j]:
                 out["error"][at] = no_face_error(self.face_threshold, self.min_face_size)
                 out["error_kind"][at] = "no_face"
-            if face_rows.get(j):  # one copy to the host per image, not per face
-                count, f = len(face_rows[j]), faces[j]
+            if face_rows.get(j):
+                count, (scores, boxes, points) = len(face_rows[j]), faces[j]
                 out["face"][at:at + count] = np.arange(count)
-                out["face_score"][at:at + count] = f.scores.cpu().numpy()
-                out["face_box"][at:at + count] = f.boxes.cpu().numpy()
-                out["face_points"][at:at + count] = f.keypoints.cpu().numpy()
+                out["face_score"][at:at + count] = scores
+                out["face_box"][at:at + count] = boxes
+                out["face_points"][at:at + count] = points
                 out["crop"][at:at + count] = [crops[index] for index in face_rows[j]]
         out["find_faces"] = np.zeros(len(source), dtype=bool)
         return out, source, found, slot
+
+    def _find_in(self, batch, rows, part, errors, faces, crops, face_rows):
+        """``find_faces`` for the rows ``rows[j]``, ``j`` in ``part``: decode them once, detect
+        in one batch, cut each face's crop. Fills ``errors[j]``, ``faces[j]`` (scores, boxes,
+        keypoints on the host), ``face_rows[j]`` (indices into ``crops``, which it extends);
+        returns the crops' pixels on the device."""
+        import torch
+
+        from pipeline.model.detector import detect, landmark_box
+
+        device = self.runner.device
+        encoded = {j: bytes(batch["encoded"][rows[j]]) for j in part}
+        # Decode once: stored images and their orientation; the CPU path gives oriented ones.
+        images, orientations = {}, {j: 1 for j in part}
+        on_device = [j for j in part if batch["on_device"][rows[j]]]
+        if on_device:
+            decoded, _ = decode_images([encoded[j] for j in on_device], device)
+            for j, image in zip(on_device, decoded, strict=True):
+                stored = tuple(batch["stored_size"][rows[j]])
+                if image is not None and image.shape[0] == 3 and (
+                        image.shape[2], image.shape[1]) == stored:
+                    images[j], orientations[j] = image, int(batch["orientation"][rows[j]])
+        for j in part:
+            if j not in images:
+                self.cpu_fallbacks += 1
+                try:
+                    picture = decode_image(encoded[j], self.max_pixels)
+                except SampleError as exc:
+                    errors[j] = exc
+                    continue
+                images[j] = torch.from_numpy(np.array(picture)).permute(2, 0, 1).to(device)
+        views = {j: oriented(images[j], orientations[j]) for j in part if j in images}
+        detected = detect(self._detector, list(views.values()), self.face_threshold,
+                          self.max_faces, self.min_face_size)
+        # Each face's crop, from the decoded image: the landmark model's box, grown by margin.
+        sources, first = [], len(crops)
+        for (j, view), f in zip(views.items(), detected, strict=True):
+            height, width = view.shape[1:]
+            faces[j] = (f.scores.cpu().numpy(), f.boxes.cpu().numpy(), f.keypoints.cpu().numpy())
+            face_rows[j] = []
+            for box in landmark_box(faces[j][1]):
+                face_rows[j].append(len(crops))
+                sources.append(j)
+                crops.append(crop_square(width, height, box.tolist(), self.margin))
+        index = {j: k for k, j in enumerate(images)}
+        return crop_decoded(list(images.values()), [index[j] for j in sources],
+                            [orientations[j] for j in images],
+                            np.asarray(crops[first:]).reshape(-1, 3), device)
 
     def decode_on_device(self, batch: dict[str, np.ndarray], rows: np.ndarray):
         """Decode, crop and resize ``rows`` of a ``decode="gpu"`` batch on the model's device.
