@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.evaluation.config import EvalConfig
-from pipeline.io.shards import Shard, list_shards, read_samples
+from pipeline.io.shards import Sample, Shard, list_shards, read_samples
 from pipeline.model.metrics import auc, failure_rate, nme, plot_ced, summarize
 from pipeline.stages.labels import LabelledReader, parse_landmarks, split_of
 from pipeline.stages.preprocess import SampleError
@@ -54,18 +54,19 @@ def best_match(label_box: np.ndarray, boxes: np.ndarray) -> int | None:
 
 def read_labels(
     shard: Shard, cfg: EvalConfig
-) -> Iterator[tuple[str, np.ndarray | None, str | None]]:
-    """``(key, landmarks in pixels or None, error or None)`` of one shard, images not decoded."""
+) -> Iterator[tuple[Sample, np.ndarray | None, str | None]]:
+    """``(sample, landmarks in pixels or None, error or None)`` of the samples of ``cfg.split``
+    in one shard, images not decoded."""
     for sample in read_samples(shard, cfg.storage_options, cfg.image_column, cfg.key_column):
         if cfg.split != "all" and split_of(sample.key, cfg.val_fraction) != cfg.split:
             continue
         if sample.error or sample.meta_error:
-            yield sample.key, None, sample.error or sample.meta_error
+            yield sample, None, sample.error or sample.meta_error
             continue
         try:
-            yield sample.key, parse_landmarks((sample.meta or {}).get("landmarks")), None
+            yield sample, parse_landmarks((sample.meta or {}).get("landmarks")), None
         except SampleError as exc:
-            yield sample.key, None, str(exc)
+            yield sample, None, str(exc)
 
 
 def _with_model(cfg: EvalConfig, shards: list[Shard]):
@@ -104,6 +105,7 @@ def _with_model(cfg: EvalConfig, shards: list[Shard]):
 def _with_model_and_detector(cfg: EvalConfig, shards: list[Shard]):
     """Points (pixels) of the detected face that matches each labelled one, as the inference
     job would give them; the labelled faces no face matched."""
+    from pipeline.model.detector import landmark_box
     from pipeline.stages.detect import FaceFinder
     from pipeline.stages.labels import bbox_from_landmarks
     from pipeline.stages.predictor import LandmarkPredictor
@@ -115,15 +117,11 @@ def _with_model_and_detector(cfg: EvalConfig, shards: list[Shard]):
     finder = FaceFinder(cfg.face_threshold, margin=cfg.margin)
     keys, preds, targets, skipped, missed, damaged = [], [], [], 0, [], []
     for shard in shards:
-        samples = read_samples(shard, cfg.storage_options, cfg.image_column, cfg.key_column)
         try:
-            for sample in samples:
-                if cfg.split != "all" and split_of(sample.key, cfg.val_fraction) != cfg.split:
-                    continue
+            for sample, points, error in read_labels(shard, cfg):
                 try:
-                    if sample.error or sample.meta_error:
-                        raise SampleError(sample.error or sample.meta_error)
-                    points = parse_landmarks((sample.meta or {}).get("landmarks"))
+                    if error is not None:
+                        raise SampleError(error)
                     image = decode_image(sample.data, cfg.max_pixels)
                 except SampleError as exc:
                     skipped += 1
@@ -131,7 +129,7 @@ def _with_model_and_detector(cfg: EvalConfig, shards: list[Shard]):
                     continue
                 faces = finder(image)
                 found = best_match(np.asarray(bbox_from_landmarks(points)),
-                                   [face.model_box for face in faces])
+                                   landmark_box(np.asarray([f.box for f in faces]).reshape(-1, 4)))
                 if found is None:
                     missed.append(sample.key)
                     continue
@@ -195,7 +193,8 @@ def _with_predictions(cfg: EvalConfig, shards: list[Shard]):
     keys, preds, targets, skipped, missing, damaged, missed = [], [], [], 0, 0, [], []
     for shard in shards:
         try:
-            labels = list(read_labels(shard, cfg))
+            labels = [(sample.key, points, error)  # keys only: the images are not kept
+                      for sample, points, error in read_labels(shard, cfg)]
         except Exception as exc:  # a damaged shard: report it, score the rest
             damaged.append(f"{shard.uri}: {exc.__class__.__name__}: {exc}")
             continue

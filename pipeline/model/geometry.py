@@ -7,3 +7,4 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 INIT_CHOICES = ("random", "imagenet")  # a model without a weights file: how it is initialised
 DEVICES = ("auto", "cuda", "cpu")  # where the jobs run the model (auto: CUDA when there is one)
+DEFAULT_FACE_THRESHOLD = 0.9  # the face detector's score a face needs (pipeline.model.detector)

@@ -22,17 +22,27 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from pipeline.model.geometry import DEFAULT_FACE_THRESHOLD
 from pipeline.stages.preprocess import DEFAULT_MARGIN, crop_and_resize, crop_square
 
 DETECT_MODES = ("auto", "always", "never")
 DEFAULT_MAX_FACES = 20
 DEFAULT_MIN_FACE_SIZE = 20.0  # image pixels, the detector box's shorter side
-DEFAULT_FACE_THRESHOLD = 0.9  # pipeline.model.detector.DEFAULT_THRESHOLD, without torch
 
 
 def no_face_error(threshold: float, min_size: float) -> str:
     """The ``error`` of a ``no_face`` row."""
     return f"no face found (score above {threshold:g}, at least {min_size:g} px)"
+
+
+def face_crops(boxes, width: int, height: int, margin: float = DEFAULT_MARGIN
+               ) -> list[tuple[float, float, float]]:
+    """The landmark model's crop ``(x0, y0, side)`` of each detector box (N, 4) in a ``width`` x
+    ``height`` image: the box mapped to the model's convention, grown by ``margin``."""
+    from pipeline.model.detector import landmark_box
+
+    return [crop_square(width, height, box, margin)
+            for box in landmark_box(np.asarray(boxes, dtype=np.float64).reshape(-1, 4)).tolist()]
 
 
 def needs_detection(mode: str, bbox: object) -> bool:
@@ -49,7 +59,6 @@ class FoundFace:
     score: float
     box: np.ndarray  # float32 (4,): the detector's box x0, y0, x1, y1 in image pixels
     keypoints: np.ndarray  # float32 (5, 2): eyes, nose tip, mouth corners
-    model_box: tuple[float, float, float, float]  # the box mapped to the landmark model's
 
 
 class FaceFinder:
@@ -61,28 +70,21 @@ class FaceFinder:
         self.threshold, self.max_faces = threshold, max_faces
         self.min_size, self.margin = min_size, margin
         self._model = None
-        self.images = 0
 
     def __call__(self, image: Image.Image) -> list[FoundFace]:
         """The faces of ``image`` (oriented RGB), by descending score, at most ``max_faces``,
         each with its 224x224 crop."""
         import torch
 
-        from pipeline.model.detector import detect, landmark_box, load_detector
+        from pipeline.model.detector import detect, load_detector
 
         if self._model is None:
             self._model = load_detector("cpu")
-        self.images += 1
         pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
         (faces,) = detect(self._model, [pixels], self.threshold, self.max_faces, self.min_size)
-        width, height = image.size
-        found = []
-        for box, score, points, model_box in zip(faces.boxes.numpy(), faces.scores.tolist(),
-                                                 faces.keypoints.numpy(),
-                                                 landmark_box(faces.boxes).tolist(),
-                                                 strict=True):
-            crop = crop_square(width, height, model_box, self.margin)
-            found.append(FoundFace(crop_and_resize(image, crop), crop, score,
-                                   box.astype(np.float32), points.astype(np.float32),
-                                   tuple(model_box)))
-        return found
+        boxes = faces.boxes.numpy()
+        crops = face_crops(boxes, *image.size, self.margin)
+        return [FoundFace(crop_and_resize(image, crop), crop, score, box.astype(np.float32),
+                          points.astype(np.float32))
+                for crop, score, box, points in zip(crops, faces.scores.tolist(), boxes,
+                                                    faces.keypoints.numpy(), strict=True)]

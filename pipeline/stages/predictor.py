@@ -26,6 +26,7 @@ from pipeline.stages.detect import (
     DEFAULT_FACE_THRESHOLD,
     DEFAULT_MAX_FACES,
     DEFAULT_MIN_FACE_SIZE,
+    face_crops,
     no_face_error,
 )
 from pipeline.stages.faults import FaultPlan
@@ -35,7 +36,6 @@ from pipeline.stages.preprocess import (
     DEFAULT_MAX_PIXELS,
     SampleError,
     crop_and_resize,
-    crop_square,
     decode_image,
     to_pixels,
 )
@@ -121,8 +121,7 @@ class LandmarkPredictor:
 
     def _predict(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         source, found, slot = None, None, None
-        finding = np.asarray(batch["find_faces"]) if "find_faces" in batch else None
-        if finding is not None and finding.any():
+        if "find_faces" in batch and np.any(batch["find_faces"]):
             with self.runner.stream():
                 batch, source, found, slot = self.find_faces(batch)
         out = {k: v for k, v in batch.items()
@@ -130,45 +129,25 @@ class LandmarkPredictor:
         n = len(batch["key"])
         landmarks = np.full((n, NUM_LANDMARKS, 2), np.nan, dtype=np.float32)
         ok = np.asarray([not e for e in batch["error"]], dtype=bool)
-        if found is not None and ok.any():  # faces found here: their crops are cut already
-            import torch
-
-            rest = np.flatnonzero(ok & (slot < 0))
-            with self.runner.stream():
-                decoded, errors = self.decode_on_device(batch, rest)
-            pixels = torch.empty((int(ok.sum()), INPUT_SIZE, INPUT_SIZE, 3), dtype=torch.uint8,
-                                 device=found.device)
-            position = np.cumsum(ok) - 1  # row -> its place among the ok rows
-            faces = np.flatnonzero(ok & (slot >= 0))
-            if len(faces):
-                pixels[torch.from_numpy(position[faces]).to(found.device)] = found[
-                    torch.from_numpy(slot[faces]).to(found.device)]
-            if len(rest):
-                pixels[torch.from_numpy(position[rest]).to(found.device)] = decoded
-            if errors:
-                for column in ("error", "error_kind", "width", "height", "crop"):
-                    out[column] = np.array(batch[column])
-                keep = np.ones(len(pixels), dtype=bool)
-                for row, exc in errors.values():
-                    out["error"][row], out["error_kind"][row] = str(exc), exc.kind
-                    out["width"][row] = out["height"][row] = 0
-                    out["crop"][row] = np.nan
-                    keep[position[row]] = False
-                    ok[row] = False
-                pixels = pixels[np.flatnonzero(keep).tolist()]
-        elif "encoded" in batch and ok.any():
+        if "encoded" in batch and ok.any():
+            # Rows whose faces were found here have their crops cut already; decode the rest.
+            rest = ok if slot is None else ok & (slot < 0)
             with self.runner.stream():  # decode on the stream the model then runs on
-                pixels, errors = self.decode_on_device(batch, np.flatnonzero(ok))
+                pixels, errors = self.decode_on_device(batch, np.flatnonzero(rest))
+                if slot is not None:
+                    pixels = self._with_faces(pixels, ok, rest, found, slot)
             if errors:  # the CPU fallback could not decode them either
                 for column in ("error", "error_kind", "width", "height", "crop"):
                     out[column] = np.array(batch[column])  # batches may be read-only views
+                position = np.cumsum(ok) - 1  # row -> its place in pixels (the ok rows)
                 keep = np.ones(len(pixels), dtype=bool)
-                for j, (row, exc) in errors.items():
+                for row, exc in errors.values():
                     # An error row as the CPU path writes it: size and crop unknown.
                     out["error"][row], out["error_kind"][row] = str(exc), exc.kind
                     out["width"][row] = out["height"][row] = 0
                     out["crop"][row] = np.nan
-                    ok[row], keep[j] = False, False
+                    keep[position[row]] = False
+                ok[[row for row, _ in errors.values()]] = False
                 pixels = pixels[np.flatnonzero(keep).tolist()]
         elif ok.any():
             pixels = batch["pixels"][ok]
@@ -188,6 +167,24 @@ class LandmarkPredictor:
         if source is not None:
             out["source_row"] = source
         return out
+
+    @staticmethod
+    def _with_faces(decoded, ok: np.ndarray, rest: np.ndarray, found, slot: np.ndarray):
+        """The pixels of the ``ok`` rows, in order: the faces' crops from ``found`` (by
+        ``slot``), the ``rest`` rows' from ``decoded``."""
+        import torch
+
+        device = found.device
+        pixels = torch.empty((int(ok.sum()), INPUT_SIZE, INPUT_SIZE, 3), dtype=torch.uint8,
+                             device=device)
+        position = np.cumsum(ok) - 1  # row -> its place among the ok rows
+        faces = np.flatnonzero(ok & (slot >= 0))
+        if len(faces):
+            pixels[torch.from_numpy(position[faces]).to(device)] = found[
+                torch.from_numpy(slot[faces]).to(device)]
+        if rest.any():
+            pixels[torch.from_numpy(position[np.flatnonzero(rest)]).to(device)] = decoded
+        return pixels
 
     def find_faces(self, batch: dict[str, np.ndarray]):
         """Search the ``find_faces`` rows of a ``decode="gpu"`` batch for faces on the device.
@@ -251,7 +248,7 @@ class LandmarkPredictor:
         returns the crops' pixels on the device."""
         import torch
 
-        from pipeline.model.detector import detect, landmark_box
+        from pipeline.model.detector import detect
 
         device = self.runner.device
         encoded = {j: bytes(batch["encoded"][rows[j]]) for j in part}
@@ -277,16 +274,14 @@ class LandmarkPredictor:
         views = {j: oriented(images[j], orientations[j]) for j in part if j in images}
         detected = detect(self._detector, list(views.values()), self.face_threshold,
                           self.max_faces, self.min_face_size)
-        # Each face's crop, from the decoded image: the landmark model's box, grown by margin.
         sources, first = [], len(crops)
         for (j, view), f in zip(views.items(), detected, strict=True):
             height, width = view.shape[1:]
             faces[j] = (f.scores.cpu().numpy(), f.boxes.cpu().numpy(), f.keypoints.cpu().numpy())
-            face_rows[j] = []
-            for box in landmark_box(faces[j][1]):
-                face_rows[j].append(len(crops))
-                sources.append(j)
-                crops.append(crop_square(width, height, box.tolist(), self.margin))
+            cut = face_crops(faces[j][1], width, height, self.margin)
+            face_rows[j] = list(range(len(crops), len(crops) + len(cut)))
+            sources += [j] * len(cut)
+            crops += cut
         index = {j: k for k, j in enumerate(images)}
         return crop_decoded(list(images.values()), [index[j] for j in sources],
                             [orientations[j] for j in images],

@@ -343,22 +343,18 @@ class ShardReader:
         elif isinstance(prepared, _Detected):  # searched, and no face found
             out["error"][i], out["error_kind"][i] = prepared.error, "no_face"
             out["width"][i], out["height"][i] = prepared.width, prepared.height
-        elif isinstance(prepared, _FindOnDevice):  # crop unknown until the faces are found
-            info = prepared.info
-            out["encoded"][i] = prepared.data
-            out["orientation"][i] = info.orientation
-            out["stored_size"][i] = info.width, info.height
-            out["on_device"][i] = info.device_decodable
-            out["width"][i], out["height"][i] = info.oriented_width, info.oriented_height
-            out["find_faces"][i] = True
         elif self.decode == "gpu":
-            info, crop, data = prepared
+            find = isinstance(prepared, _FindOnDevice)  # its crop is known once faces are found
+            info, crop, data = (prepared.info, None, prepared.data) if find else prepared
             out["encoded"][i] = data
             out["orientation"][i] = info.orientation
             out["stored_size"][i] = info.width, info.height
             out["on_device"][i] = info.device_decodable
             out["width"][i], out["height"][i] = info.oriented_width, info.oriented_height
-            out["crop"][i] = crop
+            if find:
+                out["find_faces"][i] = True
+            else:
+                out["crop"][i] = crop
         else:
             pixels, width, height, crop = prepared
             out["pixels"][i] = pixels
