@@ -21,7 +21,13 @@ channels_last on CUDA, fp32 on CPU) and compile setting. Images/s of:
    both decode the whole JPEG. First result: to the first batch; steady: over the later batches.
 
 Also, without Ray: images/s of one read task on one core, per decode mode (decode + crop +
-resize with PIL, or the header only): what each mode asks of the CPUs per image.
+resize with PIL, or the header only): what each mode asks of the CPUs per image; and the face
+detector alone on the model's device (``pipeline.model.detector.detect`` on chunks of
+``DETECT_CHUNK`` synthetic ``--image-size`` images already decoded on the device, as the
+predictor searches them with ``--decode gpu``), next to the model alone: ``detection_adds`` is
+the share detection adds to the model's time per image with one face (the issue's target on a
+GPU: at most 0.25). ``--detect always`` makes the pipeline runs search every image too (the
+synthetic archive has sidecar boxes, so the default ``auto`` never detects).
 
 Before timing, Ray is started once (or joined: ``RAY_ADDRESS``) and one worker per CPU imports
 the libraries, so the first Ray Data run does not pay for worker start-up that the second reuses.
@@ -56,6 +62,7 @@ from pipeline.inference.config import DEFAULT_BATCH_SIZE, InferConfig  # noqa: E
 from pipeline.inference.job import plan, run_inference  # noqa: E402
 from pipeline.io.resume import DONE_DIR  # noqa: E402
 from pipeline.model.network import INPUT_SIZE, load_model  # noqa: E402
+from pipeline.stages.predictor import DETECT_CHUNK  # noqa: E402
 from pipeline.stages.runner import ModelRunner  # noqa: E402
 
 # Per device: images, images per shard, untimed and timed model-alone steps, decode modes of the
@@ -111,6 +118,40 @@ def bench_model(args, device: str) -> dict:
     if device == "cuda":
         torch.cuda.empty_cache()  # leave the GPU memory to the Ray actors
     return figures(args.steps * args.batch_size, seconds)
+
+
+def bench_detector(args, device: str, size: tuple[int, int]) -> dict:
+    """The face detector alone on ``device``: ``--steps`` chunks of ``DETECT_CHUNK`` synthetic
+    faces (``--image-size``, one face each) already decoded there, after ``--warmup`` chunks."""
+    import numpy as np
+    import torch
+
+    from pipeline.demo.synthetic import render_face
+    from pipeline.model.detector import detect, load_detector
+
+    threads = torch.get_num_threads()
+    if device == "cpu":
+        torch.set_num_threads(os.cpu_count())  # as the model alone
+    detector = load_detector(device)
+    rng = np.random.default_rng(args.seed)
+    chunk = [torch.from_numpy(np.array(render_face(rng, size)[0].convert("RGB")))
+             .permute(2, 0, 1).contiguous().to(device) for _ in range(DETECT_CHUNK)]
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    for _ in range(args.warmup):
+        detect(detector, chunk)
+    sync()
+    found = 0
+    started = time.perf_counter()
+    for _ in range(max(1, args.steps)):
+        found += sum(len(f) for f in detect(detector, chunk))
+    sync()
+    seconds = time.perf_counter() - started
+    images = max(1, args.steps) * DETECT_CHUNK
+    del detector, chunk
+    torch.set_num_threads(threads)
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return figures(images, seconds, faces_found=found, chunk=DETECT_CHUNK)
 
 
 def make_archive(folder: Path, images: int, per_shard: int, size: tuple[int, int]) -> int:
@@ -197,7 +238,7 @@ def bench_pipeline(args, device: str, decode: str, archive: Path, output: Path) 
     # force: redo every shard, never resume from an earlier run's output.
     cfg = InferConfig(
         str(archive), str(output), batch_size=args.batch_size, device=device, force=True,
-        decode=decode, compile=args.compile, **model
+        decode=decode, compile=args.compile, detect=args.detect, **model
     )
     resources = ray.cluster_resources()
     resolved = plan(cfg, int(resources.get("CPU", 1)), int(resources.get("GPU", 0)))
@@ -211,7 +252,8 @@ def bench_pipeline(args, device: str, decode: str, archive: Path, output: Path) 
     ]
     rates = arrival_rates(started, done)  # images below: those that got landmarks
     return figures(
-        summary.samples - summary.errors, seconds, errors=summary.errors, **rates,
+        summary.samples - summary.errors, seconds, errors=summary.errors, faces=summary.faces,
+        no_face=summary.no_face, **rates,
         plan=dataclasses.asdict(resolved),
     )
 
@@ -260,6 +302,8 @@ def parse(argv):
     p.add_argument("--weights", help="model file; default: --init weights")
     p.add_argument("--init", choices=("random", "imagenet"), default="random")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--detect", choices=("auto", "always", "never"), default="auto",
+                   help="the pipeline runs' --detect (always: search every image for faces)")
     p.add_argument("--skip-baseline", action="store_true", help="skip the canonical recipe")
     p.add_argument("--workdir", help="keep the data here (default: a temporary folder)")
     p.add_argument("--out", default="benchmark-results", help="folder for benchmark.json")
@@ -288,6 +332,7 @@ def main(argv=None) -> dict:
     r["compile"] = args.compile
     r.update(images=args.images, image_size=[width, height], per_shard=args.per_shard)
     r.update(batch_size=args.batch_size, warmup_steps=args.warmup, timed_steps=args.steps)
+    r["detect"] = args.detect
     work = Path(args.workdir or tempfile.mkdtemp(prefix="landmarks-bench-"))
     for old in ("shards", "jpegs", *(p.name for p in work.glob("landmarks*"))):
         shutil.rmtree(work / old, ignore_errors=True)  # an earlier run's data in --workdir
@@ -299,6 +344,7 @@ def main(argv=None) -> dict:
             d: bench_read_stage(work / "shards", d, min(args.images, 2000)) for d in ("cpu", "gpu")
         }
         r["model_alone"] = bench_model(args, device)
+        r["detector_alone"] = bench_detector(args, device, (width, height))
         ensure_ray()
         warm_up_workers()
         r["pipelines"] = {
@@ -314,6 +360,9 @@ def main(argv=None) -> dict:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
 
+    # Per image with one face: detection's time over the model's.
+    r["detection_adds"] = (r["model_alone"]["images_per_s"]
+                           / r["detector_alone"]["images_per_s"])
     r["ratios"] = {}
     for decode, pipe in r["pipelines"].items():
         # The first decode mode's ratios keep the plain names; the others name their mode.
@@ -343,7 +392,7 @@ def table(r: dict) -> str:
         f"{r['images']} images {w}x{h} in {r['shards']} shards",
         f"{'':20}" + "".join(f"{c:>16}" for c in header),
     ]
-    rows = [("model alone", r["model_alone"])]
+    rows = [("model alone", r["model_alone"]), ("detector alone", r["detector_alone"])]
     rows += [(f"pipeline, {d} decode", m) for d, m in r["pipelines"].items()]
     rows += [("Ray Data recipe", r["baseline"])] if "baseline" in r else []
     for label, m in rows:
@@ -352,6 +401,8 @@ def table(r: dict) -> str:
         cells += [str(m["images"]), f"{m['seconds']:.1f}"]
         lines.append(f"{label:20}" + "".join(f"{c:>16}" for c in cells))
     lines.append("ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in r["ratios"].items()))
+    lines.append(f"detection adds {100 * r['detection_adds']:.0f} % to the model's time per "
+                 f"image (one face; pipelines' --detect {r['detect']})")
     read = r["read_stage_per_core"]
     lines.append("read stage, one core: " + ", ".join(
         f"decode={d}: {m['images_per_s']:.0f} images/s" for d, m in read.items()))

@@ -61,14 +61,20 @@ def test_benchmark_measures_the_three_configurations(ray_session, tmp_path):
     gpu_decode = result["pipelines"]["gpu"]  # on a CPU machine the CPU actor decodes
     assert gpu_decode["plan"]["decode"] == "gpu" and not gpu_decode["plan"]["use_gpu"]
     assert gpu_decode["images"] == images and gpu_decode["errors"] == 0
+    assert gpu_decode["faces"] == gpu_decode["no_face"] == 0  # sidecar boxes: no detection
     assert result["ratios"]["pipeline_gpu_over_model"] == pytest.approx(
         gpu_decode["images_per_s"] / result["model_alone"]["images_per_s"])
     assert result["images"] == images and result["shards"] == shards
     model, pipe, base = result["model_alone"], result["pipeline"], result["baseline"]
     assert model["images"] == 2  # one timed step of one batch
+    detector = result["detector_alone"]  # one timed chunk of synthetic faces, as the predictor's
+    assert detector["images"] == detector["chunk"] == 32 and result["detect"] == "auto"
+    assert 16 <= detector["faces_found"] <= 32  # cartoon faces: the detector finds most
+    assert result["detection_adds"] == pytest.approx(
+        model["images_per_s"] / detector["images_per_s"])
     assert pipe["images"] == images and pipe["errors"] == 0
     assert base["images"] == images
-    for figures in (model, pipe, base):
+    for figures in (model, detector, pipe, base):
         assert figures["images_per_s"] == pytest.approx(figures["images"] / figures["seconds"])
         assert figures["images_per_s"] > 0
     for figures in (pipe, base):
@@ -103,7 +109,7 @@ def test_benchmark_measures_the_three_configurations(ray_session, tmp_path):
     np.testing.assert_allclose(  # the same libjpeg-turbo decode on both paths, on a CPU
         np.asarray(outputs["cpu"].column("landmarks").to_pylist()),
         np.asarray(outputs["gpu"].column("landmarks").to_pylist()), atol=0.5)
-    timed = model["seconds"] + base["seconds"] + sum(
+    timed = model["seconds"] + detector["seconds"] + base["seconds"] + sum(
         p["seconds"] for p in result["pipelines"].values())
     assert 0 < timed <= wall + 0.1  # (the benchmark's own clock and rounding: ~ms)
 

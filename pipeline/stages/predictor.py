@@ -41,6 +41,10 @@ from pipeline.stages.preprocess import (
 )
 from pipeline.stages.reader import DEVICE_DECODE_COLUMNS
 
+# Images decoded on the device at once to find faces: only this many decoded full-size images
+# sit on the device together.
+DETECT_CHUNK = 32
+
 NONFINITE_ERROR = ("the model's output for this image is not finite (NaN or inf): check the "
                    "weights file")
 
@@ -94,7 +98,7 @@ class LandmarkPredictor:
         self.face_threshold, self.max_faces = face_threshold, max_faces
         self.min_face_size = min_face_size
         self._detector = None  # loaded on the first row to search for faces
-        self.detect_images = 32  # images decoded on the device at once to find faces
+        self.detect_images = DETECT_CHUNK
 
     def forward(self, pixels) -> np.ndarray:
         """uint8 NHWC pixels (numpy, or a tensor on the device) -> (N, 136) float32 outputs."""
