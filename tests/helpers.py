@@ -82,6 +82,38 @@ def flip_landmarks(points, width: float):
     return mirrored
 
 
+def synthetic_mean_shape(samples: int = 300, seed: int = 0) -> np.ndarray:
+    """(68, 2) mean landmark positions in [0, 1] of the model's crop (the labelled extent grown by
+    the default margin, squared), over synthetic faces: a prior that owes nothing to the real
+    photos in tests/data."""
+    from pipeline.demo.synthetic import render_face
+    from pipeline.stages.preprocess import crop_square
+
+    rng, uv = np.random.default_rng(seed), []
+    for _ in range(samples):
+        _, points, bbox = render_face(rng, (320, 240))
+        x0, y0, side = crop_square(320, 240, bbox)
+        uv.append((points - [x0, y0]) / side)
+    return np.mean(uv, axis=0)
+
+
+def mean_shape_model(path: Path) -> str:
+    """A model file whose network answers every crop with ``synthetic_mean_shape()`` (the last
+    layer's weights zero, its bias the mean shape's logit): what a trained model's answer
+    would be on average, so the landmarks land on a face exactly when the crop frames it the
+    way the model's crops are framed. Returns the path."""
+    from pipeline.model.network import load_model, save_model
+
+    model, _ = load_model(init="random", seed=0)
+    last = model.classifier[-2]
+    mean = torch.from_numpy(synthetic_mean_shape().reshape(-1)).float().clamp(1e-4, 1 - 1e-4)
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.copy_(torch.logit(mean))
+    save_model(model, str(path), metadata={"made_by": "tests: mean shape"})
+    return str(path)
+
+
 def cluster_job(*args: str) -> dict:
     """Run ``tests/cluster_jobs.py`` (on a Ray cluster of its own, in a process of its own, away
     from this session's Ray); its ``RESULT`` line."""

@@ -67,8 +67,8 @@ class ModelRunner:
         if n == 0:
             return np.zeros((0, 136), np.float32)
         if not self.cuda:
-            if not isinstance(pixels, torch.Tensor):
-                pixels = torch.from_numpy(np.ascontiguousarray(pixels))
+            if not isinstance(pixels, torch.Tensor):  # (a read-only array, e.g. PIL's: copied)
+                pixels = torch.from_numpy(np.require(pixels, requirements=["C", "W"]))
             return self._run_in_turn(pixels).numpy()
         if not isinstance(pixels, torch.Tensor):
             return self._run_pipelined(np.ascontiguousarray(pixels))
