@@ -63,7 +63,9 @@ def save_preview(
             if row.get("face_box"):
                 x0, y0, x1, y1 = (v * scale for v in row["face_box"])
                 draw.rectangle([x0, y0, x1, y1], outline=(255, 220, 0), width=1)
-            _draw_points(draw, row["landmarks"], scale, (255, 40, 40), 2.0)
+            # Smaller dots on small faces, so that 68 of them do not cover the face.
+            radius = min(2.0, max(1.0, (x1 - x0) / 50))
+            _draw_points(draw, row["landmarks"], scale, (255, 40, 40), radius)
         draw.text((4, 4), sample.key, fill=(255, 255, 0))
         tiles.append(tile)
         if len(tiles) == count:
@@ -71,11 +73,14 @@ def save_preview(
     if not tiles:
         return 0
     rows_n = (len(tiles) + columns - 1) // columns
-    sheet = Image.new("RGB", (TILE * min(columns, len(tiles)), TILE * rows_n), (30, 30, 30))
+    legend_height = 16  # a strip of its own under the tiles: the legend covers no picture
+    sheet = Image.new("RGB", (TILE * min(columns, len(tiles)), TILE * rows_n + legend_height),
+                      (30, 30, 30))
     for i, tile in enumerate(tiles):
         sheet.paste(tile, ((i % columns) * TILE, (i // columns) * TILE))
     legend = "red: predicted  green: labelled  blue: model crop  yellow: detected face"
-    ImageDraw.Draw(sheet).text((4, sheet.height - 14), legend, fill=(255, 255, 255))
+    ImageDraw.Draw(sheet).text((4, sheet.height - legend_height + 2), legend,
+                               fill=(255, 255, 255))
     png = io.BytesIO()
     sheet.save(png, format="PNG")
     write_bytes(picture_path, png.getvalue(), storage_options)
