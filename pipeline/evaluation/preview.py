@@ -60,11 +60,11 @@ def save_preview(
         for row in faces:
             x0, y0, x1, y1 = (v * scale for v in row["crop"])
             draw.rectangle([x0, y0, x1, y1], outline=(60, 120, 255), width=2)
+            # Smaller dots on small crops, so that 68 of them do not cover the face.
+            radius = min(2.0, max(1.0, (x1 - x0) / 70))
             if row.get("face_box"):
-                x0, y0, x1, y1 = (v * scale for v in row["face_box"])
-                draw.rectangle([x0, y0, x1, y1], outline=(255, 220, 0), width=1)
-            # Smaller dots on small faces, so that 68 of them do not cover the face.
-            radius = min(2.0, max(1.0, (x1 - x0) / 50))
+                box = [v * scale for v in row["face_box"]]
+                draw.rectangle(box, outline=(255, 220, 0), width=1)
             _draw_points(draw, row["landmarks"], scale, (255, 40, 40), radius)
         draw.text((4, 4), sample.key, fill=(255, 255, 0))
         tiles.append(tile)
