@@ -59,6 +59,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--num-workers", type=int, default=1)
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="auto: bf16 autocast (the head in fp32) on CUDA, fp32 on CPU")
     p.add_argument("--target", type=float, default=0.05, help="validation NME to time")
     p.add_argument("--scaling-workers", default="", help="e.g. 1,2: compare worker counts")
     p.add_argument("--scaling-epochs", type=int, default=2)
@@ -114,6 +116,7 @@ def run(args, data, work: Path, name: str, workers: int, epochs: int, init: str)
         freeze_features=args.freeze_features,
         num_workers=workers,
         device=args.device,
+        precision=args.precision,
         cpus_per_worker=1.0 if gpu else cpus / workers,
         threads_per_worker=None if gpu else max(1, cpus // workers),
         cache=True,
@@ -131,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from pipeline.backend.cluster import ensure_ray
+    from pipeline.model.precision import resolve_precision
 
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -139,7 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     ensure_ray()
     on_gpu = args.device != "cpu" and torch.cuda.is_available()
     device = torch.cuda.get_device_name() if on_gpu else f"cpu ({os.cpu_count()} cores)"
-    results: dict = {"device": device, "init": init, "args": vars(args), "scaling": {}}
+    results: dict = {"device": device, "init": init, "args": vars(args), "scaling": {},
+                     "precision": resolve_precision(args.precision,
+                                                    "cuda" if on_gpu else "cpu")}
 
     for workers in [int(w) for w in args.scaling_workers.split(",") if w]:
         summary, wall = run(
@@ -167,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
                 weights=summary.export,
                 output=str(work / f"eval-{key}.json"),
                 device="cuda" if on_gpu else "cpu",
+                precision=args.precision,
             )
         )
         scores[key] = {k: report[k] for k in ("samples", "nme", "failure_rate@0.08", "auc@0.08")}
@@ -184,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps(results, indent=2, default=str))
 
     print(
-        f"\ndevice: {device}, init {init}, {args.faces} faces, {args.epochs} epochs, "
+        f"\ndevice: {device}, {results['precision']}, init {init}, {args.faces} faces, "
+        f"{args.epochs} epochs, "
         f"{args.num_workers} worker(s), batch {args.batch_size}/worker"
     )
     for workers, row in results["scaling"].items():

@@ -131,6 +131,7 @@ def _train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     import torch.distributed as dist
 
     from pipeline.model.network import load_model
+    from pipeline.model.precision import channels_last, resolve_precision, use_ieee_fp32
     from pipeline.training import loop as tl
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -140,10 +141,14 @@ def _train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
+    precision = resolve_precision(cfg.precision, device)
+    use_ieee_fp32()  # fp32 means fp32 (no TF32): pipeline.model.precision
     if device.type == "cpu":
         torch.set_num_threads(cfg.threads_per_worker or max(1, int(cfg.cpus_per_worker)))
     else:
-        torch.backends.cudnn.benchmark = True  # fixed 224x224 shapes: pick the fastest kernels
+        # Fixed 224x224 training shapes: pick the fastest kernels (validation turns it off:
+        # its batch sizes vary).
+        torch.backends.cudnn.benchmark = True
     model, info = load_model(cfg.weights, cfg.init, cfg.storage_options, cfg.seed)
     state, payload = tl.TrainState(), None
     checkpoint = ray.train.get_checkpoint()
@@ -153,7 +158,7 @@ def _train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         model.load_state_dict(payload["model"])
         state = tl.TrainState(**payload["state"])
     tl.freeze_features(model, cfg.freeze_features)
-    if device.type == "cuda":
+    if channels_last(device, precision):
         model = model.to(memory_format=torch.channels_last)
     ddp_model = ray.train.torch.prepare_model(model)
     optimizer = tl.build_optimizer(model, cfg.lr, cfg.backbone_lr_mult, cfg.weight_decay)
@@ -196,6 +201,7 @@ def _train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             rank=rank,
             first_step=state.step,
             after_step=after_step,
+            precision=precision,
         )
         if steps == 0:
             raise ValueError(
@@ -217,6 +223,7 @@ def _train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             rank=rank,
             world=world,
             threshold=cfg.threshold,
+            precision=precision,
         )
         dist.all_reduce(sums)
         metrics = {

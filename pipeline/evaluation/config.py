@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pipeline.config.options import option
-from pipeline.model.geometry import DEVICES
+from pipeline.model.geometry import DEVICES, PRECISIONS
 from pipeline.model.metrics import DEFAULT_THRESHOLD
 from pipeline.stages.detect import DEFAULT_FACE_THRESHOLD
 from pipeline.stages.labels import SPLITS
@@ -38,6 +38,10 @@ class EvalConfig(LabelledData):
         default=DEFAULT_FACE_THRESHOLD)
     batch_size: int = option(default=32)
     device: str = option(default="auto", choices=DEVICES)
+    precision: str = option(
+        "with --weights: bf16 (autocast for the backbone, the head in fp32) or fp32; auto: bf16 "
+        "on a GPU, fp32 on the CPU (the inference job's default)", default="auto",
+        choices=PRECISIONS)
     worst: int = option(default=10, cli=False)
 
     def __post_init__(self):

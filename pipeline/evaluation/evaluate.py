@@ -74,7 +74,8 @@ def _with_model(cfg: EvalConfig, shards: list[Shard]):
     from pipeline.stages.predictor import LandmarkPredictor
 
     predictor = LandmarkPredictor(
-        weights=cfg.weights, storage_options=cfg.storage_options, device=cfg.device
+        weights=cfg.weights, storage_options=cfg.storage_options, device=cfg.device,
+        precision=cfg.precision,
     )
     reader = LabelledReader(
         split=cfg.split,
@@ -112,7 +113,8 @@ def _with_model_and_detector(cfg: EvalConfig, shards: list[Shard]):
     from pipeline.stages.preprocess import decode_image, to_pixels
 
     predictor = LandmarkPredictor(
-        weights=cfg.weights, storage_options=cfg.storage_options, device=cfg.device
+        weights=cfg.weights, storage_options=cfg.storage_options, device=cfg.device,
+        precision=cfg.precision,
     )
     finder = FaceFinder(cfg.face_threshold, margin=cfg.margin)
     keys, preds, targets, skipped, missed, damaged = [], [], [], 0, [], []

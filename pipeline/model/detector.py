@@ -122,7 +122,12 @@ class RetinaFace(nn.Module):
 
 def load_detector(device: str | torch.device = "cpu") -> RetinaFace:
     """The detector with its pretrained weights (``WEIGHTS_FILE``, hash-checked), in eval mode,
-    on ``device``."""
+    on ``device``. It runs in IEEE fp32 on every device: this turns TF32 off in the process
+    (``precision.use_ieee_fp32``), so that a score near ``--face-threshold`` passes or fails
+    alike on a CPU and a GPU."""
+    from pipeline.model.precision import use_ieee_fp32
+
+    use_ieee_fp32()
     try:
         data = WEIGHTS_FILE.read_bytes()
     except FileNotFoundError:

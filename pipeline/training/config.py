@@ -14,7 +14,7 @@ from typing import Any
 from pipeline.config.options import option
 from pipeline.io.shards import FORMATS
 from pipeline.io.storage import storage_options_arg
-from pipeline.model.geometry import DEVICES, INIT_CHOICES
+from pipeline.model.geometry import DEVICES, INIT_CHOICES, PRECISIONS
 from pipeline.model.metrics import DEFAULT_THRESHOLD
 from pipeline.stages.preprocess import DEFAULT_MARGIN, DEFAULT_MAX_PIXELS
 
@@ -114,6 +114,9 @@ class FinetuneConfig(LabelledData):
     num_workers: int = option("Ray Train workers (DDP)", default=1, group=RUN)
     device: str = option("auto: one GPU per worker when the cluster has GPUs", default="auto",
                          choices=DEVICES, group=RUN)
+    precision: str = option(
+        "bf16 (autocast for the backbone, the head and the loss in fp32) or fp32; auto: bf16 on "
+        "GPUs, fp32 on CPUs", default="auto", choices=PRECISIONS, group=RUN)
     cpus_per_worker: float = option(default=1.0, group=RUN)
     threads_per_worker: int | None = option("torch threads on CPU workers", default=None,
                                             group=RUN)
@@ -133,6 +136,7 @@ class FinetuneConfig(LabelledData):
             "loss": LOSSES,
             "lr_schedule": SCHEDULES,
             "device": DEVICES,
+            "precision": PRECISIONS,
             "init": INIT_CHOICES,
         }
         for name, allowed in choices.items():

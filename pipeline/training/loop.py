@@ -10,6 +10,7 @@ batch holds the 224x224 inference crop (context 1) and ``key_hash``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -26,6 +27,7 @@ from torch import nn
 
 from pipeline.model.metrics import DEFAULT_THRESHOLD, REGIONS
 from pipeline.model.network import INPUT_SIZE, NUM_LANDMARKS
+from pipeline.model.precision import autocast, channels_last
 from pipeline.training.augment import augment_batch, normalize_images, sample_params
 from pipeline.training.config import LOSSES, SCHEDULES, AugmentConfig
 
@@ -122,9 +124,16 @@ def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(value)
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA; a no-op elsewhere (fp32 on CPU)."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+@contextlib.contextmanager
+def no_cudnn_benchmark():
+    """cuDNN's autotuner off inside: each rank validates its own share of every batch, so the
+    batch sizes vary, and with ``cudnn.benchmark`` on every new size would be tuned again."""
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
 
 
 def train_epoch(
@@ -140,8 +149,11 @@ def train_epoch(
     rank: int,
     first_step: int,
     after_step: Callable[[int], None] | None = None,
+    precision: str = "fp32",
 ) -> tuple[float, int, int]:
-    """One pass over ``batches``; returns ``(sum of batch losses, images, steps)``."""
+    """One pass over ``batches``; returns ``(sum of batch losses, images, steps)``. With
+    ``precision="bf16"`` the forward pass runs under bf16 autocast (the head in fp32, so the
+    loss sees unrounded outputs)."""
     model.train()
     loss_sum, images, step = 0.0, 0, first_step
     for batch in batches:
@@ -149,9 +161,9 @@ def train_epoch(
         params = sample_params(len(pixels), augment, step_generator(seed, rank, step))
         x, target = augment_batch(pixels, batch["landmarks"], batch["pixel_uv"], params, context)
         x = normalize_images(x)
-        if device.type == "cuda":
+        if channels_last(device, precision):
             x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(device):
+        with autocast(device, precision):
             out = model(x)
         loss = landmark_loss(out.float().view(-1, NUM_LANDMARKS, 2), target, loss_kind)
         optimizer.zero_grad(set_to_none=True)
@@ -177,38 +189,47 @@ def validate(
     rank: int = 0,
     world: int = 1,
     threshold: float = DEFAULT_THRESHOLD,
+    precision: str = "fp32",
 ) -> torch.Tensor:
     """Sums over this worker's share of the validation rows (``key_hash % world == rank``), in
-    the order of ``VAL_FIELDS``; float64 on ``device`` so they can be all-reduced."""
-    from pipeline.model.metrics import point_errors
-
+    the order of ``VAL_FIELDS``; float64 on ``device`` so they can be all-reduced. The points
+    come from the fp32 head whatever ``precision`` the backbone runs in, and the errors are
+    computed in float64."""
     model.eval()
     sums = torch.zeros(len(VAL_FIELDS), dtype=torch.float64)
-    for batch in batches:
-        mine = (batch["key_hash"].cpu() % world) == rank
-        if not bool(mine.any()):
-            continue
-        pixels = batch["pixels"][mine.to(batch["pixels"].device)].to(device)
-        x = normalize_images(pixels.permute(0, 3, 1, 2).float().div_(255.0))
-        if device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(device):
-            out = model(x)
-        pred = out.float().view(-1, NUM_LANDMARKS, 2).cpu().numpy()
-        errors = point_errors(pred, batch["landmarks"][mine.to(batch["landmarks"].device)].cpu())
-        nmes = errors.mean(1)
-        regions = [errors[:, a:b].mean(1).sum() for a, b in REGIONS.values()]
-        sums += torch.tensor(
-            [
-                len(nmes),
-                nmes.sum(),
-                (nmes > threshold).sum(),
-                np.clip(threshold - nmes, 0, None).sum() / threshold,
-                *regions,
-            ],
-            dtype=torch.float64,
-        )
+    with no_cudnn_benchmark():
+        for batch in batches:
+            _validate_batch(model, batch, sums, device, rank, world, threshold, precision)
     return sums.to(device)
+
+
+def _validate_batch(model, batch, sums, device, rank, world, threshold, precision) -> None:
+    """Add one batch's share of this worker to ``sums``."""
+    from pipeline.model.metrics import point_errors
+
+    mine = (batch["key_hash"].cpu() % world) == rank
+    if not bool(mine.any()):
+        return
+    pixels = batch["pixels"][mine.to(batch["pixels"].device)].to(device)
+    x = normalize_images(pixels.permute(0, 3, 1, 2).float().div_(255.0))
+    if channels_last(device, precision):
+        x = x.contiguous(memory_format=torch.channels_last)
+    with autocast(device, precision):
+        out = model(x)
+    pred = out.float().view(-1, NUM_LANDMARKS, 2).cpu().numpy()
+    errors = point_errors(pred, batch["landmarks"][mine.to(batch["landmarks"].device)].cpu())
+    nmes = errors.mean(1)
+    regions = [errors[:, a:b].mean(1).sum() for a, b in REGIONS.values()]
+    sums += torch.tensor(
+        [
+            len(nmes),
+            nmes.sum(),
+            (nmes > threshold).sum(),
+            np.clip(threshold - nmes, 0, None).sum() / threshold,
+            *regions,
+        ],
+        dtype=torch.float64,
+    )
 
 
 def validation_metrics(sums: torch.Tensor, threshold: float = DEFAULT_THRESHOLD) -> dict:
