@@ -6,15 +6,18 @@
     python jobs/benchmark.py --device cpu   # CPU: 64 faces in shards of 16, batch 16
 
 All three run the same model (``--weights``, else ``--init``/``--seed``) through the same
-``pipeline.stages.runner.ModelRunner`` code with the same batch size, precision (bf16 autocast +
-channels_last on CUDA, fp32 on CPU) and compile setting. Images/s of:
+``pipeline.stages.runner.ModelRunner`` code with the same batch size, ``--precision`` (default:
+bf16 autocast with the fp32 head + channels_last on CUDA, fp32 on CPU) and compile setting.
+Images/s of:
 
 1. model alone: normalisation + forward on random uint8 224x224 batches already on the device,
    timed after warm-up steps: the ceiling (no decoding, no transfers, no Ray).
 2. pipeline: ``run_inference`` on synthetic faces (``write_sample_archive``: JPEGs with a bbox
    sidecar) in tar shards, once per ``--decode`` mode. Overall: the job's summary, start-up
    included. First result: seconds to the first committed shard. Steady: images of the later
-   shards / time from the first commit to the last (the mtimes of the ``_done`` records).
+   shards / time from the first commit to the last (the mtimes of the ``_done`` records). With
+   ``--decode gpu`` also the images the predictors decoded on the device and the CPU fallbacks
+   by reason (a torchvision without nvJPEG shows here as every image a fallback).
 3. canonical Ray Data recipe (baseline): the same JPEGs as loose files, ``read_images(size=(224,
    224), mode="RGB")`` -> ``map_batches`` of a model class on a one-actor pool (``num_gpus=1`` on
    CUDA) -> ``iter_batches``. It resizes the whole image where the pipeline crops the face box;
@@ -62,6 +65,7 @@ from pipeline.inference.config import DEFAULT_BATCH_SIZE, InferConfig  # noqa: E
 from pipeline.inference.job import plan, run_inference  # noqa: E402
 from pipeline.io.resume import DONE_DIR  # noqa: E402
 from pipeline.model.network import INPUT_SIZE, load_model  # noqa: E402
+from pipeline.model.precision import resolve_precision  # noqa: E402
 from pipeline.stages.predictor import DETECT_CHUNK  # noqa: E402
 from pipeline.stages.runner import ModelRunner  # noqa: E402
 
@@ -79,13 +83,14 @@ class RecipePredictor:
     """The textbook Ray Data model class: load the model once per actor, move each batch to the
     device and predict (the same ModelRunner math as the pipeline, without its copy overlap)."""
 
-    def __init__(self, weights, init, seed, device, batch_size, compile, num_threads=None):
+    def __init__(self, weights, init, seed, device, batch_size, compile, precision,
+                 num_threads=None):
         import torch
 
         if num_threads:
             torch.set_num_threads(num_threads)
         model = load_model(weights, init, seed=seed)[0]
-        self.runner = ModelRunner(model, device, batch_size, compile)
+        self.runner = ModelRunner(model, device, batch_size, compile, precision=precision)
 
     def __call__(self, batch):
         import torch
@@ -101,7 +106,7 @@ def bench_model(args, device: str) -> dict:
     if device == "cpu":
         torch.set_num_threads(os.cpu_count())  # as the pipeline's CPU actor
     model = load_model(args.weights, args.init, seed=args.seed)[0]
-    runner = ModelRunner(model, device, args.batch_size, args.compile)
+    runner = ModelRunner(model, device, args.batch_size, args.compile, precision=args.precision)
     shape = (args.batch_size, INPUT_SIZE, INPUT_SIZE, 3)
     pixels = torch.randint(0, 256, shape, dtype=torch.uint8, device=device)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
@@ -238,7 +243,8 @@ def bench_pipeline(args, device: str, decode: str, archive: Path, output: Path) 
     # force: redo every shard, never resume from an earlier run's output.
     cfg = InferConfig(
         str(archive), str(output), batch_size=args.batch_size, device=device, force=True,
-        decode=decode, compile=args.compile, detect=args.detect, **model
+        decode=decode, compile=args.compile, detect=args.detect, precision=args.precision,
+        **model
     )
     resources = ray.cluster_resources()
     resolved = plan(cfg, int(resources.get("CPU", 1)), int(resources.get("GPU", 0)))
@@ -253,7 +259,8 @@ def bench_pipeline(args, device: str, decode: str, archive: Path, output: Path) 
     rates = arrival_rates(started, done)  # images below: those that got landmarks
     return figures(
         summary.samples - summary.errors, seconds, errors=summary.errors, faces=summary.faces,
-        no_face=summary.no_face, **rates,
+        no_face=summary.no_face, device_decoded=summary.device_decoded,
+        cpu_fallbacks=summary.cpu_fallbacks, **rates,
         plan=dataclasses.asdict(resolved),
     )
 
@@ -266,7 +273,7 @@ def bench_recipe(args, device: str, folder: Path) -> dict:
     # torch threads use every core.
     on_cpu = {} if device == "cuda" else {"num_cpus": max(1, cpus - 1)}
     model_args = (args.weights, args.init, args.seed, device, args.batch_size, args.compile,
-                  cpus if device == "cpu" else None)
+                  args.precision, cpus if device == "cpu" else None)
     started = time.time()
     ds = ray.data.read_images(str(folder), size=(INPUT_SIZE, INPUT_SIZE), mode="RGB")
     ds = ds.map_batches(
@@ -294,6 +301,8 @@ def parse(argv):
     p.add_argument("--decode", help="pipeline runs, comma-separated decode modes "
                    "(default: cpu,gpu on CUDA, cpu on CPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile in all three")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="the model's arithmetic in all three (auto: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--images", type=int, help="default: 30000 on CUDA, 64 on CPU")
     p.add_argument("--per-shard", type=int, help="default: 1000 on CUDA, 16 on CPU")
     p.add_argument("--image-size", default="640x480", help="WIDTHxHEIGHT of the JPEGs")
@@ -328,7 +337,9 @@ def main(argv=None) -> dict:
     width, height = (int(v) for v in args.image_size.lower().split("x"))
     r = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu"}
     r.update(cpu_cores=os.cpu_count(), torch=torch.__version__, ray=ray.__version__)
-    r["precision"] = "bf16 autocast, channels_last" if device == "cuda" else "fp32"
+    args.precision = resolve_precision(args.precision, device)
+    r["precision"] = {"bf16": "bf16 autocast (fp32 head)", "fp32": "fp32"}[args.precision] + (
+        ", channels_last" if device == "cuda" or args.precision == "bf16" else "")
     r["compile"] = args.compile
     r.update(images=args.images, image_size=[width, height], per_shard=args.per_shard)
     r.update(batch_size=args.batch_size, warmup_steps=args.warmup, timed_steps=args.steps)
@@ -403,6 +414,12 @@ def table(r: dict) -> str:
     lines.append("ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in r["ratios"].items()))
     lines.append(f"detection adds {100 * r['detection_adds']:.0f} % to the model's time per "
                  f"image (one face; pipelines' --detect {r['detect']})")
+    for decode, m in r["pipelines"].items():
+        if m.get("device_decoded") or m.get("cpu_fallbacks"):
+            fallbacks = m["cpu_fallbacks"]
+            lines.append(f"pipeline, {decode} decode: {m['device_decoded']} images decoded on "
+                         f"the device, {sum(fallbacks.values())} on the CPU "
+                         f"({', '.join(f'{k}: {v}' for k, v in sorted(fallbacks.items())) or '-'})")
     read = r["read_stage_per_core"]
     lines.append("read stage, one core: " + ", ".join(
         f"decode={d}: {m['images_per_s']:.0f} images/s" for d, m in read.items()))

@@ -62,6 +62,10 @@ def test_benchmark_measures_the_three_configurations(ray_session, tmp_path):
     assert gpu_decode["plan"]["decode"] == "gpu" and not gpu_decode["plan"]["use_gpu"]
     assert gpu_decode["images"] == images and gpu_decode["errors"] == 0
     assert gpu_decode["faces"] == gpu_decode["no_face"] == 0  # sidecar boxes: no detection
+    # Every JPEG decoded by the predictor's (CPU) device decoder; the CPU-decode run none.
+    assert (gpu_decode["device_decoded"], gpu_decode["cpu_fallbacks"]) == (images, {})
+    assert result["pipelines"]["cpu"]["device_decoded"] == 0
+    assert result["precision"] == "fp32"
     assert result["ratios"]["pipeline_gpu_over_model"] == pytest.approx(
         gpu_decode["images_per_s"] / result["model_alone"]["images_per_s"])
     assert result["images"] == images and result["shards"] == shards

@@ -108,11 +108,12 @@ def test_read_stage_gives_a_row_per_face(photos):
     assert rows["pixels"][detected].reshape(7, -1).max(axis=1).min() > 0
 
 
-def test_predictor_finds_the_faces_of_device_decoded_rows(photos, weights_file):
+def test_predictor_finds_the_faces_of_device_decoded_rows(photos, weights_file, monkeypatch):
     """--decode gpu: the read task sends the unboxed samples' bytes with find_faces set; the
     predictor decodes each once (here on the CPU device: JPEGs through torchvision's decoder,
     the PPM and PNG through the CPU path), detects, and gives the CPU path's rows, crops and
     faces; the unit's header is rewritten from source_row."""
+    from pipeline.stages import predictor as predictor_module
     from pipeline.stages.predictor import LandmarkPredictor
     from pipeline.stages.units import expand_header
 
@@ -123,11 +124,15 @@ def test_predictor_finds_the_faces_of_device_decoded_rows(photos, weights_file):
     assert rows["find_faces"].tolist() == [True, True, False, True, True, True]
     assert np.isnan(rows["crop"][rows["find_faces"]]).all() and header.out_rows == 6
     predictor = LandmarkPredictor(weights=weights_file[0], device="cpu", max_faces=4)
-    predictor.detect_images = 2  # 5 images to search: decoded and searched 2 at a time
+    # 5 images to search: decoded and searched 2 at a time
+    monkeypatch.setattr(predictor_module, "DETECT_CHUNK", 2)
     out = predictor(rows)
     assert out["key"].tolist() == KEYS and out["face"].tolist() == [0, 0, 1, 0, 0, 0, 0, 1, 2, 3]
     assert out["source_row"].tolist() == [0, 1, 1, 2, 3, 4, 5, 5, 5, 5]
     assert out["error_kind"].tolist() == ["", "", "", "", "no_face", "no_face", "", "", "", ""]
+    # Each image decoded once, counted on its first row: the PPM and the PNG by the CPU path.
+    assert out["device_decode"].tolist() == ["format", "ok", "", "ok", "format", "ok", "ok", "",
+                                             "", ""]
     ((_, cpu),) = list(ShardReader(decode="cpu", detect="auto", max_faces=6, unit_rows=100)
                        .read_task(task))
     # The same faces as the CPU path, which detects each image alone: here one batch, padded
@@ -322,7 +327,9 @@ def test_cuda_predictor_finds_the_faces_once_decoded(photos, weights_file):
     assert on_gpu["key"].tolist() == KEYS and on_gpu["source_row"].tolist() == on_cpu[
         "source_row"].tolist()
     assert on_gpu["error_kind"].tolist() == on_cpu["error_kind"].tolist()
-    assert cuda.cpu_fallbacks == 2  # the PPM and the PNG; the JPEGs were decoded on the GPU
+    # The PPM and the PNG took the CPU path; the JPEGs were decoded on the GPU.
+    assert on_gpu["device_decode"].tolist() == on_cpu["device_decode"].tolist()
+    assert on_gpu["device_decode"].tolist().count("format") == 2
     found = np.isfinite(on_gpu["face_score"])
     ious = box_iou(torch.from_numpy(on_gpu["face_box"][found][:3]),
                    torch.from_numpy(on_cpu["face_box"][found][:3])).diagonal()

@@ -247,7 +247,7 @@ def test_probe_sends_what_nvjpeg_cannot_take_to_the_cpu():
 def test_device_path_gives_the_cpu_paths_pixels():
     cases = synthetic_cases() + photo_cases()
     pixels, failed, refs, _ = on_device(cases, "cpu")
-    assert failed == []
+    assert failed == {}
     for (name, _, _), (mean, p99, within) in zip(
             cases, differences(pixels, refs, SAME_DECODER_TOLERANCE), strict=True):
         assert within, (name, mean, p99)  # measured: identical on every case
@@ -307,13 +307,14 @@ def test_failures_are_reported_for_the_cpu_fallback_not_raised():
     sizes[-1] = (info.width + 1, info.height)
     pixels, failed = decode_crop_resize(encoded, [6] * len(encoded), np.array([crop] * 9),
                                         stored_sizes=sizes)
-    assert failed == [1, 2, 3, 4, 5, 6, 8]
+    assert failed == {1: "format", 2: "format", 3: "format", 4: "format",
+                      5: "decoder_error", 6: "format", 8: "size_mismatch"}
     reference = preprocess(good, bbox)[0]
     np.testing.assert_array_equal(pixels[0].numpy(), reference)
     np.testing.assert_array_equal(pixels[7].numpy(), reference)
-    assert not pixels[failed].any()
+    assert not pixels[list(failed)].any()
     empty, none_failed = decode_crop_resize([], [], np.zeros((0, 3)))
-    assert empty.shape == (0, 224, 224, 3) and none_failed == []
+    assert empty.shape == (0, 224, 224, 3) and none_failed == {}
     with pytest.raises(ValueError, match="orientation"):
         decode_crop_resize([good], [9], np.array([crop]))
     with pytest.raises(ValueError, match="side > 0"):
@@ -323,7 +324,7 @@ def test_failures_are_reported_for_the_cpu_fallback_not_raised():
 def test_a_crop_that_misses_the_image_is_black():
     image, _ = face((250, 250))
     pixels, failed = decode_crop_resize([jpeg(image)], [1], np.array([[300.0, 0.0, 100.0]]))
-    assert failed == [] and not pixels.any()
+    assert failed == {} and not pixels.any()
     assert not crop_and_resize(image, (300.0, 0.0, 100.0)).any()
 
 
@@ -364,7 +365,7 @@ def test_landmarks_from_both_paths_agree(weights_file):
     image, bbox = face((640, 480))
     cases = [("640x480 o6", jpeg(image, 6), boxes((640, 480), 6)["in"])] + photo_cases()[:1]
     pixels, failed, refs, crops = on_device(cases, "cpu")
-    assert failed == []
+    assert failed == {}
     # The same decoder: the same pixels, so the model gives the same landmarks.
     np.testing.assert_array_equal(pixels, np.stack(refs))
     # A decoder like nvJPEG: its pixels stay within TOLERANCE, its landmarks within
@@ -393,7 +394,7 @@ def test_cuda_geometry_is_exact_on_the_device_decoded_image():
 
     cases = synthetic_cases() + photo_cases()
     pixels, failed, _, crops = on_device(cases, "cuda")
-    assert failed == []
+    assert failed == {}
     for i, (name, data, _) in enumerate(cases):
         tensor = torch.frombuffer(bytearray(data), dtype=torch.uint8)
         decoded = decode_jpeg(tensor, mode=ImageReadMode.RGB, device="cuda")
@@ -411,7 +412,7 @@ def test_cuda_geometry_is_exact_on_the_device_decoded_image():
 def test_cuda_pixels_and_landmarks_match_the_cpu_path(weights_file):
     cases = synthetic_cases() + photo_cases()
     pixels, failed, refs, crops = on_device(cases, "cuda")
-    assert failed == []
+    assert failed == {}
     found = differences(pixels, refs, TOLERANCE)
     worst = (max(m for m, _, _ in found), max(p for _, p, _ in found))
     outside = [(c[0], m, p) for c, (m, p, ok) in zip(cases, found, strict=True) if not ok]
@@ -436,8 +437,8 @@ def test_cuda_failures_are_reported_and_the_rest_decoded():
     encoded = [good, bytes(bad_table), buf.getvalue(), jpeg(image.convert("CMYK")), good]
     info, crop = probe_and_crop(good, bbox)
     pixels, failed = decode_crop_resize(encoded, [3] * 5, np.array([crop] * 5), "cuda")
-    assert failed == [1, 2, 3]
+    assert failed == {1: "decoder_error", 2: "format", 3: "format"}
     reference = preprocess(good, bbox)[0]
     for i in (0, 4):
         assert TOLERANCE.check(pixels[i].cpu().numpy(), reference)[2]
-    assert not pixels[failed].any()
+    assert not pixels[list(failed)].any()

@@ -52,6 +52,9 @@ class Summary:
     rows_per_call: dict[str, float] = field(default_factory=dict)
     faces: int = 0  # rows of detected faces (images searched for faces: --detect)
     no_face: int = 0  # images searched and found without a face (not errors)
+    device_decoded: int = 0  # --decode gpu: images the predictors decoded on their device
+    cpu_fallbacks: dict[str, int] = field(default_factory=dict)  # ... and those that took the
+    #                                      CPU path instead, by reason (gpu_decode.FALLBACK_REASONS)
 
     @property
     def images_per_s(self) -> float:
@@ -85,6 +88,11 @@ class Summary:
         kinds = ", ".join(f"{k}: {v}" for k, v in sorted(self.errors_by_kind.items()))
         found = (f", {self.faces} faces found, {self.no_face} images without a face"
                  if self.faces or self.no_face else "")
+        fallbacks = sum(self.cpu_fallbacks.values())
+        if self.device_decoded or fallbacks:
+            reasons = ", ".join(f"{k}: {v}" for k, v in sorted(self.cpu_fallbacks.items()))
+            found += (f", {self.device_decoded} images decoded on the device, {fallbacks} on "
+                      f"the CPU instead{f' ({reasons})' if reasons else ''}")
         return (f"{self.samples} samples in {self.shards - self.skipped_shards} shards "
                 f"({self.skipped_shards} already done){found}, {self.errors} errors"
                 f"{f' ({kinds})' if kinds else ''}, {self.seconds:.1f} s, "
@@ -153,6 +161,8 @@ def write_manifest(config: dict[str, Any], summary: Summary, writer: ManifestWri
         "commit_cpu_s": round(summary.commit_cpu_s, 3),
         "predictor_calls": summary.predictor_calls,
         "rows_per_call": summary.rows_per_call,
+        "device_decode": {"decoded_on_device": summary.device_decoded,
+                          "cpu_fallbacks": summary.cpu_fallbacks},
         "seconds": round(summary.seconds, 3),
         "images_per_s": round(summary.images_per_s, 3),
         "receipts": writer.parts,

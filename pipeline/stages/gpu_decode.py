@@ -14,10 +14,16 @@ on a torch device, in two halves, so that only the encoded bytes travel to the G
   progressive JPEG, grey or YCbCr, chroma 4:4:4 / 4:2:2 / 4:4:0 / 4:2:0, not cut short).
   Anything else (PNG, PPM, CMYK, arithmetic-coded, truncated, ...) takes the CPU path.
 * ``decode_crop_resize(encoded, orientations, crops, device, size, stored_sizes) ->
-  (pixels, failed)``, in the predictor actor: one batched ``torchvision.io.decode_jpeg(list,
-  device=...)`` (nvJPEG on CUDA, libjpeg-turbo on CPU); when that call fails, each image is
-  retried alone, and the ones that still fail (or that the header check rejects) come back in
-  ``failed`` for the CPU path. Then the crop and resize reproduce ``preprocess.crop_and_resize``
+  (pixels, failed)``, in the predictor actor: batched ``torchvision.io.decode_jpeg(list,
+  device=...)`` calls (nvJPEG on CUDA, libjpeg-turbo on CPU), each holding at most
+  ``decode_budget(device)`` stored pixels (a share of the device memory free when the call
+  starts), so a batch of large photos is decoded a part at a time. A call that fails (one bad
+  image fails the whole list, on either device; or out of memory) is split in halves and each
+  half retried, so k bad images cost ~2k log n calls instead of one call per image; the images
+  that fail alone come back in ``failed`` with the reason (``FALLBACK_REASONS``) for the CPU
+  path, with those the header check rejects. Before each call the caller's CUDA stream is
+  drained (``_order_streams``: nvJPEG may otherwise write into memory queued kernels still
+  read). Then the crop and resize reproduce ``preprocess.crop_and_resize``
   step by step: black padding to whole boxes and PIL's ``reduce(f)`` box average (its fixed-
   point rounding included) when ``f = int(side / 224) >= 2``, then PIL's affine BILINEAR
   sampling (pixel-centre mapping, edge clamping, black where a sample point falls outside the
@@ -53,6 +59,7 @@ random-weight model's landmarks by at most 0.09 px of the source image, against
 
 from __future__ import annotations
 
+import io
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -113,6 +120,26 @@ _SOF_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD
 _LUMA_SAMPLING = {(1, 1), (2, 1), (1, 2), (2, 2)}
 # Images resampled together: bounds the float64 temporaries (~1.2 MB per image each).
 _CHUNK = 64
+
+# Why an image was not decoded on the device and took the CPU path (PIL) instead; the predictor
+# counts them per reason for the summary, the manifest and the progress line.
+FORMAT = "format"                # the header says the device decoder cannot take it (PNG, CMYK,
+#                                  arithmetic-coded, cut short, ...): known in the read task
+DECODER_ERROR = "decoder_error"  # the decoder refused it, alone
+OUT_OF_MEMORY = "out_of_memory"  # the device had no memory for it, alone
+SIZE_MISMATCH = "size_mismatch"  # it decoded to another size or channel count than its header
+NO_DEVICE_DECODER = "no_device_decoder"  # this torchvision cannot decode on the device at all
+FALLBACK_REASONS = (FORMAT, DECODER_ERROR, OUT_OF_MEMORY, SIZE_MISMATCH, NO_DEVICE_DECODER)
+
+# How many stored pixels one decode call may hold on a CUDA device: this share of the memory
+# free to PyTorch when the call starts (the driver's free memory plus the allocator's cached
+# blocks), at this many bytes per pixel: 3 for the RGB output and up to 3 for the decoder's
+# own planes (4:4:4). An estimate, not a measurement: a call that still runs out of memory is
+# split and retried. Each of an actor's threads takes its share of what is free at the time.
+DECODE_MEMORY_SHARE = 0.25
+DECODE_BYTES_PER_PIXEL = 6
+MIN_DECODE_PIXELS = 16 << 20  # never less than a 16 MP photo's worth (it goes alone anyway)
+CPU_DECODE_PIXELS = 64 << 20  # on the CPU: ~200 MB of decoded RGB per call
 
 
 @dataclass(frozen=True)
@@ -187,7 +214,7 @@ def device_decode_problem(data: bytes) -> str:
     header = _jpeg_header(bytes(data))
     if header is None:
         return "not a JPEG stream (or unreadable JPEG markers)"
-    sof, precision, sampling, adobe_transform, scan_at = header
+    sof, precision, sampling, _, adobe_transform, scan_at = header
     if sof not in _DEVICE_SOF:
         return f"JPEG process SOF{sof - 0xC0} (only baseline and progressive Huffman)"
     if precision != 8:
@@ -206,10 +233,16 @@ def device_decode_problem(data: bytes) -> str:
     return ""
 
 
+def jpeg_pixels(data) -> int:
+    """Stored pixels of a JPEG from its frame header (0 when the markers do not parse)."""
+    header = _jpeg_header(_as_bytes(data))
+    return 0 if header is None else header[3][0] * header[3][1]
+
+
 def _jpeg_header(data: bytes):
-    """``(SOF marker, precision, [(h, v) sampling per component], Adobe transform or None,
-    offset of the first scan)`` from the markers before the first scan, or None when they
-    do not parse."""
+    """``(SOF marker, precision, [(h, v) sampling per component], (width, height), Adobe
+    transform or None, offset of the first scan)`` from the markers before the first scan, or
+    None when they do not parse."""
     if data[:2] != b"\xff\xd8":
         return None
     pos, end, frame, adobe_transform = 2, len(data), None, None
@@ -231,7 +264,8 @@ def _jpeg_header(data: bytes):
             if len(body) < 6 or len(body) < 6 + 3 * body[5]:
                 return None
             sampling = [(body[7 + 3 * k] >> 4, body[7 + 3 * k] & 15) for k in range(body[5])]
-            frame = (marker, body[0], sampling)
+            size = (int.from_bytes(body[3:5], "big"), int.from_bytes(body[1:3], "big"))
+            frame = (marker, body[0], sampling, size)
         elif marker == 0xEE and body[:5] == b"Adobe" and len(body) >= 12:
             adobe_transform = body[11]
         elif marker == 0xDA:
@@ -247,6 +281,7 @@ def decode_crop_resize(
     device="cpu",
     size: int = INPUT_SIZE,
     stored_sizes: np.ndarray | None = None,
+    pixel_budget: int | None = None,
 ):
     """Decode JPEG bytes on ``device`` and cut each image's crop, resized to ``size`` x ``size``.
 
@@ -254,14 +289,13 @@ def decode_crop_resize(
     orientation 1..8 per image; ``crops``: (N, 3) ``x0, y0, side`` in pixels of the oriented
     image (from ``probe_and_crop``); ``stored_sizes``: optional (N, 2) ``width, height``
     before orientation, as probed: an image that decodes to another size counts as failed.
+    ``pixel_budget``: stored pixels decoded at once (default ``decode_budget(device)``); the
+    decoded images of one part are freed before the next part is decoded.
 
     Returns ``(pixels, failed)``: a uint8 tensor (N, size, size, 3) on ``device``, equal to
-    ``preprocess.crop_and_resize`` of the CPU path's image within ``TOLERANCE``, and the
-    sorted indices of the images not decoded here, zeros in ``pixels``: those whose header
-    ``device_decode_problem`` rejects (never sent to the decoder) and those the decoder
-    refuses. The caller runs the CPU path for them. Decoded images stay on the device until
-    the batch is done (about 3 bytes per stored pixel): size batches of large photos
-    accordingly.
+    ``preprocess.crop_and_resize`` of the CPU path's image within ``TOLERANCE``, and
+    ``{index: reason}`` (reasons from ``FALLBACK_REASONS``, sorted by index) for the images not
+    decoded here, zeros in ``pixels``. The caller runs the CPU path for them.
     """
     import torch
 
@@ -269,7 +303,7 @@ def decode_crop_resize(
     count = len(encoded)
     pixels = torch.zeros((count, size, size, 3), dtype=torch.uint8, device=device)
     if count == 0:
-        return pixels, []
+        return pixels, {}
     crops = np.asarray(crops, dtype=np.float64).reshape(count, 3)
     orientations = [int(o) for o in orientations]
     if len(orientations) != count:
@@ -280,32 +314,69 @@ def decode_crop_resize(
         if not np.all(np.isfinite(crop)) or crop[2] <= 0:
             raise ValueError(f"image {i}: crop must be finite with side > 0, got {crop}")
 
-    images, failed = _decode(encoded, device)
-    plans = []
-    for i, image in enumerate(images):
-        if image is None:
-            continue
-        if image.shape[0] != 3 or (
-            stored_sizes is not None
-            and tuple(image.shape[1:]) != (int(stored_sizes[i][1]), int(stored_sizes[i][0]))
-        ):
-            failed.append(i)
-            continue
-        plan = _plan(i, image.shape[2], image.shape[1], orientations[i], crops[i], size)
-        if plan is not None:  # None: no sample point lands in the image, all black
-            plans.append(plan)
-    for start in range(0, len(plans), _CHUNK):
-        _resample(images, plans[start:start + _CHUNK], pixels, size)
-    return pixels, sorted(failed)
+    failed = {}
+    budget = decode_budget(device) if pixel_budget is None else pixel_budget
+    for part in budget_parts([jpeg_pixels(data) for data in encoded], budget):
+        decoded, refused = _decode([encoded[i] for i in part], device)
+        images, plans = {}, []
+        for k, i in enumerate(part):
+            image = decoded[k]
+            if image is None:
+                failed[i] = refused[k]
+                continue
+            if image.shape[0] != 3 or (
+                stored_sizes is not None
+                and tuple(image.shape[1:]) != (int(stored_sizes[i][1]), int(stored_sizes[i][0]))
+            ):
+                failed[i] = SIZE_MISMATCH
+                continue
+            images[i] = image
+            plan = _plan(i, image.shape[2], image.shape[1], orientations[i], crops[i], size)
+            if plan is not None:  # None: no sample point lands in the image, all black
+                plans.append(plan)
+        for start in range(0, len(plans), _CHUNK):
+            _resample(images, plans[start:start + _CHUNK], pixels, size)
+        del images, decoded  # this part's decoded images go before the next part's come
+    return pixels, dict(sorted(failed.items()))
 
 
 def decode_images(encoded, device="cpu"):
-    """Decode JPEG bytes on ``device`` (one batched nvJPEG call on CUDA): ``(images, failed)``,
-    stored (not oriented) uint8 (3, H, W) tensors, None for the indices in ``failed`` (header
-    refused by ``device_decode_problem``, or refused by the decoder)."""
+    """Decode JPEG bytes on ``device`` in one call (split on failure, like
+    ``decode_crop_resize``): ``(images, failed)``, stored (not oriented) uint8 (3, H, W)
+    tensors, None for the indices in ``failed`` (``{index: reason}``). The caller bounds the
+    memory: ``budget_parts`` of ``decode_budget``."""
     import torch
 
     return _decode(encoded, torch.device(device))
+
+
+def decode_budget(device) -> int:
+    """Stored pixels one decode call may hold on ``device`` (see ``DECODE_MEMORY_SHARE``)."""
+    import torch
+
+    device = torch.device(device)
+    if device.type != "cuda":
+        return CPU_DECODE_PIXELS
+    free, _ = torch.cuda.mem_get_info(device)
+    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return max(MIN_DECODE_PIXELS,
+               int((free + cached) * DECODE_MEMORY_SHARE / DECODE_BYTES_PER_PIXEL))
+
+
+def budget_parts(pixels: Sequence[int], budget: int, max_count: int | None = None
+                 ) -> list[list[int]]:
+    """Consecutive indices of ``pixels`` cut into parts of at most ``budget`` pixels (and at
+    most ``max_count`` images); an image larger than the budget is a part of its own."""
+    parts, current, held = [], [], 0
+    for i, n in enumerate(pixels):
+        if current and (held + n > budget or (max_count and len(current) >= max_count)):
+            parts.append(current)
+            current, held = [], 0
+        current.append(i)
+        held += n
+    if current:
+        parts.append(current)
+    return parts
 
 
 def oriented(image, orientation: int):
@@ -345,36 +416,99 @@ def _as_bytes(data) -> bytes:
 
 
 def _decode(encoded, device):
-    """Decoded (3, H, W) uint8 tensors on ``device`` (None where not decoded) + failures."""
+    """Decoded (3, H, W) uint8 tensors on ``device`` (None where not decoded) and
+    ``{index: reason}`` for those: refused by the header check, by a decoder that cannot work
+    on this device, or, alone, by the decoder."""
     import torch
-    from torchvision.io import ImageReadMode, decode_jpeg
 
-    images, failed, todo = [None] * len(encoded), [], []
+    images, failed, todo = [None] * len(encoded), {}, []
     for i, data in enumerate(encoded):
         data = _as_bytes(data)
         if device_decode_problem(data):
-            failed.append(i)
+            failed[i] = FORMAT
         else:
             todo.append((i, torch.frombuffer(bytearray(data), dtype=torch.uint8)))
-    if not todo:
-        return images, failed
+    if todo and not device_decoder_works(device):
+        failed.update((i, NO_DEVICE_DECODER) for i, _ in todo)
+    elif todo:
+        _decode_split(todo, device, images, failed)
+    return images, failed
+
+
+def _decode_split(todo, device, images, failed) -> None:
+    """One batched decode of ``todo`` (``(index, bytes tensor)`` pairs); when it fails, the
+    halves are retried: a bad image costs its neighbours ~2 log n calls, not n."""
+    import torch
+
+    try:
+        decoded = _decode_call([tensor for _, tensor in todo], device)
+    except Exception as exc:  # whatever the reason, smaller calls tell which image it was
+        oom = isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+        if oom and device.type == "cuda":
+            torch.cuda.empty_cache()
+        if len(todo) == 1:
+            failed[todo[0][0]] = OUT_OF_MEMORY if oom else DECODER_ERROR
+            return
+        half = len(todo) // 2
+        _decode_split(todo[:half], device, images, failed)
+        _decode_split(todo[half:], device, images, failed)
+        return
+    for (i, _), image in zip(todo, decoded, strict=True):
+        images[i] = image
+
+
+def _decode_call(tensors, device):
+    """torchvision's batched ``decode_jpeg`` (nvJPEG on CUDA), after the caller's stream."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    _order_streams(device)
     with warnings.catch_warnings():
         # torchvision 0.29 deprecates its image codecs in favour of TorchCodec; they still work.
         warnings.simplefilter("ignore", DeprecationWarning)
-        if device.type == "cuda":  # one batched nvJPEG call; it fails whole if one image does
-            try:
-                decoded = decode_jpeg([t for _, t in todo], mode=ImageReadMode.RGB, device=device)
-                for (i, _), image in zip(todo, decoded, strict=True):
-                    images[i] = image
-                return images, failed
-            except Exception:  # whatever the reason, the images alone tell which failed
-                pass
-        for i, tensor in todo:
-            try:
-                images[i] = decode_jpeg(tensor, mode=ImageReadMode.RGB, device=device)
-            except Exception:
-                failed.append(i)
-    return images, failed
+        return decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device)
+
+
+def _order_streams(device) -> None:
+    """Drain the caller's CUDA stream before nvJPEG writes. torchvision allocates the decoded
+    images on the caller's stream, but nvJPEG's hardware decoder writes them on its own stream
+    without waiting for that one (it only makes the caller wait afterwards): the caching
+    allocator may hand it a block that kernels still queued on the caller's stream read (the
+    previous part's crops and temporaries), and the decoder overwrites it: silently wrong
+    faces. Seen on an H100 in 134-199 of 200 tries; draining the stream first made it 0 (see
+    pytorch/vision#9606 and meta-pytorch/torchcodec#1634). Nothing to order on the CPU."""
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
+
+
+# Per device: whether this torchvision decodes JPEGs there at all (tried once, on a tiny JPEG).
+_decoder_works: dict[str, bool] = {}
+
+
+def device_decoder_works(device) -> bool:
+    """Whether torchvision's ``decode_jpeg`` works on ``device`` (a torchvision built without
+    nvJPEG refuses every image there): tried once per device, on a tiny JPEG."""
+    import logging
+
+    import torch
+
+    key = str(torch.device(device))
+    if key not in _decoder_works:
+        from PIL import Image
+
+        buf = io.BytesIO()
+        Image.new("RGB", (16, 16), (90, 120, 200)).save(buf, "JPEG")
+        try:
+            _decode_call([torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)],
+                         torch.device(device))
+            _decoder_works[key] = True
+        except Exception as exc:
+            _decoder_works[key] = False
+            logging.getLogger("pipeline").warning(
+                "torchvision cannot decode JPEGs on %s (%s: %s): every image takes the CPU "
+                "path, at CPU speed", key, type(exc).__name__, str(exc)[:200])
+    return _decoder_works[key]
 
 
 @dataclass

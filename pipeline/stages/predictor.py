@@ -11,6 +11,11 @@ not take), the detector runs on the decoded images of the batch together, and ea
 is cut from the decoded image (``gpu_decode.crop_decoded``). Such a row becomes one row per face,
 or one ``no_face`` row; the output then has a ``source_row`` column (the input row each output row
 comes from), from which the executor rewrites the unit's header (``units.expand_header``).
+
+Rows with encoded images (``--decode gpu``) come out with a ``device_decode`` column (not
+written to Parquet: the executor counts it into the unit's header): ``"ok"`` for an image decoded
+on the device, a reason from ``gpu_decode.FALLBACK_REASONS`` for one that took the CPU path,
+``""`` for rows the predictor did not decode (error rows; an image's further faces).
 """
 
 from __future__ import annotations
@@ -30,7 +35,16 @@ from pipeline.stages.detect import (
     no_face_error,
 )
 from pipeline.stages.faults import FaultPlan
-from pipeline.stages.gpu_decode import crop_decoded, decode_crop_resize, decode_images, oriented
+from pipeline.stages.gpu_decode import (
+    FORMAT,
+    SIZE_MISMATCH,
+    budget_parts,
+    crop_decoded,
+    decode_budget,
+    decode_crop_resize,
+    decode_images,
+    oriented,
+)
 from pipeline.stages.preprocess import (
     DEFAULT_MARGIN,
     DEFAULT_MAX_PIXELS,
@@ -41,20 +55,30 @@ from pipeline.stages.preprocess import (
 )
 from pipeline.stages.reader import DEVICE_DECODE_COLUMNS
 
-# Images decoded on the device at once to find faces: only this many decoded full-size images
-# sit on the device together.
+# Images decoded on the device at once to find faces: at most this many decoded full-size
+# images (and at most ``gpu_decode.decode_budget`` pixels of them) sit on the device together.
 DETECT_CHUNK = 32
+DECODE_COLUMN = "device_decode"  # per row: "ok", a fallback reason, or "" (not decoded here)
+DECODED_ON_DEVICE = "ok"
 
 NONFINITE_ERROR = ("the model's output for this image is not finite (NaN or inf): check the "
                    "weights file")
 
 
+def decode_counts(column) -> dict[str, int]:
+    """A unit's ``device_decode`` column as counts: images decoded on the device (``ok``) and
+    the CPU fallbacks by reason."""
+    values, counts = np.unique(np.asarray([v for v in column if v], dtype=str),
+                               return_counts=True)
+    return {str(v): int(n) for v, n in zip(values, counts, strict=True)}
+
+
 class LandmarkPredictor:
     """Run the keypoint model on a unit's rows. Loads the model once (once per Ray actor).
 
-    The device work is ``pipeline.stages.runner.ModelRunner``'s: on CUDA bf16 autocast,
-    channels_last, pinned double-buffered copies, optional ``torch.compile``; on CPU fp32, so
-    results match a plain forward pass.
+    The device work is ``pipeline.stages.runner.ModelRunner``'s: ``precision`` (``auto``: bf16
+    autocast with an fp32 head on CUDA, fp32 on the CPU, so results match a plain forward
+    pass), channels_last, double-buffered copies, optional ``torch.compile``.
     """
 
     def __init__(
@@ -74,6 +98,7 @@ class LandmarkPredictor:
         face_threshold: float = DEFAULT_FACE_THRESHOLD,
         max_faces: int = DEFAULT_MAX_FACES,
         min_face_size: float = DEFAULT_MIN_FACE_SIZE,
+        precision: str = "auto",
     ):
         import torch
 
@@ -88,17 +113,16 @@ class LandmarkPredictor:
             if threads:
                 torch.set_num_threads(threads)
         model, self.info = load_model(weights, init, storage_options, seed)
-        self.runner = ModelRunner(model, self.device, micro_batch, compile, compile_backend)
+        self.runner = ModelRunner(model, self.device, micro_batch, compile, compile_backend,
+                                  precision)
         self.max_pixels = max_pixels
         self.micro_batch = micro_batch
         self.faults = FaultPlan(faults)
         self.batches = 0
-        self.cpu_fallbacks = 0  # decode="gpu": images the device decoder did not take
         self.margin = margin
         self.face_threshold, self.max_faces = face_threshold, max_faces
         self.min_face_size = min_face_size
         self._detector = None  # loaded on the first row to search for faces
-        self.detect_images = DETECT_CHUNK
 
     def forward(self, pixels) -> np.ndarray:
         """uint8 NHWC pixels (numpy, or a tensor on the device) -> (N, 136) float32 outputs."""
@@ -125,9 +149,11 @@ class LandmarkPredictor:
 
     def _predict(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         source, found, slot = None, None, None
+        if "encoded" in batch:
+            decoded = np.full(len(batch["key"]), "", dtype=object)
         if "find_faces" in batch and np.any(batch["find_faces"]):
             with self.runner.stream():
-                batch, source, found, slot = self.find_faces(batch)
+                batch, source, found, slot, decoded = self.find_faces(batch)
         out = {k: v for k, v in batch.items()
                if k != "pixels" and k not in DEVICE_DECODE_COLUMNS}
         n = len(batch["key"])
@@ -137,7 +163,8 @@ class LandmarkPredictor:
             # Rows whose faces were found here have their crops cut already; decode the rest.
             rest = ok if slot is None else ok & (slot < 0)
             with self.runner.stream():  # decode on the stream the model then runs on
-                pixels, errors = self.decode_on_device(batch, np.flatnonzero(rest))
+                pixels, errors, paths = self.decode_on_device(batch, np.flatnonzero(rest))
+                decoded[np.flatnonzero(rest)] = paths
                 if slot is not None:
                     pixels = self._with_faces(pixels, ok, rest, found, slot)
             if errors:  # the CPU fallback could not decode them either
@@ -168,6 +195,8 @@ class LandmarkPredictor:
                 landmarks[broken] = np.nan
         out["landmarks"] = landmarks
         out["model_version"] = np.full(n, self.info.version, dtype=object)
+        if "encoded" in batch:
+            out[DECODE_COLUMN] = decoded
         if source is not None:
             out["source_row"] = source
         return out
@@ -193,11 +222,12 @@ class LandmarkPredictor:
     def find_faces(self, batch: dict[str, np.ndarray]):
         """Search the ``find_faces`` rows of a ``decode="gpu"`` batch for faces on the device.
 
-        Returns ``(rows, source, found, slot)``: the batch with each such row replaced by one
-        row per face (crop, ``face`` columns set) or one error row (``no_face``, or the decode
-        error), ``source`` the input row of each output row, ``found`` the faces' 224x224
-        crops (uint8, on the device) and ``slot`` each output row's index in ``found`` (-1 for
-        rows whose crop is still to cut)."""
+        Returns ``(rows, source, found, slot, decoded)``: the batch with each such row replaced
+        by one row per face (crop, ``face`` columns set) or one error row (``no_face``, or the
+        decode error), ``source`` the input row of each output row, ``found`` the faces' 224x224
+        crops (uint8, on the device), ``slot`` each output row's index in ``found`` (-1 for
+        rows whose crop is still to cut) and ``decoded`` the ``device_decode`` value of each
+        output row (set on the first row of each image searched)."""
         import torch
 
         from pipeline.model.detector import load_detector
@@ -209,10 +239,11 @@ class LandmarkPredictor:
         rows = np.flatnonzero(np.asarray(batch["find_faces"]) & ok)
         # A few images at a time: decoded full-size images stay on the device only while
         # their faces are found and cut.
-        errors, faces, crops, face_rows, found = {}, {}, [], {}, []
-        for first in range(0, len(rows), self.detect_images):
-            part = range(first, min(first + self.detect_images, len(rows)))
-            found.append(self._find_in(batch, rows, part, errors, faces, crops, face_rows))
+        errors, faces, crops, face_rows, found, paths = {}, {}, [], {}, [], {}
+        sizes = [int(np.prod(batch["stored_size"][r], dtype=np.int64)) for r in rows]
+        for part in budget_parts(sizes, decode_budget(device), DETECT_CHUNK):
+            found.append(self._find_in(batch, rows, part, errors, faces, crops, face_rows,
+                                       paths))
         found = torch.cat(found) if found else torch.zeros(
             (0, INPUT_SIZE, INPUT_SIZE, 3), dtype=torch.uint8, device=device)
         # The expanded rows, in input order.
@@ -227,8 +258,10 @@ class LandmarkPredictor:
         out = {k: np.asarray(v)[source] for k, v in batch.items()}
         for column in ("error", "error_kind"):
             out[column] = np.array(out[column], dtype=object)
+        decoded = np.full(len(source), "", dtype=object)
         for j in range(len(rows)):
             at = int(np.searchsorted(source, rows[j]))
+            decoded[at] = paths[j]
             if j in errors:
                 out["error"][at], out["error_kind"][at] = str(errors[j]), errors[j].kind
                 out["width"][at] = out["height"][at] = 0
@@ -243,13 +276,13 @@ class LandmarkPredictor:
                 out["face_points"][at:at + count] = points
                 out["crop"][at:at + count] = [crops[index] for index in face_rows[j]]
         out["find_faces"] = np.zeros(len(source), dtype=bool)
-        return out, source, found, slot
+        return out, source, found, slot, decoded
 
-    def _find_in(self, batch, rows, part, errors, faces, crops, face_rows):
+    def _find_in(self, batch, rows, part, errors, faces, crops, face_rows, paths):
         """``find_faces`` for the rows ``rows[j]``, ``j`` in ``part``: decode them once, detect
         in one batch, cut each face's crop. Fills ``errors[j]``, ``faces[j]`` (scores, boxes,
-        keypoints on the host), ``face_rows[j]`` (indices into ``crops``, which it extends);
-        returns the crops' pixels on the device."""
+        keypoints on the host), ``face_rows[j]`` (indices into ``crops``, which it extends),
+        ``paths[j]`` (``device_decode``); returns the crops' pixels on the device."""
         import torch
 
         from pipeline.model.detector import detect
@@ -258,17 +291,22 @@ class LandmarkPredictor:
         encoded = {j: bytes(batch["encoded"][rows[j]]) for j in part}
         # Decode once: stored images and their orientation; the CPU path gives oriented ones.
         images, orientations = {}, {j: 1 for j in part}
+        paths.update((j, FORMAT) for j in part)
         on_device = [j for j in part if batch["on_device"][rows[j]]]
         if on_device:
-            decoded, _ = decode_images([encoded[j] for j in on_device], device)
-            for j, image in zip(on_device, decoded, strict=True):
+            decoded, failed = decode_images([encoded[j] for j in on_device], device)
+            for k, (j, image) in enumerate(zip(on_device, decoded, strict=True)):
                 stored = tuple(batch["stored_size"][rows[j]])
-                if image is not None and image.shape[0] == 3 and (
-                        image.shape[2], image.shape[1]) == stored:
+                if image is None:
+                    paths[j] = failed[k]
+                elif image.shape[0] != 3 or (image.shape[2], image.shape[1]) != stored:
+                    paths[j] = SIZE_MISMATCH
+                else:
                     images[j], orientations[j] = image, int(batch["orientation"][rows[j]])
+                    paths[j] = DECODED_ON_DEVICE
+            del decoded
         for j in part:
             if j not in images:
-                self.cpu_fallbacks += 1
                 try:
                     picture = decode_image(encoded[j], self.max_pixels)
                 except SampleError as exc:
@@ -294,35 +332,38 @@ class LandmarkPredictor:
     def decode_on_device(self, batch: dict[str, np.ndarray], rows: np.ndarray):
         """Decode, crop and resize ``rows`` of a ``decode="gpu"`` batch on the model's device.
 
-        Returns ``(pixels, errors)``: uint8 (len(rows), 224, 224, 3) on the device, and
-        ``{position in rows: (row, SampleError)}`` for images no decoder could read. JPEGs go
-        through ``decode_crop_resize`` (nvJPEG on CUDA) in one call; the rest, and any it could
-        not decode, through the CPU path (PIL) with the same crop."""
+        Returns ``(pixels, errors, paths)``: uint8 (len(rows), 224, 224, 3) on the device,
+        ``{position in rows: (row, SampleError)}`` for images no decoder could read, and each
+        row's ``device_decode`` value (``"ok"``, or why it took the CPU path). JPEGs go through
+        ``decode_crop_resize`` (nvJPEG on CUDA), a part of the memory budget at a time; the
+        rest, and any it could not decode, through the CPU path (PIL) with the same crop."""
         import torch
 
         encoded = [batch["encoded"][r] for r in rows]
         device = np.flatnonzero(np.asarray(batch["on_device"])[rows])
         pixels = torch.zeros((len(rows), INPUT_SIZE, INPUT_SIZE, 3), dtype=torch.uint8,
                              device=self.runner.device)
-        failed = sorted(set(range(len(rows))) - set(device.tolist()))
+        paths = np.full(len(rows), FORMAT, dtype=object)
         if len(device):
             picked = rows[device]
-            decoded, not_decoded = decode_crop_resize(
+            decoded, failed = decode_crop_resize(
                 [encoded[j] for j in device], batch["orientation"][picked],
                 batch["crop"][picked], self.runner.device,
                 stored_sizes=batch["stored_size"][picked])
             pixels[torch.from_numpy(device).to(pixels.device)] = decoded
-            failed = sorted(failed + [int(device[k]) for k in not_decoded])
+            paths[device] = DECODED_ON_DEVICE
+            for k, reason in failed.items():
+                paths[device[k]] = reason
         errors = {}
-        for j in failed:
-            self.cpu_fallbacks += 1
+        for j in np.flatnonzero(paths != DECODED_ON_DEVICE):
             try:
                 image = decode_image(bytes(encoded[j]), self.max_pixels)
                 cpu = crop_and_resize(image, tuple(batch["crop"][rows[j]]))
-                pixels[j] = torch.from_numpy(cpu).to(pixels.device)
+                pixels[j] = torch.from_numpy(np.require(cpu, requirements=["W"])).to(
+                    pixels.device)
             except SampleError as exc:
-                errors[j] = (int(rows[j]), exc)
+                errors[int(j)] = (int(rows[j]), exc)
             except Exception as exc:  # a decoder bug costs one sample, not the batch
-                errors[j] = (int(rows[j]), SampleError(
+                errors[int(j)] = (int(rows[j]), SampleError(
                     f"unexpected {exc.__class__.__name__} while decoding: {exc}"))
-        return pixels, errors
+        return pixels, errors, paths

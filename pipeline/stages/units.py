@@ -79,7 +79,9 @@ class Segment:
 @dataclass
 class UnitHeader:
     """What the driver learns of a unit: its place in its read task and its pieces. ``rows``
-    counts input rows, ``out_rows`` the rows of its arrays (more with several faces an image)."""
+    counts input rows, ``out_rows`` the rows of its arrays (more with several faces an image).
+    ``device_decode``: images the predictor decoded (``--decode gpu``), by outcome: ``ok`` on
+    the device, else why they took the CPU path (``gpu_decode.FALLBACK_REASONS``)."""
 
     task: int
     index: int
@@ -87,6 +89,7 @@ class UnitHeader:
     bytes: int = 0
     segments: list[Segment] = field(default_factory=list)
     out_rows: int = 0
+    device_decode: dict[str, int] = field(default_factory=dict)
 
 
 def expand_header(header: UnitHeader, source_rows) -> UnitHeader:
