@@ -34,10 +34,11 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from pipeline.stages.commit import PieceSpec, commit_piece, gather
+from pipeline.stages.predictor import DECODE_COLUMN, DECODED_ON_DEVICE, decode_counts
 from pipeline.stages.units import PieceAssembler, ReadTask, expand_header
 
 log = logging.getLogger("pipeline")
@@ -47,6 +48,10 @@ ACTOR_RESTARTS = 3
 COMMIT_RETRIES = 3
 COMMIT_THREADS = 8  # pieces one commit task writes at once (small shards: many files a unit)
 PROGRESS_S = 30.0
+# Warn when more than this share of the images the predictors decode (--decode gpu) take the
+# CPU path: at CPU speed on the actor's one CPU, a GPU then waits for its input.
+FALLBACK_WARN_FRACTION = 0.05
+FALLBACK_WARN_AFTER = 200  # images decoded before the share means something
 
 
 @dataclass(frozen=True)
@@ -65,21 +70,42 @@ class Placement:
 
 @dataclass
 class RunStats:
-    """Predictor calls and their sizes (running figures: nothing kept per unit)."""
+    """Predictor calls and their sizes, and the images the predictors decoded (running
+    figures: nothing kept per unit)."""
 
     units: int = 0
     calls_with_rows: int = 0
     rows: int = 0
     smallest: int = 0
     largest: int = 0
+    device_decoded: int = 0  # images decoded on the predictors' device
+    cpu_fallbacks: dict[str, int] = field(default_factory=dict)  # by reason
 
-    def add(self, rows: int) -> None:
+    def add(self, rows: int, device_decode: Mapping[str, int] | None = None) -> None:
         self.units += 1
         if rows:  # an empty shard's unit says nothing about batch sizes
             self.calls_with_rows += 1
             self.rows += rows
             self.smallest = min(self.smallest, rows) if self.smallest else rows
             self.largest = max(self.largest, rows)
+        for outcome, n in (device_decode or {}).items():
+            if outcome == DECODED_ON_DEVICE:
+                self.device_decoded += n
+            else:
+                self.cpu_fallbacks[outcome] = self.cpu_fallbacks.get(outcome, 0) + n
+
+    def fallback_fraction(self) -> float:
+        """The share of the images the predictors decoded that took the CPU path."""
+        fallbacks = sum(self.cpu_fallbacks.values())
+        decoded = self.device_decoded + fallbacks
+        return fallbacks / decoded if decoded else 0.0
+
+    def fallback_text(self) -> str:
+        """``N of M images decoded by the predictors took the CPU path (reason: n, ...)``."""
+        fallbacks = sum(self.cpu_fallbacks.values())
+        reasons = ", ".join(f"{k}: {v}" for k, v in sorted(self.cpu_fallbacks.items()))
+        return (f"{fallbacks} of {self.device_decoded + fallbacks} images decoded by the "
+                f"predictors took the CPU path" + (f" ({reasons})" if reasons else ""))
 
     def call_sizes(self) -> dict[str, float]:
         if not self.calls_with_rows:
@@ -101,11 +127,18 @@ class _Predictor:
     def __init__(self, predictor_cls: type, kwargs: Mapping[str, Any]):
         self.predictor = predictor_cls(**kwargs)
 
+    def ready(self) -> bool:
+        """Answers once the actor holds its model: only then does it get units."""
+        return True
+
     def predict(self, unit: Mapping[str, Any]):
         rows = self.predictor(unit["rows"])
+        header = unit["header"]
         if "source_row" in rows:  # faces found: rows of the unit's rows, one per face
-            return expand_header(unit["header"], rows.pop("source_row")), rows
-        return unit["header"], rows
+            header = expand_header(header, rows.pop("source_row"))
+        if DECODE_COLUMN in rows:  # counted in the header, not written
+            header = replace(header, device_decode=decode_counts(rows.pop(DECODE_COLUMN)))
+        return header, rows
 
 
 def _commit(specs: list[PieceSpec], parts: list[list[tuple[int, int, int]]], *units
@@ -186,6 +219,10 @@ class UnitRunner:
             max_task_retries=ACTOR_RESTARTS)
         self.actors = [actor.remote(predictor_cls, dict(predictor_kwargs))
                        for _ in range(placement.pool_size)]
+        # Units go only to actors that have started: one Ray cannot place (no GPU free) would
+        # hold its units until the stall watchdog fires.
+        self.starting = {a.ready.remote(): i for i, a in enumerate(self.actors)}
+        self.started: list[int] = []
         self.load = [0] * len(self.actors)
         self.slots = placement.concurrency + 1  # one queued call: the actor never waits on us
         self.stats = RunStats()
@@ -203,6 +240,7 @@ class UnitRunner:
         self.seen: dict[int, set[int]] = {}
         self.ended: set[int] = set()
         self.done_tasks, self.rows = 0, 0
+        self.warned_fallbacks = False
         started = last_log = self.moved = time.monotonic()
         tick = min(PROGRESS_S, self.stall_timeout / 4)
         try:
@@ -211,14 +249,16 @@ class UnitRunner:
                     task = self.queue.pop()
                     self.streams.append(_Stream(task, self.read.remote(task,
                                                                        self.reader_kwargs)))
-                room = (min(self.load) < self.slots
+                room = (any(self.load[a] < self.slots for a in self.started)
                         and len(self.commits) < self.placement.max_commits)
-                waiting = [*self.predicting, *self.commits,
+                waiting = [*self.starting, *self.predicting, *self.commits,
                            *(s.generator for s in self.streams if room)]
                 # fetch_local=False: readiness only; never pull a unit to the driver's node.
                 ready, _ = ray.wait(waiting, num_returns=1, timeout=tick, fetch_local=False)
                 for ref in ready:
-                    if ref in self.commits:
+                    if ref in self.starting:
+                        self._actor_started(ref)
+                    elif ref in self.commits:
                         self._receipt(ref)
                     elif ref in self.predicting:
                         self._predicted(ref)
@@ -229,10 +269,12 @@ class UnitRunner:
                 if time.monotonic() - last_log >= PROGRESS_S:
                     last_log = time.monotonic()
                     log.info("... %d/%d read tasks done, %d rows committed (%.1f rows/s), %d "
-                             "unit(s) predicting, %d commit(s) running, %d piece(s) open",
+                             "unit(s) predicting, %d commit(s) running, %d piece(s) open%s",
                              self.done_tasks, len(tasks), self.rows,
                              self.rows / (last_log - started), len(self.predicting),
-                             len(self.commits), len(self.pieces.open))
+                             len(self.commits), len(self.pieces.open),
+                             f"; {self.stats.fallback_text()}"
+                             if self.stats.device_decoded or self.stats.cpu_fallbacks else "")
             if self.pieces.open:
                 raise RuntimeError(f"{len(self.pieces.open)} piece(s) never received all their "
                                    f"rows (e.g. {next(iter(self.pieces.open))}): their files "
@@ -247,7 +289,10 @@ class UnitRunner:
 
     def _stalled(self, total_tasks: int) -> str:
         """Which stage stopped moving, and what every stage holds: logged, and the error."""
-        if self.predicting:
+        if not self.started:
+            stage = (f"the predict stage: none of the {len(self.actors)} predictor actor(s) "
+                     "started (does the cluster have the GPUs and CPUs they ask for free?)")
+        elif self.predicting:
             stage = (f"the predict stage: {len(self.predicting)} unit(s) sent to the predictor "
                      f"actors got no answer")
         elif self.commits:
@@ -257,8 +302,8 @@ class UnitRunner:
         lines = [f"read tasks: {self.done_tasks}/{total_tasks} done, {len(self.streams)} "
                  f"running ({'; '.join(_task_text(s.task) for s in self.streams[:3]) or '-'}), "
                  f"{len(self.queue)} waiting",
-                 f"predictor actors: {len(self.actors)}, units in flight per actor "
-                 f"{self.load}{self._actor_states()}",
+                 f"predictor actors: {len(self.actors)} ({len(self.started)} started), units in "
+                 f"flight per actor {self.load}{self._actor_states()}",
                  f"commits running: {len(self.commits)} "
                  f"({'; '.join(list(self.commits.values())[:3]) or '-'})",
                  f"pieces open: {len(self.pieces.open)}, rows committed: {self.rows}"]
@@ -289,10 +334,16 @@ class UnitRunner:
             self.ended.add(stream.task.index)
             self._forget(stream.task.index)
             return
-        actor = min(range(len(self.actors)), key=self.load.__getitem__)
+        actor = min(self.started, key=self.load.__getitem__)
         header_ref, rows_ref = self.actors[actor].predict.options(num_returns=2).remote(unit)
         self.load[actor] += 1
         self.predicting[header_ref] = (actor, rows_ref, stream.task)
+
+    def _actor_started(self, ref) -> None:
+        """A predictor actor holds its model (or failed to load it: the run stops)."""
+        actor = self.starting.pop(ref)
+        _result(ref, "a predictor actor")
+        self.started.append(actor)
 
     def _predicted(self, header_ref) -> None:
         """A unit is predicted: add it to its pieces and commit every piece now complete."""
@@ -305,7 +356,8 @@ class UnitRunner:
             return  # a unit delivered twice is committed once
         seen.add(header.index)
         self._forget(header.task)
-        self.stats.add(header.out_rows)
+        self.stats.add(header.out_rows, header.device_decode)
+        self._warn_on_fallbacks()
         ready = self.pieces.add(header, rows_ref)
         if ready:  # one commit task for every piece this unit completed
             units: dict[int, tuple[int, Any]] = {}  # id(ref) -> (argument index, ref)
@@ -317,6 +369,18 @@ class UnitRunner:
             receipts = self.commit.remote(specs, parts, *(ref for _, ref in units.values()))
             self.commits[receipts] = (specs[0].stem if len(specs) == 1
                                       else f"{specs[0].stem} and {len(specs) - 1} more")
+
+    def _warn_on_fallbacks(self) -> None:
+        """Once per run: say so when many images skip the device decoder (a torchvision
+        without nvJPEG, an archive of PNGs, a GPU short of memory)."""
+        stats = self.stats
+        decoded = stats.device_decoded + sum(stats.cpu_fallbacks.values())
+        if (not self.warned_fallbacks and decoded >= FALLBACK_WARN_AFTER
+                and stats.fallback_fraction() > FALLBACK_WARN_FRACTION):
+            self.warned_fallbacks = True
+            log.warning("%s: %.0f %% of them, decoded by PIL on the actor's CPU; the GPU may "
+                        "wait for its input (--decode cpu decodes in the read tasks)",
+                        stats.fallback_text(), 100 * stats.fallback_fraction())
 
     def _forget(self, task: int) -> None:
         """Drop a finished read task's bookkeeping: the driver keeps nothing per unit."""

@@ -14,7 +14,7 @@ from typing import Any
 from pipeline.config.options import option
 from pipeline.io.shards import DEFAULT_FILES_PER_SHARD, FORMATS
 from pipeline.io.storage import storage_options_arg
-from pipeline.model.geometry import DEVICES, INIT_CHOICES
+from pipeline.model.geometry import DEVICES, INIT_CHOICES, PRECISIONS
 from pipeline.stages.detect import (
     DEFAULT_FACE_THRESHOLD,
     DEFAULT_MAX_FACES,
@@ -108,12 +108,20 @@ class InferConfig:
         f"part-<shard>.c00001.parquet ... (default {DEFAULT_ROWS_PER_FILE})",
         default=DEFAULT_ROWS_PER_FILE, group=RUN)
     num_predictors: int | None = option(
-        "predictor actors (default: one per GPU, or 1 on CPU)", default=None, group=RUN)
+        "predictor actors (default: one per GPU, or 1 on CPU); on GPUs at most the cluster's "
+        "GPUs / --gpus-per-predictor", default=None, group=RUN)
+    gpus_per_predictor: float = option(
+        "GPUs each predictor actor reserves, in (0, 1]: 0.5 puts two actors (two models) on "
+        "each GPU (default 1)", default=1.0, group=RUN)
     predictor_cpus: float | None = option(
         "CPUs per predictor actor (default: 1 with GPUs, else all but one)", default=None,
         group=RUN)
     device: str = option("auto: GPU actors when the cluster has GPUs", default="auto",
                          choices=DEVICES, group=RUN)
+    precision: str = option(
+        "the landmark model's arithmetic: bf16 (autocast for the backbone, the head in fp32) "
+        "or fp32; auto: bf16 on GPUs, fp32 on CPUs (bf16 on a CPU is only fast with AMX or "
+        "AVX512-BF16)", default="auto", choices=PRECISIONS, group=RUN)
     decode: str = option(
         "where images are decoded, cropped and resized: cpu (PIL in the read tasks), gpu "
         "(nvJPEG in the predictor actors; non-JPEG images fall back to the CPU per sample), auto "
@@ -153,6 +161,11 @@ class InferConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.num_predictors is not None and self.num_predictors < 1:
             raise ValueError(f"num_predictors must be >= 1, got {self.num_predictors}")
+        if not 0 < self.gpus_per_predictor <= 1:
+            raise ValueError(f"gpus_per_predictor must be in (0, 1], got "
+                             f"{self.gpus_per_predictor}: one actor runs one model on one GPU")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if not 0 <= self.margin <= 2:
             raise ValueError(f"margin must be between 0 and 2, got {self.margin}")
         if self.detect not in DETECT_MODES:

@@ -35,6 +35,7 @@ from pipeline.io.resume import (
 from pipeline.io.shards import list_shards
 from pipeline.io.storage import check_writable
 from pipeline.model.network import load_model
+from pipeline.model.precision import resolve_precision
 from pipeline.stages.commit import PieceSpec
 from pipeline.stages.faults import plan_from_env
 from pipeline.stages.predictor import LandmarkPredictor
@@ -114,11 +115,12 @@ def _run(cfg: InferConfig, job_config, predictor: type, *, output: str, shards, 
         cluster.ensure_ray(cfg.ray_address)
         cpus, gpus = cluster.cluster_resources()
         p = plan(cfg, cpus, gpus)
-        log.info("predictors: %d %s actor(s), batch size %d, %g CPU each, %d call(s) at once; "
-                 "units of up to %d rows; %d read task(s) at once (%g CPU each); decoding on "
-                 "the %s%s", p.pool_size, "GPU" if p.use_gpu else "CPU", p.batch_size,
-                 p.actor_cpus, p.concurrency, p.unit_rows, p.max_reads, p.read_cpus,
-                 "GPU" if p.decode == "gpu" else "CPU", ", model compiled" if cfg.compile else "")
+        log.info("predictors: %d %s actor(s) (%g GPU each), batch size %d, %s, %g CPU each, %d "
+                 "call(s) at once; units of up to %d rows; %d read task(s) at once (%g CPU "
+                 "each); decoding on the %s%s", p.pool_size, "GPU" if p.use_gpu else "CPU",
+                 p.actor_gpus, p.batch_size, p.precision, p.actor_cpus, p.concurrency,
+                 p.unit_rows, p.max_reads, p.read_cpus, "GPU" if p.decode == "gpu" else "CPU",
+                 ", model compiled" if cfg.compile else "")
         if p.decode == "gpu" and not p.use_gpu:
             log.info("--decode gpu without GPUs: the CPU predictor actor decodes (torchvision)")
         tasks = plan_read_tasks(todo, min_tasks=p.max_reads)
@@ -157,7 +159,7 @@ def _run(cfg: InferConfig, job_config, predictor: type, *, output: str, shards, 
                 # run the forward pass ~1.9x faster than 1 on a 2-core machine.
                 num_threads=None if p.use_gpu else math.ceil(p.actor_cpus) + 1,
                 faults=faults, micro_batch=p.batch_size, compile=cfg.compile,
-                max_pixels=cfg.max_pixels, margin=cfg.margin,
+                precision=p.precision, max_pixels=cfg.max_pixels, margin=cfg.margin,
                 face_threshold=cfg.face_threshold, max_faces=cfg.max_faces,
                 min_face_size=cfg.min_face_size),
             piece_spec=lambda task, shard, piece, last: PieceSpec(
@@ -167,7 +169,12 @@ def _run(cfg: InferConfig, job_config, predictor: type, *, output: str, shards, 
         stats = runner.run(tasks)
         summary.predictor_calls = stats.units
         summary.rows_per_call = stats.call_sizes()
+        summary.device_decoded, summary.cpu_fallbacks = stats.device_decoded, stats.cpu_fallbacks
         log.info("predictor calls: %d, rows per call %s", stats.units, summary.rows_per_call)
+        if stats.device_decoded or stats.cpu_fallbacks:
+            level = (logging.WARNING if stats.fallback_fraction() > executor.FALLBACK_WARN_FRACTION
+                     else logging.INFO)
+            log.log(level, "device decoding: %s", stats.fallback_text())
 
     # Files of shards the input no longer has (a deleted tar, a loose-image group gone) would
     # hold keys a second time next to the current files: they move to _retired/<run>/.
@@ -190,6 +197,8 @@ class Plan:
     actor_cpus: float
     concurrency: int
     unit_rows: int = 0
+    precision: str = "fp32"
+    actor_gpus: float = 0.0
     max_reads: int = 1
     read_cpus: float = 1.0
     max_commits: int = 1
@@ -198,9 +207,8 @@ class Plan:
     def placement(self):
         from pipeline.backend.executor import Placement
 
-        return Placement(self.pool_size, self.actor_cpus, 1 if self.use_gpu else 0,
-                         self.concurrency, self.max_reads, self.read_cpus, self.max_commits,
-                         self.commit_cpus)
+        return Placement(self.pool_size, self.actor_cpus, self.actor_gpus, self.concurrency,
+                         self.max_reads, self.read_cpus, self.max_commits, self.commit_cpus)
 
 
 def plan(cfg: InferConfig, cluster_cpus: float, cluster_gpus: int) -> Plan:
@@ -223,7 +231,15 @@ def plan(cfg: InferConfig, cluster_cpus: float, cluster_gpus: int) -> Plan:
         decode = "gpu" if use_gpu and not fast_enough else "cpu"
     key = ("cuda+compile" if cfg.compile else "cuda") if use_gpu else "cpu"
     batch_size = cfg.batch_size or DEFAULT_BATCH_SIZE[key]
-    pool_size = cfg.num_predictors or (cluster_gpus if use_gpu else 1)
+    actor_gpus = cfg.gpus_per_predictor if use_gpu else 0.0
+    pool_size = cfg.num_predictors or (int(cluster_gpus / actor_gpus + 1e-9) if use_gpu else 1)
+    if use_gpu and pool_size * actor_gpus > cluster_gpus + 1e-9:
+        # Ray would start the actors it can place and leave the rest pending for ever.
+        raise ValueError(
+            f"--num-predictors {pool_size} with --gpus-per-predictor {actor_gpus:g} needs "
+            f"{pool_size * actor_gpus:g} GPUs, but the Ray cluster has {cluster_gpus}: lower "
+            f"--num-predictors to {int(cluster_gpus / actor_gpus + 1e-9)} or fewer, or share "
+            "each GPU between actors with --gpus-per-predictor 0.5")
     # CPU inference: one actor with all but one core (the other reads and decodes); GPU:
     # 1 CPU per actor (its host work: batching, copies, and the CPU decode fallback). Never
     # all of the cluster's CPUs: the read and commit tasks need some.
@@ -243,6 +259,8 @@ def plan(cfg: InferConfig, cluster_cpus: float, cluster_gpus: int) -> Plan:
         # GPU: two calls at once per actor, so one batch's host work and copy overlap the
         # other's GPU work (each thread has its own CUDA streams); CPU: one (it owns the cores).
         concurrency=cfg.predictor_concurrency or (2 if use_gpu else 1),
+        precision=resolve_precision(cfg.precision, "cuda" if use_gpu else "cpu"),
+        actor_gpus=actor_gpus,
         unit_rows=cfg.unit_rows or (GPU_UNIT_ROWS if use_gpu else UNIT_BATCHES * batch_size),
         max_reads=max_reads,
         read_cpus=min(1.0, rest / max_reads),
