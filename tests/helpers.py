@@ -125,3 +125,20 @@ def cluster_job(*args: str) -> dict:
     lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
     assert done.returncode == 0 and lines, done.stderr[-3000:]
     return json.loads(lines[0][len("RESULT "):])
+
+
+class TinyModel(torch.nn.Module):
+    """Stands in for VGG16 in runner tests: cheap, and a function of each image alone; runs out
+    of memory (simulated) on micro-batches of more than ``fail_above`` images."""
+
+    def __init__(self, fail_above: int | None = None):
+        super().__init__()
+        self.fail_above = fail_above
+        self.calls: list[int] = []
+        self.head = torch.nn.Linear(3, 136)
+
+    def forward(self, x):
+        self.calls.append(x.shape[0])
+        if self.fail_above is not None and x.shape[0] > self.fail_above:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return torch.sigmoid(self.head(x.mean(dim=(2, 3))))

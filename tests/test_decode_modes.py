@@ -7,14 +7,14 @@ import json
 import tarfile
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import torch
+from helpers import TinyModel
 from PIL import Image
 
 from pipeline.demo.synthetic import render_face
 from pipeline.inference.config import InferConfig
-from pipeline.inference.job import plan, run_inference
+from pipeline.inference.job import plan
 from pipeline.io.shards import list_shards
 from pipeline.stages.gpu_decode import LANDMARK_TOLERANCE_PX, SAME_DECODER_TOLERANCE, TOLERANCE
 from pipeline.stages.predictor import LandmarkPredictor
@@ -89,7 +89,8 @@ def test_predictor_gives_the_cpu_paths_landmarks_from_encoded_rows(mixed_shard, 
     cpu, gpu = rows_of(mixed_shard, "cpu"), rows_of(mixed_shard, "gpu")
     predictor = LandmarkPredictor(weights=weights_file[0], device="cpu")
     a, b = predictor(cpu), predictor(gpu)
-    assert predictor.cpu_fallbacks == 3  # PNG, CMYK JPEG and the cut JPEG went to PIL
+    # PNG, CMYK JPEG and the cut JPEG went to PIL: the header says the device cannot take them.
+    assert b["device_decode"].tolist() == ["ok"] * 5 + ["format"] * 3
     assert b["error"][7] == cpu["error"][7] and b["error_kind"][7] == "decode"
     assert (b["width"][7], b["height"][7]) == (0, 0) and np.isnan(b["crop"][7]).all()
     assert b["error_kind"].tolist() == a["error_kind"].tolist()
@@ -99,8 +100,8 @@ def test_predictor_gives_the_cpu_paths_landmarks_from_encoded_rows(mixed_shard, 
     # And the model input itself: on the CPU both paths decode with libjpeg-turbo, so the
     # crops must be the same to rounding (on CUDA, nvJPEG's noise: TOLERANCE, tested below).
     rows = np.arange(7)
-    pixels, errors = predictor.decode_on_device(gpu, rows)
-    assert errors == {}
+    pixels, errors, paths = predictor.decode_on_device(gpu, rows)
+    assert errors == {} and paths.tolist() == ["ok"] * 5 + ["format"] * 2
     for i in rows:
         mean, p99, within = SAME_DECODER_TOLERANCE.check(pixels[i].numpy(), cpu["pixels"][i])
         assert within, (gpu["key"][i], mean, p99)
@@ -115,29 +116,9 @@ def test_a_shifted_crop_is_outside_the_tolerance(mixed_shard, weights_file):
     side = gpu["crop"][0, 2]
     gpu["crop"][0, :2] += 2 * side / 224  # two pixels of the 224x224 input, along both axes
     predictor = LandmarkPredictor(weights=weights_file[0], device="cpu")
-    pixels, _ = predictor.decode_on_device(gpu, np.arange(1))
+    pixels, _, _ = predictor.decode_on_device(gpu, np.arange(1))
     assert not SAME_DECODER_TOLERANCE.check(pixels[0].numpy(), cpu["pixels"][0])[2]
     assert not TOLERANCE.check(pixels[0].numpy(), cpu["pixels"][0])[2]
-
-
-def test_the_job_gives_the_same_rows_with_either_decode_mode(ray_session, tmp_path, mixed_shard,
-                                                            weights_file):
-    results = {}
-    for decode in ("cpu", "gpu"):
-        cfg = InferConfig(input=mixed_shard.uri, output=str(tmp_path / decode),
-                          weights=weights_file[0], device="cpu", decode=decode, batch_size=4,
-                          detect="never")  # the unboxed images: centred squares
-        summary = run_inference(cfg)
-        assert (summary.samples, summary.errors) == (8, 1)
-        results[decode] = pq.read_table(summary.files[0]).to_pydict()
-    cpu, gpu = results["cpu"], results["gpu"]
-    assert gpu["key"] == cpu["key"] and gpu["error_kind"] == cpu["error_kind"]
-    assert gpu["width"] == cpu["width"] and gpu["crop"] == cpu["crop"]
-    a = np.asarray([p for p, e in zip(cpu["landmarks"], cpu["error"], strict=True) if not e],
-                   dtype=np.float32)
-    b = np.asarray([p for p, e in zip(gpu["landmarks"], gpu["error"], strict=True) if not e],
-                   dtype=np.float32)
-    assert a.shape == (7, 68, 2) and np.abs(a - b).max() <= LANDMARK_TOLERANCE_PX
 
 
 @pytest.mark.parametrize("cpus, gpus, device, decode, expected", [
@@ -187,22 +168,6 @@ def test_plan_overrides_and_errors():
         plan(InferConfig(input="i", output="o", device="cuda"), 8, 0)
     with pytest.raises(ValueError, match="decode must be one of"):
         InferConfig(input="i", output="o", decode="tpu")
-
-
-class TinyModel(torch.nn.Module):
-    """Stands in for VGG16 in runner tests: cheap, and a function of each image alone."""
-
-    def __init__(self, fail_above: int | None = None):
-        super().__init__()
-        self.fail_above = fail_above
-        self.calls: list[int] = []
-        self.head = torch.nn.Linear(3, 136)
-
-    def forward(self, x):
-        self.calls.append(x.shape[0])
-        if self.fail_above is not None and x.shape[0] > self.fail_above:
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
-        return torch.sigmoid(self.head(x.mean(dim=(2, 3))))
 
 
 def test_runner_micro_batches_give_the_whole_batch_result():
@@ -264,11 +229,12 @@ def test_cuda_pipelined_runner_matches_one_pass(weights_file):
 def test_nvjpeg_predictor_matches_the_cpu_path(mixed_shard, weights_file):
     cpu, gpu = rows_of(mixed_shard, "cpu"), rows_of(mixed_shard, "gpu")
     predictor = LandmarkPredictor(weights=weights_file[0], device="cuda")
-    pixels, errors = predictor.decode_on_device(gpu, np.arange(7))
+    pixels, errors, _ = predictor.decode_on_device(gpu, np.arange(7))
     assert errors == {} and pixels.device.type == "cuda"
     for i in range(7):
         mean, p99, within = TOLERANCE.check(pixels[i].cpu().numpy(), cpu["pixels"][i])
         assert within, (gpu["key"][i], mean, p99)
     a = LandmarkPredictor(weights=weights_file[0], device="cuda")(cpu)["landmarks"][:7]
     b = predictor(gpu)["landmarks"][:7]
-    assert np.abs(a - b).max() <= 1.0  # bf16 on both sides; pixels within TOLERANCE
+    # bf16 backbones with the fp32 head on both sides; pixels within TOLERANCE.
+    assert np.abs(a - b).max() <= LANDMARK_TOLERANCE_PX

@@ -8,6 +8,7 @@ Fast and offline: no Ray started, no cluster, no network, no docker or kubectl.
 from __future__ import annotations
 
 import argparse
+import ast
 import copy
 import functools
 import posixpath
@@ -636,6 +637,22 @@ def test_dockerfile_is_a_cuda_pytorch_image_with_the_project():
     installs = " ".join(info["run"])
     assert re.search(r"pip install .*'\.\[s3,gcs\]'", installs), "project + extras installed"
     assert "ray==${RAY_VERSION}" in installs
+
+
+def test_the_image_can_run_compiled_models():
+    """`--compile` needs a C compiler when it runs (Triton builds its CUDA launcher, Inductor
+    its CPU kernels: pytorch/pytorch#116696), which the -runtime base lacks: the image installs
+    one, and its build compiles a function with Inductor to show it works."""
+    info = dockerfile()
+    installs = " ".join(info["run"])
+    if info["from"][0].endswith("-runtime"):
+        packages = re.search(r"apt-get install ([^&]*)", installs).group(1).split()
+        assert {"build-essential"} & set(packages) or {"gcc", "g++"} <= set(packages), packages
+    (check,) = [m.group(1) for run in info["run"]
+                for m in [re.search(r'python -c "(import boto3.*)"$', run)] if m]
+    tree = ast.parse(check)  # the build's check is valid Python ...
+    calls = {ast.unparse(n.func) for n in ast.walk(tree) if isinstance(n, ast.Call)}
+    assert {"torch.compile", "load_detector"} <= calls  # ... that compiles and loads the detector
 
 
 def test_the_package_carries_the_detector_weights():
