@@ -43,6 +43,27 @@ def tar_members(path: Path) -> dict[str, bytes]:
         return {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
 
 
+def jpeg(image, orientation: int = 1, **save) -> bytes:
+    """JPEG bytes of a PIL image at quality 90, with an EXIF orientation unless it is 1."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    exif = Image.Exif()
+    if orientation != 1:
+        exif[0x0112] = orientation
+    image.save(buf, "JPEG", quality=90, exif=exif, **save)
+    return buf.getvalue()
+
+
+def bad_table(data: bytes) -> bytes:
+    """A JPEG whose header passes the device-decode check but whose Huffman table every decoder
+    refuses: it fails a batched decode call whole, on any device."""
+    data = bytearray(data)
+    dht = data.index(b"\xff\xc4")
+    data[dht + 5:dht + 21] = b"\xff" * 16
+    return bytes(data)
+
+
 def sidecar(meta: dict) -> bytes:
     return json.dumps(meta).encode()
 

@@ -9,8 +9,7 @@ import tarfile
 import numpy as np
 import pytest
 import torch
-from helpers import TinyModel
-from PIL import Image
+from helpers import TinyModel, jpeg
 
 from pipeline.demo.synthetic import render_face
 from pipeline.inference.config import InferConfig
@@ -20,15 +19,6 @@ from pipeline.stages.gpu_decode import LANDMARK_TOLERANCE_PX, SAME_DECODER_TOLER
 from pipeline.stages.predictor import LandmarkPredictor
 from pipeline.stages.reader import ShardReader
 from pipeline.stages.runner import ModelRunner
-
-
-def jpeg(image: Image.Image, orientation: int = 1, **save) -> bytes:
-    buf = io.BytesIO()
-    exif = Image.Exif()
-    if orientation != 1:
-        exif[0x0112] = orientation
-    image.save(buf, "JPEG", quality=90, exif=exif, **save)
-    return buf.getvalue()
 
 
 def write_tar(path, members):
@@ -183,6 +173,7 @@ def test_runner_micro_batches_give_the_whole_batch_result():
 
 
 def test_runner_halves_the_micro_batch_on_out_of_memory():
+    """Out of memory in the forward pass, on the pipelined path (the CPU runs it too)."""
     pixels = np.random.default_rng(1).integers(0, 256, (10, 224, 224, 3), dtype=np.uint8)
     torch.manual_seed(0)
     reference = ModelRunner(TinyModel(), "cpu", micro_batch=10).run(pixels)

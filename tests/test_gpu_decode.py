@@ -13,7 +13,7 @@ import io
 import numpy as np
 import pytest
 import torch
-from helpers import DATA, normalize, real_photo
+from helpers import DATA, bad_table, normalize, real_photo
 from PIL import Image, ImageDraw
 
 from pipeline.demo.synthetic import render_face
@@ -287,17 +287,13 @@ def test_failures_are_reported_for_the_cpu_fallback_not_raised():
     good = jpeg(image, 6)
     buf = io.BytesIO()
     image.save(buf, "PNG")
-    # A JPEG whose header passes but whose Huffman table the decoder refuses.
-    bad_table = bytearray(jpeg(image))
-    dht = bad_table.index(b"\xff\xc4")
-    bad_table[dht + 5:dht + 21] = b"\xff" * 16
     encoded = [
         good,
         buf.getvalue(),                               # PNG
         jpeg(image.convert("CMYK")),                  # CMYK
         np.random.default_rng(0).bytes(5000),         # noise
         b"",                                          # nothing
-        bytes(bad_table),                             # decoder error
+        bad_table(jpeg(image)),                       # the decoder refuses its Huffman table
         good[: len(good) // 2],                       # cut short
         np.frombuffer(good, dtype=np.uint8),          # good, as a uint8 array
         good,                                         # good, but not the size probed
@@ -429,12 +425,9 @@ def test_cuda_pixels_and_landmarks_match_the_cpu_path(weights_file):
 def test_cuda_failures_are_reported_and_the_rest_decoded():
     image, bbox = face((250, 250))
     good = jpeg(image, 3)
-    bad_table = bytearray(jpeg(image))
-    dht = bad_table.index(b"\xff\xc4")
-    bad_table[dht + 5:dht + 21] = b"\xff" * 16
     buf = io.BytesIO()
     image.save(buf, "PNG")
-    encoded = [good, bytes(bad_table), buf.getvalue(), jpeg(image.convert("CMYK")), good]
+    encoded = [good, bad_table(jpeg(image)), buf.getvalue(), jpeg(image.convert("CMYK")), good]
     info, crop = probe_and_crop(good, bbox)
     pixels, failed = decode_crop_resize(encoded, [3] * 5, np.array([crop] * 5), "cuda")
     assert failed == {1: "decoder_error", 2: "format", 3: "format"}

@@ -3,8 +3,8 @@
 ``--precision bf16`` runs the landmark model's backbone under bf16 autocast (its head stays in
 fp32: ``network.Fp32Head``); ``fp32`` runs everything in fp32. The default (``auto``) is bf16 on
 CUDA and fp32 on the CPU, where bf16 is only fast with AVX512-BF16 or AMX (on an AVX2-only CPU
-VGG16 ran ~9x slower in bf16 than in fp32 here); bf16 on the CPU is there to run the GPU's
-arithmetic in the CPU tests.
+VGG16 ran ~8x slower in bf16 than in fp32: docs/benchmarks.md); bf16 on the CPU is there to run
+the GPU's arithmetic in the CPU tests.
 
 Everything that runs in fp32 runs in IEEE fp32, not TF32: cuDNN convolutions may use TF32 by
 default on Ampere and later GPUs, which made the face detector's scores (and so which faces pass

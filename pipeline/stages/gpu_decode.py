@@ -317,18 +317,13 @@ def decode_crop_resize(
     failed = {}
     budget = decode_budget(device) if pixel_budget is None else pixel_budget
     for part in budget_parts([jpeg_pixels(data) for data in encoded], budget):
-        decoded, refused = _decode([encoded[i] for i in part], device)
+        decoded, refused = _decode([encoded[i] for i in part], device,
+                                   None if stored_sizes is None else np.asarray(stored_sizes)[part])
         images, plans = {}, []
         for k, i in enumerate(part):
             image = decoded[k]
             if image is None:
                 failed[i] = refused[k]
-                continue
-            if image.shape[0] != 3 or (
-                stored_sizes is not None
-                and tuple(image.shape[1:]) != (int(stored_sizes[i][1]), int(stored_sizes[i][0]))
-            ):
-                failed[i] = SIZE_MISMATCH
                 continue
             images[i] = image
             plan = _plan(i, image.shape[2], image.shape[1], orientations[i], crops[i], size)
@@ -340,14 +335,15 @@ def decode_crop_resize(
     return pixels, dict(sorted(failed.items()))
 
 
-def decode_images(encoded, device="cpu"):
+def decode_images(encoded, device="cpu", stored_sizes: np.ndarray | None = None):
     """Decode JPEG bytes on ``device`` in one call (split on failure, like
     ``decode_crop_resize``): ``(images, failed)``, stored (not oriented) uint8 (3, H, W)
-    tensors, None for the indices in ``failed`` (``{index: reason}``). The caller bounds the
-    memory: ``budget_parts`` of ``decode_budget``."""
+    tensors, None for the indices in ``failed`` (``{index: reason}``; with ``stored_sizes``,
+    (N, 2) ``width, height`` as probed, an image of another size is ``SIZE_MISMATCH``). The
+    caller bounds the memory: ``budget_parts`` of ``decode_budget``."""
     import torch
 
-    return _decode(encoded, torch.device(device))
+    return _decode(encoded, torch.device(device), stored_sizes)
 
 
 def decode_budget(device) -> int:
@@ -415,10 +411,11 @@ def _as_bytes(data) -> bytes:
     return bytes(data)
 
 
-def _decode(encoded, device):
+def _decode(encoded, device, stored_sizes=None):
     """Decoded (3, H, W) uint8 tensors on ``device`` (None where not decoded) and
     ``{index: reason}`` for those: refused by the header check, by a decoder that cannot work
-    on this device, or, alone, by the decoder."""
+    on this device, alone by the decoder, or decoded to another size or channel count than
+    ``stored_sizes`` says (``width, height`` per image)."""
     import torch
 
     images, failed, todo = [None] * len(encoded), {}, []
@@ -432,6 +429,11 @@ def _decode(encoded, device):
         failed.update((i, NO_DEVICE_DECODER) for i, _ in todo)
     elif todo:
         _decode_split(todo, device, images, failed)
+    for i, image in enumerate(images):
+        if image is not None and (image.shape[0] != 3 or (
+                stored_sizes is not None and tuple(image.shape[1:]) != (
+                    int(stored_sizes[i][1]), int(stored_sizes[i][0])))):
+            images[i], failed[i] = None, SIZE_MISMATCH
     return images, failed
 
 

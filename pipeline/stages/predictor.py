@@ -37,7 +37,6 @@ from pipeline.stages.detect import (
 from pipeline.stages.faults import FaultPlan
 from pipeline.stages.gpu_decode import (
     FORMAT,
-    SIZE_MISMATCH,
     budget_parts,
     crop_decoded,
     decode_budget,
@@ -294,13 +293,11 @@ class LandmarkPredictor:
         paths.update((j, FORMAT) for j in part)
         on_device = [j for j in part if batch["on_device"][rows[j]]]
         if on_device:
-            decoded, failed = decode_images([encoded[j] for j in on_device], device)
+            decoded, failed = decode_images([encoded[j] for j in on_device], device,
+                                            batch["stored_size"][rows[on_device]])
             for k, (j, image) in enumerate(zip(on_device, decoded, strict=True)):
-                stored = tuple(batch["stored_size"][rows[j]])
                 if image is None:
                     paths[j] = failed[k]
-                elif image.shape[0] != 3 or (image.shape[2], image.shape[1]) != stored:
-                    paths[j] = SIZE_MISMATCH
                 else:
                     images[j], orientations[j] = image, int(batch["orientation"][rows[j]])
                     paths[j] = DECODED_ON_DEVICE
