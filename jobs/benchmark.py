@@ -63,6 +63,7 @@ from pipeline.backend.cluster import ensure_ray  # noqa: E402
 from pipeline.demo.synthetic import write_sample_archive  # noqa: E402
 from pipeline.inference.config import DEFAULT_BATCH_SIZE, InferConfig  # noqa: E402
 from pipeline.inference.job import plan, run_inference  # noqa: E402
+from pipeline.io.report import decode_text  # noqa: E402
 from pipeline.io.resume import DONE_DIR  # noqa: E402
 from pipeline.model.network import INPUT_SIZE, load_model  # noqa: E402
 from pipeline.model.precision import resolve_precision  # noqa: E402
@@ -416,10 +417,8 @@ def table(r: dict) -> str:
                  f"image (one face; pipelines' --detect {r['detect']})")
     for decode, m in r["pipelines"].items():
         if m.get("device_decoded") or m.get("cpu_fallbacks"):
-            fallbacks = m["cpu_fallbacks"]
-            lines.append(f"pipeline, {decode} decode: {m['device_decoded']} images decoded on "
-                         f"the device, {sum(fallbacks.values())} on the CPU "
-                         f"({', '.join(f'{k}: {v}' for k, v in sorted(fallbacks.items())) or '-'})")
+            lines.append(f"pipeline, {decode} decode: "
+                         f"{decode_text(m['device_decoded'], m['cpu_fallbacks'])}")
     read = r["read_stage_per_core"]
     lines.append("read stage, one core: " + ", ".join(
         f"decode={d}: {m['images_per_s']:.0f} images/s" for d, m in read.items()))

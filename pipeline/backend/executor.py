@@ -37,6 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from pipeline.io.report import decode_text, fallback_share
 from pipeline.stages.commit import PieceSpec, commit_piece, gather
 from pipeline.stages.predictor import DECODE_COLUMN, DECODED_ON_DEVICE, decode_counts
 from pipeline.stages.units import PieceAssembler, ReadTask, expand_header
@@ -94,18 +95,17 @@ class RunStats:
             else:
                 self.cpu_fallbacks[outcome] = self.cpu_fallbacks.get(outcome, 0) + n
 
-    def fallback_fraction(self) -> float:
-        """The share of the images the predictors decoded that took the CPU path."""
-        fallbacks = sum(self.cpu_fallbacks.values())
-        decoded = self.device_decoded + fallbacks
-        return fallbacks / decoded if decoded else 0.0
+    def decoded_any(self) -> bool:
+        return bool(self.device_decoded or self.cpu_fallbacks)
 
-    def fallback_text(self) -> str:
-        """``N of M images decoded by the predictors took the CPU path (reason: n, ...)``."""
-        fallbacks = sum(self.cpu_fallbacks.values())
-        reasons = ", ".join(f"{k}: {v}" for k, v in sorted(self.cpu_fallbacks.items()))
-        return (f"{fallbacks} of {self.device_decoded + fallbacks} images decoded by the "
-                f"predictors took the CPU path" + (f" ({reasons})" if reasons else ""))
+    def fallback_warning(self) -> str:
+        """Whether too many images took the CPU path: the warning to log, or ""."""
+        share = fallback_share(self.device_decoded, self.cpu_fallbacks)
+        if share <= FALLBACK_WARN_FRACTION:
+            return ""
+        return (f"{100 * share:.0f} % of the images the predictors decoded took the CPU path "
+                f"({decode_text(self.device_decoded, self.cpu_fallbacks)}): PIL on the actor's "
+                "CPU, so the GPU may wait for its input (--decode cpu decodes in the read tasks)")
 
     def call_sizes(self) -> dict[str, float]:
         if not self.calls_with_rows:
@@ -273,8 +273,8 @@ class UnitRunner:
                              self.done_tasks, len(tasks), self.rows,
                              self.rows / (last_log - started), len(self.predicting),
                              len(self.commits), len(self.pieces.open),
-                             f"; {self.stats.fallback_text()}"
-                             if self.stats.device_decoded or self.stats.cpu_fallbacks else "")
+                             f"; {decode_text(self.stats.device_decoded, self.stats.cpu_fallbacks)}"
+                             if self.stats.decoded_any() else "")
             if self.pieces.open:
                 raise RuntimeError(f"{len(self.pieces.open)} piece(s) never received all their "
                                    f"rows (e.g. {next(iter(self.pieces.open))}): their files "
@@ -375,12 +375,11 @@ class UnitRunner:
         without nvJPEG, an archive of PNGs, a GPU short of memory)."""
         stats = self.stats
         decoded = stats.device_decoded + sum(stats.cpu_fallbacks.values())
-        if (not self.warned_fallbacks and decoded >= FALLBACK_WARN_AFTER
-                and stats.fallback_fraction() > FALLBACK_WARN_FRACTION):
-            self.warned_fallbacks = True
-            log.warning("%s: %.0f %% of them, decoded by PIL on the actor's CPU; the GPU may "
-                        "wait for its input (--decode cpu decodes in the read tasks)",
-                        stats.fallback_text(), 100 * stats.fallback_fraction())
+        if not self.warned_fallbacks and decoded >= FALLBACK_WARN_AFTER:
+            warning = stats.fallback_warning()
+            if warning:
+                self.warned_fallbacks = True
+                log.warning("%s", warning)
 
     def _forget(self, task: int) -> None:
         """Drop a finished read task's bookkeeping: the driver keeps nothing per unit."""

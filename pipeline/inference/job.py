@@ -171,10 +171,8 @@ def _run(cfg: InferConfig, job_config, predictor: type, *, output: str, shards, 
         summary.rows_per_call = stats.call_sizes()
         summary.device_decoded, summary.cpu_fallbacks = stats.device_decoded, stats.cpu_fallbacks
         log.info("predictor calls: %d, rows per call %s", stats.units, summary.rows_per_call)
-        if stats.device_decoded or stats.cpu_fallbacks:
-            level = (logging.WARNING if stats.fallback_fraction() > executor.FALLBACK_WARN_FRACTION
-                     else logging.INFO)
-            log.log(level, "device decoding: %s", stats.fallback_text())
+        if stats.fallback_warning():
+            log.warning("%s", stats.fallback_warning())
 
     # Files of shards the input no longer has (a deleted tar, a loose-image group gone) would
     # hold keys a second time next to the current files: they move to _retired/<run>/.
@@ -232,13 +230,14 @@ def plan(cfg: InferConfig, cluster_cpus: float, cluster_gpus: int) -> Plan:
     key = ("cuda+compile" if cfg.compile else "cuda") if use_gpu else "cpu"
     batch_size = cfg.batch_size or DEFAULT_BATCH_SIZE[key]
     actor_gpus = cfg.gpus_per_predictor if use_gpu else 0.0
-    pool_size = cfg.num_predictors or (int(cluster_gpus / actor_gpus + 1e-9) if use_gpu else 1)
-    if use_gpu and pool_size * actor_gpus > cluster_gpus + 1e-9:
+    most = int(cluster_gpus / actor_gpus + 1e-9) if use_gpu else 0  # actors the GPUs can hold
+    pool_size = cfg.num_predictors or (most if use_gpu else 1)
+    if use_gpu and pool_size > most:
         # Ray would start the actors it can place and leave the rest pending for ever.
         raise ValueError(
             f"--num-predictors {pool_size} with --gpus-per-predictor {actor_gpus:g} needs "
             f"{pool_size * actor_gpus:g} GPUs, but the Ray cluster has {cluster_gpus}: lower "
-            f"--num-predictors to {int(cluster_gpus / actor_gpus + 1e-9)} or fewer, or share "
+            f"--num-predictors to {most} or fewer, or share "
             "each GPU between actors with --gpus-per-predictor 0.5")
     # CPU inference: one actor with all but one core (the other reads and decodes); GPU:
     # 1 CPU per actor (its host work: batching, copies, and the CPU decode fallback). Never

@@ -88,16 +88,26 @@ class Summary:
         kinds = ", ".join(f"{k}: {v}" for k, v in sorted(self.errors_by_kind.items()))
         found = (f", {self.faces} faces found, {self.no_face} images without a face"
                  if self.faces or self.no_face else "")
-        fallbacks = sum(self.cpu_fallbacks.values())
-        if self.device_decoded or fallbacks:
-            reasons = ", ".join(f"{k}: {v}" for k, v in sorted(self.cpu_fallbacks.items()))
-            found += (f", {self.device_decoded} images decoded on the device, {fallbacks} on "
-                      f"the CPU instead{f' ({reasons})' if reasons else ''}")
+        if self.device_decoded or self.cpu_fallbacks:
+            found += f", {decode_text(self.device_decoded, self.cpu_fallbacks)}"
         return (f"{self.samples} samples in {self.shards - self.skipped_shards} shards "
                 f"({self.skipped_shards} already done){found}, {self.errors} errors"
                 f"{f' ({kinds})' if kinds else ''}, {self.seconds:.1f} s, "
                 f"{self.images_per_s:.1f} images/s (model {self.model_version}) -> {self.output}"
                 f" [{'FAILED' if self.failed else 'OK'}]")
+
+
+def decode_text(device_decoded: int, cpu_fallbacks: Mapping[str, int]) -> str:
+    """``N images decoded on the device, M on the CPU instead (reason: n, ...)``."""
+    reasons = ", ".join(f"{k}: {v}" for k, v in sorted(cpu_fallbacks.items()))
+    return (f"{device_decoded} images decoded on the device, {sum(cpu_fallbacks.values())} on "
+            f"the CPU instead{f' ({reasons})' if reasons else ''}")
+
+
+def fallback_share(device_decoded: int, cpu_fallbacks: Mapping[str, int]) -> float:
+    """The share of the images the predictors decoded that took the CPU path."""
+    fallbacks = sum(cpu_fallbacks.values())
+    return fallbacks / (device_decoded + fallbacks) if fallbacks else 0.0
 
 
 def new_run_id(now: datetime | None = None) -> str:

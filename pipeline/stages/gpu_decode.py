@@ -316,7 +316,9 @@ def decode_crop_resize(
 
     failed = {}
     budget = decode_budget(device) if pixel_budget is None else pixel_budget
-    for part in budget_parts([jpeg_pixels(data) for data in encoded], budget):
+    pixel_counts = ([jpeg_pixels(data) for data in encoded] if stored_sizes is None else
+                    np.prod(np.asarray(stored_sizes, dtype=np.int64), axis=1).tolist())
+    for part in budget_parts(pixel_counts, budget):
         decoded, refused = _decode([encoded[i] for i in part], device,
                                    None if stored_sizes is None else np.asarray(stored_sizes)[part])
         images, plans = {}, []
