@@ -74,6 +74,7 @@ FULL = dict(gpus="1,2,4,8", rate=150, seconds=90, per_shard=300, listing_shards=
             saturate_rows=120_000)
 GPUS_PER_NODE = 2
 CPUS_PER_NODE = 4  # logical CPUs of each simulated GPU node (the machine has what it has)
+SLOW_FACTOR = 10  # the straggler run's slow node runs at a tenth of the others' rate
 
 
 class StandInPredictor:
@@ -81,9 +82,16 @@ class StandInPredictor:
     computed from each row's crop so the output is deterministic and checkable."""
 
     RATE = 150.0
+    SLOW_NODE = ""  # a node whose actors run at a tenth of RATE (the straggler run)
 
     def __init__(self, **kwargs):
         self.version = "standin0standin0"
+        self.rate = self.RATE
+        if self.SLOW_NODE:
+            import ray
+
+            if ray.get_runtime_context().get_node_id() == self.SLOW_NODE:
+                self.rate = self.RATE / SLOW_FACTOR
         self.lock = threading.Lock()
         self.info = type("Info", (), {"version": self.version})()
         self.calls, self.rows = 0, 0
@@ -91,7 +99,7 @@ class StandInPredictor:
     def __call__(self, batch: dict) -> dict:
         n = len(batch["key"])
         with self.lock:  # one simulated GPU: concurrent calls queue for it
-            time.sleep(n / self.RATE)
+            time.sleep(n / self.rate)
         self.calls += 1
         self.rows += n
         out = {k: v for k, v in batch.items() if k not in (
@@ -108,10 +116,11 @@ class StandInPredictor:
         return out
 
 
-def stand_in(rate: float) -> type:
-    """A StandInPredictor class running at ``rate`` rows/s (defined here so Ray ships it by
-    value to the actors)."""
-    return type("StandInPredictor", (StandInPredictor,), {"RATE": float(rate)})
+def stand_in(rate: float, slow_node: str = "") -> type:
+    """A StandInPredictor class running at ``rate`` rows/s (at a tenth of it on ``slow_node``;
+    defined here so Ray ships it by value to the actors)."""
+    return type("StandInPredictor", (StandInPredictor,), {"RATE": float(rate),
+                                                          "SLOW_NODE": slow_node})
 
 
 def _tiny_jpeg() -> bytes:
@@ -255,10 +264,10 @@ def run_scaling(args, cluster_address: str, workdir: Path) -> list[dict]:
     import ray
 
     results = []
-    runs = [(int(g), args.rate, None) for g in args.gpus.split(",")]
+    runs = [(int(g), args.rate, None, args.unit_rows) for g in args.gpus.split(",")]
     if args.saturate_rows:
-        runs.append((2, 1e6, args.saturate_rows))
-    for gpus, rate, rows in runs:
+        runs += [(2, 1e6, args.saturate_rows, int(u)) for u in args.saturate_unit_rows.split(",")]
+    for gpus, rate, rows, unit_rows in runs:
         predictor = stand_in(rate)
         rows_wanted = rows or int(gpus * rate * args.seconds)
         shards = max(2 * gpus, -(-rows_wanted // args.per_shard))
@@ -267,7 +276,7 @@ def run_scaling(args, cluster_address: str, workdir: Path) -> list[dict]:
         total = make_shards(input_dir, shards, args.per_shard)
         cfg = InferConfig(input=str(input_dir), output=str(output), device="cuda",
                           decode="gpu", num_predictors=gpus, batch_size=args.batch_size,
-                          unit_rows=args.unit_rows, ray_address=cluster_address)
+                          unit_rows=unit_rows, ray_address=cluster_address)
         ray.init(address=cluster_address)
         idle = _idle_cpu_per_s()
         started = time.time()
@@ -285,9 +294,16 @@ def run_scaling(args, cluster_address: str, workdir: Path) -> list[dict]:
         entry = {
             "gpus": gpus,
             "saturated": rows is not None,
+            "unit_rows": unit_rows,
             "rows": total,
             "shards": shards,
             "files": len(commits),
+            "units": summary.predictor_calls,
+            "leases": summary.placement["leases"],
+            "node_agents": summary.placement["agents_started"],
+            "cross_node_unit_bytes_fraction":
+                summary.placement["cross_node_unit_bytes_fraction"],
+            "cross_node_row_bytes_fraction": summary.placement["cross_node_row_bytes_fraction"],
             "seconds": round(seconds, 2),
             "rows_per_s": _steady_rate(commits, total),
             "rows_per_s_overall": round(total / seconds, 1),
@@ -311,6 +327,219 @@ def run_scaling(args, cluster_address: str, workdir: Path) -> list[dict]:
         shutil.rmtree(output)
         ray.shutdown()  # each run connects afresh (as each `ray job submit` does)
     return results
+
+
+def _tail_s(commits: list[tuple[float, int]], total: int) -> float:
+    """Seconds from the commit that passes 90 % of the rows to the last commit."""
+    done = 0
+    for moment, n in commits:
+        done += n
+        if done >= 0.9 * total:
+            return round(commits[-1][0] - moment, 2)
+    return 0.0
+
+
+def run_straggler(args, cluster, workdir: Path) -> dict:
+    """The run's tail with one node at a tenth of the others' rate: the same input twice, with
+    speculation (leases still running on the slow node near the end are also started on idle
+    agents; the first to finish wins) and without."""
+    import ray
+
+    from pipeline.stages import leases
+
+    nodes = [n for n in cluster.list_all_nodes() if n is not cluster.head_node]
+    slow = nodes[-1].node_id
+    gpus = GPUS_PER_NODE * len(nodes)
+    input_dir, output = workdir / "in-straggler", workdir / "out-straggler"
+    total = make_shards(input_dir, 8 * len(nodes) * 2, args.per_shard)
+    result = {"slow_node_rate_factor": 1 / SLOW_FACTOR, "rows": total, "gpus": gpus,
+              "rate_per_gpu": args.rate}
+    for speculate in (True, False):
+        leases.SPECULATE = speculate
+        cfg = InferConfig(input=str(input_dir), output=str(output), device="cuda",
+                          decode="gpu", batch_size=args.batch_size, unit_rows=args.unit_rows,
+                          ray_address=cluster.address)
+        ray.init(address=cluster.address)
+        started = time.time()
+        try:
+            summary = _run(cfg, stand_in(args.rate, slow_node=slow))
+        finally:
+            leases.SPECULATE = True
+            ray.shutdown()
+        assert summary.samples == total and summary.errors == 0, summary.line()
+        commits = _commits(output)
+        key = "with_speculation" if speculate else "without"
+        result[f"tail_s_{key}"] = _tail_s(commits, total)
+        result[f"seconds_{key}"] = round(time.time() - started, 2)
+        result[f"leases_{key}"] = summary.placement["leases"]
+        result[f"speculated_{key}"] = summary.placement["leases_speculated"]
+        result[f"won_by_speculation_{key}"] = summary.placement["leases_won_by_speculation"]
+        log.info("straggler, speculation %s: %s", speculate, result)
+        shutil.rmtree(output)
+    shutil.rmtree(input_dir)
+    return result
+
+
+KILL_TITLES = {  # what each kind of kill looks for: Ray titles a worker process by its work
+    "read_task": "ray::_read_units",
+    "predictor": "ray::_Predictor",
+    "commit": "ray::_commit",
+    "node_agent": "ray::_NodeAgent",
+}
+
+
+def _processes(node, title: str) -> list[int]:
+    """pids of ``node``'s worker processes whose title starts with ``title``."""
+    import psutil
+    from ray._private import ray_constants
+
+    try:
+        raylet = node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
+        children = psutil.Process(raylet).children(recursive=True)
+    except (KeyError, IndexError, psutil.Error):
+        return []
+    found = []
+    for child in children:
+        with contextlib.suppress(psutil.Error):
+            if " ".join(child.cmdline()).startswith(title):
+                found.append(child.pid)
+    return found
+
+
+class ChaosMonkey:
+    """Kills, at random moments once rows are committed, read tasks, predictor actors, commit
+    tasks and node agents (SIGKILL: an OOM kill, a crash), and removes whole worker nodes
+    (a spot preemption), adding a fresh node for each (a node that joins mid-run).
+
+    ``budget``: kills of each kind per run; a predictor actor can be restarted 3 times and a
+    task retried 3 times, so a few kills a kind never exceed what a crash budget allows."""
+
+    def __init__(self, cluster, output: Path, seed: int, budget: dict[str, int],
+                 interval: tuple[float, float] = (0.5, 2.5), order: list[str] | None = None,
+                 node_args: dict | None = None):
+        import random
+
+        self.cluster, self.output, self.budget = cluster, output, dict(budget)
+        self.rng = random.Random(seed)
+        self.interval, self.order = interval, list(order or [])
+        self.kills: dict[str, int] = {kind: 0 for kind in budget}
+        self.added: list[str] = []  # ids of the nodes that joined
+        self.node_args = node_args or {"num_cpus": CPUS_PER_NODE, "num_gpus": GPUS_PER_NODE}
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+
+    def _committed(self) -> bool:
+        done = self.output / DONE_DIR
+        return done.exists() and any(done.iterdir())
+
+    def _run(self) -> None:
+        import signal
+
+        while not self.stop.is_set() and not self._committed():
+            self.stop.wait(0.05)
+        while not self.stop.wait(self.rng.uniform(*self.interval)):
+            kinds = [k for k, left in self.budget.items() if left > 0]
+            if not kinds:
+                return
+            kind = next((k for k in self.order if k in kinds), None) or self.rng.choice(kinds)
+            workers = [n for n in self.cluster.list_all_nodes()
+                       if n is not self.cluster.head_node]
+            if kind == "node":
+                victim = self.rng.choice(workers)
+                self.cluster.remove_node(victim)
+                self.added.append(self.cluster.add_node(**self.node_args).node_id)
+            else:
+                pids = [p for n in workers for p in _processes(n, KILL_TITLES[kind])]
+                if not pids:
+                    continue  # nothing of that kind running now: try another moment
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.rng.choice(pids), signal.SIGKILL)
+            self.budget[kind] -= 1
+            self.kills[kind] += 1
+            log.info("chaos: killed a %s (%s)", kind, self.kills)
+
+
+def output_digest(output: Path) -> dict[str, list[str]]:
+    """file -> the sorted hashes of its rows (every column): equal digests, equal outputs."""
+    import hashlib
+
+    import pyarrow.parquet as pq
+
+    digest = {}
+    for path in sorted(output.glob("*.parquet")):
+        rows = pq.read_table(path).to_pylist()
+        digest[path.name] = sorted(
+            hashlib.sha256(json.dumps(row, sort_keys=True, default=repr).encode()).hexdigest()
+            for row in rows)
+    return digest
+
+
+def output_keys(output: Path) -> list[str]:
+    import pyarrow.parquet as pq
+
+    return [k for path in sorted(output.glob("*.parquet"))
+            for k in pq.read_table(path, columns=["key"]).column("key").to_pylist()]
+
+
+CHAOS_BUDGET = {"read_task": 3, "predictor": 3, "commit": 3, "node_agent": 2, "node": 1}
+
+
+def run_chaos(args, cluster, workdir: Path, seeds: list[int]) -> dict:
+    """>= ``args.chaos_units`` units on the simulated cluster: one undisturbed run, then one
+    run per seed under the chaos monkey; each must equal the undisturbed output."""
+    import ray
+
+    unit_rows = 16
+    shards = -(-args.chaos_units * unit_rows // args.per_shard) + 1
+    input_dir = workdir / "in-chaos"
+    total = make_shards(input_dir, shards, args.per_shard)
+    expected = sorted(f"s{s:05d}-{i:06d}" for s in range(shards) for i in range(args.per_shard))
+    rate = args.chaos_rate
+
+    def one(output: Path, seed: int | None) -> dict:
+        cfg = InferConfig(input=str(input_dir), output=str(output), device="cuda",
+                          decode="gpu", batch_size=unit_rows, unit_rows=unit_rows,
+                          ray_address=cluster.address, stall_timeout=300)
+        ray.init(address=cluster.address)
+        started = time.time()
+        try:
+            if seed is None:
+                summary, kills = _run(cfg, stand_in(rate)), {}
+            else:
+                with ChaosMonkey(cluster, output, seed, CHAOS_BUDGET) as monkey:
+                    summary = _run(cfg, stand_in(rate))
+                kills = monkey.kills
+        finally:
+            ray.shutdown()
+        cluster.wait_for_nodes()
+        keys = output_keys(output)
+        return {"seconds": round(time.time() - started, 1), "units": summary.predictor_calls,
+                "rows": summary.samples, "errors": summary.errors, "kills": kills,
+                "placement": summary.placement, "digest": output_digest(output),
+                "duplicates": len(keys) - len(set(keys)),
+                "missing": len(set(expected) - set(keys))}
+
+    reference = one(workdir / "out-chaos-ref", None)
+    assert reference["duplicates"] == reference["missing"] == 0, reference
+    result = {"rows": total, "shards": shards, "unit_rows": unit_rows,
+              "reference": {k: v for k, v in reference.items() if k != "digest"}, "seeds": []}
+    for seed in seeds:
+        run = one(workdir / f"out-chaos-{seed}", seed)
+        entry = {"seed": seed, "identical": run.pop("digest") == reference["digest"], **run}
+        log.info("chaos seed %d: %s", seed, entry)
+        result["seeds"].append(entry)
+        shutil.rmtree(workdir / f"out-chaos-{seed}")
+    shutil.rmtree(workdir / "out-chaos-ref")
+    shutil.rmtree(input_dir)
+    return result
 
 
 def _idle_cpu_per_s(seconds: float = 5.0) -> float:
@@ -377,8 +606,21 @@ def parse(argv=None):
                         "per run, so the driver's cost per unit weighs 16x more per row)")
     p.add_argument("--listing-shards", type=int, help="shards for part 2 (default 100,000)")
     p.add_argument("--saturate-rows", type=int,
-                   help="rows of the run where the cores, not the stand-in, are the limit "
-                        "(0: skip it)")
+                   help="rows of the runs where the cores, not the stand-in, are the limit "
+                        "(0: skip them)")
+    p.add_argument("--saturate-unit-rows", default="256,4096",
+                   help="unit sizes of the saturated runs, comma-separated (the driver's cost "
+                        "must not depend on them)")
+    p.add_argument("--straggler", action="store_true",
+                   help="also run the tail with one node at a tenth of the others' rate, with "
+                        "and without speculation")
+    p.add_argument("--chaos", help="seeds, comma-separated: runs of >= --chaos-units units "
+                                   "with kills of every kind, compared to an undisturbed run "
+                                   "(writes chaos.json)")
+    p.add_argument("--chaos-units", type=int, default=1000)
+    p.add_argument("--chaos-rate", type=float, default=400,
+                   help="rows/s of one simulated GPU in the chaos runs (default 400)")
+    p.add_argument("--skip-scaling", action="store_true")
     p.add_argument("--skip-listing", action="store_true")
     p.add_argument("--workdir", help="scratch folder (default: a temporary one, removed)")
     p.add_argument("--out", default="benchmark-results", help="folder for scale.json")
@@ -407,7 +649,17 @@ def main(argv=None) -> dict:
         result["settings"].update(nodes=len(cluster.list_all_nodes()),
                                   gpus_per_node=GPUS_PER_NODE, cpus_per_node=CPUS_PER_NODE,
                                   machine_cpus=os.cpu_count())
-        result["scaling"] = run_scaling(args, cluster.address, workdir)
+        if not args.skip_scaling:
+            result["scaling"] = run_scaling(args, cluster.address, workdir)
+        if args.straggler:
+            result["straggler"] = run_straggler(args, cluster, workdir)
+        if args.chaos:
+            chaos = run_chaos(args, cluster, workdir, [int(s) for s in args.chaos.split(",")])
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            (Path(args.out) / "chaos.json").write_text(json.dumps(chaos, indent=2))
+            result["chaos"] = {"seeds": [{k: e[k] for k in ("seed", "identical", "duplicates",
+                                                             "missing", "kills")}
+                                         for e in chaos["seeds"]]}
         if not args.skip_listing:
             result["listing"] = run_listing(args, workdir)
     finally:
@@ -415,9 +667,10 @@ def main(argv=None) -> dict:
         cluster.shutdown()
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
-    base = result["scaling"][0]["rows_per_s"] or 0
-    for entry in result["scaling"]:
-        ideal = base * entry["gpus"] / result["scaling"][0]["gpus"]
+    scaling = result.get("scaling") or [{"rows_per_s": 0, "gpus": 1}]
+    base = scaling[0]["rows_per_s"] or 0
+    for entry in result.get("scaling", []):
+        ideal = base * entry["gpus"] / scaling[0]["gpus"]
         entry["scaling_efficiency"] = (round(entry["rows_per_s"] / ideal, 3)
                                        if ideal and not entry["saturated"] else None)
     out = Path(args.out)
@@ -428,17 +681,30 @@ def main(argv=None) -> dict:
 
 
 def table(result: dict) -> str:
-    lines = ["gpus | rows/s steady (ideal) | overall | efficiency | driver CPU s/M rows "
-             "(above idle; main thread) | commit worker us/row (warm) | driver peak MB"]
-    for e in result["scaling"]:
+    lines = ["gpus | unit rows | units / leases | rows/s steady (ideal) | overall | efficiency | "
+             "driver CPU s/M rows (above idle; main thread) | commit worker us/row (warm) | "
+             "driver peak MB | cross-node unit / row bytes"]
+    for e in result.get("scaling", []):
         gpus = f"{e['gpus']}{' saturated' if e['saturated'] else ''}"
-        lines.append(f"{gpus} | {e['rows_per_s']} ({e['target_rows_per_s']:.0f}) | "
+        lines.append(f"{gpus} | {e['unit_rows']} | {e['units']} / {e['leases']} | "
+                     f"{e['rows_per_s']} ({e['target_rows_per_s']:.0f}) | "
                      f"{e['rows_per_s_overall']} | {e['scaling_efficiency']} | "
                      f"{e['driver_cpu_s_per_million_rows']} "
                      f"({e['driver_cpu_s_per_million_rows_above_idle']}; "
                      f"{e['driver_main_thread_cpu_s_per_million_rows']}) | "
                      f"{e['commit_worker_cpu_us_per_row']} "
-                     f"({e['commit_worker_cpu_us_per_row_warm']}) | {e['driver_peak_mb']}")
+                     f"({e['commit_worker_cpu_us_per_row_warm']}) | {e['driver_peak_mb']} | "
+                     f"{e['cross_node_unit_bytes_fraction']} / "
+                     f"{e['cross_node_row_bytes_fraction']}")
+    if "straggler" in result:
+        st = result["straggler"]
+        lines.append(f"straggler (one node at {st['slow_node_rate_factor']:g}x): tail "
+                     f"{st['tail_s_with_speculation']} s with speculation, "
+                     f"{st['tail_s_without']} s without; whole run "
+                     f"{st['seconds_with_speculation']} s / {st['seconds_without']} s")
+    for e in result.get("chaos", {}).get("seeds", []):
+        lines.append(f"chaos seed {e['seed']}: identical {e['identical']}, duplicates "
+                     f"{e['duplicates']}, missing {e['missing']}, kills {e['kills']}")
     if "listing" in result:
         li = result["listing"]
         lines.append(f"listing {li['shards']} shards: list {li['list_s']} s, schedule "

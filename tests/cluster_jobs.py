@@ -8,6 +8,11 @@ meet the test session's Ray; prints one ``RESULT {json}`` line.
     python tests/cluster_jobs.py oom-cap
         tasks killed by Ray's memory monitor, on a node whose kill threshold is just above
         what is in use now
+    python tests/cluster_jobs.py chaos WORKDIR
+        a head and two simulated GPU nodes, the stand-in predictor of jobs/benchmark_scale.py:
+        an undisturbed run, a run under the chaos monkey (a node removed and another added, a
+        node agent, a predictor, a read task and a commit killed), and a run during which a
+        node is drained and then removed
 """
 
 from __future__ import annotations
@@ -142,6 +147,103 @@ def oom_cap() -> dict:
     return result
 
 
+def chaos(workdir: str) -> dict:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
+    import benchmark_scale as bs
+    import ray.cloudpickle
+    from ray.core.generated import autoscaler_pb2
+
+    from pipeline.io.report import read_receipts
+    from pipeline.stages import leases
+
+    ray.cloudpickle.register_pickle_by_value(bs)  # the workers cannot import jobs/
+    leases.MIN_LEASE_BYTES = 1  # a small input in several leases, as a big one would be
+    work = Path(workdir)
+    node_args = {"num_cpus": 3, "num_gpus": 1}
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    for _ in range(2):
+        cluster.add_node(**node_args)
+    cluster.wait_for_nodes()
+    total = bs.make_shards(work / "in", 12, 40)
+    expected = {f"s{s:05d}-{i:06d}" for s in range(12) for i in range(40)}
+
+    def run(name: str, during=None) -> dict:
+        cfg = InferConfig(input=str(work / "in"), output=str(work / name), device="cuda",
+                          decode="gpu", batch_size=4, unit_rows=4, ray_address=cluster.address,
+                          stall_timeout=120)
+        ray.init(address=cluster.address)
+        try:
+            if during is None:
+                summary = run_inference(cfg, predictor=bs.stand_in(30))
+            else:
+                with during(work / name) as what:
+                    summary = run_inference(cfg, predictor=bs.stand_in(30))
+        finally:
+            ray.shutdown()
+        cluster.wait_for_nodes()
+        keys = bs.output_keys(work / name)
+        return {"samples": summary.samples, "errors": summary.errors,
+                "units": summary.predictor_calls, "placement": summary.placement,
+                "digest": bs.output_digest(work / name),
+                "duplicates": len(keys) - len(set(keys)), "missing": len(expected - set(keys)),
+                "receipt_nodes": sorted({r["node"] for r in read_receipts(str(work / name))}),
+                "receipt_files": len(read_receipts(str(work / name))),
+                "during": during and what.report()}
+
+    class Monkey(bs.ChaosMonkey):
+        def report(self):
+            return {"kills": self.kills, "added": self.added}
+
+    def monkey(output):
+        return Monkey(cluster, output, seed=5, interval=(0.3, 0.8), node_args=node_args,
+                      budget={"node": 1, "node_agent": 1, "predictor": 1, "read_task": 1,
+                              "commit": 1},
+                      order=["node", "node_agent", "predictor", "read_task"])
+
+    class Drain(threading.Thread):
+        """After the first commit, drain a worker node (as a spot notice does), then remove it
+        at the deadline 5 s later (the preemption itself) and add another."""
+
+        def __init__(self, output):
+            super().__init__(daemon=True)
+            self.output, self.drained, self.removed = output, None, False
+
+        def __enter__(self):
+            self.start()
+            return self
+
+        def __exit__(self, *exc):
+            self.join()
+
+        def run(self):
+            done = self.output / "_done"
+            while not (done.exists() and any(done.iterdir())):
+                time.sleep(0.05)
+            workers = [n for n in cluster.list_all_nodes() if n is not cluster.head_node]
+            victim = workers[0]
+            gcs = ray._private.worker.global_worker.gcs_client
+            accepted, _ = gcs.drain_node(
+                victim.node_id, autoscaler_pb2.DrainNodeReason.Value(
+                    "DRAIN_NODE_REASON_PREEMPTION"), "spot preemption (test)",
+                int(time.time() * 1000) + 5000)
+            self.drained = accepted and victim.node_id
+            time.sleep(5)
+            cluster.remove_node(victim)
+            cluster.add_node(**node_args)
+            self.removed = True
+
+        def report(self):
+            return {"drained": self.drained, "removed": self.removed}
+
+    result = {"rows": total, "reference": run("ref"), "chaos": run("chaos", monkey),
+              "drain": run("drain", Drain)}
+    for name in ("chaos", "drain"):
+        result[name]["identical"] = result[name].pop("digest") == result["reference"]["digest"]
+    result["reference"].pop("digest")
+    cluster.shutdown()
+    return result
+
+
 if __name__ == "__main__":
-    jobs = {"node-loss": node_loss, "one-cpu": one_cpu, "oom-cap": oom_cap}
+    jobs = {"node-loss": node_loss, "one-cpu": one_cpu, "oom-cap": oom_cap, "chaos": chaos}
     print("RESULT " + json.dumps(jobs[sys.argv[1]](*sys.argv[2:])), flush=True)

@@ -249,7 +249,7 @@ def test_a_stalled_stage_stops_the_run_and_says_which(ray_session, tmp_path, mon
     assert message.startswith("no unit moved for 10 s (--stall-timeout): stalled in the "
                               "predict stage: 1 unit(s) sent to the predictor actors got no "
                               "answer"), message
-    assert "units in flight per actor [1]" in message and "rows committed: 0" in message
+    assert "units in flight per actor [1]" in message and "commits running: 0" in message
     assert message.endswith("a rerun resumes")
     assert not list((tmp_path / "out").glob("*.parquet"))
 

@@ -151,10 +151,11 @@ def test_killed_driver_then_rerun_equals_one_clean_run(ray_session, archive, wei
     driver = subprocess.Popen(
         [sys.executable, "jobs/infer.py", "--input", str(archive / "in"), "--output", str(out),
          "--weights", weights_file[0], "--batch-size", "2", "--unit-rows", "1"],
-        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=(tmp_path / "driver.log").open("w"))
     deadline = time.time() + 240
     while not list((out / "_done").glob("*.json")) if (out / "_done").exists() else True:
-        assert driver.poll() is None, "the driver ended before it could be killed"
+        assert driver.poll() is None, ("the driver ended before it could be killed: "
+                                       + (tmp_path / "driver.log").read_text()[-3000:])
         assert time.time() < deadline, "no shard was committed in time"
         time.sleep(0.05)
     driver.send_signal(signal.SIGKILL)
@@ -200,3 +201,30 @@ def test_a_one_cpu_cluster_finishes(archive, weights_file, clean, tmp_path):
     result = cluster_job("one-cpu", str(archive / "in"), str(out), weights_file[0])
     assert result == {"samples": SHARDS * PER_SHARD, "errors": 0, "cluster_cpus": 1.0}
     _assert_same_landmarks(out, clean)
+
+
+def test_chaos_on_a_small_cluster_equals_an_undisturbed_run(tmp_path):
+    """A head and two simulated GPU nodes, the stand-in predictor. Once rows are committed, a
+    worker node is removed (and another joins), then a node agent, a predictor actor and a read
+    task are killed; in another run a node is drained, then removed at its deadline. Both
+    outputs equal the undisturbed run's, row by row, each file reported once."""
+    result = cluster_job("chaos", str(tmp_path))
+    ref, chaos, drain = result["reference"], result["chaos"], result["drain"]
+    assert ref["samples"] == result["rows"] == 480 and ref["errors"] == 0
+    assert ref["units"] >= 120 and ref["placement"]["leases"] >= 4
+    # The undisturbed run stayed on its nodes: nothing crossed between them.
+    assert ref["placement"]["cross_node_unit_bytes_fraction"] == 0.0
+    assert ref["placement"]["cross_node_row_bytes_fraction"] == 0.0
+    assert len(ref["receipt_nodes"]) == 2  # both nodes committed files
+    for run in (chaos, drain):
+        assert run["identical"], run
+        assert (run["duplicates"], run["missing"], run["errors"]) == (0, 0, 0), run
+        assert run["samples"] == 480 and run["receipt_files"] == ref["receipt_files"], run
+    kills = chaos["during"]["kills"]
+    assert kills["node"] == kills["node_agent"] == kills["predictor"] == 1, kills
+    assert kills["read_task"] == 1, kills
+    assert chaos["placement"]["agents_lost"] >= 2 and chaos["placement"]["leases_lost"] >= 1
+    # The node that joined mid-run got work and committed files.
+    assert set(chaos["during"]["added"]) & set(chaos["receipt_nodes"]), chaos
+    assert drain["during"]["drained"] and drain["during"]["removed"], drain
+    assert drain["placement"]["nodes_drained"] == 1, drain["placement"]

@@ -41,6 +41,14 @@ def cluster_resources() -> tuple[float, int]:
     return float(resources.get("CPU", 0)), int(resources.get("GPU", 0))
 
 
+def largest_node_cpus() -> float:
+    """CPUs of the alive node with the most (one actor runs on one node)."""
+    import ray
+
+    return max((float(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")),
+               default=0.0)
+
+
 def wants_gpu(device: str, cluster_gpus: int) -> bool:
     """Whether a job with ``--device device`` runs on GPUs; a clear error when it asks for CUDA
     on a cluster without any."""

@@ -1,54 +1,91 @@
-"""Run the inference job's units on Ray Core (the inference half of ``pipeline.backend``, the only
-package that imports Ray).
+"""Run the inference job on Ray Core, one node agent per node (the inference half of
+``pipeline.backend``, the only package that imports Ray).
 
-    read task (CPU, streaming generator) --unit--> predictor actor (GPU) --rows--> commit task
-          per read task: a few shards                per call: one unit         per piece:
-          yields one unit at a time                  returns (header, rows)     Parquet + record
+    driver: shards to do -> leases (many shards each) ----------------> node agent, one per node
+            <- batched receipts (progress polls, lease results)          (an actor pinned there)
 
-The driver moves object references, never rows: it pulls a unit reference from a read task when
-a predictor has room for it, sends it to the least loaded actor, receives the unit's header back
-(which pieces its rows belong to), and when every row of a piece has been predicted submits the
-piece's commit with the references of the units that hold it. Per unit that is a handful of Ray
-calls (~7-10 ms of driver CPU measured on a simulated 5-node cluster, most of it Ray's client
-threads), so units of thousands of rows keep the driver far below a core however many GPUs
-there are; it keeps only counters and the pieces still open.
+    node agent, everything on its own node:
+      read task (CPU, streaming generator) --unit--> predictor actor --rows--> commit task
+          a few shards of a lease                  one unit a call         Parquet + record
 
-Why not Ray Data: its blocks are merged and split by size, so a unit would not stay together from
-read to commit without a regrouping step (the driver-side collector this replaced), and its
-executor costs 13-17 ms of driver CPU per task (measured here) on top of that.
+A unit is read, predicted and committed on one node: the agent's read tasks, predictor actors
+and commits are all pinned to its node (``NodeAffinitySchedulingStrategy``, not soft), so no
+unit and no row crosses the network, and none comes back to the driver whatever its size.
+The driver's work grows with leases and nodes, not units or rows: per lease one call and one
+result, per agent a progress poll every ``POLL_S`` that brings the receipts committed since
+the last one (the files, for the summary and the manifest), and a look at the node list every
+``NODES_S`` (a node that joins gets an agent and work; a node that drains or dies loses its
+leases to the others).
 
-Exactly once: a read task that dies is retried by Ray, which replays its generator and drops the
-units it had already delivered (and the driver also ignores a unit it has seen); a predictor that
+Inside an agent, ``_NodeRunner`` is the loop the driver used to run: it pulls a unit from a
+read task when a predictor has room, sends it to the least loaded predictor (ties broken at
+random), and once every row of a piece is predicted commits it there.
+
+Exactly once: a read task that dies is retried by Ray, which replays its generator and drops
+the units it had already delivered (and the agent ignores a unit it has seen); a predictor that
 dies is restarted and the call retried; a commit that dies is retried and rewrites the same
-bytes under the same name. Output names come from the input, so no retry can add a file.
+bytes under the same name. An agent that dies (its node preempted or removed, its process
+killed) takes its predictors with it (it owns them); its leases are redone by other agents,
+with fresh retry budgets: losing a node does not use up the budgets meant for application
+errors. Speculative copies near the end race to the same names. The driver keeps one receipt
+per file (``LeaseBook``). Output names come from the input, so no attempt can add a file.
 
 Bounded memory: at most ``concurrency + 1`` units per actor are in flight, each read task holds
-at most one unit it has not handed over (generator backpressure), and commits in flight are
-capped; the read task count is planned so that commits always find a CPU.
+at most one unit it has not handed over (generator backpressure), commits in flight are capped
+per node, and an agent holds ``IN_FLIGHT_PER_AGENT`` leases.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import queue
+import random
+import threading
 import time
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from pipeline.io.report import decode_text, fallback_share
-from pipeline.stages.commit import PieceSpec, commit_piece, gather
+from pipeline.stages.commit import CommitSettings, PieceSpec, commit_piece, gather, rows_nbytes
+from pipeline.stages.leases import (
+    IN_FLIGHT_PER_AGENT,
+    LeaseBook,
+    Node,
+    NodeSlots,
+    WorkLease,
+    node_slots,
+    plan_leases,
+    spread_predictors,
+)
 from pipeline.stages.predictor import DECODE_COLUMN, DECODED_ON_DEVICE, decode_counts
-from pipeline.stages.units import PieceAssembler, ReadTask, expand_header
+from pipeline.stages.units import (
+    PieceAssembler,
+    ReadTask,
+    ShardTask,
+    expand_header,
+    plan_read_tasks,
+)
 
 log = logging.getLogger("pipeline")
+_AGENT_GONE: tuple[type, ...] = ()  # Ray's errors for an agent that is gone (set on use)
 
 READ_TASK_RETRIES = 3
 ACTOR_RESTARTS = 3
 COMMIT_RETRIES = 3
 COMMIT_THREADS = 8  # pieces one commit task writes at once (small shards: many files a unit)
 PROGRESS_S = 30.0
+POLL_S = 5.0  # the driver asks each agent for its receipts and figures this often
+NODES_S = 2.0  # ... and looks at the node list (joined, draining, gone) this often
+AGENT_TICK_S = 0.2  # an agent with work notices a new lease or an abandon within this
+AGENT_RESTARTS_PER_NODE = 10  # agents started again on a node whose agent died (node alive)
+AGENT_THREADS = 16  # calls an agent answers at once: its leases, polls, abandons
+# One unit ready and not yet handed over per read task: memory stays bounded however large its
+# shards are. Ray 2.60 has no public option for it (Ray Data and Train use this one too);
+# tests/test_leases.py fails if the bound stops holding.
+GENERATOR_BOUND = {"_generator_backpressure_num_objects": 1}
 # Warn when more than this share of the images the predictors decode (--decode gpu) take the
 # CPU path: at CPU speed on the actor's one CPU, a GPU then waits for its input.
 FALLBACK_WARN_FRACTION = 0.05
@@ -57,22 +94,20 @@ FALLBACK_WARN_AFTER = 200  # images decoded before the share means something
 
 @dataclass(frozen=True)
 class Placement:
-    """How many of each worker, with which resources (``pipeline.inference.job.plan``)."""
+    """How the predictors run (``pipeline.inference.job.plan``): ``pool_size`` actors in all
+    (None: one per ``actor_gpus`` of every GPU in the cluster, growing as nodes join), with
+    these resources each; the read and commit slots are worked out per node."""
 
-    pool_size: int
+    pool_size: int | None
     actor_cpus: float
     actor_gpus: float
     concurrency: int
-    max_reads: int
-    read_cpus: float
-    max_commits: int
-    commit_cpus: float
 
 
 @dataclass
 class RunStats:
-    """Predictor calls and their sizes, and the images the predictors decoded (running
-    figures: nothing kept per unit)."""
+    """Predictor calls and their sizes, the images the predictors decoded, and where the bytes
+    went (running figures: nothing kept per unit)."""
 
     units: int = 0
     calls_with_rows: int = 0
@@ -81,6 +116,10 @@ class RunStats:
     largest: int = 0
     device_decoded: int = 0  # images decoded on the predictors' device
     cpu_fallbacks: dict[str, int] = field(default_factory=dict)  # by reason
+    unit_bytes: int = 0  # units' bytes from their read task to their predictor
+    unit_bytes_cross_node: int = 0  # ... of which between two nodes
+    row_bytes: int = 0  # predicted rows' bytes from their predictor to their commit
+    row_bytes_cross_node: int = 0
 
     def add(self, rows: int, device_decode: Mapping[str, int] | None = None) -> None:
         self.units += 1
@@ -94,6 +133,18 @@ class RunStats:
                 self.device_decoded += n
             else:
                 self.cpu_fallbacks[outcome] = self.cpu_fallbacks.get(outcome, 0) + n
+
+    def merge(self, other: RunStats) -> None:
+        """Add another agent's figures to these."""
+        for name in ("units", "calls_with_rows", "rows", "device_decoded", "unit_bytes",
+                     "unit_bytes_cross_node", "row_bytes", "row_bytes_cross_node"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        if other.smallest:
+            self.smallest = min(self.smallest, other.smallest) if self.smallest \
+                else other.smallest
+        self.largest = max(self.largest, other.largest)
+        for reason, n in other.cpu_fallbacks.items():
+            self.cpu_fallbacks[reason] = self.cpu_fallbacks.get(reason, 0) + n
 
     def decoded_any(self) -> bool:
         return bool(self.device_decoded or self.cpu_fallbacks)
@@ -113,11 +164,28 @@ class RunStats:
         return {"min": self.smallest, "mean": round(self.rows / self.calls_with_rows, 1),
                 "max": self.largest}
 
+    def cross_node_fractions(self) -> dict[str, float | None]:
+        def share(part: int, whole: int) -> float | None:
+            return round(part / whole, 4) if whole else None
+
+        return {"cross_node_unit_bytes_fraction": share(self.unit_bytes_cross_node,
+                                                        self.unit_bytes),
+                "cross_node_row_bytes_fraction": share(self.row_bytes_cross_node,
+                                                       self.row_bytes)}
+
+
+def _node_id() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
+
 
 def _read_units(task: ReadTask, reader_kwargs: Mapping[str, Any]):
     from pipeline.stages.reader import ShardReader
 
+    node = _node_id()
     for header, rows in ShardReader(**reader_kwargs).read_task(task):
+        header.read_node = node
         yield {"header": header, "rows": rows}
 
 
@@ -126,6 +194,7 @@ class _Predictor:
 
     def __init__(self, predictor_cls: type, kwargs: Mapping[str, Any]):
         self.predictor = predictor_cls(**kwargs)
+        self.node = _node_id()
 
     def ready(self) -> bool:
         """Answers once the actor holds its model: only then does it get units."""
@@ -138,22 +207,25 @@ class _Predictor:
             header = expand_header(header, rows.pop("source_row"))
         if DECODE_COLUMN in rows:  # counted in the header, not written
             header = replace(header, device_decode=decode_counts(rows.pop(DECODE_COLUMN)))
-        return header, rows
+        return replace(header, predict_node=self.node, out_bytes=rows_nbytes(rows)), rows
 
 
 def _commit(specs: list[PieceSpec], parts: list[list[tuple[int, int, int]]], *units
-            ) -> list[dict[str, Any]]:
+            ) -> dict[str, Any]:
     """Commit the pieces a unit completed: piece ``i`` is rows ``start:stop`` of
     ``units[u]`` for each ``(u, start, stop)`` in ``parts[i]``. Several pieces (small shards)
-    are written ``COMMIT_THREADS`` at a time: their PUTs overlap."""
+    are written ``COMMIT_THREADS`` at a time: their PUTs overlap. Returns the receipts and the
+    node that wrote them."""
     def one(i: int) -> dict[str, Any]:
         return commit_piece(specs[i], gather([units[u] for u, _, _ in parts[i]],
                                              [(a, b) for _, a, b in parts[i]]))
 
     if len(specs) == 1:
-        return [one(0)]
-    with ThreadPoolExecutor(min(COMMIT_THREADS, len(specs))) as pool:
-        return list(pool.map(one, range(len(specs))))
+        receipts = [one(0)]
+    else:
+        with ThreadPoolExecutor(min(COMMIT_THREADS, len(specs))) as pool:
+            receipts = list(pool.map(one, range(len(specs))))
+    return {"node": _node_id(), "receipts": receipts}
 
 
 class StageFailed(RuntimeError):
@@ -190,104 +262,232 @@ def _task_text(task: ReadTask) -> str:
 class _Stream:
     """A running read task."""
 
-    def __init__(self, task: ReadTask, generator):
-        self.task, self.generator = task, generator
+    def __init__(self, task: ReadTask, lease: int, generator):
+        self.task, self.lease, self.generator = task, lease, generator
 
 
-class UnitRunner:
-    """Drives one job's read tasks, predictor actors and commits until every piece is in."""
+@dataclass
+class _Predicted:
+    """A predicted unit, as the assembler holds it: where its rows are and came from."""
 
-    def __init__(self, placement: Placement, reader_kwargs: Mapping[str, Any],
-                 predictor_cls: type, predictor_kwargs: Mapping[str, Any],
-                 piece_spec: Callable[[ReadTask, int, int, bool], PieceSpec],
-                 on_receipt: Callable[[dict[str, Any]], None], stall_timeout: float = 900.0):
+    ref: Any
+    node: str
+    out_bytes: int
+    out_rows: int
+
+
+@dataclass
+class _LeaseState:
+    lease: WorkLease
+    result: Future
+    tasks: list[int] = field(default_factory=list)  # its read tasks' indexes
+    ended: int = 0  # read tasks that have ended
+    units: int = 0  # units predicting
+    commits: int = 0  # commits running
+    receipts: list = field(default_factory=list)  # not handed to the driver yet
+    seen: dict = field(default_factory=dict)  # task -> units seen (a replayed unit is dropped)
+
+
+class _NodeRunner:
+    """One node's loop: a lease's read tasks through the node's predictors to its commits.
+
+    Runs on a thread of the agent actor; the actor's methods talk to it through ``submit``,
+    ``abandon`` and ``progress`` (under ``lock``)."""
+
+    def __init__(self, node_id: str, slots: NodeSlots, placement: Placement,
+                 reader_kwargs: Mapping[str, Any], predictor_cls: type,
+                 predictor_kwargs: Mapping[str, Any], commit: CommitSettings,
+                 stall_timeout: float):
         import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        self.ray = ray
-        self.placement, self.reader_kwargs = placement, dict(reader_kwargs)
-        self.piece_spec, self.on_receipt = piece_spec, on_receipt
+        self.ray, self.node, self.slots = ray, node_id, slots
+        self.reader_kwargs, self.commit_settings = dict(reader_kwargs), commit
+        here = NodeAffinitySchedulingStrategy(node_id, soft=False)
         self.read = ray.remote(_read_units).options(
-            num_cpus=placement.read_cpus, max_retries=READ_TASK_RETRIES,
-            # One unit ready and not yet handed over per read task: memory stays bounded
-            # however large its shards are.
-            _generator_backpressure_num_objects=1)
-        self.commit = ray.remote(_commit).options(num_cpus=placement.commit_cpus,
-                                                  max_retries=COMMIT_RETRIES)
+            num_cpus=slots.read_cpus, max_retries=READ_TASK_RETRIES, scheduling_strategy=here,
+            **GENERATOR_BOUND)
+        self.commit = ray.remote(_commit).options(num_cpus=slots.commit_cpus,
+                                                  max_retries=COMMIT_RETRIES,
+                                                  scheduling_strategy=here)
         actor = ray.remote(_Predictor).options(
             num_cpus=placement.actor_cpus, num_gpus=placement.actor_gpus,
             max_concurrency=placement.concurrency, max_restarts=ACTOR_RESTARTS,
-            max_task_retries=ACTOR_RESTARTS)
+            max_task_retries=ACTOR_RESTARTS, scheduling_strategy=here)
         self.actors = [actor.remote(predictor_cls, dict(predictor_kwargs))
-                       for _ in range(placement.pool_size)]
+                       for _ in range(slots.predictors)]
         # Units go only to actors that have started: one Ray cannot place (no GPU free) would
         # hold its units until the stall watchdog fires.
         self.starting = {a.ready.remote(): i for i, a in enumerate(self.actors)}
         self.started: list[int] = []
         self.load = [0] * len(self.actors)
-        self.slots = placement.concurrency + 1  # one queued call: the actor never waits on us
+        self.slots_per_actor = placement.concurrency + 1  # one queued call: never idle
         self.stats = RunStats()
         self.stall_timeout = stall_timeout
-
-    def run(self, tasks: list[ReadTask]) -> RunStats:
-        """Run every read task's units to their commits; returns call statistics."""
-        ray = self.ray
-        self.queue = list(reversed(tasks))
+        self.rng = random.Random()
+        self.lock = threading.Lock()
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.wake = threading.Event()
+        self.leases: dict[int, _LeaseState] = {}
+        self.queue: list[ReadTask] = []  # read tasks to start, in order
+        self.task_lease: dict[int, int] = {}
         self.streams: list[_Stream] = []
-        self.predicting: dict[Any, tuple[int, Any, ReadTask]] = {}  # header -> actor, rows, task
-        self.commits: dict[Any, str] = {}  # receipts ref -> which pieces
+        self.predicting: dict[Any, tuple[int, Any, ReadTask, int]] = {}
+        self.commits: dict[Any, tuple[str, int, list[tuple[str, int]]]] = {}
         self.pieces = PieceAssembler()
-        # Units seen per read task, until the task has ended and its units are all back.
-        self.seen: dict[int, set[int]] = {}
-        self.ended: set[int] = set()
-        self.done_tasks, self.rows = 0, 0
-        self.warned_fallbacks = False
-        started = last_log = self.moved = time.monotonic()
-        tick = min(PROGRESS_S, self.stall_timeout / 4)
-        try:
-            while self.queue or self.streams or self.predicting or self.commits:
-                while self.queue and len(self.streams) < self.placement.max_reads:
-                    task = self.queue.pop()
-                    self.streams.append(_Stream(task, self.read.remote(task,
-                                                                       self.reader_kwargs)))
-                room = (any(self.load[a] < self.slots for a in self.started)
-                        and len(self.commits) < self.placement.max_commits)
-                waiting = [*self.starting, *self.predicting, *self.commits,
-                           *(s.generator for s in self.streams if room)]
-                # fetch_local=False: readiness only; never pull a unit to the driver's node.
-                ready, _ = ray.wait(waiting, num_returns=1, timeout=tick, fetch_local=False)
-                for ref in ready:
-                    if ref in self.starting:
-                        self._actor_started(ref)
-                    elif ref in self.commits:
-                        self._receipt(ref)
-                    elif ref in self.predicting:
-                        self._predicted(ref)
-                    else:
-                        self._next_unit(next(s for s in self.streams if s.generator == ref))
-                if time.monotonic() - self.moved > self.stall_timeout:
-                    raise StageStalled(self._stalled(len(tasks)))
-                if time.monotonic() - last_log >= PROGRESS_S:
-                    last_log = time.monotonic()
-                    log.info("... %d/%d read tasks done, %d rows committed (%.1f rows/s), %d "
-                             "unit(s) predicting, %d commit(s) running, %d piece(s) open%s",
-                             self.done_tasks, len(tasks), self.rows,
-                             self.rows / (last_log - started), len(self.predicting),
-                             len(self.commits), len(self.pieces.open),
-                             f"; {decode_text(self.stats.device_decoded, self.stats.cpu_fallbacks)}"
-                             if self.stats.decoded_any() else "")
-            if self.pieces.open:
-                raise RuntimeError(f"{len(self.pieces.open)} piece(s) never received all their "
-                                   f"rows (e.g. {next(iter(self.pieces.open))}): their files "
-                                   "were not written; rerun the job to redo them")
-            return self.stats
-        finally:
-            for stream in self.streams:  # a failed run stops reading (a finished one has none)
-                with contextlib.suppress(Exception):
-                    ray.cancel(stream.generator, force=True)
-            for actor in self.actors:  # give the GPUs back now, not when the job ends
-                ray.kill(actor)
+        self.next_task = 0
+        self.failed: dict[str, Any] | None = None
+        self.moved = time.monotonic()
+        self.thread = threading.Thread(target=self._loop, name="node-runner", daemon=True)
+        self.thread.start()
 
-    def _stalled(self, total_tasks: int) -> str:
+    # -- called from the actor's method threads ---------------------------------------------
+
+    def submit(self, lease: WorkLease) -> Future:
+        future: Future = Future()
+        with self.lock:
+            if self.failed is not None:
+                future.set_result(self.failed)
+                return future
+        self.inbox.put(("lease", lease, future))
+        self.wake.set()
+        return future
+
+    def abandon(self, lease_id: int) -> None:
+        self.inbox.put(("abandon", lease_id, None))
+        self.wake.set()
+
+    def progress(self) -> dict[str, Any]:
+        with self.lock:
+            receipts = []
+            for lease_id, state in self.leases.items():
+                receipts.extend((lease_id, r) for r in state.receipts)
+                state.receipts = []
+            return {"receipts": receipts, "stats": asdict(self.stats),
+                    "moved_s": round(time.monotonic() - self.moved, 3),
+                    "leases": len(self.leases), "predicting": len(self.predicting),
+                    "commits": len(self.commits), "streams": len(self.streams),
+                    "failed": self.failed}
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        try:
+            while True:
+                self._take_inbox()
+                if not self.leases:  # idle: nothing can stall
+                    self.moved = time.monotonic()
+                    self.wake.wait(1.0)
+                    self.wake.clear()
+                    continue
+                self._step()
+        except StageStalled as exc:
+            self._fail(str(exc), stalled=True)
+        except StageFailed as exc:
+            self._fail(str(exc))
+        except Exception as exc:  # a bug: the driver shows it, the run stops
+            log.exception("node agent failed")
+            self._fail(f"the node agent failed ({type(exc).__name__}: {exc})")
+
+    def _take_inbox(self) -> None:
+        while True:
+            try:
+                kind, value, future = self.inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "lease":
+                self._add_lease(value, future)
+            else:
+                self._abandon(value)
+
+    def _add_lease(self, lease: WorkLease, future: Future) -> None:
+        state = _LeaseState(lease, future)
+        for task in plan_read_tasks(lease.shards, min_tasks=self.slots.max_reads):
+            task = ReadTask(self.next_task, task.shards)
+            self.next_task += 1
+            state.tasks.append(task.index)
+            self.task_lease[task.index] = lease.id
+            self.queue.append(task)
+        if not self.leases:
+            self.moved = time.monotonic()  # the stall clock starts with the work
+        with self.lock:
+            self.leases[lease.id] = state
+        self._maybe_done(lease.id)  # a lease of nothing (cannot happen) ends at once
+
+    def _abandon(self, lease_id: int) -> None:
+        """Another attempt finished this lease first: stop reading it and drop its work."""
+        state = self.leases.get(lease_id)
+        if state is None:
+            return
+        self.queue = [t for t in self.queue if self.task_lease.get(t.index) != lease_id]
+        for stream in [s for s in self.streams if s.lease == lease_id]:
+            self.streams.remove(stream)
+            with contextlib.suppress(Exception):
+                self.ray.cancel(stream.generator, force=True)
+        for key in [k for k in self.pieces.open if self.task_lease.get(k[0]) == lease_id]:
+            del self.pieces.open[key]
+        self._close(lease_id, {"lease": lease_id, "abandoned": True, "receipts": []})
+
+    def _close(self, lease_id: int, result: dict[str, Any]) -> None:
+        with self.lock:
+            state = self.leases.pop(lease_id)
+        for task in state.tasks:
+            self.task_lease.pop(task, None)
+        state.result.set_result(result)
+
+    def _fail(self, message: str, stalled: bool = False) -> None:
+        """Stop: every lease held (and every later one) ends with this failure."""
+        failed = {"failed": message, "stalled": stalled, "receipts": []}
+        with self.lock:
+            self.failed = failed
+            leases, self.leases = self.leases, {}
+        for state in leases.values():
+            state.result.set_result({**failed, "lease": state.lease.id,
+                                     "receipts": state.receipts})
+        for stream in self.streams:
+            with contextlib.suppress(Exception):
+                self.ray.cancel(stream.generator, force=True)
+        while True:  # leases that arrived meanwhile
+            try:
+                kind, value, future = self.inbox.get_nowait()
+            except queue.Empty:
+                break
+            if future is not None:
+                future.set_result({**failed, "lease": value.id})
+
+    def _step(self) -> None:
+        ray = self.ray
+        while self.queue and len(self.streams) < self.slots.max_reads:
+            task = self.queue.pop(0)
+            self.streams.append(_Stream(task, self.task_lease[task.index],
+                                        self.read.remote(task, self.reader_kwargs)))
+        room = (any(self.load[a] < self.slots_per_actor for a in self.started)
+                and len(self.commits) < self.slots.max_commits)
+        waiting = [*self.starting, *self.predicting, *self.commits,
+                   *(s.generator for s in self.streams if room)]
+        if waiting:
+            # fetch_local=False: readiness only; never pull a unit here before it is used.
+            ready, _ = ray.wait(waiting, num_returns=1, timeout=AGENT_TICK_S,
+                                fetch_local=False)
+        else:
+            ready = []
+            self.wake.wait(AGENT_TICK_S)
+            self.wake.clear()
+        for ref in ready:
+            if ref in self.starting:
+                self._actor_started(ref)
+            elif ref in self.commits:
+                self._receipt(ref)
+            elif ref in self.predicting:
+                self._predicted(ref)
+            else:
+                stream = next((s for s in self.streams if s.generator == ref), None)
+                if stream is not None:
+                    self._next_unit(stream)
+        if time.monotonic() - self.moved > self.stall_timeout:
+            raise StageStalled(self._stalled())
+
+    def _stalled(self) -> str:
         """Which stage stopped moving, and what every stage holds: logged, and the error."""
         if not self.started:
             stage = (f"the predict stage: none of the {len(self.actors)} predictor actor(s) "
@@ -299,14 +499,14 @@ class UnitRunner:
             stage = f"the commit stage: {len(self.commits)} commit(s) never returned"
         else:
             stage = f"the read stage: {len(self.streams)} read task(s) yielded no unit"
-        lines = [f"read tasks: {self.done_tasks}/{total_tasks} done, {len(self.streams)} "
-                 f"running ({'; '.join(_task_text(s.task) for s in self.streams[:3]) or '-'}), "
+        lines = [f"node {self.node[:12]}: read tasks: {len(self.streams)} running "
+                 f"({'; '.join(_task_text(s.task) for s in self.streams[:3]) or '-'}), "
                  f"{len(self.queue)} waiting",
                  f"predictor actors: {len(self.actors)} ({len(self.started)} started), units in "
                  f"flight per actor {self.load}{self._actor_states()}",
                  f"commits running: {len(self.commits)} "
-                 f"({'; '.join(list(self.commits.values())[:3]) or '-'})",
-                 f"pieces open: {len(self.pieces.open)}, rows committed: {self.rows}"]
+                 f"({'; '.join(c[0] for c in list(self.commits.values())[:3]) or '-'})",
+                 f"pieces open: {len(self.pieces.open)}"]
         for line in lines:
             log.error("stalled: %s", line)
         return (f"no unit moved for {self.stall_timeout:g} s (--stall-timeout): stalled in "
@@ -330,14 +530,17 @@ class UnitRunner:
             unit = _result(stream.generator, _task_text(stream.task), next)
         except StopIteration:
             self.streams.remove(stream)
-            self.done_tasks += 1
-            self.ended.add(stream.task.index)
-            self._forget(stream.task.index)
+            state = self.leases.get(stream.lease)
+            if state is not None:
+                state.ended += 1
+                self._maybe_done(stream.lease)
             return
-        actor = min(self.started, key=self.load.__getitem__)
+        least = min(self.load[a] for a in self.started)
+        actor = self.rng.choice([a for a in self.started if self.load[a] == least])
         header_ref, rows_ref = self.actors[actor].predict.options(num_returns=2).remote(unit)
         self.load[actor] += 1
-        self.predicting[header_ref] = (actor, rows_ref, stream.task)
+        self.predicting[header_ref] = (actor, rows_ref, stream.task, stream.lease)
+        self.leases[stream.lease].units += 1
 
     def _actor_started(self, ref) -> None:
         """A predictor actor holds its model (or failed to load it: the run stops)."""
@@ -347,50 +550,444 @@ class UnitRunner:
 
     def _predicted(self, header_ref) -> None:
         """A unit is predicted: add it to its pieces and commit every piece now complete."""
-        actor, rows_ref, task = self.predicting.pop(header_ref)
+        actor, rows_ref, task, lease_id = self.predicting.pop(header_ref)
         self.load[actor] -= 1
         self.moved = time.monotonic()
+        state = self.leases.get(lease_id)
+        if state is None:  # abandoned meanwhile
+            return
+        state.units -= 1
         header = _result(header_ref, "a predictor actor")
-        seen = self.seen.setdefault(header.task, set())
+        seen = state.seen.setdefault(header.task, set())
         if header.index in seen:
+            self._maybe_done(lease_id)
             return  # a unit delivered twice is committed once
         seen.add(header.index)
-        self._forget(header.task)
-        self.stats.add(header.out_rows, header.device_decode)
-        self._warn_on_fallbacks()
-        ready = self.pieces.add(header, rows_ref)
+        with self.lock:  # progress() reads them from another thread
+            self.stats.add(header.out_rows, header.device_decode)
+            self.stats.unit_bytes += header.bytes
+            if header.read_node != header.predict_node:
+                self.stats.unit_bytes_cross_node += header.bytes
+        unit = _Predicted(rows_ref, header.predict_node, header.out_bytes, header.out_rows)
+        ready = self.pieces.add(header, unit)
         if ready:  # one commit task for every piece this unit completed
-            units: dict[int, tuple[int, Any]] = {}  # id(ref) -> (argument index, ref)
-            specs, parts = [], []
+            units: dict[int, tuple[int, _Predicted]] = {}  # id -> (argument index, unit)
+            specs, parts, moved = [], [], []
             for piece in ready:
-                specs.append(self.piece_spec(task, piece.shard, piece.piece, piece.last))
-                parts.append([(units.setdefault(id(unit), (len(units), unit))[0], start, stop)
-                              for unit, (start, stop) in piece.parts])
-            receipts = self.commit.remote(specs, parts, *(ref for _, ref in units.values()))
+                specs.append(self.commit_settings.spec(task.shards[piece.shard].shard,
+                                                       piece.piece, piece.last))
+                parts.append([(units.setdefault(id(u), (len(units), u))[0], start, stop)
+                              for u, (start, stop) in piece.parts])
+                moved.extend((u.node, u.out_bytes * (stop - start) // max(1, u.out_rows))
+                             for u, (start, stop) in piece.parts)
+            receipts = self.commit.remote(specs, parts, *(u.ref for _, u in units.values()))
             self.commits[receipts] = (specs[0].stem if len(specs) == 1
-                                      else f"{specs[0].stem} and {len(specs) - 1} more")
-
-    def _warn_on_fallbacks(self) -> None:
-        """Once per run: say so when many images skip the device decoder (a torchvision
-        without nvJPEG, an archive of PNGs, a GPU short of memory)."""
-        stats = self.stats
-        decoded = stats.device_decoded + sum(stats.cpu_fallbacks.values())
-        if not self.warned_fallbacks and decoded >= FALLBACK_WARN_AFTER:
-            warning = stats.fallback_warning()
-            if warning:
-                self.warned_fallbacks = True
-                log.warning("%s", warning)
-
-    def _forget(self, task: int) -> None:
-        """Drop a finished read task's bookkeeping: the driver keeps nothing per unit."""
-        if task in self.ended and not any(t.index == task for _, _, t in
-                                          self.predicting.values()):
-            self.seen.pop(task, None)
-            self.ended.discard(task)
+                                      else f"{specs[0].stem} and {len(specs) - 1} more",
+                                      lease_id, moved)
+            state.commits += 1
+        self._maybe_done(lease_id)
 
     def _receipt(self, ref) -> None:
-        stems = self.commits.pop(ref)
+        stems, lease_id, moved = self.commits.pop(ref)
         self.moved = time.monotonic()
-        for receipt in _result(ref, f"the commit of piece(s) {stems}"):
-            self.rows += receipt["rows"]
-            self.on_receipt(receipt)
+        state = self.leases.get(lease_id)
+        if state is None:  # abandoned meanwhile: the winner's receipts count
+            return
+        state.commits -= 1
+        out = _result(ref, f"the commit of piece(s) {stems}")
+        with self.lock:
+            for node, nbytes in moved:
+                self.stats.row_bytes += nbytes
+                if node != out["node"]:
+                    self.stats.row_bytes_cross_node += nbytes
+            for receipt in out["receipts"]:  # where each file was written, in the manifest
+                receipt["node"] = out["node"]
+            state.receipts.extend(out["receipts"])
+        self._maybe_done(lease_id)
+
+    def _maybe_done(self, lease_id: int) -> None:
+        """Close a lease whose read tasks ended and whose units are all committed."""
+        state = self.leases.get(lease_id)
+        if state is None or state.ended < len(state.tasks) or state.units or state.commits:
+            return
+        open_pieces = [k for k in self.pieces.open if self.task_lease.get(k[0]) == lease_id]
+        if open_pieces:
+            raise RuntimeError(f"{len(open_pieces)} piece(s) never received all their rows "
+                               f"(e.g. {open_pieces[0]}): their files were not written; rerun "
+                               "the job to redo them")
+        with self.lock:
+            receipts, state.receipts = state.receipts, []
+            stats = asdict(self.stats)
+        self._close(lease_id, {"lease": lease_id, "receipts": receipts, "stats": stats})
+
+
+class _NodeAgent:
+    """The actor that runs one node's share of the job (``_NodeRunner``), pinned to it."""
+
+    def __init__(self, node_id: str, slots: NodeSlots, *args):
+        self.runner = _NodeRunner(node_id, slots, *args)
+
+    def ready(self) -> str:
+        return self.runner.node
+
+    def run_lease(self, lease: WorkLease) -> dict[str, Any]:
+        """Read, predict and commit every shard of ``lease``; answers when all are committed
+        (with their receipts not yet polled), abandoned, or the agent failed."""
+        return self.runner.submit(lease).result()
+
+    def progress(self) -> dict[str, Any]:
+        return self.runner.progress()
+
+    def abandon(self, lease_id: int) -> None:
+        self.runner.abandon(lease_id)
+
+
+@dataclass
+class _Agent:
+    """The driver's view of one agent."""
+
+    node: str
+    actor: Any
+    predictors: int
+    leases: list = field(default_factory=list)  # refs of its lease calls
+    poll: Any = None  # its outstanding progress call
+    polled: float = 0.0
+    stats: RunStats = field(default_factory=RunStats)
+    draining: bool = False
+
+
+def _agent_gone_errors() -> tuple[type, ...]:
+    """What a call to an agent raises when the agent or its node is gone."""
+    import ray.exceptions as rex
+
+    return (rex.RayActorError, rex.NodeDiedError, rex.ObjectLostError, rex.OwnerDiedError)
+
+
+def _cluster_nodes() -> list[Node]:
+    """Alive nodes and whether each is draining (Ray's autoscaler or a preemption notice)."""
+    import ray
+
+    draining = _draining_nodes()
+    return [Node(n["NodeID"], float(n["Resources"].get("CPU", 0)),
+                 float(n["Resources"].get("GPU", 0)), n["NodeID"] in draining)
+            for n in ray.nodes() if n.get("Alive")]
+
+
+def _draining_nodes() -> set[str]:
+    """The nodes Ray is draining (``DrainNode``: the autoscaler taking a node down, a KubeRay
+    pod being deleted); empty when the GCS does not say."""
+    try:
+        from ray._private.state import state  # no public call in Ray 2.60 (ray issue 63968)
+
+        return set(state.get_draining_nodes())
+    except Exception:  # an older or newer Ray without that call: deaths still count
+        return set()
+
+
+class LeaseRunner:
+    """The driver: node agents, leases from one queue, receipts in batches."""
+
+    def __init__(self, placement: Placement, reader_kwargs: Mapping[str, Any],
+                 predictor_cls: type, predictor_kwargs: Mapping[str, Any],
+                 commit: CommitSettings, on_receipts: Callable[[list[dict[str, Any]]], None],
+                 stall_timeout: float = 900.0, seed: int | None = None):
+        import ray
+
+        global _AGENT_GONE
+        _AGENT_GONE = _agent_gone_errors()
+        self.ray = ray
+        self.placement = placement
+        self.agent_args = (placement, dict(reader_kwargs), predictor_cls,
+                           dict(predictor_kwargs), commit, stall_timeout)
+        self.on_receipts, self.stall_timeout = on_receipts, stall_timeout
+        self.agent_cls = ray.remote(_NodeAgent)
+        self.rng = random.Random(seed)
+        self.agents: dict[str, _Agent] = {}
+        self.restarts: dict[str, int] = {}
+        self.gone: list[RunStats] = []  # figures of agents that died
+        self.rows = 0
+        self.events: dict[str, int] = {"agents_started": 0, "agents_lost": 0,
+                                       "agents_preempted": 0, "nodes_joined": 0, "nodes_drained": 0}
+
+    # -- agents --------------------------------------------------------------------------
+
+    def _want(self, nodes: list[Node]) -> int:
+        if self.placement.pool_size is not None:
+            return self.placement.pool_size
+        # Every GPU the cluster has now, one actor each (GPU runs only).
+        return sum(int(n.gpus / self.placement.actor_gpus + 1e-9) for n in nodes)
+
+    def _place(self, nodes: list[Node]) -> None:
+        """Start agents so that the wanted predictors run, on the nodes that have room."""
+        have = {node: a.predictors for node, a in self.agents.items()}
+        share = spread_predictors(nodes, self._want(nodes), self.placement.actor_cpus,
+                                  self.placement.actor_gpus, have, self.rng)
+        by_id = {n.id: n for n in nodes}
+        for node_id, predictors in share.items():
+            if node_id in self.agents or node_id not in by_id:
+                continue
+            if self.restarts.get(node_id, -1) >= AGENT_RESTARTS_PER_NODE:
+                continue  # its agents keep dying: the other nodes do the work
+            self.restarts[node_id] = self.restarts.get(node_id, -1) + 1
+            slots = node_slots(by_id[node_id], predictors, self.placement.actor_cpus)
+            actor = self.agent_cls.options(
+                num_cpus=0, max_concurrency=AGENT_THREADS, max_restarts=0,
+                scheduling_strategy=self._pin(node_id)).remote(node_id, slots, *self.agent_args)
+            self.agents[node_id] = _Agent(node_id, actor, predictors,
+                                          polled=time.monotonic())
+            self.events["agents_started"] += 1
+            log.info("node agent on %s: %d predictor(s), %d read task(s) and %d commit(s) at "
+                     "once", node_id[:12], predictors, slots.max_reads, slots.max_commits)
+
+    @staticmethod
+    def _pin(node_id: str):
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        return NodeAffinitySchedulingStrategy(node_id, soft=False)
+
+    def _agent_died(self, agent: _Agent, exc: Exception) -> None:
+        """A call to ``agent`` failed because it is gone: its process or node died (its leases
+        go back to the queue), or it could not start (a bug: the run stops)."""
+        if getattr(exc, "actor_init_failed", False):
+            raise StageFailed(f"a node agent could not start ({str(exc).strip()[-500:]}); "
+                              "the files committed so far stay, and a rerun does the rest")
+        if getattr(exc, "preempted", False):
+            self.events["agents_preempted"] += 1
+        self._lose_agent(agent, type(exc).__name__)
+
+    def _lose_agent(self, agent: _Agent, why: str) -> None:
+        """An agent died (or its node is gone): its leases go back to the queue."""
+        if self.agents.get(agent.node) is not agent:
+            return
+        del self.agents[agent.node]
+        self.events["agents_lost"] += 1
+        self.gone.append(agent.stats)
+        for key in agent.leases:
+            self.calls.pop(key, None)
+            self.book.lose(key)
+        self.refresh = True  # place its predictors again (on its node, if it is alive)
+        log.warning("node agent on %s lost (%s): %d lease(s) go back to the queue",
+                    agent.node[:12], why, len(agent.leases))
+        with contextlib.suppress(Exception):
+            self.ray.kill(agent.actor)
+
+    def _refresh_nodes(self) -> None:
+        nodes = _cluster_nodes()
+        alive = {n.id: n for n in nodes}
+        for agent in list(self.agents.values()):
+            node = alive.get(agent.node)
+            if node is None:
+                self._lose_agent(agent, "its node is gone")
+            elif node.draining and not agent.draining:
+                agent.draining = True
+                self.events["nodes_drained"] += 1
+                log.warning("node %s is draining: its %d lease(s) are started elsewhere too",
+                            agent.node[:12], len(agent.leases))
+        known = set(self.known_nodes)
+        self.known_nodes = set(alive)
+        if known and set(alive) - known:
+            self.events["nodes_joined"] += len(set(alive) - known)
+        self._place(nodes)
+
+    # -- the loop ------------------------------------------------------------------------
+
+    def run(self, todo: list[ShardTask]) -> RunStats:
+        """Run every shard to its commits; returns the predictors' figures."""
+        ray = self.ray
+        self.known_nodes: set[str] = set()
+        self.refresh = False
+        self._refresh_nodes()
+        if not self.agents:
+            raise StageFailed("no node of the Ray cluster can hold a predictor actor (with "
+                              f"{self.placement.actor_cpus:g} CPU and "
+                              f"{self.placement.actor_gpus:g} GPU each)")
+        leases = plan_leases(todo, len(self.agents))
+        self.book = LeaseBook(leases, spread=len(self.agents) * IN_FLIGHT_PER_AGENT)
+        self.calls: dict[Any, _Agent] = {}  # lease call ref -> agent
+        self.polls: dict[Any, _Agent] = {}
+        log.info("%d shard(s) in %d lease(s) for %d node agent(s)", len(todo), len(leases),
+                 len(self.agents))
+        started = last_log = last_nodes = self.moved = time.monotonic()
+        try:
+            while not self.book.finished:
+                now = time.monotonic()
+                if now - last_nodes >= NODES_S or self.refresh:
+                    last_nodes, self.refresh = now, False
+                    self._refresh_nodes()
+                self._hand_out()
+                self._poll(now)
+                waiting = [*self.calls, *self.polls]
+                ready, _ = ray.wait(waiting, num_returns=len(waiting), timeout=1.0) \
+                    if waiting else ([], [])
+                for ref in ready:
+                    if ref in self.calls:
+                        self._lease_result(ref)
+                    elif ref in self.polls:
+                        self._polled(ref)
+                self._check_stall(len(todo))
+                if time.monotonic() - last_log >= PROGRESS_S:
+                    last_log = time.monotonic()
+                    stats = self.stats()
+                    log.info("... %d/%d lease(s) done, %d rows committed (%.1f rows/s), %d "
+                             "node agent(s), %d lease(s) running%s", len(self.book.done),
+                             len(leases), self.rows, self.rows / (last_log - started),
+                             len(self.agents), len(self.book.attempts),
+                             f"; {decode_text(stats.device_decoded, stats.cpu_fallbacks)}"
+                             if stats.decoded_any() else "")
+            for ref in list(self.polls):  # receipts polled before the last lease result
+                self._polled(ref)
+            self._final_poll()
+            return self.stats()
+        finally:
+            for agent in self.agents.values():  # give the GPUs back now (predictors go too)
+                with contextlib.suppress(Exception):
+                    ray.kill(agent.actor)
+
+    def stats(self) -> RunStats:
+        total = RunStats()
+        for stats in [*self.gone, *(a.stats for a in self.agents.values())]:
+            total.merge(stats)
+        return total
+
+    def lease_figures(self) -> dict[str, int]:
+        book = self.book
+        return {"leases": len(book.leases), "leases_lost": book.lost,
+                "leases_speculated": book.speculated,
+                "leases_won_by_speculation": book.won_by_speculation, **self.events}
+
+    def _hand_out(self) -> None:
+        """Give leases to agents with room, the least busy first (ties at random); once the
+        queue is empty, an idle agent takes a copy of a lease that runs long elsewhere. A
+        draining node's agent gets none, and goes once it holds none (the node can go)."""
+        for agent in [a for a in self.agents.values() if a.draining and not a.leases]:
+            del self.agents[agent.node]
+            self.gone.append(agent.stats)
+            with contextlib.suppress(Exception):
+                self.ray.kill(agent.actor)
+        agents = [a for a in self.agents.values() if not a.draining]
+        self.rng.shuffle(agents)
+        agents.sort(key=lambda a: len(a.leases))
+        drained = [k for a in self.agents.values() if a.draining for k in a.leases]
+        for agent in agents:
+            while len(agent.leases) < IN_FLIGHT_PER_AGENT:
+                lease, speculative = self.book.take(agent.node), False
+                if lease is None:  # a draining node's leases first, then the slowest
+                    lease = self._copy_of(drained, agent) or (
+                        None if agent.leases else self.book.to_speculate(agent.node))
+                    speculative = lease is not None
+                if lease is None:
+                    break
+                ref = agent.actor.run_lease.remote(lease)
+                self.book.started(ref, lease, agent.node, speculative)
+                agent.leases.append(ref)
+                self.calls[ref] = agent
+
+    def _copy_of(self, drained: list, agent: _Agent) -> WorkLease | None:
+        """A lease running on a draining node and not yet copied: start it here too."""
+        for key in drained:
+            if key not in self.book.attempts:
+                continue
+            lease = self.book.lease_of(key)
+            if sum(1 for a in self.book.attempts.values() if a.lease == lease) == 1:
+                return self.book.by_id[lease]
+        return None
+
+    def _poll(self, now: float) -> None:
+        for agent in self.agents.values():
+            if agent.poll is None and now - agent.polled >= POLL_S:
+                agent.poll = agent.actor.progress.remote()
+                agent.polled = now
+                self.polls[agent.poll] = agent
+
+    def _polled(self, ref) -> None:
+        agent = self.polls.pop(ref)
+        agent.poll = None
+        try:
+            report = self.ray.get(ref)
+        except _AGENT_GONE as exc:
+            self._agent_died(agent, exc)
+            return
+        self._take(report)
+        agent.stats = RunStats(**report["stats"])
+        if report["moved_s"] < self.stall_timeout:
+            self.moved = max(self.moved, time.monotonic() - report["moved_s"])
+
+    def _take(self, report: Mapping[str, Any]) -> None:
+        """Receipts from an agent, each file once."""
+        by_lease: dict[int, list] = {}
+        for lease, receipt in report["receipts"]:
+            by_lease.setdefault(lease, []).append(receipt)
+        for lease, receipts in by_lease.items():
+            self._receive(lease, receipts)
+
+    def _receive(self, lease: int, receipts: list) -> None:
+        new = self.book.receipts(lease, receipts)
+        if new:
+            self.moved = time.monotonic()
+            self.rows += sum(r["rows"] for r in new)
+            self.on_receipts(new)
+
+    def _lease_result(self, ref) -> None:
+        agent = self.calls.pop(ref)
+        with contextlib.suppress(ValueError):
+            agent.leases.remove(ref)
+        try:
+            result = self.ray.get(ref)
+        except _AGENT_GONE as exc:
+            agent.leases.append(ref)  # lost with the agent, with its other leases
+            self._agent_died(agent, exc)
+            return
+        if result.get("abandoned"):
+            return
+        if "failed" in result:
+            if self._node_going(agent.node):  # the node is going: not the job's fault
+                agent.leases.append(ref)
+                self._lose_agent(agent, "its node is going away")
+                return
+            raise (StageStalled if result["stalled"] else StageFailed)(result["failed"])
+        self._receive(result["lease"], result["receipts"])
+        agent.stats = RunStats(**result["stats"])
+        first, others = self.book.finish(ref)
+        self.moved = time.monotonic()
+        for key in others:  # a speculative race: the loser stops, its work is dropped
+            loser = self.calls.pop(key, None)
+            self.book.abandon(key)
+            if loser is not None:
+                with contextlib.suppress(ValueError):
+                    loser.leases.remove(key)
+                loser.actor.abandon.remote(result["lease"])
+
+    def _node_going(self, node_id: str) -> bool:
+        nodes = {n.id: n for n in _cluster_nodes()}
+        return node_id not in nodes or nodes[node_id].draining
+
+    def _check_stall(self, shards: int) -> None:
+        """The driver's own watchdog, over the agents: an agent that does not answer its
+        progress call, or no agent able to run (every node gone)."""
+        now = time.monotonic()
+        for agent in self.agents.values():
+            if agent.poll is not None and now - agent.polled > self.stall_timeout:
+                raise StageStalled(
+                    f"no unit moved for {self.stall_timeout:g} s (--stall-timeout): stalled in "
+                    f"the node agent on {agent.node[:12]}, which did not answer for "
+                    f"{now - agent.polled:.0f} s. The files committed so far stay; a rerun "
+                    "resumes")
+        if now - self.moved > self.stall_timeout and not self.agents:
+            raise StageStalled(
+                f"no unit moved for {self.stall_timeout:g} s (--stall-timeout): no node agent "
+                f"runs (no alive node can hold a predictor); {len(self.book.done)}/"
+                f"{len(self.book.leases)} lease(s) of {shards} shard(s) done. The files "
+                "committed so far stay; a rerun resumes")
+
+    def _final_poll(self) -> None:
+        """The agents' last figures (and any receipt not handed over yet)."""
+        calls = {a.actor.progress.remote(): a for a in self.agents.values()}
+        for ref, agent in calls.items():
+            try:
+                report = self.ray.get(ref, timeout=30)
+            except Exception as exc:  # noqa: BLE001 - gone at the end: its figures so far
+                log.warning("node agent on %s did not report at the end (%s)", agent.node[:12],
+                            type(exc).__name__)
+                continue
+            self._take(report)
+            agent.stats = RunStats(**report["stats"])

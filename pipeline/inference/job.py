@@ -36,10 +36,11 @@ from pipeline.io.shards import list_shards
 from pipeline.io.storage import check_writable
 from pipeline.model.network import load_model
 from pipeline.model.precision import resolve_precision
-from pipeline.stages.commit import PieceSpec
+from pipeline.stages.commit import CommitSettings
 from pipeline.stages.faults import plan_from_env
+from pipeline.stages.leases import COMMIT_CPUS, MIN_FREE_CPUS, split_free_cpus
 from pipeline.stages.predictor import LandmarkPredictor
-from pipeline.stages.units import ShardTask, plan_read_tasks
+from pipeline.stages.units import ShardTask
 
 log = logging.getLogger("pipeline")
 
@@ -49,8 +50,6 @@ CONFIG_FILE = "_config.yaml"
 # on one core 158 images/s; the model 7,923 images/s per H100 (bf16) -> ~50 cores per GPU.
 CPU_DECODE_IMAGES_PER_S = 158
 GPU_MODEL_IMAGES_PER_S = 7_923
-COMMIT_CPUS = 0.25  # a commit is Parquet encoding and two PUTs: mostly waiting
-MIN_FREE_CPUS = 0.5  # what the actors always leave to read and commit tasks
 
 
 def run_inference(cfg: InferConfig, job_config: Mapping[str, Any] | None = None, *,
@@ -114,25 +113,24 @@ def _run(cfg: InferConfig, job_config, predictor: type, *, output: str, shards, 
     if todo:
         cluster.ensure_ray(cfg.ray_address)
         cpus, gpus = cluster.cluster_resources()
-        p = plan(cfg, cpus, gpus)
-        log.info("predictors: %d %s actor(s) (%g GPU each), batch size %d, %s, %g CPU each, %d "
-                 "call(s) at once; units of up to %d rows; %d read task(s) at once (%g CPU "
-                 "each); decoding on the %s%s", p.pool_size, "GPU" if p.use_gpu else "CPU",
-                 p.actor_gpus, p.batch_size, p.precision, p.actor_cpus, p.concurrency,
-                 p.unit_rows, p.max_reads, p.read_cpus, "GPU" if p.decode == "gpu" else "CPU",
-                 ", model compiled" if cfg.compile else "")
+        p = plan(cfg, cpus, gpus, node_cpus=cluster.largest_node_cpus())
+        log.info("predictors: %s %s actor(s) (%g GPU each), batch size %d, %s, %g CPU each, %d "
+                 "call(s) at once; units of up to %d rows; decoding on the %s%s",
+                 p.pool_size if not p.elastic else f"{p.pool_size} (one per GPU, as nodes "
+                 "come and go)", "GPU" if p.use_gpu else "CPU", p.actor_gpus, p.batch_size,
+                 p.precision, p.actor_cpus, p.concurrency, p.unit_rows,
+                 "GPU" if p.decode == "gpu" else "CPU", ", model compiled" if cfg.compile else "")
         if p.decode == "gpu" and not p.use_gpu:
             log.info("--decode gpu without GPUs: the CPU predictor actor decodes (torchvision)")
-        tasks = plan_read_tasks(todo, min_tasks=p.max_reads)
-        log.info("%d shard(s) to read in %d read task(s)", len(todo), len(tasks))
         last_log = [time.time()]
 
-        def on_receipt(receipt: dict[str, Any]) -> None:
+        def on_receipts(receipts: list[dict[str, Any]]) -> None:
             lease.check()  # taken over by another run: stop before it writes more
-            summary.add(receipt)
-            manifest.add(receipt)
-            log.debug("committed %s: %d rows, %d errors", receipt["file"], receipt["rows"],
-                      receipt["errors"])
+            for receipt in receipts:
+                summary.add(receipt)
+                manifest.add(receipt)
+                log.debug("committed %s: %d rows, %d errors", receipt["file"], receipt["rows"],
+                          receipt["errors"])
             if time.time() - last_log[0] >= 10:
                 last_log[0] = time.time()
                 elapsed = time.time() - started
@@ -140,7 +138,7 @@ def _run(cfg: InferConfig, job_config, predictor: type, *, output: str, shards, 
                          summary.files_committed, summary.samples, summary.errors,
                          (summary.samples - summary.errors) / max(elapsed, 1e-9))
 
-        runner = executor.UnitRunner(
+        runner = executor.LeaseRunner(
             p.placement(),
             reader_kwargs=dict(
                 storage_options=dict(cfg.storage_options), margin=cfg.margin,
@@ -162,11 +160,17 @@ def _run(cfg: InferConfig, job_config, predictor: type, *, output: str, shards, 
                 precision=p.precision, max_pixels=cfg.max_pixels, margin=cfg.margin,
                 face_threshold=cfg.face_threshold, max_faces=cfg.max_faces,
                 min_face_size=cfg.min_face_size),
-            piece_spec=lambda task, shard, piece, last: PieceSpec(
-                output, task.shards[shard].shard, piece, piece * cfg.rows_per_file, last,
-                model_info.version, settings, dict(cfg.storage_options), faults),
-            on_receipt=on_receipt, stall_timeout=cfg.stall_timeout)
-        stats = runner.run(tasks)
+            commit=CommitSettings(output, model_info.version, settings, cfg.rows_per_file,
+                                  dict(cfg.storage_options), faults),
+            on_receipts=on_receipts, stall_timeout=cfg.stall_timeout)
+        stats = runner.run(todo)
+        summary.placement = {**runner.lease_figures(), **stats.cross_node_fractions(),
+                             "unit_bytes": stats.unit_bytes, "row_bytes": stats.row_bytes}
+        log.info("%d lease(s) on %d node agent(s) (%d lost with their agent, %d started "
+                 "twice near the end); bytes between nodes: %s",
+                 summary.placement["leases"], summary.placement["agents_started"],
+                 summary.placement["leases_lost"], summary.placement["leases_speculated"],
+                 stats.cross_node_fractions())
         summary.predictor_calls = stats.units
         summary.rows_per_call = stats.call_sizes()
         summary.device_decoded, summary.cpu_fallbacks = stats.device_decoded, stats.cpu_fallbacks
@@ -201,15 +205,17 @@ class Plan:
     read_cpus: float = 1.0
     max_commits: int = 1
     commit_cpus: float = COMMIT_CPUS
+    elastic: bool = False  # one actor per GPU of the nodes alive at any time
 
     def placement(self):
         from pipeline.backend.executor import Placement
 
-        return Placement(self.pool_size, self.actor_cpus, self.actor_gpus, self.concurrency,
-                         self.max_reads, self.read_cpus, self.max_commits, self.commit_cpus)
+        return Placement(None if self.elastic else self.pool_size, self.actor_cpus,
+                         self.actor_gpus, self.concurrency)
 
 
-def plan(cfg: InferConfig, cluster_cpus: float, cluster_gpus: int) -> Plan:
+def plan(cfg: InferConfig, cluster_cpus: float, cluster_gpus: int,
+         node_cpus: float | None = None) -> Plan:
     """Resolve device, decode mode, batch and unit sizes, and how many of each worker run at
     once with which CPUs, for a cluster of ``cluster_cpus`` CPUs and ``cluster_gpus`` GPUs.
 
@@ -242,13 +248,14 @@ def plan(cfg: InferConfig, cluster_cpus: float, cluster_gpus: int) -> Plan:
     # CPU inference: one actor with all but one core (the other reads and decodes); GPU:
     # 1 CPU per actor (its host work: batching, copies, and the CPU decode fallback). Never
     # all of the cluster's CPUs: the read and commit tasks need some.
-    actor_cpus = cfg.predictor_cpus or (1 if use_gpu else max(1, cluster_cpus - 1))
-    actor_cpus = min(actor_cpus, (cluster_cpus - MIN_FREE_CPUS) / pool_size)
-    free = cluster_cpus - pool_size * actor_cpus
-    max_commits = max(1, min(2 * pool_size + 2, int(free / 2 / COMMIT_CPUS)))
-    commit_cpus = min(COMMIT_CPUS, free / 2 / max_commits)
-    rest = free - max_commits * commit_cpus
-    max_reads = max(1, int(rest))
+    # ``node_cpus``: the largest node's CPUs (an actor runs on one node); the read and commit
+    # slots below are the whole cluster's, each node agent works out its own share.
+    node_cpus = cluster_cpus if node_cpus is None else min(node_cpus, cluster_cpus)
+    actor_cpus = cfg.predictor_cpus or (1 if use_gpu else max(1, node_cpus - 1))
+    actor_cpus = min(actor_cpus, (cluster_cpus - MIN_FREE_CPUS) / pool_size,
+                     node_cpus - MIN_FREE_CPUS)
+    max_reads, read_cpus, max_commits, commit_cpus = split_free_cpus(
+        cluster_cpus - pool_size * actor_cpus, pool_size)
     return Plan(
         use_gpu=use_gpu,
         decode=decode,
@@ -262,7 +269,8 @@ def plan(cfg: InferConfig, cluster_cpus: float, cluster_gpus: int) -> Plan:
         actor_gpus=actor_gpus,
         unit_rows=cfg.unit_rows or (GPU_UNIT_ROWS if use_gpu else UNIT_BATCHES * batch_size),
         max_reads=max_reads,
-        read_cpus=min(1.0, rest / max_reads),
+        read_cpus=read_cpus,
         max_commits=max_commits,
         commit_cpus=commit_cpus,
+        elastic=use_gpu and not cfg.num_predictors,
     )

@@ -55,6 +55,8 @@ class Summary:
     device_decoded: int = 0  # --decode gpu: images the predictors decoded on their device
     cpu_fallbacks: dict[str, int] = field(default_factory=dict)  # ... and those that took the
     #                                      CPU path instead, by reason (gpu_decode.FALLBACK_REASONS)
+    placement: dict[str, Any] = field(default_factory=dict)  # leases, node agents, and the
+    #                                      share of unit and row bytes that crossed nodes
 
     @property
     def images_per_s(self) -> float:
@@ -173,6 +175,7 @@ def write_manifest(config: dict[str, Any], summary: Summary, writer: ManifestWri
         "rows_per_call": summary.rows_per_call,
         "device_decode": {"decoded_on_device": summary.device_decoded,
                           "cpu_fallbacks": summary.cpu_fallbacks},
+        "placement": summary.placement,
         "seconds": round(summary.seconds, 3),
         "images_per_s": round(summary.images_per_s, 3),
         "receipts": writer.parts,

@@ -42,6 +42,36 @@ class PieceSpec:
         return piece_stem(self.shard.name, self.piece)
 
 
+@dataclass(frozen=True)
+class CommitSettings:
+    """What every piece of one run shares: a commit stage builds each piece's spec from it."""
+
+    output: str
+    model_version: str
+    settings: str
+    rows_per_file: int
+    storage_options: Mapping[str, Any] = field(default_factory=dict, repr=False)
+    faults: str = ""
+
+    def spec(self, shard: Shard, piece: int, last: bool) -> PieceSpec:
+        return PieceSpec(self.output, shard, piece, piece * self.rows_per_file, last,
+                         self.model_version, self.settings, dict(self.storage_options),
+                         self.faults)
+
+
+def rows_nbytes(rows: Mapping[str, Any]) -> int:
+    """About the bytes ``rows`` take when shipped: arrays' buffers, and the payload of each
+    bytes or str value in object arrays."""
+    total = 0
+    for value in rows.values():
+        array = np.asarray(value)
+        if array.dtype == object:
+            total += sum(len(v) for v in array.ravel() if isinstance(v, (bytes, str)))
+        else:
+            total += array.nbytes
+    return total
+
+
 def gather(units: Sequence[Mapping[str, np.ndarray]],
            ranges: Sequence[tuple[int, int]]) -> dict[str, np.ndarray]:
     """The rows ``ranges[i]`` of ``units[i]``, concatenated in order."""

@@ -81,7 +81,9 @@ class UnitHeader:
     """What the driver learns of a unit: its place in its read task and its pieces. ``rows``
     counts input rows, ``out_rows`` the rows of its arrays (more with several faces an image).
     ``device_decode``: images the predictor decoded (``--decode gpu``), by outcome: ``ok`` on
-    the device, else why they took the CPU path (``gpu_decode.FALLBACK_REASONS``)."""
+    the device, else why they took the CPU path (``gpu_decode.FALLBACK_REASONS``).
+    ``read_node`` / ``predict_node``: the nodes that read and predicted the unit, and
+    ``out_bytes`` the size of its predicted rows (the locality figures of the run)."""
 
     task: int
     index: int
@@ -90,6 +92,9 @@ class UnitHeader:
     segments: list[Segment] = field(default_factory=list)
     out_rows: int = 0
     device_decode: dict[str, int] = field(default_factory=dict)
+    read_node: str = ""
+    predict_node: str = ""
+    out_bytes: int = 0
 
 
 def expand_header(header: UnitHeader, source_rows) -> UnitHeader:
