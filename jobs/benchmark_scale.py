@@ -55,7 +55,9 @@ import tarfile
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -354,6 +356,8 @@ def run_straggler(args, cluster, workdir: Path) -> dict:
     total = make_shards(input_dir, 8 * len(nodes) * 2, args.per_shard)
     result = {"slow_node_rate_factor": 1 / SLOW_FACTOR, "rows": total, "gpus": gpus,
               "rate_per_gpu": args.rate}
+    # Leases as many as a real archive would give: these tiny JPEGs are ~1 % of a photo's bytes.
+    min_lease, leases.MIN_LEASE_BYTES = leases.MIN_LEASE_BYTES, 1
     for speculate in (True, False):
         leases.SPECULATE = speculate
         cfg = InferConfig(input=str(input_dir), output=str(output), device="cuda",
@@ -377,6 +381,7 @@ def run_straggler(args, cluster, workdir: Path) -> dict:
         log.info("straggler, speculation %s: %s", speculate, result)
         shutil.rmtree(output)
     shutil.rmtree(input_dir)
+    leases.MIN_LEASE_BYTES = min_lease
     return result
 
 
@@ -425,27 +430,19 @@ class ChaosMonkey:
         self.kills: dict[str, int] = {kind: 0 for kind in budget}
         self.added: list[str] = []  # ids of the nodes that joined
         self.node_args = node_args or {"num_cpus": CPUS_PER_NODE, "num_gpus": GPUS_PER_NODE}
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        self.thread.join()
 
     def _committed(self) -> bool:
         done = self.output / DONE_DIR
         return done.exists() and any(done.iterdir())
 
-    def _run(self) -> None:
+    def run(self, finished: threading.Event) -> None:
+        """Disturb the job until ``finished`` (in the main thread: Ray starts a node's
+        processes from there only)."""
         import signal
 
-        while not self.stop.is_set() and not self._committed():
-            self.stop.wait(0.05)
-        while not self.stop.wait(self.rng.uniform(*self.interval)):
+        while not finished.is_set() and not self._committed():
+            finished.wait(0.05)
+        while not finished.wait(self.rng.uniform(*self.interval)):
             kinds = [k for k, left in self.budget.items() if left > 0]
             if not kinds:
                 return
@@ -465,6 +462,28 @@ class ChaosMonkey:
             self.budget[kind] -= 1
             self.kills[kind] += 1
             log.info("chaos: killed a %s (%s)", kind, self.kills)
+
+
+def run_beside(job: Callable[[], Any], disturb: Callable[[threading.Event], None]) -> Any:
+    """``job()`` in a thread while ``disturb(finished)`` runs in this one; returns the job's
+    result, or raises its error."""
+    finished, out = threading.Event(), {}
+
+    def target():
+        try:
+            out["result"] = job()
+        except BaseException as exc:  # noqa: BLE001 - raised again below
+            out["error"] = exc
+        finally:
+            finished.set()
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    disturb(finished)
+    thread.join()
+    if "error" in out:
+        raise out["error"]
+    return out["result"]
 
 
 def output_digest(output: Path) -> dict[str, list[str]]:
@@ -497,6 +516,8 @@ def run_chaos(args, cluster, workdir: Path, seeds: list[int]) -> dict:
     run per seed under the chaos monkey; each must equal the undisturbed output."""
     import ray
 
+    from pipeline.stages import leases
+
     unit_rows = 16
     shards = -(-args.chaos_units * unit_rows // args.per_shard) + 1
     input_dir = workdir / "in-chaos"
@@ -505,6 +526,7 @@ def run_chaos(args, cluster, workdir: Path, seeds: list[int]) -> dict:
     rate = args.chaos_rate
 
     def one(output: Path, seed: int | None) -> dict:
+        leases.MIN_LEASE_BYTES = 1  # tiny JPEGs: leases as many as a real archive's
         cfg = InferConfig(input=str(input_dir), output=str(output), device="cuda",
                           decode="gpu", batch_size=unit_rows, unit_rows=unit_rows,
                           ray_address=cluster.address, stall_timeout=300)
@@ -514,8 +536,8 @@ def run_chaos(args, cluster, workdir: Path, seeds: list[int]) -> dict:
             if seed is None:
                 summary, kills = _run(cfg, stand_in(rate)), {}
             else:
-                with ChaosMonkey(cluster, output, seed, CHAOS_BUDGET) as monkey:
-                    summary = _run(cfg, stand_in(rate))
+                monkey = ChaosMonkey(cluster, output, seed, CHAOS_BUDGET)
+                summary = run_beside(lambda: _run(cfg, stand_in(rate)), monkey.run)
                 kills = monkey.kills
         finally:
             ray.shutdown()

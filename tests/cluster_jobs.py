@@ -1,8 +1,6 @@
 """Run by the tests in a process of their own, each on a ray.cluster_utils.Cluster that does not
 meet the test session's Ray; prints one ``RESULT {json}`` line.
 
-    python tests/cluster_jobs.py node-loss INPUT OUTPUT WEIGHTS
-        a head and two worker nodes; the node whose predictor is busy is removed mid-run
     python tests/cluster_jobs.py one-cpu INPUT OUTPUT WEIGHTS
         the inference job on a cluster of one CPU
     python tests/cluster_jobs.py oom-cap
@@ -21,79 +19,17 @@ import json
 import os
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import psutil
 import ray
-from ray._private import ray_constants
 from ray.cluster_utils import Cluster
 
 from pipeline.backend.cluster import ensure_ray
 from pipeline.backend.executor import READ_TASK_RETRIES
 from pipeline.inference.config import InferConfig
 from pipeline.inference.job import run_inference
-
-
-def _predictors(node) -> dict[int, str]:
-    """pid -> process title of the predictor actors a node runs (its raylet's children): Ray
-    titles an actor's process ``ray::<class>`` and ``ray::<class>.<method>`` while it works."""
-    raylet = node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
-    found = {}
-    for child in psutil.Process(raylet).children(recursive=True):
-        try:
-            title = " ".join(child.cmdline())
-        except psutil.Error:  # gone meanwhile
-            continue
-        if title.startswith("ray::_Predictor"):
-            found[child.pid] = title
-    return found
-
-
-def node_loss(input_dir: str, output_dir: str, weights: str) -> dict:
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
-    workers = [cluster.add_node(num_cpus=2) for _ in range(2)]
-    ray.init(address=cluster.address)
-    cluster.wait_for_nodes()
-    result = {}
-
-    def job():
-        cfg = InferConfig(input=input_dir, output=output_dir, weights=weights, batch_size=2,
-                          num_predictors=1, predictor_cpus=1)
-        summary = run_inference(cfg)
-        result.update(samples=summary.samples, errors=summary.errors)
-
-    thread = threading.Thread(target=job)
-    thread.start()
-    done = Path(output_dir) / "_done"
-    deadline = time.time() + 300
-    # Wait for a committed shard and for the predictor to be busy with the next unit, then
-    # remove the node it runs on: a unit is lost in flight there and must be predicted again.
-    while True:
-        if time.time() > deadline or not thread.is_alive():
-            raise SystemExit("the predictor was never seen busy after a first commit")
-        busy = [(node, pid, title) for node in workers
-                for pid, title in _predictors(node).items() if ".predict" in title]
-        if busy and done.exists() and any(done.iterdir()):
-            break
-        time.sleep(0.02)
-    removed, old_pid, title = busy[0]
-    result["removed_node_after_shards"] = len(list(done.iterdir()))
-    result["busy_title"] = title
-    cluster.remove_node(removed)
-    survivor = next(node for node in workers if node is not removed)
-    restarted = {}
-    while thread.is_alive():  # the actor comes back on the other node and does the rest
-        restarted.update(_predictors(survivor))
-        time.sleep(0.05)
-    thread.join()
-    result["killed_predictor_gone"] = not psutil.pid_exists(old_pid)
-    result["predictor_restarted_on_survivor"] = bool(restarted)
-    result["alive_nodes"] = sum(1 for n in ray.nodes() if n["Alive"])
-    ray.shutdown()
-    cluster.shutdown()
-    return result
 
 
 def one_cpu(input_dir: str, output_dir: str, weights: str) -> dict:
@@ -176,8 +112,9 @@ def chaos(workdir: str) -> dict:
             if during is None:
                 summary = run_inference(cfg, predictor=bs.stand_in(30))
             else:
-                with during(work / name) as what:
-                    summary = run_inference(cfg, predictor=bs.stand_in(30))
+                what = during(work / name)
+                summary = bs.run_beside(lambda: run_inference(cfg, predictor=bs.stand_in(30)),
+                                        what.run)
         finally:
             ray.shutdown()
         cluster.wait_for_nodes()
@@ -200,24 +137,16 @@ def chaos(workdir: str) -> dict:
                               "commit": 1},
                       order=["node", "node_agent", "predictor", "read_task"])
 
-    class Drain(threading.Thread):
+    class Drain:
         """After the first commit, drain a worker node (as a spot notice does), then remove it
         at the deadline 5 s later (the preemption itself) and add another."""
 
         def __init__(self, output):
-            super().__init__(daemon=True)
             self.output, self.drained, self.removed = output, None, False
 
-        def __enter__(self):
-            self.start()
-            return self
-
-        def __exit__(self, *exc):
-            self.join()
-
-        def run(self):
+        def run(self, finished):
             done = self.output / "_done"
-            while not (done.exists() and any(done.iterdir())):
+            while not (done.exists() and any(done.iterdir())) and not finished.is_set():
                 time.sleep(0.05)
             workers = [n for n in cluster.list_all_nodes() if n is not cluster.head_node]
             victim = workers[0]
@@ -245,5 +174,5 @@ def chaos(workdir: str) -> dict:
 
 
 if __name__ == "__main__":
-    jobs = {"node-loss": node_loss, "one-cpu": one_cpu, "oom-cap": oom_cap, "chaos": chaos}
+    jobs = {"one-cpu": one_cpu, "oom-cap": oom_cap, "chaos": chaos}
     print("RESULT " + json.dumps(jobs[sys.argv[1]](*sys.argv[2:])), flush=True)

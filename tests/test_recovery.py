@@ -181,19 +181,6 @@ def _assert_same_landmarks(folder: Path, clean: dict) -> None:
                                    atol=1e-4)
 
 
-def test_worker_node_removed_during_the_run(archive, weights_file, clean, tmp_path):
-    """A head and two worker nodes; after the first shard commits, the node whose predictor is
-    busy with a unit is removed. The actor comes back on the other node and does that unit
-    and the rest again: every row is there once, as in a clean run."""
-    out = tmp_path / "out"
-    result = cluster_job("node-loss", str(archive / "in"), str(out), weights_file[0])
-    assert result["busy_title"].startswith("ray::_Predictor.predict")  # work was running there
-    assert 1 <= result["removed_node_after_shards"] < SHARDS and result["alive_nodes"] == 2
-    assert result["killed_predictor_gone"] and result["predictor_restarted_on_survivor"]
-    assert result["samples"] == SHARDS * PER_SHARD and result["errors"] == 0
-    _assert_same_landmarks(out, clean)
-
-
 def test_a_one_cpu_cluster_finishes(archive, weights_file, clean, tmp_path):
     """The CPU predictor, the read tasks and the commits share one CPU: the planner leaves the
     reads and commits part of it, so the job makes progress instead of waiting for ever."""

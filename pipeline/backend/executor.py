@@ -940,7 +940,7 @@ class LeaseRunner:
         if result.get("abandoned"):
             return
         if "failed" in result:
-            if self._node_going(agent.node):  # the node is going: not the job's fault
+            if self._node_going(agent):  # the node is going: not the job's fault
                 agent.leases.append(ref)
                 self._lose_agent(agent, "its node is going away")
                 return
@@ -957,9 +957,13 @@ class LeaseRunner:
                     loser.leases.remove(key)
                 loser.actor.abandon.remote(result["lease"])
 
-    def _node_going(self, node_id: str) -> bool:
-        nodes = {n.id: n for n in _cluster_nodes()}
-        return node_id not in nodes or nodes[node_id].draining
+    def _node_going(self, agent: _Agent) -> bool:
+        """Whether ``agent``'s node is gone or draining (Ray then refuses new tasks there)."""
+        node = {n.id: n for n in _cluster_nodes()}.get(agent.node)
+        if node is not None and node.draining and not agent.draining:
+            agent.draining = True
+            self.events["nodes_drained"] += 1
+        return node is None or node.draining
 
     def _check_stall(self, shards: int) -> None:
         """The driver's own watchdog, over the agents: an agent that does not answer its
