@@ -2,6 +2,7 @@
 
     python jobs/benchmark_scale.py            # 1, 2, 4, 8 simulated GPUs + 100,000-shard listing
     python jobs/benchmark_scale.py --quick    # a small version (a few minutes on 2 cores)
+    python jobs/benchmark_scale.py --quick --saturate-rows 120000 --straggler --chaos 1,2,3
 
 Part 1, scaling. A ``ray.cluster_utils.Cluster`` in this process: a head node (the driver's)
 and worker nodes with fake ``GPU`` resources. For each simulated GPU count the job's own code
@@ -19,17 +20,33 @@ deterministic landmarks. No VGG16 runs, so the figures are the pipeline's own. P
   ``getrusage(RUSAGE_SELF)``, sampled every 0.1 s) over the steady window, per million rows;
   ``driver_cpu_s_total`` is the whole call's, which also pays for loading the model once.
   At the low row rates this machine allows, much of it is the connected Ray client's idle cost
-  (``driver_idle_cpu_s_per_s``, measured for 5 s before the run), which does not grow with rows;
+  (``driver_idle_cpu_s_per_s``, measured for 5 s before the run, with the sampler running: it
+  costs ~1-3 ms/s itself), which does not grow with rows;
   ``driver_cpu_s_per_million_rows_above_idle`` takes it out, and
   ``driver_main_thread_cpu_s_per_million_rows`` is the job's own driver code (the dispatch loop);
 - ``commit_worker_cpu_us_per_row``: CPU of the workers' commit path per row (from the
   receipts; 0 where the driver commits), and ``..._warm`` without each worker process's first
   commit, which pays pyarrow's one-time imports (pandas among them: ~0.3-0.5 s per process);
-- ``driver_peak_mb``: the driver's peak resident memory during the call (sampled ``VmRSS``).
+- ``driver_peak_mb``: the driver's peak resident memory during the call (sampled ``VmRSS``);
+- ``units``, ``leases``, ``node_agents``; ``cross_node_unit_bytes_fraction`` (bytes of units
+  whose read task ran on another node than their predictor) and
+  ``cross_node_row_bytes_fraction`` (bytes of predicted rows committed on another node than
+  their predictor's), from the node ids each stage records.
 
-Then, unless ``--saturate-rows 0``, one run on 2 simulated GPUs whose stand-in is never the
-limit: rows flow as fast as this machine's cores read and commit them, which is where a driver
-that handles rows would show its cost.
+Then, unless ``--saturate-rows 0``, runs on 2 simulated GPUs whose stand-in is never the limit,
+one per ``--saturate-unit-rows`` (256 and 4,096): rows flow as fast as this machine's cores read
+and commit them, which is where a driver that handles rows or units would show its cost.
+
+``--straggler``: the same input twice on all the simulated GPUs with one node's stand-in at a
+tenth of the rate, with speculation and without: ``tail_s_*`` is the time from 90 % of the rows
+committed to the last commit (``straggler`` in scale.json).
+
+``--chaos SEEDS``: >= ``--chaos-units`` units (16 rows each) once undisturbed, then once per
+seed while ``ChaosMonkey`` kills, at random moments after the first commit, read tasks,
+predictor actors, commit tasks, node agents (SIGKILL, found by process title) and a whole
+worker node (``cluster.remove_node``, then a fresh node joins). Each run's output must equal the
+undisturbed one (file list and a hash of every row); ``chaos.json`` has per seed the kills by
+kind, ``identical``, ``duplicates`` and ``missing``.
 
 Part 2, many shards: 100,000 one-byte ``.tar`` files (``--listing-shards``) listed, checked for
 resume and planned into read tasks (``plan_read_tasks``) without running them: seconds and the
@@ -37,7 +54,7 @@ driver's peak memory, with the 1,000,000 figures extrapolated linearly (stated a
 running them costs the driver per unit is part 1's driver CPU figure.
 
 Writes ``--out``/scale.json: ``{"scaling": [{"gpus", "rows_per_s", "driver_cpu_s_per_million_rows",
-"driver_peak_mb", ...}], "listing": {...}, "settings": {...}}``.
+"driver_peak_mb", ...}], "straggler": {...}, "chaos": {...}, "listing": {...}, "settings": {...}}``.
 """
 
 from __future__ import annotations
@@ -280,7 +297,8 @@ def run_scaling(args, cluster_address: str, workdir: Path) -> list[dict]:
                           decode="gpu", num_predictors=gpus, batch_size=args.batch_size,
                           unit_rows=unit_rows, ray_address=cluster_address)
         ray.init(address=cluster_address)
-        idle = _idle_cpu_per_s()
+        with DriverSampler():  # the idle figure includes the sampler's own ~1-3 ms/s
+            idle = _idle_cpu_per_s()
         started = time.time()
         with DriverSampler() as sampler:
             summary = _run(cfg, predictor)
@@ -356,8 +374,6 @@ def run_straggler(args, cluster, workdir: Path) -> dict:
     total = make_shards(input_dir, 8 * len(nodes) * 2, args.per_shard)
     result = {"slow_node_rate_factor": 1 / SLOW_FACTOR, "rows": total, "gpus": gpus,
               "rate_per_gpu": args.rate}
-    # Leases as many as a real archive would give: these tiny JPEGs are ~1 % of a photo's bytes.
-    min_lease, leases.MIN_LEASE_BYTES = leases.MIN_LEASE_BYTES, 1
     for speculate in (True, False):
         leases.SPECULATE = speculate
         cfg = InferConfig(input=str(input_dir), output=str(output), device="cuda",
@@ -381,7 +397,6 @@ def run_straggler(args, cluster, workdir: Path) -> dict:
         log.info("straggler, speculation %s: %s", speculate, result)
         shutil.rmtree(output)
     shutil.rmtree(input_dir)
-    leases.MIN_LEASE_BYTES = min_lease
     return result
 
 
@@ -516,8 +531,6 @@ def run_chaos(args, cluster, workdir: Path, seeds: list[int]) -> dict:
     run per seed under the chaos monkey; each must equal the undisturbed output."""
     import ray
 
-    from pipeline.stages import leases
-
     unit_rows = 16
     shards = -(-args.chaos_units * unit_rows // args.per_shard) + 1
     input_dir = workdir / "in-chaos"
@@ -526,7 +539,6 @@ def run_chaos(args, cluster, workdir: Path, seeds: list[int]) -> dict:
     rate = args.chaos_rate
 
     def one(output: Path, seed: int | None) -> dict:
-        leases.MIN_LEASE_BYTES = 1  # tiny JPEGs: leases as many as a real archive's
         cfg = InferConfig(input=str(input_dir), output=str(output), device="cuda",
                           decode="gpu", batch_size=unit_rows, unit_rows=unit_rows,
                           ray_address=cluster.address, stall_timeout=300)
@@ -657,9 +669,14 @@ def main(argv=None) -> dict:
     import ray
     from ray.cluster_utils import Cluster
 
+    from pipeline.stages import leases
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     args = parse(argv)
+    # These tiny JPEGs are ~1 % of a photo's bytes: without a floor on lease size, the input is
+    # cut into as many leases as a real archive of the same images would be (~4 per agent).
+    leases.MIN_LEASE_BYTES = 1
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="scale-"))
     gpus = max(int(g) for g in args.gpus.split(","))
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})

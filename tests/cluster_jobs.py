@@ -20,6 +20,7 @@ import os
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import psutil
@@ -123,7 +124,7 @@ def chaos(workdir: str) -> dict:
                 "units": summary.predictor_calls, "placement": summary.placement,
                 "digest": bs.output_digest(work / name),
                 "duplicates": len(keys) - len(set(keys)), "missing": len(expected - set(keys)),
-                "receipt_nodes": sorted({r["node"] for r in read_receipts(str(work / name))}),
+                "receipt_nodes": dict(Counter(r["node"] for r in read_receipts(str(work / name)))),
                 "receipt_files": len(read_receipts(str(work / name))),
                 "during": during and what.report()}
 

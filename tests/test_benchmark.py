@@ -156,6 +156,13 @@ def test_scale_benchmark_stand_in_feeds_the_real_commit_stage(tmp_path):
     # The steady window runs from the commit that passes 10 % of the rows to the one at 90 %.
     commits = [(float(t), 10) for t in range(10)]
     assert bench._steady_window(commits, 100) == (0.0, 8.0, 80)
+    assert bench._tail_s(commits, 100) == 1.0  # from 90 % of the rows to the last commit
+    # The chaos comparison: a hash of every row of every file, and the keys.
+    digest = bench.output_digest(tmp_path / "out")
+    assert list(digest) == [receipt["file"]] and len(digest[receipt["file"]]) == 5
+    assert bench.output_keys(tmp_path / "out") == [f"s00000-{i:06d}" for i in range(5)]
+    commit_piece(spec, {k: v[1:6] for k, v in out.items()})  # other rows, same file name
+    assert bench.output_digest(tmp_path / "out") != digest
 
 
 def test_detector_benchmark_reports_each_image(tmp_path):
