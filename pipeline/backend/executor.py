@@ -391,12 +391,16 @@ class _NodeRunner:
             log.exception("node agent failed")
             self._fail(f"the node agent failed ({type(exc).__name__}: {exc})")
 
-    def _take_inbox(self) -> None:
+    def _inbox(self):
+        """The leases and abandons sent since the last look: ``(kind, value, future)``."""
         while True:
             try:
-                kind, value, future = self.inbox.get_nowait()
+                yield self.inbox.get_nowait()
             except queue.Empty:
                 return
+
+    def _take_inbox(self) -> None:
+        for kind, value, future in self._inbox():
             if kind == "lease":
                 self._add_lease(value, future)
             else:
@@ -449,11 +453,7 @@ class _NodeRunner:
         for stream in self.streams:
             with contextlib.suppress(Exception):
                 self.ray.cancel(stream.generator, force=True)
-        while True:  # leases that arrived meanwhile
-            try:
-                kind, value, future = self.inbox.get_nowait()
-            except queue.Empty:
-                break
+        for _, value, future in self._inbox():  # leases that arrived meanwhile
             if future is not None:
                 future.set_result({**failed, "lease": value.id})
 
@@ -708,6 +708,8 @@ class LeaseRunner:
         self.restarts: dict[str, int] = {}
         self.gone: list[RunStats] = []  # figures of agents that died
         self.rows = 0
+        self.known_nodes: set[str] = set()
+        self.refresh = False  # look at the nodes now (an agent was lost)
         self.events: dict[str, int] = {"agents_started": 0, "agents_lost": 0,
                                        "agents_preempted": 0, "nodes_joined": 0, "nodes_drained": 0}
 
@@ -780,11 +782,8 @@ class LeaseRunner:
             node = alive.get(agent.node)
             if node is None:
                 self._lose_agent(agent, "its node is gone")
-            elif node.draining and not agent.draining:
-                agent.draining = True
-                self.events["nodes_drained"] += 1
-                log.warning("node %s is draining: its %d lease(s) are started elsewhere too",
-                            agent.node[:12], len(agent.leases))
+            elif node.draining:
+                self._mark_draining(agent)
         known = set(self.known_nodes)
         self.known_nodes = set(alive)
         if known and set(alive) - known:
@@ -796,8 +795,6 @@ class LeaseRunner:
     def run(self, todo: list[ShardTask]) -> RunStats:
         """Run every shard to its commits; returns the predictors' figures."""
         ray = self.ray
-        self.known_nodes: set[str] = set()
-        self.refresh = False
         self._refresh_nodes()
         if not self.agents:
             raise StageFailed("no node of the Ray cluster can hold a predictor actor (with "
@@ -972,10 +969,17 @@ class LeaseRunner:
     def _node_going(self, agent: _Agent) -> bool:
         """Whether ``agent``'s node is gone or draining (Ray then refuses new tasks there)."""
         node = {n.id: n for n in _cluster_nodes()}.get(agent.node)
-        if node is not None and node.draining and not agent.draining:
+        if node is not None and node.draining:
+            self._mark_draining(agent)
+        return node is None or node.draining
+
+    def _mark_draining(self, agent: _Agent) -> None:
+        """``agent``'s node drains: it gets no more leases, its leases are copied elsewhere."""
+        if not agent.draining:
             agent.draining = True
             self.events["nodes_drained"] += 1
-        return node is None or node.draining
+            log.warning("node %s is draining: its %d lease(s) are started elsewhere too",
+                        agent.node[:12], len(agent.leases))
 
     def _check_stall(self, shards: int) -> None:
         """The driver's own watchdog, over the agents: an agent that does not answer its

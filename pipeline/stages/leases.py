@@ -209,9 +209,6 @@ class LeaseBook:
     def finished(self) -> bool:
         return len(self.done) == len(self.leases)
 
-    def running(self, agent: Hashable | None = None) -> list:
-        return [k for k, a in self.attempts.items() if agent is None or a.agent == agent]
-
     def take(self, agent: Hashable) -> WorkLease | None:
         """The next lease in the queue for ``agent`` (start it with ``started``)."""
         while self.queue:
