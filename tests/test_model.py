@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from pipeline.model.identity import ModelChanged, check_loaded, init_version, model_identity
 from pipeline.model.network import (
     ARCH,
     FILE_FORMAT,
@@ -150,8 +151,10 @@ def test_save_load_local_round_trip(tmp_path, random_model, forward, sample_inpu
     metadata = {"run": "unit-test", "epochs": 3, "nme": 0.125}
     version = save_model(model, uri, metadata=metadata)
 
-    assert version == weights_version(model.state_dict()) == info.version
+    assert version == weights_version(model.state_dict())
     assert len(version) == 16 and int(version, 16) >= 0
+    # A model without a file is named by what built it; its file by its weights.
+    assert info.version == init_version("random", 0) != version
 
     payload = read_model_file(uri)
     _check_payload(payload, version, metadata)
@@ -162,6 +165,8 @@ def test_save_load_local_round_trip(tmp_path, random_model, forward, sample_inpu
     assert loaded_info.version == version
     assert loaded_info.source == uri
     assert loaded_info.metadata == metadata
+    # The driver's view, read without the tensors, is the same.
+    assert model_identity(uri) == loaded_info
     assert not loaded.training
     for k, v in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v), k
@@ -174,26 +179,26 @@ def test_save_load_memory_round_trip(memory_dir, random_model):
     model, info = random_model
     uri = f"{memory_dir}/nested/m.pt"
     version = save_model(model, uri)
-    assert version == info.version
+    assert version == weights_version(model.state_dict())
     payload = read_model_file(uri)
     _check_payload(payload, version, {})
     loaded, loaded_info = load_model(uri)
-    assert loaded_info == type(loaded_info)(version, uri, {})
+    assert loaded_info == type(loaded_info)(version, uri, {}) == model_identity(uri)
     for k, v in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v), k
 
 
 def test_weights_version_changes_with_one_weight(random_model):
-    model, info = random_model
+    model, _ = random_model
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    assert weights_version(state) == info.version
+    base = weights_version(state)
     # Key order does not matter.
-    assert weights_version(dict(reversed(list(state.items())))) == info.version
+    assert weights_version(dict(reversed(list(state.items())))) == base
     state["classifier.3.bias"][5] += 1e-3
     changed = weights_version(state)
-    assert changed != info.version and len(changed) == 16
+    assert changed != base and len(changed) == 16
     state["classifier.3.bias"][5] -= 1e-3
-    assert weights_version(state) == info.version
+    assert weights_version(state) == base
     # Same bytes, different dtype or name: a different version.
     assert weights_version({"a": torch.zeros(4)}) != weights_version({"b": torch.zeros(4)})
     assert weights_version({"a": torch.zeros(4)}) != weights_version(
@@ -213,6 +218,13 @@ def test_random_init_is_deterministic_per_seed(random_model):
     assert info.source == "init:random:seed=0" and other_info.source == "init:random:seed=1"
     assert again_info.version == info.version
     assert other_info.version != info.version
+    # Same seed, same weights: what lets every actor (and the driver, which builds nothing)
+    # name the model without comparing tensors.
+    for k, v in model.state_dict().items():
+        assert torch.equal(again.state_dict()[k], v), k
+    assert weights_version(other.state_dict()) != weights_version(model.state_dict())
+    assert model_identity(init="random", seed=0) == info
+    assert model_identity(init="random", seed=1) == other_info
     for k, v in model.state_dict().items():
         assert torch.equal(again.state_dict()[k], v), k
     assert not torch.equal(other.state_dict()["features.0.weight"], model.features[0].weight)
@@ -231,6 +243,8 @@ def test_random_bytes_are_rejected(tmp_path):
         read_model_file(str(path))
     with pytest.raises(ValueError, match="not a readable model file"):
         load_model(str(path))
+    with pytest.raises(ValueError, match="not a readable model file"):
+        model_identity(str(path))
 
 
 def test_plain_torch_dict_is_rejected(tmp_path):
@@ -238,6 +252,8 @@ def test_plain_torch_dict_is_rejected(tmp_path):
     torch.save({"features.0.weight": torch.zeros(2, 2)}, path)
     with pytest.raises(ValueError, match="is not a face-landmarks-model file"):
         read_model_file(str(path))
+    with pytest.raises(ValueError, match="is not a face-landmarks-model file"):
+        model_identity(str(path))
 
 
 def _fake_payload(**overrides):
@@ -272,6 +288,8 @@ def test_wrong_header_fields_are_rejected(tmp_path, overrides, message):
         read_model_file(str(path))
     with pytest.raises(ValueError, match=message):
         load_model(str(path))
+    with pytest.raises(ValueError, match=message):
+        model_identity(str(path))
 
 
 @pytest.mark.parametrize(
@@ -294,6 +312,11 @@ def test_header_without_matching_weights_is_rejected(tmp_path, state_dict):
     torch.save(payload, path)
     with pytest.raises(ValueError, match="state_dict"):
         load_model(str(path))
+    if state_dict is None:
+        with pytest.raises(ValueError, match="state_dict"):
+            model_identity(str(path))
+    else:  # the header is sound: the driver accepts it, the actors' load_model refuses it
+        assert model_identity(str(path)).version == "0" * 16
 
 
 def test_valid_header_is_accepted(tmp_path):
@@ -310,6 +333,8 @@ def test_missing_model_file(tmp_path, memory_dir):
         load_model(missing)
     with pytest.raises(FileNotFoundError):
         read_model_file(f"{memory_dir}/nope.pt")
+    with pytest.raises(FileNotFoundError, match="model file not found"):
+        model_identity(missing)
 
 
 # --------------------------------------------------------------------------------------------
@@ -331,7 +356,8 @@ def test_imagenet_init_reads_the_torchvision_cache(
 
     model, info = load_model(init="imagenet")
     assert info.source == "init:imagenet"
-    assert info.version == weights_version(model.state_dict())
+    assert info == model_identity(init="imagenet")
+    assert info.version not in (init_version("random", 0), init_version("imagenet", 1))
     assert not model.training
     features = model.features.state_dict()
     for k, v in features.items():
@@ -357,3 +383,61 @@ def test_weights_that_do_not_match_their_version_are_rejected(tmp_path, random_m
     torch.save(payload, path)
     with pytest.raises(ValueError, match="the file is damaged or was edited"):
         load_model(str(path))
+
+
+# --------------------------------------------------------------------------------------------
+# The driver's view of the model: no torch, no network
+# --------------------------------------------------------------------------------------------
+
+
+def test_model_identity_reads_no_torch_and_no_tensor(weights_file, tmp_path):
+    # In a fresh process: the inference job's driver module and the header read leave torch
+    # unimported (it costs a process ~450 MB), and the file's tensor bytes are never read.
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, zipfile\n"
+        "import pipeline.inference.job\n"
+        "from pipeline.model.identity import model_identity\n"
+        "opened = []\n"
+        "real = zipfile.ZipFile.open\n"
+        "def spy(self, name, *a, **k):\n"
+        "    opened.append(name if isinstance(name, str) else name.filename)\n"
+        "    return real(self, name, *a, **k)\n"
+        "zipfile.ZipFile.open = spy\n"
+        f"info = model_identity({weights_file[0]!r})\n"
+        "print(info.version, 'torch' in sys.modules, *opened)\n"
+    )
+    version, torch_imported, *opened = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.split()
+    assert version == weights_file[2]
+    assert torch_imported == "False"
+    assert len(opened) == 1 and opened[0].endswith("/data.pkl"), opened
+
+
+def test_a_header_with_foreign_objects_is_refused_without_running_them(tmp_path):
+    import fractions
+    import pickle
+    import zipfile
+
+    path = tmp_path / "odd.pt"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("odd/data.pkl", pickle.dumps({"format": fractions.Fraction(1, 2)}))
+    with pytest.raises(ValueError, match="not a readable model file"):
+        model_identity(str(path))
+    bad_version = tmp_path / "bad-version.pt"
+    torch.save(_fake_payload(version="not-hex"), bad_version)
+    with pytest.raises(ValueError, match="version must be 16 hex digits"):
+        model_identity(str(bad_version))
+
+
+def test_an_actor_that_loads_another_version_stops_the_run(weights_file):
+    from pipeline.stages.predictor import LandmarkPredictor
+
+    info = model_identity(weights_file[0])
+    check_loaded(info, info.version)
+    check_loaded(info, None)
+    with pytest.raises(ModelChanged, match="weights changed during the run") as caught:
+        LandmarkPredictor(weights=weights_file[0], device="cpu", expected_version="0" * 16)
+    assert caught.value.stops_job

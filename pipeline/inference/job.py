@@ -34,7 +34,7 @@ from pipeline.io.resume import (
 )
 from pipeline.io.shards import list_shards
 from pipeline.io.storage import check_writable
-from pipeline.model.network import load_model
+from pipeline.model.identity import model_identity
 from pipeline.model.precision import resolve_precision
 from pipeline.stages.commit import CommitSettings
 from pipeline.stages.faults import plan_from_env
@@ -67,8 +67,9 @@ def run_inference(cfg: InferConfig, job_config: Mapping[str, Any] | None = None,
     output = cfg.output.rstrip("/")
     shards = list_shards(cfg.input, cfg.format, cfg.storage_options, cfg.files_per_shard)
     log.info("found %d %s shard(s) under %s", len(shards), shards[0].format, cfg.input)
-    # Load once on the driver: a bad weights URI fails here, before any cluster work.
-    _, model_info = load_model(cfg.weights, cfg.init, cfg.storage_options, cfg.seed)
+    # The model's identity only (no torch, no network on the driver): a missing or bad model
+    # file fails here, before any cluster work; the actors load the model.
+    model_info = model_identity(cfg.weights, cfg.init, cfg.storage_options, cfg.seed)
     log.info("model %s from %s", model_info.version, model_info.source)
     settings = settings_id(cfg.result_settings())
     faults = plan_from_env()  # failure tests only (pipeline.stages.faults); empty otherwise
@@ -159,7 +160,7 @@ def _run(cfg: InferConfig, job_config, predictor: type, *, output: str, shards, 
                 faults=faults, micro_batch=p.batch_size, compile=cfg.compile,
                 precision=p.precision, max_pixels=cfg.max_pixels, margin=cfg.margin,
                 face_threshold=cfg.face_threshold, max_faces=cfg.max_faces,
-                min_face_size=cfg.min_face_size),
+                min_face_size=cfg.min_face_size, expected_version=model_info.version),
             commit=CommitSettings(output, model_info.version, settings, cfg.rows_per_file,
                                   dict(cfg.storage_options), faults),
             on_receipts=on_receipts, stall_timeout=cfg.stall_timeout)

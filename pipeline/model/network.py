@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import io
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -38,12 +37,16 @@ from pipeline.model.geometry import (  # noqa: F401
     INPUT_SIZE,
     NUM_LANDMARKS,
 )
-
-ARCH = "vgg16-keypoints-68"
-LANDMARK_SCHEME = "ibug68"
-FILE_FORMAT = "face-landmarks-model"
-FILE_FORMAT_VERSION = 1
-
+from pipeline.model.identity import (  # noqa: F401
+    ARCH,
+    FILE_FORMAT,
+    FILE_FORMAT_VERSION,
+    LANDMARK_SCHEME,
+    ModelInfo,
+    check_header,
+    init_source,
+    init_version,
+)
 
 
 class Fp32Head(nn.Sequential):
@@ -95,15 +98,6 @@ def weights_version(state_dict: Mapping[str, torch.Tensor]) -> str:
     return digest.hexdigest()[:16]
 
 
-@dataclass(frozen=True)
-class ModelInfo:
-    """What the inference job records about the model it ran."""
-
-    version: str
-    source: str
-    metadata: dict[str, Any] = field(default_factory=dict)
-
-
 def save_model(
     model: nn.Module,
     uri: str,
@@ -141,24 +135,7 @@ def read_model_file(uri: str, storage_options: Mapping[str, Any] | None = None) 
         payload = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     except Exception as exc:
         raise ValueError(f"{uri} is not a readable model file ({exc.__class__.__name__})") from exc
-    if not isinstance(payload, dict) or payload.get("format") != FILE_FORMAT:
-        raise ValueError(
-            f"{uri} is not a {FILE_FORMAT} file; write one with pipeline.model.network.save_model"
-        )
-    if not isinstance(payload.get("format_version"), int):
-        raise ValueError(f"{uri}: format_version must be an integer, got "
-                         f"{payload.get('format_version')!r}")
-    if payload["format_version"] > FILE_FORMAT_VERSION:
-        raise ValueError(
-            f"{uri} has format_version {payload['format_version']}; this code reads up to "
-            f"{FILE_FORMAT_VERSION}: upgrade the pipeline"
-        )
-    for key, expected in (("arch", ARCH), ("input_size", INPUT_SIZE),
-                          ("landmark_scheme", LANDMARK_SCHEME)):
-        if payload.get(key) != expected:
-            raise ValueError(f"{uri}: {key} is {payload.get(key)!r}, expected {expected!r}")
-    if not isinstance(payload.get("state_dict"), dict):
-        raise ValueError(f"{uri} has no state_dict")
+    check_header(payload, uri)
     return payload
 
 
@@ -195,7 +172,8 @@ def load_model(
             model = build_model()
         if init == "imagenet":
             load_imagenet_features(model)
-        source = f"init:{init}" + (f":seed={seed}" if init == "random" else "")
-        info = ModelInfo(weights_version(model.state_dict()), source)
+        # Identified by what built it (pipeline.model.identity), so the driver knows the
+        # version without building the model.
+        info = ModelInfo(init_version(init, seed), init_source(init, seed))
     model.eval()
     return model, info

@@ -15,23 +15,29 @@ model (a predictor actor, a fine-tuning worker, evaluation).
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from pipeline.model.geometry import PRECISIONS  # noqa: F401  (the choices, torch-free)
 
+if TYPE_CHECKING:
+    import torch
+
 
 def resolve_precision(precision: str, device: torch.device | str) -> str:
-    """``auto`` -> ``bf16`` on CUDA, ``fp32`` elsewhere; ``bf16`` / ``fp32`` as given."""
+    """``auto`` -> ``bf16`` on CUDA, ``fp32`` elsewhere; ``bf16`` / ``fp32`` as given. Needs no
+    torch: the inference driver, which never imports it, decides this too."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if precision == "auto":
-        return "bf16" if torch.device(device).type == "cuda" else "fp32"
+        return "bf16" if str(device).split(":")[0] == "cuda" else "fp32"
     return precision
 
 
 def autocast(device: torch.device | str, precision: str):
     """bf16 autocast on ``device`` when ``precision`` is ``bf16`` (any device type); a no-op
     context for ``fp32``."""
+    import torch
+
     device = torch.device(device)
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
@@ -40,6 +46,8 @@ def channels_last(device: torch.device | str, precision: str) -> bool:
     """Whether the model and its inputs use channels_last: on CUDA (cuDNN's fast layout), and
     for bf16 on the CPU (oneDNN's bf16 convolutions ran ~6x faster in it here). fp32 on the CPU
     keeps the default layout, so it equals a plain forward pass."""
+    import torch
+
     return torch.device(device).type == "cuda" or precision == "bf16"
 
 
@@ -47,5 +55,7 @@ def use_ieee_fp32() -> None:
     """fp32 convolutions and matmuls in IEEE fp32 (no TF32) in this process. The legacy flags are
     set (not ``fp32_precision``): setting the new API for cuDNN convolutions only makes reading
     ``torch.backends.cudnn.allow_tf32`` raise, and other code still reads it."""
+    import torch
+
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False

@@ -98,9 +98,11 @@ class LandmarkPredictor:
         max_faces: int = DEFAULT_MAX_FACES,
         min_face_size: float = DEFAULT_MIN_FACE_SIZE,
         precision: str = "auto",
+        expected_version: str | None = None,
     ):
         import torch
 
+        from pipeline.model.identity import check_loaded
         from pipeline.model.network import load_model
         from pipeline.stages.runner import ModelRunner
 
@@ -112,6 +114,7 @@ class LandmarkPredictor:
             if threads:
                 torch.set_num_threads(threads)
         model, self.info = load_model(weights, init, storage_options, seed)
+        check_loaded(self.info, expected_version)  # the version the run records, or stop
         self.runner = ModelRunner(model, self.device, micro_batch, compile, compile_backend,
                                   precision)
         self.max_pixels = max_pixels
