@@ -184,3 +184,30 @@ def test_detector_benchmark_reports_each_image(tmp_path):
         assert r["detect_share"] == pytest.approx(
             r["detect_s"] / (r["detect_s"] + r["landmarks_s"]), abs=2e-3)
         assert r["detect_images_per_s"] == pytest.approx(1 / r["detect_s"], rel=0.01)
+
+
+def test_peer_benchmark_quick_gives_equal_outputs(tmp_path):
+    """jobs/benchmark_peer.py --quick: the project and the Ray Data recipe, each as its own
+    driver on one Ray node, over the same shards; both outputs hold every key once with the
+    same landmarks (its speed figures are reported, not asserted)."""
+    import subprocess
+    import sys
+
+    script = SCRIPT.parent / "benchmark_peer.py"
+    proc = subprocess.run([sys.executable, str(script), "--quick", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "peer.json").read_text())
+    assert result["rows"] == 8 * 40
+    assert [r["side"] for r in result["runs"]] == ["project", "recipe"]
+    for run in result["runs"]:
+        assert run["rows"] == result["rows"], run
+        assert run["predictor_calls"] >= result["rows"] // 64, run
+        assert run["files"] >= 1 and run["first_file_s"] > 0 and run["driver_peak_mb"] > 0, run
+    ((check,),) = [result["checks"]]
+    assert check == {"setting": "local", "unit_rows": 64, "pair": 0, "rows": 320,
+                     "recipe_rows": 320, "same_keys": True, "duplicate_keys": 0,
+                     "max_abs_diff": 0.0, "outputs_equal": True}
+    assert result["outputs_equal"] is True
+    assert {r["setting"] for r in result["ratios"]} == {"local"}
+    assert "outputs equal: local/64/0: True" in proc.stdout

@@ -72,8 +72,12 @@ def test_leases_cut_the_listing_in_order_within_their_bounds():
     assert len(leases) == 16  # 4 per agent
     assert [t for lease in leases for t in lease.shards] == todo  # each shard once, in order
     assert [lease.id for lease in leases] == list(range(16))
-    # A small input is one lease (its units stay full); a big one is capped per lease.
-    assert len(plan_leases(todo, agents=4, min_bytes=10_000)) == 1
+    # A small input is one lease per agent (every node works from the start, units stay as
+    # full as that allows); a big one is capped per lease.
+    small = plan_leases(todo, agents=4, min_bytes=10_000)
+    assert [len(lease.shards) for lease in small] == [25] * 4
+    assert len(plan_leases(todo, agents=1, min_bytes=10_000)) == 1
+    assert len(plan_leases(todo[:3], agents=4, min_bytes=10_000)) == 3  # a shard at most each
     assert all(lease.bytes <= 50 for lease in plan_leases(todo, 1, min_bytes=1, max_bytes=50))
     assert max(len(lease.shards) for lease in plan_leases(todo, 1, max_shards=7)) == 7
     assert plan_leases([], agents=3) == []

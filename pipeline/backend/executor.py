@@ -122,6 +122,7 @@ class RunStats:
     unit_bytes_cross_node: int = 0  # ... of which between two nodes
     row_bytes: int = 0  # predicted rows' bytes from their predictor to their commit
     row_bytes_cross_node: int = 0
+    read_tasks: int = 0  # read tasks the agents cut their leases into
 
     def add(self, rows: int, device_decode: Mapping[str, int] | None = None) -> None:
         self.units += 1
@@ -139,7 +140,7 @@ class RunStats:
     def merge(self, other: RunStats) -> None:
         """Add another agent's figures to these."""
         for name in ("units", "calls_with_rows", "rows", "device_decoded", "unit_bytes",
-                     "unit_bytes_cross_node", "row_bytes", "row_bytes_cross_node"):
+                     "unit_bytes_cross_node", "row_bytes", "row_bytes_cross_node", "read_tasks"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         if other.smallest:
             self.smallest = min(self.smallest, other.smallest) if self.smallest \
@@ -411,6 +412,7 @@ class _NodeRunner:
         for task in plan_read_tasks(lease.shards, min_tasks=self.slots.max_reads):
             task = ReadTask(self.next_task, task.shards)
             self.next_task += 1
+            self.stats.read_tasks += 1
             state.tasks.append(task.index)
             self.task_lease[task.index] = lease.id
             self.queue.append(task)

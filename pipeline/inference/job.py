@@ -166,7 +166,8 @@ def _run(cfg: InferConfig, job_config, predictor: type, *, output: str, shards, 
             on_receipts=on_receipts, stall_timeout=cfg.stall_timeout)
         stats = runner.run(todo)
         summary.placement = {**runner.lease_figures(), **stats.cross_node_fractions(),
-                             "unit_bytes": stats.unit_bytes, "row_bytes": stats.row_bytes}
+                             "unit_bytes": stats.unit_bytes, "row_bytes": stats.row_bytes,
+                             "read_tasks": stats.read_tasks}
         log.info("%d lease(s) on %d node agent(s) (%d lost with their agent, %d started "
                  "twice near the end); bytes between nodes: %s",
                  summary.placement["leases"], summary.placement["agents_started"],

@@ -136,14 +136,16 @@ def plan_leases(todo: Iterable[ShardTask], agents: int, min_bytes: int | None = 
                 ) -> list[WorkLease]:
     """Cut the shards to do, in listing order, into leases of about ``total / (agents *
     LEASES_PER_AGENT)`` listed bytes, within ``[min_bytes, max_bytes]`` and ``max_shards``
-    (by default ``MIN_LEASE_BYTES``, ``MAX_LEASE_BYTES``, ``MAX_LEASE_SHARDS``)."""
+    (by default ``MIN_LEASE_BYTES``, ``MAX_LEASE_BYTES``, ``MAX_LEASE_SHARDS``). Never fewer
+    leases than agents while there are shards enough: an input small for its cluster (a
+    nightly partition of a few GB on hundreds of nodes) still puts every node to work."""
     min_bytes = MIN_LEASE_BYTES if min_bytes is None else min_bytes
     max_bytes = MAX_LEASE_BYTES if max_bytes is None else max_bytes
     max_shards = MAX_LEASE_SHARDS if max_shards is None else max_shards
     todo = list(todo)
     total = sum(t.shard.size for t in todo)
     target = min(max_bytes, max(min_bytes, math.ceil(total / max(1, agents * LEASES_PER_AGENT))))
-    count = max(1, math.ceil(total / max(1, target)))
+    count = max(1, math.ceil(total / max(1, target)), min(len(todo), agents))
     leases, current, before = [], [], 0
     for item in todo:
         # Lease k holds the shards whose middle byte falls in the k-th of ``count`` equal
