@@ -25,6 +25,7 @@ from pipeline.stages.units import (
     ShardTask,
     UnitBuilder,
     plan_read_tasks,
+    slice_tasks,
 )
 
 
@@ -175,6 +176,82 @@ def test_plan_read_tasks_by_bytes_count_and_cluster_size():
         == [4, 2]
     # Little data, many read slots: smaller tasks so the slots all get work.
     assert len(plan_read_tasks(shards, task_bytes=1000, min_tasks=4)) >= 4
+
+
+def test_slice_tasks_fill_the_read_lanes_with_slices_of_big_shards():
+    big = ShardTask(Shard("big", "/big", "tar", size=900))
+    small = [ShardTask(Shard(f"s{i}", f"/s{i}", "tar", size=10)) for i in range(2)]
+    tasks = [ReadTask(0, (big,)), ReadTask(1, tuple(small))]
+    rows = {"big": 1000, "s0": 5, "s1": 5}
+    out = slice_tasks(tasks, lanes=4, rows_of=lambda s: rows[s.name], min_rows=100)
+    # The 2 spare lanes go to the one big shard: 3 slices of it, the last to the shard's end;
+    # with the task of small shards, 4 tasks for 4 lanes.
+    assert [t.shards[0].rows for t in out[:3]] == [(0, 334), (334, 668), (668, None)]
+    assert out[3].shards == tuple(small) and [t.index for t in out] == [0, 1, 2, 3]
+    assert {t.shards[0].shard.name for t in out[:3]} == {"big"}
+    # Enough tasks, no estimate, or too few rows for two slices: nothing is cut.
+    assert slice_tasks(tasks, 2, lambda s: rows[s.name], 100) == tasks
+    assert slice_tasks(tasks, 4, lambda s: None, 100) == tasks
+    assert slice_tasks(tasks, 4, lambda s: 150, 100) == tasks
+    assert len(slice_tasks(tasks, 4, lambda s: 250, 100)) == 3  # two slices of >= 100 rows
+    assert len(slice_tasks(tasks, 8, lambda s: 1000, 100)) == 8  # 7 slices + the small task
+
+
+def _assembled(units: list, shard_key=None) -> dict[int, tuple[bool, list, list]]:
+    """piece -> (last, keys, error kinds) from predicted units (here: the read units)."""
+    assembler, out = PieceAssembler(), {}
+    for i, (header, _) in enumerate(units):
+        for piece in assembler.add(header, i, shard_key):
+            rows = gather([units[u][1] for u, _ in piece.parts], [r for _, r in piece.parts])
+            assert piece.piece not in out, "a piece completed twice"
+            out[piece.piece] = (piece.last, rows["key"].tolist(), rows["error_kind"].tolist())
+    assert not assembler.open, "a piece never got all its rows"
+    return out
+
+
+@pytest.mark.parametrize("damaged", [False, True], ids=["whole", "truncated"])
+def test_slices_of_a_shard_give_the_same_pieces_as_one_read(tmp_path, faces, damaged):
+    # 8 rows (one a duplicate key), pieces of 3 rows: slice cuts fall inside pieces.
+    path = write_tar(tmp_path / "s.tar", faces[:14] + faces[2:4])
+    if damaged:  # cut in the middle of a member: the shard ends with its error row
+        path.write_bytes(path.read_bytes()[: 7 * 1024])
+    (shard,) = list_shards(str(tmp_path))
+    kw = dict(rows_per_file=3, unit_rows=2)
+    whole = _assembled(_read(ReadTask(0, (ShardTask(shard),)), **kw))
+    kinds = [k for _, (_, _, ks) in sorted(whole.items()) for k in ks]
+    assert ("shard_error" in kinds) == damaged and ("duplicate_key" in kinds) != damaged
+    for skip in (frozenset(), frozenset({1})):
+        expected = {p: v for p, v in whole.items() if p not in skip} if skip else whole
+        if skip:
+            expected = _assembled(_read(ReadTask(0, (ShardTask(shard, skip),)), **kw))
+        for cuts in ([(0, 3), (3, 5), (5, None)], [(0, 1), (1, 7), (7, None)],
+                     [(0, 4), (4, 20), (20, None)], [(0, 2), (2, None)]):
+            units = [u for k, rows in enumerate(cuts)
+                     for u in _read(ReadTask(k, (ShardTask(shard, skip, rows),)), **kw)]
+            assert _assembled(units, lambda i: "s") == expected, (skip, cuts)
+
+
+def test_an_empty_shard_sliced_still_gets_one_piece(tmp_path):
+    write_tar(tmp_path / "empty.tar", [])
+    (shard,) = list_shards(str(tmp_path))
+    units = [u for k, rows in enumerate([(0, 5), (5, None)])
+             for u in _read(ReadTask(k, (ShardTask(shard, rows=rows),)))]
+    assert _assembled(units, lambda i: "e") == {0: (True, [], [])}
+
+
+def test_estimate_rows_of_each_format(tmp_path, faces):
+    from pipeline.io.shards import estimate_rows
+
+    (tmp_path / "small").mkdir()
+    (small,) = _shards(tmp_path / "small", faces, [7])
+    assert estimate_rows(small) == 7  # the whole shard fits the probe: counted
+    estimate = estimate_rows(small, probe_bytes=4096)  # scaled from the first members
+    assert 7 / 3 <= estimate <= 7 * 3  # (an estimate: the slices need no exact count)
+    images = Shard("g", "/g", "images", paths=("a.jpg", "b.jpg", "c.png"))
+    assert estimate_rows(images) == 3
+    junk = tmp_path / "junk.tar"
+    junk.write_bytes(b"not a tar at all" * 100)
+    assert estimate_rows(Shard("j", str(junk), "tar", paths=(str(junk),), size=1600)) is None
 
 
 def _predicted(keys: list[str], errors: dict[int, str] | None = None) -> dict:

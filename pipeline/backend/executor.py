@@ -49,6 +49,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from pipeline.io.report import decode_text, fallback_share
+from pipeline.io.shards import estimate_rows
 from pipeline.stages.commit import CommitSettings, PieceSpec, commit_piece, gather, rows_nbytes
 from pipeline.stages.leases import (
     IN_FLIGHT_PER_AGENT,
@@ -67,6 +68,7 @@ from pipeline.stages.units import (
     ShardTask,
     expand_header,
     plan_read_tasks,
+    slice_tasks,
 )
 
 log = logging.getLogger("pipeline")
@@ -409,7 +411,11 @@ class _NodeRunner:
 
     def _add_lease(self, lease: WorkLease, future: Future) -> None:
         state = _LeaseState(lease, future)
-        for task in plan_read_tasks(lease.shards, min_tasks=self.slots.max_reads):
+        tasks = plan_read_tasks(lease.shards, min_tasks=self.slots.max_reads)
+        # Fewer tasks than read lanes (a few big shards): slices of them fill the lanes.
+        tasks = slice_tasks(tasks, self.slots.max_reads, self._rows_of,
+                            min_rows=self.reader_kwargs.get("unit_rows") or 1)
+        for task in tasks:
             task = ReadTask(self.next_task, task.shards)
             self.next_task += 1
             self.stats.read_tasks += 1
@@ -422,6 +428,9 @@ class _NodeRunner:
             self.leases[lease.id] = state
         self._maybe_done(lease.id)  # a lease of nothing (cannot happen) ends at once
 
+    def _rows_of(self, shard) -> int | None:
+        return estimate_rows(shard, self.reader_kwargs.get("storage_options"))
+
     def _abandon(self, lease_id: int) -> None:
         """Another attempt finished this lease first: stop reading it and drop its work."""
         state = self.leases.get(lease_id)
@@ -432,7 +441,7 @@ class _NodeRunner:
             self.streams.remove(stream)
             with contextlib.suppress(Exception):
                 self.ray.cancel(stream.generator, force=True)
-        for key in [k for k in self.pieces.open if self.task_lease.get(k[0]) == lease_id]:
+        for key in [k for k in self.pieces.open if k[0][0] == lease_id]:
             del self.pieces.open[key]
         self._close(lease_id, {"lease": lease_id, "abandoned": True, "receipts": []})
 
@@ -573,7 +582,10 @@ class _NodeRunner:
             if header.read_node != header.predict_node:
                 self.stats.unit_bytes_cross_node += header.bytes
         unit = _Predicted(rows_ref, header.predict_node, header.out_bytes, header.out_rows)
-        ready = self.pieces.add(header, unit)
+        # Pieces are keyed by lease and shard: a sliced shard's pieces gather rows from
+        # several read tasks.
+        ready = self.pieces.add(header, unit,
+                                lambda i: (lease_id, task.shards[i].shard.name))
         if ready:  # one commit task for every piece this unit completed
             units: dict[int, tuple[int, _Predicted]] = {}  # id -> (argument index, unit)
             specs, parts, moved = [], [], []
@@ -614,7 +626,7 @@ class _NodeRunner:
         state = self.leases.get(lease_id)
         if state is None or state.ended < len(state.tasks) or state.units or state.commits:
             return
-        open_pieces = [k for k in self.pieces.open if self.task_lease.get(k[0]) == lease_id]
+        open_pieces = [k for k in self.pieces.open if k[0][0] == lease_id]
         if open_pieces:
             raise RuntimeError(f"{len(open_pieces)} piece(s) never received all their rows "
                                f"(e.g. {open_pieces[0]}): their files were not written; rerun "

@@ -15,9 +15,11 @@ Three layouts:
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime
 import decimal
 import hashlib
+import io
 import json
 import math
 import posixpath
@@ -237,6 +239,42 @@ def read_samples(
                                "the next run")
     else:
         raise ValueError(f"unknown shard format {shard.format!r}")
+
+
+def estimate_rows(shard: Shard, storage_options: Mapping[str, Any] | None = None,
+                  probe_bytes: int = 1 << 20) -> int | None:
+    """About how many rows (samples) a shard holds, for cutting it into slices: loose images
+    one per file; Parquet from its footer; tar from the samples in its first ``probe_bytes``
+    (one ranged read), scaled to its size. None when it cannot tell (it is then not sliced)."""
+    if shard.format == "images":
+        return len(shard.paths)
+    try:
+        fs = filesystem(shard.uri, storage_options)[0]
+        path = shard.paths[0]
+        if shard.format == "parquet":
+            import pyarrow.parquet as pq
+
+            with fs.open(path, "rb") as f:
+                return int(pq.ParquetFile(f).metadata.num_rows)
+        if shard.format != "tar":
+            return None
+        head = retry(lambda: fs.cat_file(path, start=0, end=probe_bytes), shard.uri, "read")
+        keys, consumed = set(), 0
+        with contextlib.suppress(tarfile.TarError, EOFError, OSError), \
+                tarfile.open(fileobj=io.BytesIO(head), mode="r:") as tar:
+            for info in tar:
+                end = info.offset_data + -(-info.size // BLOCK) * BLOCK
+                if end > len(head):
+                    break
+                keys.add(_split_member_name(info.name)[0])
+                consumed = end
+    except Exception:  # an estimate only: the shard is read whole instead
+        return None
+    if not keys or not consumed:
+        return None
+    if len(head) < probe_bytes:  # the whole shard was in the probe
+        return len(keys)
+    return max(1, round(len(keys) * shard.size / consumed))
 
 
 def _sample_from_members(key: str, members: dict[str, bytes]) -> Sample:

@@ -232,15 +232,18 @@ class ShardReader:
                                out_rows=self._out_rows(prepared)):
                     yield builder.flush(), self._to_batch(pending)
                     pending = []
-            if rows == 0 and not item.skip:
-                builder.empty_shard(i)
+            if rows == 0 and not item.skip and not (item.rows and item.rows[0]):
+                builder.empty_shard(i)  # (once: by the task that reads the shard's row 0)
         if builder.pending():
             yield builder.flush(), self._to_batch(pending)
 
     def _shard_rows(self, item: ShardTask) -> Iterator[tuple[int, Sample, bool]]:
         """``(row, sample, is_last_row)`` of the rows to process, reading one sample ahead so
-        the last row is known as such. A shard that stops part-way ends with an error row."""
+        the last row is known as such. A shard that stops part-way ends with an error row.
+        A slice (``item.rows``) streams the rows before its own without decoding them (the
+        duplicate-key check still sees them) and stops after its last."""
         shard = item.shard
+        start, stop = item.rows or (0, None)
         samples = read_samples(shard, self.storage_options, self.image_column, self.key_column)
 
         def fetch() -> tuple[Sample | None, Exception | None]:
@@ -254,24 +257,26 @@ class ShardReader:
         first_seen: dict[str, int] = {}
         row = 0
         current, error = fetch()
-        while current is not None:
+        while current is not None and (stop is None or row < stop):
             following, error = fetch()
             if current.key in first_seen and not current.error:
                 current.error = (f"duplicate key {current.key!r}: first seen at row "
                                  f"{first_seen[current.key]} of this shard")
                 current.error_kind = "duplicate_key"
             first_seen.setdefault(current.key, row)
-            if row // self.rows_per_file not in item.skip:
+            if row >= start and row // self.rows_per_file not in item.skip:
                 yield row, current, following is None and error is None
             row += 1
             current = following
-        if error is not None:
+        if error is not None and current is None:
             # The error row goes into the first piece still to do from here on (a piece done
-            # before was complete: its rows are all there).
+            # before was complete: its rows are all there), in the slice that holds that row.
             piece = row // self.rows_per_file
             while piece in item.skip:
                 piece += 1
-            yield max(row, piece * self.rows_per_file), _shard_error(error, row), True
+            at = max(row, piece * self.rows_per_file)
+            if start <= at and (stop is None or at < stop):
+                yield at, _shard_error(error, row), True
 
     def _prepare(self, sample: Sample):
         if sample.error or sample.meta_error:

@@ -12,7 +12,9 @@ Three granularities, each chosen for one job:
   holds ``unit_rows`` rows or ``unit_bytes`` bytes. A predictor call sees one unit, so GPU
   batches stay full however small the shards are. Units never name anything.
 - **read task** = consecutive shards read by one Ray task, sized by their listed bytes, so a
-  million small shards are a few thousand tasks rather than a million.
+  million small shards are a few thousand tasks rather than a million; or, when a node has
+  more read lanes than tasks (a few big shards), a slice of consecutive rows of one shard
+  (``slice_tasks``), so every lane decodes from the start whatever the input's size.
 
 A unit carries a ``UnitHeader``: for each piece it touches, the range of its input rows (samples)
 inside the unit and whether the piece ends there. The driver needs only the headers to know when
@@ -27,7 +29,7 @@ output ranges. Whoever expands the rows sets them: the read task as it builds a 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field, replace
 
 from pipeline.io.shards import Shard
@@ -40,10 +42,13 @@ DEFAULT_TASK_SHARDS = 1_000  # at most this many shards in one read task's argum
 @dataclass(frozen=True)
 class ShardTask:
     """One shard to read; rows of the pieces in ``skip`` were committed before (not decoded,
-    not predicted, not written again)."""
+    not predicted, not written again). ``rows``: a slice ``(start, stop)`` of the shard's rows
+    (``stop`` None: to its end) when several read tasks share one big shard (``slice_tasks``);
+    None: all of them."""
 
     shard: Shard
     skip: frozenset[int] = frozenset()
+    rows: tuple[int, int | None] | None = None
 
 
 @dataclass(frozen=True)
@@ -135,6 +140,41 @@ def plan_read_tasks(
     return tasks
 
 
+def slice_tasks(tasks: list[ReadTask], lanes: int, rows_of: Callable[[Shard], int | None],
+                min_rows: int) -> list[ReadTask]:
+    """Give ``lanes`` read lanes work from the start when there are fewer tasks than lanes:
+    a task of one shard (a shard bigger than a task's share of bytes) is cut into slices of
+    consecutive rows, each its own task, in proportion to the shards' bytes. ``rows_of`` says
+    how many rows a shard holds (an estimate will do: the last slice reads to the shard's end,
+    and a slice past the end reads nothing) or None when it cannot tell; a slice holds at least
+    ``min_rows`` rows. Slices change no name: pieces are still cut at every ``rows_per_file``
+    rows of the shard, and a piece whose rows come from two slices is committed once both are
+    in (``PieceAssembler`` keyed by shard). Each slice streams the shard from its start but
+    decodes only its own rows."""
+    if len(tasks) >= lanes:
+        return tasks
+    single = [t for t in tasks if len(t.shards) == 1 and t.shards[0].rows is None]
+    spare = lanes - len(tasks)
+    total = sum(t.bytes for t in single) or 1
+    out = []
+    for task in tasks:
+        if task not in single:
+            out.append(task)
+            continue
+        item = task.shards[0]
+        rows = rows_of(item.shard)
+        want = 1 + round(spare * task.bytes / total)
+        count = min(want, rows // max(1, min_rows)) if rows else 1
+        if count <= 1:
+            out.append(task)
+            continue
+        step = -(-rows // count)
+        for k in range(count):
+            stop = None if k == count - 1 else (k + 1) * step
+            out.append(ReadTask(0, (replace(item, rows=(k * step, stop)),)))
+    return [ReadTask(i, t.shards) for i, t in enumerate(out)]
+
+
 class UnitBuilder:
     """Cuts the row stream of a read task into units and pieces (used by the read task).
 
@@ -202,7 +242,8 @@ class _OpenPiece:
 @dataclass(frozen=True)
 class ReadyPiece:
     """Every row of a piece has been predicted: ``parts`` are ``(unit, (out_start, out_stop))``
-    in row order (an empty shard's piece has one empty range)."""
+    in row order (an empty shard's piece has one empty range). ``task`` / ``shard``: the unit
+    that completed it and the shard's index in that unit's task."""
 
     task: int
     shard: int
@@ -213,16 +254,20 @@ class ReadyPiece:
 
 class PieceAssembler:
     """Collects predicted units by piece; a piece is ready once all its rows are in, whatever
-    order the units come back in (they come from several predictors). Holds only the opaque
-    ``unit`` handles given to ``add`` (on Ray: object references), never rows."""
+    order the units come back in (they come from several predictors, and from several read
+    tasks when a shard is sliced). Holds only the opaque ``unit`` handles given to ``add`` (on
+    Ray: object references), never rows. Pieces are keyed by ``(shard key, piece)``; the shard
+    key of a segment is ``shard_key(index in its task)`` when given (slices of one shard
+    share it), else ``(task, index)``."""
 
     def __init__(self):
-        self.open: dict[tuple[int, int, int], _OpenPiece] = {}
+        self.open: dict[tuple[Hashable, int], _OpenPiece] = {}
 
-    def add(self, header: UnitHeader, unit) -> list[ReadyPiece]:
+    def add(self, header: UnitHeader, unit,
+            shard_key: Callable[[int], Hashable] | None = None) -> list[ReadyPiece]:
         ready = []
         for seg in header.segments:
-            key = (header.task, seg.shard, seg.piece)
+            key = (shard_key(seg.shard) if shard_key else (header.task, seg.shard), seg.piece)
             piece = self.open.setdefault(key, _OpenPiece())
             if seg.stop > seg.start:
                 piece.parts.append((seg.first_row, unit, (seg.out_start, seg.out_stop)))
@@ -232,6 +277,6 @@ class PieceAssembler:
             if piece.rows == piece.total:
                 del self.open[key]
                 parts = [(u, r) for _, u, r in sorted(piece.parts, key=lambda p: p[0])]
-                ready.append(ReadyPiece(*key, piece.last,
+                ready.append(ReadyPiece(header.task, seg.shard, seg.piece, piece.last,
                                         parts or [(unit, (seg.out_start, seg.out_start))]))
         return ready
