@@ -36,6 +36,8 @@ from pipeline.training.config import FinetuneConfig  # noqa: E402
 from pipeline.training.importer import import_annotated_folder  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+# The annotated photos sit beside the repository in a workspace, inside it on a copied machine.
+REAL_CANDIDATES = (REPO / "shared" / "data" / "faces", REPO.parent / "shared" / "data" / "faces")
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -45,8 +47,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--test-faces", type=int, default=500, help="held-out synthetic test faces")
     p.add_argument(
         "--real",
-        default=str(REPO.parent / "shared" / "data" / "faces"),
-        help="folder of real photos with .json 68-point labels (0-based)",
+        default=None,
+        help="folder of real photos with .json 68-point labels (0-based); default: the first of "
+        + ", ".join(str(c) for c in REAL_CANDIDATES)
+        + " that exists (none: the real-photo score is left out, with a warning)",
     )
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--batch-size", type=int, default=64, help="per worker")
@@ -65,7 +69,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--scaling-workers", default="", help="e.g. 1,2: compare worker counts")
     p.add_argument("--scaling-epochs", type=int, default=2)
     p.add_argument("--freeze-features", action="store_true")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.real is None:
+        found = [c for c in REAL_CANDIDATES if c.is_dir()]
+        args.real = str(found[0]) if found else None
+    elif not Path(args.real).is_dir() and "://" not in args.real:
+        p.error(f"--real: no such folder: {args.real}")
+    return args
 
 
 def pick_init(choice: str) -> str:
@@ -92,7 +102,13 @@ def prepare_data(args: argparse.Namespace, work: Path) -> dict[str, str]:
             started = time.time()
             write_sample_archive(str(paths[key]), shards, -(-count // shards), seed=seed)
             logging.info("wrote %s in %.0f s", paths[key], time.time() - started)
-    if not paths["real"].exists():
+    if args.real is None:
+        logging.warning(
+            "no real annotated photos found (looked in %s): only synthetic faces are scored",
+            ", ".join(str(c) for c in REAL_CANDIDATES),
+        )
+        del paths["real"]
+    elif not paths["real"].exists():
         import_annotated_folder(args.real, str(paths["real"]), origin=0, annotation="json")
     return {k: str(v) for k, v in paths.items()}
 
@@ -166,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         if reached is None and h["val_nme"] < args.target:
             reached = {"epoch": h["epoch"], "minutes": elapsed / 60}
     scores = {}
-    for key in ("test", "real"):
+    for key in [k for k in ("test", "real") if k in data]:
         report = evaluate(
             EvalConfig(
                 labels=data[key],
