@@ -6,7 +6,8 @@
 
 The recipe is what Ray's documentation teaches for offline batch inference, with the current
 APIs of the installed Ray: ``read_webdataset`` -> ``map_batches`` (decode and crop, in tasks) ->
-``map_batches`` (the model, in an actor pool: ``concurrency``, ``num_gpus``) ->
+``map_batches`` (the model, in an actor pool: ``compute=ActorPoolStrategy(size=...)``,
+``num_gpus``; ``concurrency`` is deprecated since Ray 2.51) ->
 ``write_parquet``. Both sides run:
 
 - the same input: tar shards of tiny JPEGs with a face box sidecar
@@ -30,6 +31,11 @@ times per unit size. Per run:
   call, per million rows; ``driver_peak_mb``: its peak resident memory (imports included);
 - ``read_tasks`` (the project) and the outputs' check: both sides' keys and landmarks compared
   row by row (``outputs_equal``, ``max_abs_diff``).
+
+A run that passes ``--child-timeout`` seconds is stopped and kept as ``timed_out``: its rows and
+steady rate are what went through the predictor by then, ``overall_rows_per_s`` is those rows
+over the limit (an upper bound of its true figure), its driver figures are unknown and its pair's
+outputs are not compared.
 
 ``ratios`` are project / recipe of the medians per setting and unit size. Writes
 ``--out``/peer.json and prints a table; figures are in docs/benchmarks.md.
@@ -154,7 +160,7 @@ def child(args) -> dict:
             ds = ds.map_batches(recipe_decode, batch_format="numpy")
             ds = ds.map_batches(RecipeModel, fn_constructor_args=(args.rate, args.calls),
                                 batch_size=unit_rows, batch_format="numpy",
-                                concurrency=args.gpus, num_gpus=1)
+                                compute=ray.data.ActorPoolStrategy(size=args.gpus), num_gpus=1)
             ds.write_parquet(args.output)
             rows, extra = None, {}
         seconds = time.time() - started
@@ -255,25 +261,48 @@ def run_setting(name: str, address: str, gpus: int, args, workdir: Path, total: 
                        "--address", address, "--input", str(workdir / "in"), "--output",
                        str(out), "--calls", str(calls), "--unit-rows", str(unit_rows),
                        "--gpus", str(gpus), "--rate", str(args.rate), "--result", str(result)]
-                proc = subprocess.run(cmd, capture_output=True, text=True,
-                                      env={**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1"})
+                entry = {"setting": name, "unit_rows": unit_rows, "pair": pair}
+                try:
+                    proc = subprocess.run(
+                        cmd, capture_output=True, text=True, timeout=args.child_timeout,
+                        env={**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1"})
+                except subprocess.TimeoutExpired:
+                    entry.update(timed_out_run(side, _calls(calls), args.child_timeout, total))
+                    log.warning("%s: stopped after %d s: %s", tag, args.child_timeout, entry)
+                    runs.append(entry)
+                    outputs[side] = out
+                    shutil.rmtree(calls, ignore_errors=True)
+                    continue
                 if proc.returncode != 0:
                     raise RuntimeError(f"{tag} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-                entry = {"setting": name, "unit_rows": unit_rows, "pair": pair,
-                         **json.loads(result.read_text())}
+                entry.update(json.loads(result.read_text()), timed_out=False)
                 if entry["rows"] != total:
                     raise RuntimeError(f"{tag}: {entry['rows']} rows, expected {total}")
                 log.info("%s: %s", tag, entry)
                 runs.append(entry)
                 outputs[side] = out
                 shutil.rmtree(calls)
-            check = {"setting": name, "unit_rows": unit_rows, "pair": pair,
-                     **compare(outputs["project"], outputs["recipe"])}
+            check = {"setting": name, "unit_rows": unit_rows, "pair": pair}
+            stopped = [r["side"] for r in runs[-2:] if r["timed_out"]]
+            if stopped:
+                check.update(outputs_equal=None, skipped=f"{', '.join(stopped)} timed out")
+            else:
+                check.update(compare(outputs["project"], outputs["recipe"]))
             log.info("outputs %s", check)
             checks.append(check)
             for out in outputs.values():
-                shutil.rmtree(out)
+                shutil.rmtree(out, ignore_errors=True)
     return {"runs": runs, "checks": checks}
+
+
+def timed_out_run(side: str, calls: list[tuple[float, int]], limit: float, total: int) -> dict:
+    """What a run stopped at its time limit had done: rows through the predictor by then."""
+    rows = sum(n for _, n in calls)
+    return {"side": side, "timed_out": True, "rows": rows, "rows_expected": total,
+            "seconds": limit, "steady_rows_per_s": _steady(calls),
+            "overall_rows_per_s": round(rows / limit, 1), "first_file_s": None, "files": None,
+            "predictor_calls": len(calls), "driver_cpu_s": None,
+            "driver_cpu_s_per_million_rows": None, "driver_peak_mb": None}
 
 
 FIGURES = ("steady_rows_per_s", "overall_rows_per_s", "first_file_s",
@@ -284,7 +313,9 @@ def ratios(runs: list[dict]) -> list[dict]:
     """project / recipe of the medians, per setting and unit size."""
     out = []
     for setting, unit_rows in sorted({(r["setting"], r["unit_rows"]) for r in runs}):
-        entry = {"setting": setting, "unit_rows": unit_rows}
+        group = [r for r in runs if (r["setting"], r["unit_rows"]) == (setting, unit_rows)]
+        entry = {"setting": setting, "unit_rows": unit_rows,
+                 "timed_out": sorted({r["side"] for r in group if r["timed_out"]})}
         for figure in FIGURES:
             med = {}
             for side in ("project", "recipe"):
@@ -307,8 +338,12 @@ def table(result: dict) -> str:
             cells.append(f"{e['project']} / {e['recipe']} = {e['ratio']}")
         lines.append(f"| {entry['setting']} | {entry['unit_rows']} | " + " | ".join(cells) + " |")
     lines.append("outputs equal: " + ", ".join(
-        f"{c['setting']}/{c['unit_rows']}/{c['pair']}: {c['outputs_equal']}"
+        f"{c['setting']}/{c['unit_rows']}/{c['pair']}: {c.get('skipped', c['outputs_equal'])}"
         for c in result["checks"]))
+    for r in result["runs"]:
+        if r["timed_out"]:
+            lines.append(f"{r['setting']}/{r['unit_rows']}/{r['pair']} {r['side']}: stopped at "
+                         f"{r['seconds']} s with {r['rows']} of {r['rows_expected']} rows")
     return "\n".join(lines)
 
 
@@ -323,6 +358,9 @@ def parse(argv=None):
                    help="rows/s of one simulated GPU (default 1e6: never the limit)")
     p.add_argument("--skip-cluster", action="store_true", default=None,
                    help="only the single-node Ray, not the simulated cluster")
+    p.add_argument("--child-timeout", type=float, default=900,
+                   help="seconds one run may take before it is stopped and kept as timed out "
+                   "(default 900)")
     p.add_argument("--workdir", help="scratch folder (default: a temporary one, removed)")
     p.add_argument("--out", default="benchmark-results", help="folder for peer.json")
     # One run as its own driver (used by the benchmark itself).
@@ -374,7 +412,8 @@ def main(argv=None) -> dict:
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
     result["ratios"] = ratios(result["runs"])
-    result["outputs_equal"] = all(c["outputs_equal"] for c in result["checks"])
+    compared = [c["outputs_equal"] for c in result["checks"] if c["outputs_equal"] is not None]
+    result["outputs_equal"] = bool(compared) and all(compared)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "peer.json").write_text(json.dumps(result, indent=2))
