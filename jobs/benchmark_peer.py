@@ -18,9 +18,10 @@ APIs of the installed Ray: ``read_webdataset`` -> ``map_batches`` (decode and cr
   actor per simulated GPU (``num_gpus=1`` on a node with fake GPU resources).
 
 Each run is its own driver process (as ``ray job submit`` starts one) connected to one Ray
-cluster started here: first a single node with this machine's CPUs and one simulated GPU (plain
-local Ray), then, unless ``--skip-cluster``, ``benchmark_scale``'s simulated cluster (a head and
-worker nodes of 4 CPUs and 2 simulated GPUs). Runs alternate, project then recipe, ``--pairs``
+cluster started here (every node with Ray's default object store: 30 % of memory, split between
+the simulated nodes; not ``Cluster``'s 150 MiB, smaller than one unit): first a single node with
+this machine's CPUs and one simulated GPU (plain local Ray), then, unless ``--skip-cluster``,
+``benchmark_scale``'s simulated cluster (a head and worker nodes of 4 CPUs and 2 simulated GPUs). Runs alternate, project then recipe, ``--pairs``
 times per unit size. Per run:
 
 - ``steady_rows_per_s``: rows through the predictor per second from 10 % to 90 % of the rows
@@ -393,13 +394,15 @@ def main(argv=None) -> dict:
     settings = [("local", {"num_cpus": os.cpu_count(), "num_gpus": 1}, 0)]
     if not args.skip_cluster:
         settings.append(("cluster", {"num_cpus": 2}, CLUSTER_NODES))
-    settings = [(name, {**head, "include_dashboard": False}, nodes)
+    settings = [(name, {**head, "include_dashboard": False,
+                        "object_store_memory": scale.object_store_bytes(nodes + 1)}, nodes)
                 for name, head, nodes in settings]
     try:
         for name, head, nodes in settings:
             cluster = Cluster(initialize_head=True, head_node_args=head)
             for _ in range(nodes):
-                cluster.add_node(num_cpus=scale.CPUS_PER_NODE, num_gpus=scale.GPUS_PER_NODE)
+                cluster.add_node(num_cpus=scale.CPUS_PER_NODE, num_gpus=scale.GPUS_PER_NODE,
+                                 object_store_memory=head["object_store_memory"])
             cluster.wait_for_nodes()
             gpus = head.get("num_gpus", 0) + nodes * scale.GPUS_PER_NODE
             try:

@@ -93,6 +93,7 @@ FULL = dict(gpus="1,2,4,8", rate=150, seconds=90, per_shard=300, listing_shards=
             saturate_rows=120_000)
 GPUS_PER_NODE = 2
 CPUS_PER_NODE = 4  # logical CPUs of each simulated GPU node (the machine has what it has)
+STORE_BYTES = 1 << 30  # each simulated node's object store (set by main: object_store_bytes)
 SLOW_FACTOR = 10  # the straggler run's slow node runs at a tenth of the others' rate
 
 
@@ -149,6 +150,17 @@ def _tiny_jpeg() -> bytes:
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 48, 3), np.uint8)).save(
         out, "JPEG", quality=80)
     return out.getvalue()
+
+
+def object_store_bytes(nodes: int) -> int:
+    """Each of ``nodes`` simulated nodes' object store: Ray's default for a machine of its own
+    (30 % of its memory, within /dev/shm), split between the nodes sharing this machine.
+    ``ray.cluster_utils.Cluster``'s own default is 150 MiB a node, less than one GPU-sized unit
+    (1,024 rows of 224x224x3 crops are 154 MB): nearly every unit, and every block of a Ray Data
+    run, would be spilled to disk or wait for room, which no real node does."""
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    shm = shutil.disk_usage("/dev/shm").total if os.path.isdir("/dev/shm") else memory
+    return int(min(0.3 * memory, 0.9 * shm) / max(1, nodes))
 
 
 def make_shards(folder: Path, shards: int, per_shard: int) -> int:
@@ -444,7 +456,8 @@ class ChaosMonkey:
         self.interval, self.order = interval, list(order or [])
         self.kills: dict[str, int] = {kind: 0 for kind in budget}
         self.added: list[str] = []  # ids of the nodes that joined
-        self.node_args = node_args or {"num_cpus": CPUS_PER_NODE, "num_gpus": GPUS_PER_NODE}
+        self.node_args = node_args or {"num_cpus": CPUS_PER_NODE, "num_gpus": GPUS_PER_NODE,
+                                       "object_store_memory": STORE_BYTES}
 
     def _committed(self) -> bool:
         done = self.output / DONE_DIR
@@ -679,9 +692,14 @@ def main(argv=None) -> dict:
     leases.MIN_LEASE_BYTES = 1
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="scale-"))
     gpus = max(int(g) for g in args.gpus.split(","))
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
-    for _ in range(-(-gpus // GPUS_PER_NODE)):
-        cluster.add_node(num_cpus=CPUS_PER_NODE, num_gpus=GPUS_PER_NODE)
+    nodes = -(-gpus // GPUS_PER_NODE)
+    global STORE_BYTES
+    STORE_BYTES = object_store_bytes(nodes + 1)
+    cluster = Cluster(initialize_head=True,
+                      head_node_args={"num_cpus": 2, "object_store_memory": STORE_BYTES})
+    for _ in range(nodes):
+        cluster.add_node(num_cpus=CPUS_PER_NODE, num_gpus=GPUS_PER_NODE,
+                         object_store_memory=STORE_BYTES)
     cluster.wait_for_nodes()
     try:
         result = {"settings": {k: v for k, v in vars(args).items() if k != "out"}}
