@@ -211,3 +211,34 @@ def test_peer_benchmark_quick_gives_equal_outputs(tmp_path):
     assert result["outputs_equal"] is True
     assert {r["setting"] for r in result["ratios"]} == {"local"}
     assert "outputs equal: local/64/0: True" in proc.stdout
+
+
+def test_peer_benchmark_keeps_a_stopped_run_and_sizes_real_object_stores():
+    """Without Ray: a run stopped at its time limit keeps the rows that went through the
+    predictor, with no driver figures and its pair marked in the ratios; simulated nodes get
+    Ray's default object store share, not ray.cluster_utils' 150 MiB."""
+    import importlib.util
+    import sys
+
+    sys.path.insert(0, str(SCRIPT.parent))
+    spec = importlib.util.spec_from_file_location("landmarks_peer", SCRIPT.parent /
+                                                  "benchmark_peer.py")
+    peer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(peer)
+    calls = [(float(t), 100) for t in range(10)]  # 1,000 rows at 100 rows/s
+    run = peer.timed_out_run("recipe", calls, 60.0, 4_800)
+    assert (run["rows"], run["rows_expected"], run["timed_out"]) == (1_000, 4_800, True)
+    assert run["steady_rows_per_s"] == 100.0 and run["overall_rows_per_s"] == round(1000 / 60, 1)
+    assert run["driver_cpu_s_per_million_rows"] is None and run["first_file_s"] is None
+    done = {"side": "project", "timed_out": False, **{f: 200.0 for f in peer.FIGURES}}
+    runs = [{"setting": "local", "unit_rows": 1024, **done},
+            {"setting": "local", "unit_rows": 1024, **run}]
+    (entry,) = peer.ratios(runs)
+    assert entry["timed_out"] == ["recipe"]
+    assert entry["steady_rows_per_s"]["ratio"] == 2.0
+    assert entry["driver_peak_mb"] == {"project": 200.0, "recipe": None, "ratio": None}
+    import os
+
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    store = peer.scale.object_store_bytes(3)
+    assert 1024 * 224 * 224 * 3 < store <= 0.3 * memory / 3  # a 1,024-row unit fits
