@@ -380,7 +380,8 @@ def main(argv=None) -> dict:
     from ray.cluster_utils import Cluster
 
     args = parse(argv)
-    if args.child:
+    if args.child:  # its log goes to the parent only when the run fails
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
         result = child(args)
         Path(args.result).write_text(json.dumps(result))
         return result

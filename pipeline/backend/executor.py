@@ -233,6 +233,20 @@ def _commit(specs: list[PieceSpec], parts: list[list[tuple[int, int, int]]], *un
     return {"node": _node_id(), "receipts": receipts}
 
 
+def _warm_commit() -> None:
+    """Run once on a commit worker as an agent starts, while its predictors load: the node's
+    first commit then finds the commit stage and pyarrow's Parquet writer already imported in a
+    pooled worker (a new worker's imports delayed the first file by ~1-2 s on a loaded node)."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    import pipeline.stages.commit  # noqa: F401
+
+    pq.write_table(pa.table({"warm": [1]}), io.BytesIO())
+
+
 class StageFailed(RuntimeError):
     """A stage failed for good (after Ray's retries); what was committed stays committed."""
 
@@ -324,6 +338,8 @@ class _NodeRunner:
         # Units go only to actors that have started: one Ray cannot place (no GPU free) would
         # hold its units until the stall watchdog fires.
         self.starting = {a.ready.remote(): i for i, a in enumerate(self.actors)}
+        self.warm = ray.remote(_warm_commit).options(num_cpus=slots.commit_cpus, max_retries=0,
+                                                     scheduling_strategy=here).remote()
         self.started: list[int] = []
         self.load = [0] * len(self.actors)
         self.slots_per_actor = placement.concurrency + 1  # one queued call: never idle
