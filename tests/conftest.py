@@ -34,3 +34,19 @@ def weights_file(tmp_path_factory):
     version = save_model(model, str(path), metadata={"made_by": "tests"})
     return str(path), model, version
 
+
+
+@pytest.fixture(scope="session")
+def pushgateway(tmp_path_factory):
+    """The URL of a real Pushgateway on loopback, or None where the binary is not installed
+    (``.ci/run`` installs it): the tests that need it skip then, saying so."""
+    from pushgateway_server import start
+
+    started = start(tmp_path_factory.mktemp("pushgateway"))
+    if started is None:
+        yield None
+        return
+    url, proc = started
+    yield url
+    proc.terminate()
+    proc.wait(timeout=10)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -42,17 +43,43 @@ def test_bad_weights_fail_before_any_work(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_cli_job_with_preview(ray_session, weights_file, tmp_path, capsys):
+def test_cli_job_with_preview(ray_session, weights_file, pushgateway, tmp_path, capsys):
+    """The job end to end through the command line, pushing its outcome to a real Pushgateway
+    (where none is installed, to a port nothing listens on: the run must not notice)."""
     write_sample_archive(str(tmp_path / "in"), 1, 2, image_size=(96, 96))
     preview = tmp_path / "p.png"
+    gateway = pushgateway or f"http://127.0.0.1:{_closed_port()}"
     code = main(["infer", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"),
-                 "--weights", weights_file[0], "--preview", str(preview)])
+                 "--weights", weights_file[0], "--preview", str(preview),
+                 "--pushgateway", gateway])
     assert code == 0
     printed = capsys.readouterr().out
     assert re.search(r"summary: 2 samples in 1 shards \(0 already done\), 0 errors, .* "
                      r"images/s .* \[OK\]", printed)
     assert pq.read_table(tmp_path / "out" / "part-faces-00000.parquet").num_rows == 2
     assert preview.stat().st_size > 1000 and "meaningless" not in printed
+    assert "pushgateway" not in (tmp_path / "out" / "_config.yaml").read_text()
+    if pushgateway is not None:
+        from pushgateway_server import series
+
+        group = (("output", str(tmp_path / "out")),)
+        pushed = series(pushgateway, "landmarks_infer")
+        run = {name: v for (name, labels), v in pushed.items() if labels == group}
+        assert (run["landmarks_last_run_success"], run["landmarks_last_run_rows"],
+                run["landmarks_last_run_errors"]) == (1.0, 2.0, 0.0)
+        assert 0 < run["landmarks_last_run_duration_seconds"] < 600
+        assert abs(run["landmarks_last_run_timestamp_seconds"] - time.time()) < 600
+        success = pushed[("landmarks_last_success_timestamp_seconds",
+                          (("outcome", "success"),) + group)]
+        assert success == run["landmarks_last_run_timestamp_seconds"]
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def test_ci_runs_the_readme_commands():

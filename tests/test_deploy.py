@@ -912,6 +912,13 @@ def run_launcher(tmp_path: Path, job_name: str, states: list[str]):
     return done, (yaml.safe_load(created.read_text()) if created.exists() else None)
 
 
+def _template_entrypoint() -> str:
+    """The RayJob template's entrypoint, as the CronJob's ConfigMap holds it."""
+    maps = configmaps(kuberay_files()["cronjob-nightly.yaml"])
+    text = maps["landmarks-nightly-rayjob"]["data"]["rayjob.yaml"]
+    return yaml.safe_load(text)["spec"]["entrypoint"]
+
+
 def test_cronjob_launcher_fixes_the_night_when_the_schedule_fires(tmp_path):
     from datetime import datetime, timedelta, timezone
 
@@ -920,7 +927,7 @@ def test_cronjob_launcher_fixes_the_night_when_the_schedule_fires(tmp_path):
                                 ["Complete/SUCCEEDED"])
     assert done.returncode == 0, done.stderr
     entrypoint = rayjob["spec"]["entrypoint"]
-    assert entrypoint.endswith("--config /config/nightly.yaml --date 2026-11-19"), entrypoint
+    assert entrypoint == _template_entrypoint() + " --date 2026-11-19", entrypoint
     head = rayjob["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
     _, args = parse_command(entrypoint, mounted_files(head, configmaps(
         kuberay_files()["cronjob-nightly.yaml"])))

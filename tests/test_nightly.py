@@ -47,10 +47,11 @@ def _mtime(path):
 
 
 @pytest.fixture(scope="module")
-def nights(ray_session, tmp_path_factory):
+def nights(ray_session, pushgateway, tmp_path_factory):
     """One output through four nightly runs (3 small Ray jobs in all), with what each left:
 
-    A ``--date 2026-11-20``: faces-00000 (2 faces) arrived that night.
+    A ``--date 2026-11-20``: faces-00000 (2 faces) arrived that night (its outcome pushed to
+      the test's Pushgateway, where one is installed).
     B the same night again.
     Then faces-00001 (1 face) arrives for 2026-11-20, and a partition for 2026-11-17.
     C ``--since 2026-11-18 --date 2026-11-21`` (no partition for 2026-11-21).
@@ -71,7 +72,8 @@ def nights(ray_session, tmp_path_factory):
                        "mtimes": {p.relative_to(out).as_posix(): _mtime(p)
                                   for p in out.glob("date=*/part-*.parquet")}}
 
-    run("A", "--date", "2026-11-20")
+    run("A", "--date", "2026-11-20", *(["--pushgateway", pushgateway] if pushgateway else []))
+    runs["A"]["pushgateway"] = pushgateway
     runs["A"]["table"] = pq.read_table(night / "part-faces-00000.parquet")
     run("B", "--date", "2026-11-20")
     _shard(src / "date=2026-11-20", "faces-00001", seed=2)
@@ -87,6 +89,24 @@ def nights(ray_session, tmp_path_factory):
 def _counts(entry):
     return {k: entry.get(k) for k in ("status", "shards_found", "shards_processed",
                                       "shards_skipped", "samples", "processed")}
+
+
+def test_nightly_pushes_its_outcome(nights):
+    src, out, runs = nights
+    gateway = runs["A"]["pushgateway"]
+    if gateway is None:
+        pytest.skip("prometheus-pushgateway is not installed (.ci/run installs it)")
+    from pushgateway_server import series
+
+    pushed = series(gateway, "landmarks_nightly")
+    group = (("output", str(out)),)
+    run = {name: v for (name, labels), v in pushed.items() if labels == group}
+    totals = runs["A"]["record"]["totals"]
+    assert (run["landmarks_last_run_success"], run["landmarks_last_run_rows"],
+            run["landmarks_last_run_errors"]) == (1.0, totals["samples"], 0.0) == (1.0, 2, 0.0)
+    assert pushed[("landmarks_last_success_timestamp_seconds", (("outcome", "success"),) +
+                   group)] == run["landmarks_last_run_timestamp_seconds"]
+    assert "pushgateway" not in (out / "_config.yaml").read_text()
 
 
 def test_same_night_twice_does_nothing_the_second_time(nights, capsys):

@@ -284,3 +284,35 @@ def test_command_line_builds_the_configs(archive, tmp_path):
     assert finetune_config(args).augment["max_rotation"] == 10.0
     args = parse_args(["evaluate", "--labels", "l", "--predictions", "p", "--output", "o"])
     assert args.run.__name__ == "run_evaluate"
+
+
+def test_finetune_command_pushes_its_outcome(archive, pushgateway, tmp_path, monkeypatch):
+    """The command's wiring only (training itself is the Ray Train tests' job): what it pushes
+    comes from the run's summary, and the gateway's URL is not saved with the job's config."""
+    if pushgateway is None:
+        pytest.skip("prometheus-pushgateway is not installed (.ci/run installs it)")
+    from pushgateway_server import series
+
+    import pipeline.backend.trainer as trainer
+    from pipeline.cli.main import main as cli
+    from pipeline.training.config import FinetuneSummary
+
+    history = [{"epoch": 1, "train_images": 40}, {"epoch": 2, "train_images": 38}]
+    seen = []
+
+    def trained(cfg):
+        seen.append(cfg)
+        return FinetuneSummary(f"{cfg.storage_path}/{cfg.name}", "model.pt", "abc",
+                               {"epoch": 2, "val_nme": 0.1}, history, {})
+
+    monkeypatch.setattr(trainer, "main", trained)
+    code = cli(["finetune", "--input", str(archive), "--storage-path", str(tmp_path),
+                "--name", "pushed", "--epochs", "2", "--pushgateway", pushgateway])
+    assert code == 0 and len(seen) == 1
+    group = (("output", f"{tmp_path}/pushed"),)
+    pushed = series(pushgateway, "landmarks_finetune")
+    run = {name: v for (name, labels), v in pushed.items() if labels == group}
+    assert (run["landmarks_last_run_success"], run["landmarks_last_run_rows"]) == (1.0, 78.0)
+    assert ("landmarks_last_success_timestamp_seconds", (("outcome", "success"),) + group) \
+        in pushed
+    assert "pushgateway" not in (tmp_path / "pushed" / "job-config.yaml").read_text()

@@ -4,13 +4,31 @@ a job prints and saves."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
-from collections.abc import Callable, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.config.files import add_config_argument, dump_config, resolved_config, save_config
-from pipeline.config.options import Option, add_options, options_of
+from pipeline.config.options import Option, add_options, option, options_of
+from pipeline.io.pushgateway import RunOutcome, push
+
+# Options of a run that are not settings of the job: never saved with its config (a gateway's
+# URL may carry credentials).
+RUN_ONLY = ("pushgateway",)
+
+
+@dataclass(frozen=True)
+class PushOption:
+    """``--pushgateway``: shared by every command that runs a job."""
+
+    pushgateway: str | None = option(
+        "Prometheus Pushgateway URL (e.g. http://pushgateway:9091): at the end of the run, push "
+        "its duration, rows, errors and, if it succeeded, landmarks_last_success_timestamp_"
+        "seconds, grouped by job and output (a failed push is logged, never fails the run)",
+        default=None, group="monitoring")
 
 
 @dataclass(frozen=True)
@@ -53,11 +71,25 @@ def job_config(args: argparse.Namespace) -> dict:
 
 def announce_config(args: argparse.Namespace, uri: str | None = None,
                     storage_options=None, leave_out: Sequence[str] = ()) -> dict:
-    """Print the resolved config (without the ``leave_out`` options), save it to ``uri`` if
-    given, and return it."""
-    config = {k: v for k, v in job_config(args).items() if k not in leave_out}
+    """Print the resolved config (without the ``leave_out`` options and ``RUN_ONLY``), save it
+    to ``uri`` if given, and return it."""
+    config = {k: v for k, v in job_config(args).items()
+              if k not in leave_out and k not in RUN_ONLY}
     print(f"resolved config:\n{dump_config(config)}", end="", flush=True)
     if uri:
         save_config(config, uri, storage_options)
         logging.info("resolved config saved to %s (reuse it with --config)", uri)
     return config
+
+
+@contextlib.contextmanager
+def pushed_outcome(args: argparse.Namespace, job: str, output: str) -> Iterator[RunOutcome]:
+    """The run's ``RunOutcome``, pushed to ``--pushgateway`` (when given) however the run ends:
+    the command sets ``success`` and the figures; an exception leaves it a failure."""
+    outcome = RunOutcome(job, output)
+    try:
+        yield outcome
+    finally:
+        if getattr(args, "pushgateway", None):
+            outcome.finished = time.time()
+            push(args.pushgateway, outcome)

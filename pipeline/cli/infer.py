@@ -7,7 +7,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.cli.common import Command, announce_config
+from pipeline.cli.common import Command, PushOption, announce_config, pushed_outcome
 from pipeline.config.options import option, values_for
 from pipeline.inference.config import DEMO_DIR, IO, InferConfig
 from pipeline.io.storage import resolve_storage_options, storage_options_arg
@@ -66,7 +66,11 @@ def run_infer(args: argparse.Namespace) -> int:
         raise SystemExit("error: --output is required with --input")
     cfg = infer_config(args)
     config = announce_config(args)  # saved beside the output once the job has started
-    summary = run_inference(cfg, config)
+    with pushed_outcome(args, "landmarks_infer", cfg.output) as outcome:
+        summary = run_inference(cfg, config)
+        outcome.success = not summary.failed
+        outcome.rows, outcome.errors = summary.samples, summary.errors
+        outcome.errors_by_kind = dict(summary.errors_by_kind)
     print(f"summary: {summary.line()}", flush=True)
     if args.preview:
         drawn = save_preview(args.input, args.output, args.preview, fmt=args.format,
@@ -101,7 +105,8 @@ def run_generate(args: argparse.Namespace) -> int:
 
 COMMANDS = {
     "infer": Command(
-        run_infer, epilog=INFER_EPILOG, schema=(InferConfig, InferCommand), overrides=OPTIONAL_IO,
+        run_infer, epilog=INFER_EPILOG, schema=(InferConfig, InferCommand, PushOption),
+        overrides=OPTIONAL_IO,
         description="Find 68 facial landmarks in every image of the input shards and write one "
                     "Parquet file per shard."),
     "generate": Command(run_generate, arguments=generate_arguments),

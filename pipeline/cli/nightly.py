@@ -6,7 +6,7 @@ import argparse
 import json
 from dataclasses import dataclass
 
-from pipeline.cli.common import Command, announce_config
+from pipeline.cli.common import Command, PushOption, announce_config, pushed_outcome
 from pipeline.cli.infer import InferCommand, infer_config
 from pipeline.config.options import option
 from pipeline.inference.config import InferConfig
@@ -102,7 +102,10 @@ def run_nightly(args: argparse.Namespace) -> int:
     base = infer_config(args)  # checks the settings before anything is written
     announce_config(args, f"{root_of(args.output)}/{CONFIG_FILE}", base.storage_options,
                     leave_out=RUN_OPTIONS)
-    return run_nights(args, base)
+    with pushed_outcome(args, "landmarks_nightly", root_of(args.output)) as outcome:
+        code = run_nights(args, base, outcome)
+        outcome.success = code == 0
+    return code
 
 
 def ledger_arguments(p: argparse.ArgumentParser) -> None:
@@ -116,7 +119,8 @@ def ledger_arguments(p: argparse.ArgumentParser) -> None:
 
 COMMANDS = {
     "nightly": Command(
-        run_nightly, epilog=NIGHTLY_EPILOG, schema=(InferConfig, InferCommand, NightlyDates),
+        run_nightly, epilog=NIGHTLY_EPILOG,
+        schema=(InferConfig, InferCommand, NightlyDates, PushOption),
         overrides=NIGHTLY_IO,
         description="Run the inference job on the date partitions of the input that have "
                     "shards not yet done for the current model and settings, and record the "

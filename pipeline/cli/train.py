@@ -6,7 +6,7 @@ import argparse
 import sys
 from dataclasses import asdict, dataclass
 
-from pipeline.cli.common import Command, announce_config
+from pipeline.cli.common import Command, PushOption, announce_config, pushed_outcome
 from pipeline.config.options import option, values_for
 from pipeline.evaluation.config import EvalConfig
 from pipeline.io.storage import resolve_storage_options, storage_options_arg
@@ -51,7 +51,10 @@ def run_finetune(args: argparse.Namespace) -> int:
     cfg = finetune_config(args)
     run_dir = f"{cfg.storage_path.rstrip('/')}/{cfg.name}"
     announce_config(args, f"{run_dir}/job-config.yaml", cfg.storage_options)
-    summary = main(cfg)
+    with pushed_outcome(args, "landmarks_finetune", run_dir) as outcome:
+        summary = main(cfg)
+        outcome.success = True
+        outcome.rows = sum(int(h.get("train_images") or 0) for h in summary.history)
     best = summary.best
     print(
         f"summary: best epoch {best['epoch']}, val NME {100 * best['val_nme']:.2f} % -> "
@@ -105,7 +108,7 @@ def run_import_pts(args: argparse.Namespace) -> int:
 COMMANDS = {
     "finetune": Command(
         run_finetune, epilog=FINETUNE_EPILOG,
-        schema=(FinetuneConfig, AugmentConfig, FinetuneCommand),
+        schema=(FinetuneConfig, AugmentConfig, FinetuneCommand, PushOption),
         description="Fine-tune the VGG16 keypoint model with Ray Train (DDP), checkpoint to a "
                     "storage path, resume by name, export the best model file."),
     "evaluate": Command(

@@ -30,6 +30,7 @@ from dataclasses import replace
 from datetime import date, datetime, timedelta, timezone
 from typing import Any
 
+from pipeline.io.pushgateway import errors_by_kind
 from pipeline.io.shards import CHUNK_NAME
 from pipeline.io.storage import filesystem, retry, write_bytes
 
@@ -323,9 +324,10 @@ def _report_previous(records: list[dict], ledger_uri: str) -> None:
 # The nightly command
 
 
-def run_nights(args: argparse.Namespace, base) -> int:
+def run_nights(args: argparse.Namespace, base, outcome=None) -> int:
     """Run the selected dates of ``args`` (``input``, ``output``, ``date``, ``since``) with the
-    inference settings ``base``, recording the run in the output's ledger."""
+    inference settings ``base``, recording the run in the output's ledger (and its totals in
+    ``outcome``, a ``pushgateway.RunOutcome``, when given, however the run ends)."""
     selection = {"date": args.date, "since": args.since, "input": args.input,
                  "output": args.output}
     print(f"nightly: {'dates ' + args.since + ' to ' if args.since else 'date '}{args.date}, "
@@ -338,6 +340,7 @@ def run_nights(args: argparse.Namespace, base) -> int:
     try:
         code = _run_dates(args, base, ledger)
     except BaseException as exc:  # record why the run stopped, then let it propagate
+        _fill_outcome(outcome, ledger)
         bad_input = isinstance(exc, (ValueError, FileNotFoundError))
         status = "error" if isinstance(exc, Exception) else "interrupted"
         ledger.finish(status, 2 if bad_input else None, f"{type(exc).__name__}: {exc}")
@@ -346,8 +349,18 @@ def run_nights(args: argparse.Namespace, base) -> int:
         except Exception:  # keep the original error; this one is only logged
             log.exception("could not update the ledger record %s", ledger.uri)
         raise
+    _fill_outcome(outcome, ledger)
     print(_final_line(ledger), flush=True)
     return code
+
+
+def _fill_outcome(outcome, ledger: Ledger) -> None:
+    if outcome is None:
+        return
+    entries = ledger.record["dates"]
+    outcome.rows = sum(e.get("samples") or 0 for e in entries)
+    outcome.errors = sum(e.get("errors") or 0 for e in entries)
+    outcome.errors_by_kind = errors_by_kind(entries)
 
 
 def _run_dates(args: argparse.Namespace, base, ledger: Ledger) -> int:
