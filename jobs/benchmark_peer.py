@@ -21,8 +21,8 @@ Each run is its own driver process (as ``ray job submit`` starts one) connected 
 cluster started here (every node with Ray's default object store: 30 % of memory, split between
 the simulated nodes; not ``Cluster``'s 150 MiB, smaller than one unit): first a single node with
 this machine's CPUs and one simulated GPU (plain local Ray), then, unless ``--skip-cluster``,
-``benchmark_scale``'s simulated cluster (a head and worker nodes of 4 CPUs and 2 simulated GPUs). Runs alternate, project then recipe, ``--pairs``
-times per unit size. Per run:
+``benchmark_scale``'s simulated cluster (a head and worker nodes of 4 CPUs and 2 simulated
+GPUs). Runs alternate, project then recipe, ``--pairs`` times per unit size. Per run:
 
 - ``steady_rows_per_s``: rows through the predictor per second from 10 % to 90 % of the rows
   (each stand-in call logs its time and rows; the recipe writes its files at the end, so files

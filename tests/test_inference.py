@@ -13,6 +13,7 @@ import pytest
 import torch
 from helpers import normalize, real_photo, tar_members, write_tar
 from PIL import Image
+from prometheus_text import scrape, wait_for
 
 from pipeline.demo.synthetic import write_sample_archive
 from pipeline.inference.config import InferConfig
@@ -51,13 +52,24 @@ def _job(archive, output, weights, **overrides):
 
 
 @pytest.fixture(scope="module")
-def result(ray_session, archive, weights_file, tmp_path_factory):
+def result(ray_session, ray_metrics_url, archive, weights_file, tmp_path_factory):
     output = tmp_path_factory.mktemp("out")
+    before = scrape(ray_metrics_url)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         summary = _job(archive, output, weights_file[0])
     tables = {p.name: pq.read_table(p) for p in sorted(output.glob("*.parquet"))}
-    return summary, output, tables, caught
+    # What this job added to the node's metrics, read once every figure the job knows of has
+    # arrived (or the deadline passed: the test then shows what did).
+    want = {("ray_landmarks_files_committed_total", ""): summary.files_committed,
+            ("ray_landmarks_rows_committed_total", ""): sum(t.num_rows for t in tables.values()),
+            ("ray_landmarks_samples_read_total", ""): summary.samples,
+            ("ray_landmarks_predict_unit_seconds_count", ""): summary.predictor_calls,
+            ("ray_landmarks_commit_seconds_count", ""): 1}
+    after = wait_for(lambda: scrape(ray_metrics_url), lambda seen: all(
+        seen[key] - before[key] >= n for key, n in want.items()))
+    delta = {key: after[key] - before.get(key, 0.0) for key in after}
+    return summary, output, tables, caught, {k: v for k, v in delta.items() if v}
 
 
 def test_the_run_uses_no_deprecated_ray_api(result):
@@ -67,6 +79,26 @@ def test_the_run_uses_no_deprecated_ray_api(result):
                   if issubclass(w.category, RayDeprecationWarning)
                   or (issubclass(w.category, DeprecationWarning) and "ray" in w.filename)]
     assert deprecated == []
+
+
+def test_the_job_s_counts_reach_prometheus(result):
+    """Scraped over HTTP from the Ray node's metrics port: what the job's counters added
+    equals the job's own counts (rows, files, errors by kind) and its predictor calls."""
+    summary, output, tables, _, delta = result
+    rows = sum(t.num_rows for t in tables.values())
+    counted = {name: value for (name, tag), value in delta.items() if not tag}
+    assert counted["ray_landmarks_rows_committed_total"] == rows == 11
+    assert counted["ray_landmarks_files_committed_total"] == summary.files_committed == 3
+    assert counted["ray_landmarks_samples_read_total"] == summary.samples
+    assert counted["ray_landmarks_rows_predicted_total"] == rows
+    assert counted["ray_landmarks_bytes_written_total"] == sum(
+        p.stat().st_size for p in output.glob("part-*.parquet"))
+    assert {tag: v for (name, tag), v in delta.items()
+            if name == "ray_landmarks_errors_total"} == summary.errors_by_kind
+    assert sum(summary.errors_by_kind.values()) == summary.errors == 2
+    assert counted["ray_landmarks_predict_unit_seconds_count"] == summary.predictor_calls
+    assert counted["ray_landmarks_commit_seconds_count"] >= 1
+    assert 0 < counted["ray_landmarks_predictor_busy_seconds_total"] <= summary.seconds
 
 
 def _input_samples(archive):
@@ -83,7 +115,7 @@ def _input_samples(archive):
 
 
 def test_one_file_per_shard_one_row_per_sample(result, archive):
-    summary, output, tables, _ = result
+    summary, output, tables, *_ = result
     assert sorted(p.name for p in output.iterdir()) == [
         "_done", "_manifest", "_manifest.json", "part-faces-00000.parquet",
         "part-faces-00001.parquet",
@@ -112,7 +144,7 @@ def test_one_file_per_shard_one_row_per_sample(result, archive):
 def test_landmarks_equal_a_direct_call_of_the_model(result, archive, weights_file):
     """Same weights, CPU, fp32: the Ray job's landmarks equal the model called in-process."""
     _, model, version = weights_file
-    _, _, tables, _ = result
+    _, _, tables, *_ = result
     inputs = _input_samples(archive)
     rows = [r for t in tables.values() for r in t.to_pylist() if r["error"] is None]
     assert len(rows) == 9 and {r["model_version"] for r in rows} == {version}
@@ -167,7 +199,7 @@ def test_real_photos_decode_and_land_inside_their_images(result):
 def test_rerun_overwrites_with_the_same_files_and_rows(result, archive, weights_file):
     """--force redoes every shard: each file is written again (not skipped), under the same
     name, with the same rows; nothing is added."""
-    _, output, tables, _ = result
+    _, output, tables, *_ = result
     before = sorted(p.name for p in output.iterdir())
     written = {name: (output / name).stat().st_mtime_ns for name in tables}
     summary = _job(archive, output, weights_file[0], force=True)

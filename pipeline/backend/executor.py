@@ -48,6 +48,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from pipeline.backend import metrics
 from pipeline.io.report import decode_text, fallback_share
 from pipeline.io.shards import estimate_rows
 from pipeline.stages.commit import CommitSettings, PieceSpec, commit_piece, gather, rows_nbytes
@@ -189,9 +190,14 @@ def _read_units(task: ReadTask, reader_kwargs: Mapping[str, Any]):
     from pipeline.stages.reader import ShardReader
 
     node = _node_id()
+    started = time.perf_counter()
     for header, rows in ShardReader(**reader_kwargs).read_task(task):
         header.read_node = node
+        metrics.observe("landmarks_read_unit_seconds", time.perf_counter() - started)
+        metrics.count("landmarks_samples_read_total", header.rows)
+        metrics.count("landmarks_unit_bytes_total", header.bytes)
         yield {"header": header, "rows": rows}
+        started = time.perf_counter()  # the time waiting to be taken is not the read's
 
 
 class _Predictor:
@@ -200,19 +206,43 @@ class _Predictor:
     def __init__(self, predictor_cls: type, kwargs: Mapping[str, Any]):
         self.predictor = predictor_cls(**kwargs)
         self.node = _node_id()
+        # Busy time is the union of the calls' spans (two run at once on a GPU).
+        self.calls, self.busy_since, self.busy_lock = 0, 0.0, threading.Lock()
 
     def ready(self) -> bool:
         """Answers once the actor holds its model: only then does it get units."""
         return True
 
     def predict(self, unit: Mapping[str, Any]):
-        rows = self.predictor(unit["rows"])
+        started = self._busy(+1)
+        try:
+            rows = self.predictor(unit["rows"])
+        finally:
+            ended = self._busy(-1)
         header = unit["header"]
         if "source_row" in rows:  # faces found: rows of the unit's rows, one per face
             header = expand_header(header, rows.pop("source_row"))
         if DECODE_COLUMN in rows:  # counted in the header, not written
             header = replace(header, device_decode=decode_counts(rows.pop(DECODE_COLUMN)))
+        metrics.observe("landmarks_predict_unit_seconds", ended - started)
+        metrics.count("landmarks_rows_predicted_total", header.out_rows)
+        for outcome, n in header.device_decode.items():
+            if outcome == DECODED_ON_DEVICE:
+                metrics.count("landmarks_device_decoded_total", n)
+            else:
+                metrics.count("landmarks_decode_fallbacks_total", n, {"reason": outcome})
         return replace(header, predict_node=self.node, out_bytes=rows_nbytes(rows)), rows
+
+    def _busy(self, step: int) -> float:
+        """A call starts (+1) or ends (-1); the time any call ran counts as busy once."""
+        now = time.perf_counter()
+        with self.busy_lock:
+            if step > 0 and self.calls == 0:
+                self.busy_since = now
+            self.calls += step
+            if step < 0 and self.calls == 0:
+                metrics.count("landmarks_predictor_busy_seconds_total", now - self.busy_since)
+        return now
 
 
 def _commit(specs: list[PieceSpec], parts: list[list[tuple[int, int, int]]], *units
@@ -225,11 +255,13 @@ def _commit(specs: list[PieceSpec], parts: list[list[tuple[int, int, int]]], *un
         return commit_piece(specs[i], gather([units[u] for u, _, _ in parts[i]],
                                              [(a, b) for _, a, b in parts[i]]))
 
+    started = time.perf_counter()
     if len(specs) == 1:
         receipts = [one(0)]
     else:
         with ThreadPoolExecutor(min(COMMIT_THREADS, len(specs))) as pool:
             receipts = list(pool.map(one, range(len(specs))))
+    metrics.observe("landmarks_commit_seconds", time.perf_counter() - started)
     return {"node": _node_id(), "receipts": receipts}
 
 
@@ -384,6 +416,8 @@ class _NodeRunner:
             for lease_id, state in self.leases.items():
                 receipts.extend((lease_id, r) for r in state.receipts)
                 state.receipts = []
+            metrics.set_gauge("landmarks_units_in_flight",
+                              sum(state.units for state in self.leases.values()))
             return {"receipts": receipts, "stats": asdict(self.stats),
                     "moved_s": round(time.monotonic() - self.moved, 3),
                     "leases": len(self.leases), "predicting": len(self.predicting),

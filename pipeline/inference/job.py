@@ -87,7 +87,7 @@ def _run(cfg: InferConfig, job_config, predictor: type, *, output: str, shards, 
          settings: str, faults: str, run_id: str, lease: Lease, started: float,
          start_iso: str) -> Summary:
     """The job once it holds the output's lease: resume, run the units, report."""
-    from pipeline.backend import cluster, executor
+    from pipeline.backend import cluster, executor, metrics
 
     remove_stale_temporary_files(output)
     if job_config is not None:
@@ -129,6 +129,7 @@ def _run(cfg: InferConfig, job_config, predictor: type, *, output: str, shards, 
             lease.check()  # taken over by another run: stop before it writes more
             for receipt in receipts:
                 summary.add(receipt)
+                metrics.committed(receipt)
                 manifest.add(receipt)
                 log.debug("committed %s: %d rows, %d errors", receipt["file"], receipt["rows"],
                           receipt["errors"])
