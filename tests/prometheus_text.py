@@ -39,3 +39,17 @@ def wait_for(read: Callable[[], Counter], check: Callable[[Counter], bool],
         if check(seen) or time.monotonic() > end:
             return seen
         time.sleep(0.5)
+
+
+def settled(url: str, quiet_s: float = 5.0, deadline_s: float = 60.0) -> Counter:
+    """A reading once nothing changed for ``quiet_s`` (five of the tests' 1 s report
+    intervals): figures of earlier jobs still on their way have arrived, so a difference taken
+    from here on is a later job's alone."""
+    last, since = scrape(url), time.monotonic()
+    end = since + deadline_s
+    while time.monotonic() - since < quiet_s and time.monotonic() < end:
+        time.sleep(0.5)
+        now = scrape(url)
+        if now != last:
+            last, since = now, time.monotonic()
+    return last

@@ -13,7 +13,7 @@ import pytest
 import torch
 from helpers import normalize, real_photo, tar_members, write_tar
 from PIL import Image
-from prometheus_text import scrape, wait_for
+from prometheus_text import scrape, settled, wait_for
 
 from pipeline.demo.synthetic import write_sample_archive
 from pipeline.inference.config import InferConfig
@@ -54,7 +54,7 @@ def _job(archive, output, weights, **overrides):
 @pytest.fixture(scope="module")
 def result(ray_session, ray_metrics_url, archive, weights_file, tmp_path_factory):
     output = tmp_path_factory.mktemp("out")
-    before = scrape(ray_metrics_url)
+    before = settled(ray_metrics_url)  # earlier tests' jobs report their last figures late
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         summary = _job(archive, output, weights_file[0])
