@@ -24,6 +24,7 @@ from pipeline.inference.config import (
     InferConfig,
 )
 from pipeline.io.lease import Lease
+from pipeline.io.progress import Progress
 from pipeline.io.report import ManifestWriter, Summary, new_run_id, write_manifest
 from pipeline.io.resume import (
     completed_pieces,
@@ -123,7 +124,8 @@ def _run(cfg: InferConfig, job_config, predictor: type, *, output: str, shards, 
                  "GPU" if p.decode == "gpu" else "CPU", ", model compiled" if cfg.compile else "")
         if p.decode == "gpu" and not p.use_gpu:
             log.info("--decode gpu without GPUs: the CPU predictor actor decodes (torchvision)")
-        last_log = [time.time()]
+        # A live line on a terminal, a log line every 10 s elsewhere (pipeline/io/progress.py).
+        shown = Progress((t.shard.name, t.shard.size) for t in todo)
 
         def on_receipts(receipts: list[dict[str, Any]]) -> None:
             lease.check()  # taken over by another run: stop before it writes more
@@ -131,14 +133,10 @@ def _run(cfg: InferConfig, job_config, predictor: type, *, output: str, shards, 
                 summary.add(receipt)
                 metrics.committed(receipt)
                 manifest.add(receipt)
+                shown.add(receipt)
                 log.debug("committed %s: %d rows, %d errors", receipt["file"], receipt["rows"],
                           receipt["errors"])
-            if time.time() - last_log[0] >= 10:
-                last_log[0] = time.time()
-                elapsed = time.time() - started
-                log.info("[%d files] %d samples, %d errors, %.1f images/s",
-                         summary.files_committed, summary.samples, summary.errors,
-                         (summary.samples - summary.errors) / max(elapsed, 1e-9))
+            shown.show()
 
         runner = executor.LeaseRunner(
             p.placement(),
@@ -165,7 +163,10 @@ def _run(cfg: InferConfig, job_config, predictor: type, *, output: str, shards, 
             commit=CommitSettings(output, model_info.version, settings, cfg.rows_per_file,
                                   dict(cfg.storage_options), faults),
             on_receipts=on_receipts, stall_timeout=cfg.stall_timeout)
-        stats = runner.run(todo)
+        try:
+            stats = runner.run(todo)
+        finally:
+            shown.close()
         summary.placement = {**runner.lease_figures(), **stats.cross_node_fractions(),
                              "unit_bytes": stats.unit_bytes, "row_bytes": stats.row_bytes,
                              "read_tasks": stats.read_tasks}

@@ -1,0 +1,66 @@
+"""The progress line: the same figures live on a terminal and as log lines elsewhere."""
+
+from __future__ import annotations
+
+import io
+import logging
+
+from pipeline.io.progress import Progress, eta_text
+
+
+class Clock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def receipt(shard, rows, errors=0, last=True, **extra):
+    return {"shard": shard, "rows": rows, "errors": errors, "last": last, **extra}
+
+
+def test_eta_from_bytes_and_the_live_line_is_redrawn_in_place():
+    clock, term = Clock(), Terminal()
+    progress = Progress([("a", 100), ("b", 300)], stream=term, clock=clock)
+    assert progress.live  # a terminal: the line is drawn in place
+    clock.now += 10
+    progress.add(receipt("b", 60, errors=2, last=False))  # a first piece of the big shard
+    progress.add(receipt("a", 20))
+    assert progress.text() == ("1/2 shards, 2 files, 80 images, 2 errors, 7.8 images/s, "
+                               "ETA 0:30")  # 100 of 400 bytes in 10 s: 30 s for the rest
+    progress.show()
+    clock.now += 0.2
+    progress.add(receipt("b", 40))
+    progress.show()  # within half a second: not redrawn
+    assert term.getvalue().count("\r") == 1
+    clock.now += 0.4
+    progress.close()
+    lines = term.getvalue().split("\r")
+    assert lines[-1] == "2/2 shards, 3 files, 120 images, 2 errors, 11.1 images/s, ETA 0:00\n"
+    assert len(lines[-1].rstrip("\n")) >= len(lines[-2])  # the old line is fully overwritten
+
+
+def test_without_a_terminal_the_figures_are_log_lines_every_10_s(caplog):
+    clock, stream = Clock(), io.StringIO()
+    progress = Progress([("a", 10)], stream=stream, clock=clock)
+    assert not progress.live
+    with caplog.at_level(logging.INFO):
+        clock.now += 5
+        progress.add(receipt("a", 4, images=2, faces=3))  # 2 images, one row per face
+        progress.show()  # 5 s: not yet
+        clock.now += 5
+        progress.show()
+        progress.close()
+    assert stream.getvalue() == ""  # nothing drawn: no terminal
+    assert [r.getMessage() for r in caplog.records] == [  # close(): not the same line again
+        "progress: 1/1 shards, 1 files, 2 images, 0 errors, 0.2 images/s, ETA 0:00"]
+
+
+def test_eta_text():
+    assert (eta_text(None), eta_text(59.6), eta_text(3725)) == ("ETA -", "ETA 1:00", "ETA 1:02:05")
