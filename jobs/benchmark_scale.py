@@ -93,7 +93,6 @@ FULL = dict(gpus="1,2,4,8", rate=150, seconds=90, per_shard=300, listing_shards=
             saturate_rows=120_000)
 GPUS_PER_NODE = 2
 CPUS_PER_NODE = 4  # logical CPUs of each simulated GPU node (the machine has what it has)
-STORE_BYTES = 1 << 30  # each simulated node's object store (set by main: object_store_bytes)
 SLOW_FACTOR = 10  # the straggler run's slow node runs at a tenth of the others' rate
 
 
@@ -456,8 +455,7 @@ class ChaosMonkey:
         self.interval, self.order = interval, list(order or [])
         self.kills: dict[str, int] = {kind: 0 for kind in budget}
         self.added: list[str] = []  # ids of the nodes that joined
-        self.node_args = node_args or {"num_cpus": CPUS_PER_NODE, "num_gpus": GPUS_PER_NODE,
-                                       "object_store_memory": STORE_BYTES}
+        self.node_args = node_args or {"num_cpus": CPUS_PER_NODE, "num_gpus": GPUS_PER_NODE}
 
     def _committed(self) -> bool:
         done = self.output / DONE_DIR
@@ -539,7 +537,7 @@ def output_keys(output: Path) -> list[str]:
 CHAOS_BUDGET = {"read_task": 3, "predictor": 3, "commit": 3, "node_agent": 2, "node": 1}
 
 
-def run_chaos(args, cluster, workdir: Path, seeds: list[int]) -> dict:
+def run_chaos(args, cluster, workdir: Path, seeds: list[int], node_args: dict) -> dict:
     """>= ``args.chaos_units`` units on the simulated cluster: one undisturbed run, then one
     run per seed under the chaos monkey; each must equal the undisturbed output."""
     import ray
@@ -561,7 +559,7 @@ def run_chaos(args, cluster, workdir: Path, seeds: list[int]) -> dict:
             if seed is None:
                 summary, kills = _run(cfg, stand_in(rate)), {}
             else:
-                monkey = ChaosMonkey(cluster, output, seed, CHAOS_BUDGET)
+                monkey = ChaosMonkey(cluster, output, seed, CHAOS_BUDGET, node_args=node_args)
                 summary = run_beside(lambda: _run(cfg, stand_in(rate)), monkey.run)
                 kills = monkey.kills
         finally:
@@ -693,13 +691,12 @@ def main(argv=None) -> dict:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="scale-"))
     gpus = max(int(g) for g in args.gpus.split(","))
     nodes = -(-gpus // GPUS_PER_NODE)
-    global STORE_BYTES
-    STORE_BYTES = object_store_bytes(nodes + 1)
+    store = object_store_bytes(nodes + 1)
+    worker = {"num_cpus": CPUS_PER_NODE, "num_gpus": GPUS_PER_NODE, "object_store_memory": store}
     cluster = Cluster(initialize_head=True,
-                      head_node_args={"num_cpus": 2, "object_store_memory": STORE_BYTES})
+                      head_node_args={"num_cpus": 2, "object_store_memory": store})
     for _ in range(nodes):
-        cluster.add_node(num_cpus=CPUS_PER_NODE, num_gpus=GPUS_PER_NODE,
-                         object_store_memory=STORE_BYTES)
+        cluster.add_node(**worker)
     cluster.wait_for_nodes()
     try:
         result = {"settings": {k: v for k, v in vars(args).items() if k != "out"}}
@@ -711,7 +708,8 @@ def main(argv=None) -> dict:
         if args.straggler:
             result["straggler"] = run_straggler(args, cluster, workdir)
         if args.chaos:
-            chaos = run_chaos(args, cluster, workdir, [int(s) for s in args.chaos.split(",")])
+            chaos = run_chaos(args, cluster, workdir, [int(s) for s in args.chaos.split(",")],
+                              worker)
             Path(args.out).mkdir(parents=True, exist_ok=True)
             (Path(args.out) / "chaos.json").write_text(json.dumps(chaos, indent=2))
             result["chaos"] = {"seeds": [{k: e[k] for k in ("seed", "identical", "duplicates",

@@ -1,4 +1,5 @@
-"""Reading Prometheus' text format from a live endpoint (Ray's metrics port), for the tests."""
+"""Reading Prometheus' text format from a live endpoint (Ray's metrics port, a Pushgateway), for
+the tests."""
 
 from __future__ import annotations
 
@@ -7,25 +8,53 @@ import urllib.request
 from collections import Counter
 from collections.abc import Callable
 
-from pushgateway_server import _split_labels
 
-
-def scrape(url: str, prefix: str = "ray_landmarks_") -> Counter:
-    """``(name, kind-or-reason tag or "") -> value`` summed over every other label (Ray's
-    node, worker and session tags), for the samples whose name starts with ``prefix``."""
+def samples(url: str) -> list[tuple[str, dict[str, str], float]]:
+    """Every sample ``url`` exposes: ``(name, labels, value)``."""
     with urllib.request.urlopen(url, timeout=10) as response:
         text = response.read().decode()
-    out: Counter = Counter()
+    out = []
     for line in text.splitlines():
-        if not line.startswith(prefix):
+        if not line or line.startswith("#"):
             continue
         head, value = line.rsplit(" ", 1)
         name, labels = head, {}
         if "{" in head:
             name, rest = head.split("{", 1)
-            labels = dict(item.split("=", 1) for item in _split_labels(rest.rstrip("}")))
-        tag = labels.get("kind") or labels.get("reason") or labels.get("le") or '""'
-        out[(name, tag.strip('"'))] += float(value)
+            for item in _split_labels(rest.rstrip("}")):
+                key, raw = item.split("=", 1)
+                labels[key] = raw[1:-1].encode().decode("unicode_escape")
+        out.append((name, labels, float(value)))
+    return out
+
+
+def _split_labels(text: str) -> list[str]:
+    items, current, quoted, escaped = [], "", False, False
+    for ch in text:
+        if ch == "," and not quoted:
+            items.append(current)
+            current = ""
+            continue
+        current += ch
+        if escaped:
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        elif ch == '"':
+            quoted = not quoted
+    if current:
+        items.append(current)
+    return items
+
+
+def scrape(url: str, prefix: str = "ray_landmarks_") -> Counter:
+    """``(name, kind-or-reason tag or "") -> value`` summed over every other label (Ray's
+    node, worker and session tags), for the samples whose name starts with ``prefix``."""
+    out: Counter = Counter()
+    for name, labels, value in samples(url):
+        if name.startswith(prefix):
+            tag = labels.get("kind") or labels.get("reason") or labels.get("le") or ""
+            out[(name, tag)] += value
     return out
 
 

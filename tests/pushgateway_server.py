@@ -9,6 +9,8 @@ import subprocess
 import time
 import urllib.request
 
+from prometheus_text import samples
+
 BINARY = "prometheus-pushgateway"
 
 
@@ -37,48 +39,10 @@ def start(tmp_dir) -> tuple[str, subprocess.Popen] | None:
             time.sleep(0.1)
 
 
-def samples(url: str) -> list[tuple[str, dict[str, str], float]]:
-    """Every sample the gateway exposes: ``(name, labels, value)``."""
-    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    out = []
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        head, value = line.rsplit(" ", 1)
-        name, labels = head, {}
-        if "{" in head:
-            name, rest = head.split("{", 1)
-            for item in _split_labels(rest.rstrip("}")):
-                key, raw = item.split("=", 1)
-                labels[key] = raw[1:-1].encode().decode("unicode_escape")
-        out.append((name, labels, float(value)))
-    return out
-
-
-def _split_labels(text: str) -> list[str]:
-    items, current, quoted, escaped = [], "", False, False
-    for ch in text:
-        if ch == "," and not quoted:
-            items.append(current)
-            current = ""
-            continue
-        current += ch
-        if escaped:
-            escaped = False
-        elif ch == "\\":
-            escaped = True
-        elif ch == '"':
-            quoted = not quoted
-    if current:
-        items.append(current)
-    return items
-
-
 def series(url: str, job: str) -> dict[tuple[str, tuple], float]:
     """The samples of ``job``'s groups: ``(name, sorted labels without job/instance) -> value``."""
     found = {}
-    for name, labels, value in samples(url):
+    for name, labels, value in samples(f"{url}/metrics"):
         if labels.get("job") != job or not name.startswith("landmarks_"):
             continue
         rest = tuple(sorted((k, v) for k, v in labels.items() if k not in ("job", "instance")))

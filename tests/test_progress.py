@@ -6,6 +6,7 @@ import io
 import logging
 
 from pipeline.io.progress import Progress, eta_text
+from pipeline.io.report import Summary
 
 
 class Clock:
@@ -22,21 +23,35 @@ class Terminal(io.StringIO):
 
 
 def receipt(shard, rows, errors=0, last=True, **extra):
-    return {"shard": shard, "rows": rows, "errors": errors, "last": last, **extra}
+    return {"shard": shard, "file": f"part-{shard}.parquet", "rows": rows, "errors": errors,
+            "errors_by_kind": {"invalid": errors} if errors else {}, "shard_failed": False,
+            "last": last, **extra}
+
+
+def progress_of(shards, **kwargs):
+    """A Progress and the job's Summary it shows; ``add`` gives a receipt to both, as the job."""
+    summary = Summary(len(shards), 0, 0, 0.0, "v", "/out", [])
+    progress = Progress(shards, summary, **kwargs)
+
+    def add(r):
+        summary.add(r)
+        progress.add(r)
+
+    return progress, add
 
 
 def test_eta_from_bytes_and_the_live_line_is_redrawn_in_place():
     clock, term = Clock(), Terminal()
-    progress = Progress([("a", 100), ("b", 300)], stream=term, clock=clock)
+    progress, add = progress_of([("a", 100), ("b", 300)], stream=term, clock=clock)
     assert progress.live  # a terminal: the line is drawn in place
     clock.now += 10
-    progress.add(receipt("b", 60, errors=2, last=False))  # a first piece of the big shard
-    progress.add(receipt("a", 20))
+    add(receipt("b", 60, errors=2, last=False))  # a first piece of the big shard
+    add(receipt("a", 20))
     assert progress.text() == ("1/2 shards, 2 files, 80 images, 2 errors, 7.8 images/s, "
                                "ETA 0:30")  # 100 of 400 bytes in 10 s: 30 s for the rest
     progress.show()
     clock.now += 0.2
-    progress.add(receipt("b", 40))
+    add(receipt("b", 40))
     progress.show()  # within half a second: not redrawn
     assert term.getvalue().count("\r") == 1
     clock.now += 0.4
@@ -48,11 +63,11 @@ def test_eta_from_bytes_and_the_live_line_is_redrawn_in_place():
 
 def test_without_a_terminal_the_figures_are_log_lines_every_10_s(caplog):
     clock, stream = Clock(), io.StringIO()
-    progress = Progress([("a", 10)], stream=stream, clock=clock)
+    progress, add = progress_of([("a", 10)], stream=stream, clock=clock)
     assert not progress.live
     with caplog.at_level(logging.INFO):
         clock.now += 5
-        progress.add(receipt("a", 4, images=2, faces=3))  # 2 images, one row per face
+        add(receipt("a", 4, images=2, faces=3))  # 2 images, one row per face
         progress.show()  # 5 s: not yet
         clock.now += 5
         progress.show()

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from pushgateway_server import samples, series
+from prometheus_text import samples
+from pushgateway_server import series
 
 from pipeline.cli.common import pushed_outcome
 from pipeline.io.pushgateway import LAST_SUCCESS, RunOutcome, push
@@ -56,7 +57,7 @@ def test_a_failed_run_keeps_the_last_success_and_replaces_the_rest(pushgateway):
     kinds = {dict(labels)["kind"]: v for (name, labels), v in after.items()
              if name == "landmarks_last_run_errors_by_kind"}
     assert kinds == {"shard_error": 7.0}  # last night's kinds are gone
-    text = repr(samples(url))
+    text = repr(samples(f"{url}/metrics"))
     assert "s3cr3t" not in text and "planted" not in text and "user" not in text
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -91,5 +90,4 @@ def pushed_outcome(args: argparse.Namespace, job: str, output: str) -> Iterator[
         yield outcome
     finally:
         if getattr(args, "pushgateway", None):
-            outcome.finished = time.time()
             push(args.pushgateway, outcome)

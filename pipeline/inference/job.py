@@ -125,7 +125,7 @@ def _run(cfg: InferConfig, job_config, predictor: type, *, output: str, shards, 
         if p.decode == "gpu" and not p.use_gpu:
             log.info("--decode gpu without GPUs: the CPU predictor actor decodes (torchvision)")
         # A live line on a terminal, a log line every 10 s elsewhere (pipeline/io/progress.py).
-        shown = Progress((t.shard.name, t.shard.size) for t in todo)
+        shown = Progress(((t.shard.name, t.shard.size) for t in todo), summary)
 
         def on_receipts(receipts: list[dict[str, Any]]) -> None:
             lease.check()  # taken over by another run: stop before it writes more

@@ -28,12 +28,15 @@ def eta_text(seconds: float | None) -> str:
 
 
 class Progress:
-    """Counts committed files' receipts against the shards of the run (name -> input bytes)."""
+    """Shows ``summary``'s counts (a ``report.Summary``: files, images, errors) and the shards
+    its receipts completed, of the run's shards (name -> input bytes)."""
 
-    def __init__(self, shards: Iterable[tuple[str, int]], *, stream: TextIO | None = None,
+    def __init__(self, shards: Iterable[tuple[str, int]], summary, *,
+                 stream: TextIO | None = None,
                  live: bool | None = None, live_every_s: float = 0.5,
                  log_every_s: float = 10.0, clock=time.monotonic):
         self.sizes = dict(shards)
+        self.summary = summary
         self.total_bytes = sum(self.sizes.values())
         self.stream = stream if stream is not None else sys.stderr
         self.live = self.stream.isatty() if live is None else live
@@ -43,14 +46,11 @@ class Progress:
         self.shown = self.started
         self.done: set[str] = set()
         self.done_bytes = 0
-        self.files = self.images = self.errors = 0
         self.width = 0  # of the live line last drawn
         self.last = ""  # the figures last drawn or logged
 
     def add(self, receipt: Mapping[str, Any]) -> None:
-        self.files += 1
-        self.images += int(receipt.get("images", receipt.get("rows", 0)))  # as the summary
-        self.errors += int(receipt.get("errors", 0))
+        """A committed file's receipt (the summary counts it): its shard may be done."""
         shard = receipt.get("shard")
         if receipt.get("last") and shard in self.sizes and shard not in self.done:
             self.done.add(shard)
@@ -63,9 +63,10 @@ class Progress:
             eta = elapsed * (self.total_bytes - self.done_bytes) / self.done_bytes
         elif self.total_bytes and self.done_bytes >= self.total_bytes:
             eta = 0.0
-        return (f"{len(self.done)}/{len(self.sizes)} shards, {self.files} files, "
-                f"{self.images} images, {self.errors} errors, "
-                f"{(self.images - self.errors) / elapsed:.1f} images/s, {eta_text(eta)}")
+        s = self.summary
+        return (f"{len(self.done)}/{len(self.sizes)} shards, {s.files_committed} files, "
+                f"{s.samples} images, {s.errors} errors, "
+                f"{(s.samples - s.errors) / elapsed:.1f} images/s, {eta_text(eta)}")
 
     def show(self, force: bool = False) -> None:
         """Draw the line (live) or log it, when ``every`` seconds passed since the last time."""

@@ -63,9 +63,8 @@ ERRORS_BY_KIND = "landmarks_last_run_errors_by_kind"
 
 
 def exposition(outcome: RunOutcome) -> str:
-    """The last-run figures in Prometheus' text exposition format (gauges, no timestamps)."""
-    if outcome.finished is None:
-        outcome.finished = time.time()
+    """The last-run figures in Prometheus' text exposition format (gauges, no timestamps);
+    ``outcome.finished`` is set."""
     lines: list[str] = []
     for name, (help_text, value) in _GAUGES.items():
         _gauge(lines, name, help_text, [("", value(outcome))])
@@ -103,6 +102,8 @@ def group_url(gateway: str, job: str, output: str, outcome: str | None = None) -
 def push(gateway: str, outcome: RunOutcome, timeout: float = PUSH_TIMEOUT_S) -> bool:
     """Push ``outcome`` (and, if it succeeded, the last success); True when the gateway took
     everything. Never raises."""
+    if outcome.finished is None:
+        outcome.finished = time.time()
     body = exposition(outcome)
     pushes = [(group_url(gateway, outcome.job, outcome.output), body)]
     if outcome.success:
