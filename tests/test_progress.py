@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import logging
+import sys
+import threading
 
 from pipeline.io.progress import Progress, eta_text
 from pipeline.io.report import Summary
@@ -20,6 +22,40 @@ class Clock:
 class Terminal(io.StringIO):
     def isatty(self):
         return True
+
+
+class SharedTerminal(Terminal):
+    """One of the fake streams (stdout, stderr) writing to the same screen, ``raw``."""
+
+    def __init__(self, raw: list[str]):
+        super().__init__()
+        self.raw = raw
+
+    def write(self, text):
+        self.raw.append(text)
+        return super().write(text)
+
+
+def screen(raw: str) -> list[str]:
+    """The lines a person sees after ``raw``: "\r" to the line's start, "\x1b[K" clears from
+    the cursor on, "\n" to the next line, any other character overwrites the one at the cursor."""
+    lines, col, i = [""], 0, 0
+    while i < len(raw):
+        if raw.startswith("\x1b[K", i):
+            lines[-1] = lines[-1][:col]
+            i += 3
+            continue
+        char, i = raw[i], i + 1
+        if char == "\r":
+            col = 0
+        elif char == "\n":
+            lines.append("")
+            col = 0
+        else:
+            line = lines[-1].ljust(col)
+            lines[-1] = line[:col] + char + line[col + 1:]
+            col += 1
+    return lines
 
 
 def receipt(shard, rows, errors=0, last=True, **extra):
@@ -79,3 +115,68 @@ def test_without_a_terminal_the_figures_are_log_lines_every_10_s(caplog):
 
 def test_eta_text():
     assert (eta_text(None), eta_text(59.6), eta_text(3725)) == ("ETA -", "ETA 1:00", "ETA 1:02:05")
+
+
+def test_other_output_goes_above_the_live_line_which_stays_last(monkeypatch):
+    raw: list[str] = []
+    out, err = SharedTerminal(raw), SharedTerminal(raw)
+    monkeypatch.setattr(sys, "stdout", out)
+    monkeypatch.setattr(sys, "stderr", err)
+    handler = logging.StreamHandler(err)  # as logging.basicConfig makes it, before the run
+    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        clock = Clock()
+        progress, add = progress_of([("a", 100), ("b", 100)], stream=err, clock=clock)
+        assert sys.stdout is not out and sys.stderr is not err and handler.stream is not err
+        assert sys.stdout.isatty() and sys.stdout.fileno is not None  # the rest: the stream's
+        clock.now += 10
+        add(receipt("a", 20))
+        progress.show()
+        live = progress.last
+        # Ray prints worker lines on the driver from a thread, looking sys.stdout up then.
+        worker = threading.Thread(target=lambda: print("(worker pid=1) hello", file=sys.stdout))
+        worker.start()
+        worker.join()
+        logging.getLogger("pipeline.test_progress").warning("a log line")
+        assert screen("".join(raw))[-3:] == ["(worker pid=1) hello", "WARNING a log line", live]
+
+        sys.stdout.write("part")  # a line written in pieces: the live line waits for its end
+        clock.now += 10
+        add(receipt("b", 20))
+        progress.show()
+        sys.stdout.write("ial\n")
+        assert screen("".join(raw))[-2:] == ["partial", progress.last]
+        assert progress.last != live  # drawn with the figures of the show() that waited
+
+        progress.close()
+        progress.close()  # once only
+        assert (sys.stdout, sys.stderr, handler.stream) == (out, err, err)
+        assert screen("".join(raw)) == [  # each on its own line, the live line ended last
+            "(worker pid=1) hello", "WARNING a log line", "partial", progress.last, ""]
+    finally:
+        root.removeHandler(handler)
+
+
+def test_without_a_terminal_stdout_stderr_and_handlers_are_left_alone(monkeypatch):
+    raw: list[str] = []
+    out, err = SharedTerminal(raw), SharedTerminal(raw)
+    monkeypatch.setattr(sys, "stdout", out)
+    monkeypatch.setattr(sys, "stderr", err)
+    handler = logging.StreamHandler(err)
+    logging.getLogger().addHandler(handler)
+    try:
+        progress, add = progress_of([("a", 10)], stream=io.StringIO(), clock=Clock())
+        assert not progress.live
+        assert (sys.stdout, sys.stderr, handler.stream) == (out, err, err)
+        add(receipt("a", 4))
+        progress.show(force=True)
+        assert (sys.stdout, sys.stderr, handler.stream) == (out, err, err)
+        progress.close()
+        assert (sys.stdout, sys.stderr, handler.stream) == (out, err, err)
+        # live=False on a terminal: the same
+        Progress([("a", 10)], Summary(1, 0, 0, 0.0, "v", "/out", []), stream=err, live=False)
+        assert (sys.stdout, sys.stderr, handler.stream) == (out, err, err)
+    finally:
+        logging.getLogger().removeHandler(handler)
