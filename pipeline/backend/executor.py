@@ -126,6 +126,15 @@ class RunStats:
     row_bytes: int = 0  # predicted rows' bytes from their predictor to their commit
     row_bytes_cross_node: int = 0
     read_tasks: int = 0  # read tasks the agents cut their leases into
+    # Where the time went (the run report): seconds summed over units, and Ray's retries.
+    read_s: float = 0.0  # read tasks building units (wall)
+    read_cpu_s: float = 0.0  # ... their processes' CPU
+    predict_s: float = 0.0  # predictor calls (wall; two at once on a GPU both count)
+    read_retries: int = 0  # read tasks Ray ran again (a replay from the start)
+    predict_retries: int = 0  # predictor calls Ray ran again (after an actor restart)
+    # One predictor process each (a restarted actor is a new one): its running totals as of
+    # its latest call (``_Predictor.figures``).
+    predictors: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def add(self, rows: int, device_decode: Mapping[str, int] | None = None) -> None:
         self.units += 1
@@ -151,6 +160,43 @@ class RunStats:
         self.largest = max(self.largest, other.largest)
         for reason, n in other.cpu_fallbacks.items():
             self.cpu_fallbacks[reason] = self.cpu_fallbacks.get(reason, 0) + n
+        for name in ("read_s", "read_cpu_s", "predict_s", "read_retries", "predict_retries"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        for figures in other.predictors.values():
+            self.add_predictor(figures)
+
+    def add_timing(self, header, read_attempts: dict[int, int]) -> None:
+        """A predicted unit's times and attempts (``read_attempts``: the highest attempt seen
+        of each read task, so a replayed task counts its retries once)."""
+        self.read_s += header.read_s
+        self.read_cpu_s += header.read_cpu_s
+        self.predict_s += header.predict_s
+        self.predict_retries += header.predict_attempt
+        seen = read_attempts.get(header.task, 0)
+        if header.read_attempt > seen:
+            self.read_retries += header.read_attempt - seen
+            read_attempts[header.task] = header.read_attempt
+        if header.predictor:
+            self.add_predictor(header.predictor)
+
+    def add_predictor(self, figures: Mapping[str, Any]) -> None:
+        known = self.predictors.get(figures["id"])
+        if known is None or figures["busy_s"] >= known["busy_s"]:
+            self.predictors[figures["id"]] = dict(figures)
+
+    def predictor_figures(self, ended: float) -> dict[str, float]:
+        """The predictors' busy fraction (time in the model / time held, from the actor's
+        start to ``ended``, epoch seconds), GPU-seconds held and CPU-seconds used."""
+        held = {k: max(0.0, ended - p["started_at"]) for k, p in self.predictors.items()}
+        busy = sum(p["busy_s"] for p in self.predictors.values())
+        return {"predictors": len(self.predictors),
+                "predictor_restarts": sum(1 for p in self.predictors.values()
+                                          if p["restarted"]),
+                "busy_s": round(busy, 3),
+                "busy_fraction": round(busy / sum(held.values()), 4) if any(held.values())
+                else 0.0,
+                "gpu_s": round(sum(p["gpus"] * held[k] for k, p in self.predictors.items()), 3),
+                "cpu_s": round(sum(p["cpu_s"] for p in self.predictors.values()), 3)}
 
     def decoded_any(self) -> bool:
         return bool(self.device_decoded or self.cpu_fallbacks)
@@ -186,24 +232,54 @@ def _node_id() -> str:
     return ray.get_runtime_context().get_node_id()
 
 
+def _attempt() -> int:
+    """How many times Ray ran the current task or actor call before this run of it (0: the
+    first). Ray 2.60 has no public call for it; its core worker's is used, 0 where missing."""
+    try:
+        from ray._private.worker import global_worker
+
+        return int(global_worker.core_worker.get_current_task_attempt_number())
+    except Exception:  # noqa: BLE001 - a figure for the report, never a reason to fail
+        return 0
+
+
 def _read_units(task: ReadTask, reader_kwargs: Mapping[str, Any]):
     from pipeline.stages.reader import ShardReader
 
-    node = _node_id()
-    started = time.perf_counter()
+    node, attempt = _node_id(), _attempt()
+    if attempt:
+        metrics.count("landmarks_retries_total", 1, {"stage": "read"})
+    at, started, cpu = time.time(), time.perf_counter(), time.process_time()
     for header, rows in ShardReader(**reader_kwargs).read_task(task):
-        header.read_node = node
-        metrics.observe("landmarks_read_unit_seconds", time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        header.read_node, header.read_attempt = node, attempt
+        header.started_at, header.read_s = at, seconds
+        header.read_cpu_s = time.process_time() - cpu
+        metrics.observe("landmarks_read_unit_seconds", seconds)
         metrics.count("landmarks_samples_read_total", header.rows)
         metrics.count("landmarks_unit_bytes_total", header.bytes)
         yield {"header": header, "rows": rows}
-        started = time.perf_counter()  # the time waiting to be taken is not the read's
+        # The time waiting to be taken is not the read's.
+        at, started, cpu = time.time(), time.perf_counter(), time.process_time()
 
 
 class _Predictor:
     """The actor around a predictor class: one model per actor, ``(header, rows)`` per unit."""
 
     def __init__(self, predictor_cls: type, kwargs: Mapping[str, Any]):
+        import os
+
+        import ray
+
+        started_at, self.cpu = time.time(), time.process_time()
+        context = ray.get_runtime_context()
+        restarted = bool(context.was_current_actor_reconstructed)
+        if restarted:
+            metrics.count("landmarks_restarts_total", 1, {"stage": "predict"})
+        self.figures = {"id": f"{context.get_actor_id()}:{os.getpid()}",
+                        "started_at": started_at, "restarted": restarted,
+                        "gpus": float(context.get_assigned_resources().get("GPU", 0.0)),
+                        "busy_s": 0.0, "cpu_s": 0.0}
         self.predictor = predictor_cls(**kwargs)
         self.node = _node_id()
         # Busy time is the union of the calls' spans (two run at once on a GPU).
@@ -214,6 +290,9 @@ class _Predictor:
         return True
 
     def predict(self, unit: Mapping[str, Any]):
+        attempt = _attempt()
+        if attempt:
+            metrics.count("landmarks_retries_total", 1, {"stage": "predict"})
         started = self._busy(+1)
         try:
             rows = self.predictor(unit["rows"])
@@ -231,7 +310,11 @@ class _Predictor:
                 metrics.count("landmarks_device_decoded_total", n)
             else:
                 metrics.count("landmarks_decode_fallbacks_total", n, {"reason": outcome})
-        return replace(header, predict_node=self.node, out_bytes=rows_nbytes(rows)), rows
+        with self.busy_lock:
+            figures = {**self.figures, "cpu_s": time.process_time() - self.cpu}
+        return replace(header, predict_node=self.node, out_bytes=rows_nbytes(rows),
+                       predict_s=ended - started, predict_attempt=attempt,
+                       predictor=figures), rows
 
     def _busy(self, step: int) -> float:
         """A call starts (+1) or ends (-1); the time any call ran counts as busy once."""
@@ -242,18 +325,24 @@ class _Predictor:
             self.calls += step
             if step < 0 and self.calls == 0:
                 metrics.count("landmarks_predictor_busy_seconds_total", now - self.busy_since)
+                self.figures["busy_s"] += now - self.busy_since
         return now
 
 
-def _commit(specs: list[PieceSpec], parts: list[list[tuple[int, int, int]]], *units
-            ) -> dict[str, Any]:
+def _commit(specs: list[PieceSpec], parts: list[list[tuple[int, int, int]]],
+            starts: list[float], *units) -> dict[str, Any]:
     """Commit the pieces a unit completed: piece ``i`` is rows ``start:stop`` of
-    ``units[u]`` for each ``(u, start, stop)`` in ``parts[i]``. Several pieces (small shards)
-    are written ``COMMIT_THREADS`` at a time: their PUTs overlap. Returns the receipts and the
-    node that wrote them."""
+    ``units[u]`` for each ``(u, start, stop)`` in ``parts[i]``, its first read began at
+    ``starts[i]`` (epoch seconds). Several pieces (small shards) are written ``COMMIT_THREADS``
+    at a time: their PUTs overlap. Returns the receipts and the node that wrote them."""
+    attempt = _attempt()
+    if attempt:
+        metrics.count("landmarks_retries_total", 1, {"stage": "commit"})
+
     def one(i: int) -> dict[str, Any]:
-        return commit_piece(specs[i], gather([units[u] for u, _, _ in parts[i]],
-                                             [(a, b) for _, a, b in parts[i]]))
+        receipt = commit_piece(specs[i], gather([units[u] for u, _, _ in parts[i]],
+                                                [(a, b) for _, a, b in parts[i]]))
+        return {**receipt, "started": round(starts[i], 3), "attempt": attempt}
 
     started = time.perf_counter()
     if len(specs) == 1:
@@ -325,6 +414,7 @@ class _Predicted:
     node: str
     out_bytes: int
     out_rows: int
+    started_at: float = 0.0  # when its read began (epoch seconds)
 
 
 @dataclass
@@ -337,6 +427,7 @@ class _LeaseState:
     commits: int = 0  # commits running
     receipts: list = field(default_factory=list)  # not handed to the driver yet
     seen: dict = field(default_factory=dict)  # task -> units seen (a replayed unit is dropped)
+    attempts: dict = field(default_factory=dict)  # task -> its highest attempt seen
 
 
 class _NodeRunner:
@@ -621,6 +712,8 @@ class _NodeRunner:
             return
         state.units -= 1
         header = _result(header_ref, "a predictor actor")
+        with self.lock:  # work done, even for a unit delivered twice
+            self.stats.add_timing(header, state.attempts)
         seen = state.seen.setdefault(header.task, set())
         if header.index in seen:
             self._maybe_done(lease_id)
@@ -631,22 +724,25 @@ class _NodeRunner:
             self.stats.unit_bytes += header.bytes
             if header.read_node != header.predict_node:
                 self.stats.unit_bytes_cross_node += header.bytes
-        unit = _Predicted(rows_ref, header.predict_node, header.out_bytes, header.out_rows)
+        unit = _Predicted(rows_ref, header.predict_node, header.out_bytes, header.out_rows,
+                          header.started_at)
         # Pieces are keyed by lease and shard: a sliced shard's pieces gather rows from
         # several read tasks.
         ready = self.pieces.add(header, unit,
                                 lambda i: (lease_id, task.shards[i].shard.name))
         if ready:  # one commit task for every piece this unit completed
             units: dict[int, tuple[int, _Predicted]] = {}  # id -> (argument index, unit)
-            specs, parts, moved = [], [], []
+            specs, parts, moved, starts = [], [], [], []
             for piece in ready:
+                starts.append(min(u.started_at for u, _ in piece.parts))
                 specs.append(self.commit_settings.spec(task.shards[piece.shard].shard,
                                                        piece.piece, piece.last))
                 parts.append([(units.setdefault(id(u), (len(units), u))[0], start, stop)
                               for u, (start, stop) in piece.parts])
                 moved.extend((u.node, u.out_bytes * (stop - start) // max(1, u.out_rows))
                              for u, (start, stop) in piece.parts)
-            receipts = self.commit.remote(specs, parts, *(u.ref for _, u in units.values()))
+            receipts = self.commit.remote(specs, parts, starts,
+                                          *(u.ref for _, u in units.values()))
             self.commits[receipts] = (specs[0].stem if len(specs) == 1
                                       else f"{specs[0].stem} and {len(specs) - 1} more",
                                       lease_id, moved)
@@ -797,6 +893,8 @@ class LeaseRunner:
             if self.restarts.get(node_id, -1) >= AGENT_RESTARTS_PER_NODE:
                 continue  # its agents keep dying: the other nodes do the work
             self.restarts[node_id] = self.restarts.get(node_id, -1) + 1
+            if self.restarts[node_id]:
+                metrics.count("landmarks_restarts_total", 1, {"stage": "agent"})
             slots = node_slots(by_id[node_id], predictors, self.placement.actor_cpus)
             actor = self.agent_cls.options(
                 num_cpus=0, max_concurrency=AGENT_THREADS, max_restarts=0,
@@ -922,6 +1020,7 @@ class LeaseRunner:
     def lease_figures(self) -> dict[str, int]:
         book = self.book
         return {"leases": len(book.leases), "leases_lost": book.lost,
+                "agent_restarts": sum(n for n in self.restarts.values() if n > 0),
                 "leases_speculated": book.speculated,
                 "leases_won_by_speculation": book.won_by_speculation, **self.events}
 

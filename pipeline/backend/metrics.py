@@ -16,7 +16,9 @@ Where each figure is counted:
 - the predictor actors: rows predicted, seconds per call, seconds busy (busy fraction =
   ``rate(busy_seconds_total)`` per predictor), images decoded on the device and fallbacks to
   the CPU by reason;
-- the commit tasks: seconds per commit; the node agents: units in flight.
+- the commit tasks: seconds per commit; the node agents: units in flight;
+- retries where they run again (a read task, a predictor call, a commit: Ray's attempt number),
+  restarts where a process starts again (a predictor actor; a node agent, on the driver).
 """
 
 from __future__ import annotations
@@ -43,6 +45,10 @@ COUNTERS = {  # name -> (description, tag keys)
     "landmarks_no_face_total": ("images searched for faces and found without one", ()),
     "landmarks_faces_total": ("face rows committed (images searched for faces)", ()),
     "landmarks_bytes_written_total": ("bytes of committed output files", ()),
+    "landmarks_retries_total": ("read tasks, predictor calls and commits Ray ran again, by "
+                                "stage (read, predict, commit)", ("stage",)),
+    "landmarks_restarts_total": ("predictor actors and node agents started again after their "
+                                 "process died, by stage (predict, agent)", ("stage",)),
 }
 HISTOGRAMS = {
     "landmarks_read_unit_seconds": "seconds a read task took to build one unit",

@@ -149,6 +149,10 @@ class InferConfig:
     max_error_fraction: float = option(
         "exit with status 1 when more than this share of the samples have errors (default "
         "0.01); a shard that stops part-way always does", default=0.01, group=RUN)
+    gpu_hour_price: float | None = option(
+        "price of one GPU hour (any currency): the manifest, run report and ledger then give "
+        "the GPU cost of the run and per million rows, beside the GPU- and CPU-seconds they "
+        "always give", default=None, group=RUN)
 
     def __post_init__(self):
         if self.device not in DEVICES:
@@ -179,6 +183,8 @@ class InferConfig:
                              f"{self.face_threshold}")
         if not self.stall_timeout > 0:
             raise ValueError(f"stall_timeout must be > 0, got {self.stall_timeout}")
+        if self.gpu_hour_price is not None and not self.gpu_hour_price >= 0:
+            raise ValueError(f"gpu_hour_price must be >= 0, got {self.gpu_hour_price}")
         if not 0 <= self.max_error_fraction <= 1:
             raise ValueError(f"max_error_fraction must be between 0 and 1, got "
                              f"{self.max_error_fraction}")

@@ -57,6 +57,14 @@ class Summary:
     #                                      CPU path instead, by reason (gpu_decode.FALLBACK_REASONS)
     placement: dict[str, Any] = field(default_factory=dict)  # leases, node agents, and the
     #                                      share of unit and row bytes that crossed nodes
+    rows: int = 0  # rows written (one per face found, else one per image)
+    commit_s: float = 0.0
+    commit_retries: int = 0
+    stages: dict[str, float] = field(default_factory=dict)  # seconds per stage (run_figures)
+    busy_fraction: float = 0.0  # the predictors' time in the model / time held
+    retries: dict[str, int] = field(default_factory=dict)  # by stage, and restarts
+    cost: dict[str, Any] = field(default_factory=dict)  # GPU- and CPU-seconds (cost_figures)
+    report: str | None = None  # the run report's URI (pipeline.report.run)
 
     @property
     def images_per_s(self) -> float:
@@ -76,6 +84,9 @@ class Summary:
         if len(self.files) < FILES_KEPT:
             self.files.append(f"{self.output}/{receipt['file']}")
         self.samples += receipt.get("images", receipt["rows"])
+        self.rows += receipt["rows"]
+        self.commit_s += receipt.get("seconds", 0.0)
+        self.commit_retries += receipt.get("attempt", 0)
         self.faces += receipt.get("faces", 0)
         self.no_face += receipt.get("no_face", 0)
         self.errors += receipt["errors"]
@@ -110,6 +121,52 @@ def fallback_share(device_decoded: int, cpu_fallbacks: Mapping[str, int]) -> flo
     """The share of the images the predictors decoded that took the CPU path."""
     fallbacks = sum(cpu_fallbacks.values())
     return fallbacks / (device_decoded + fallbacks) if fallbacks else 0.0
+
+
+def cost_figures(rows: int, gpu_s: float, cpu_s: float,
+                 gpu_hour_price: float | None = None) -> dict[str, Any]:
+    """What the run cost: GPU-seconds held by the predictors and CPU-seconds the stages used,
+    in all and per million rows written, and in money with a price of one GPU hour."""
+    def per_million(value: float) -> float | None:
+        return round(value * 1e6 / rows, 3) if rows else None
+
+    out: dict[str, Any] = {"rows": rows, "gpu_s": round(gpu_s, 3), "cpu_s": round(cpu_s, 3),
+                           "gpu_s_per_million_rows": per_million(gpu_s),
+                           "cpu_s_per_million_rows": per_million(cpu_s)}
+    if gpu_hour_price is not None:
+        money = gpu_s / 3600 * gpu_hour_price
+        out.update(gpu_hour_price=gpu_hour_price, gpu_cost=round(money, 4),
+                   gpu_cost_per_million_rows=per_million(money))
+    return out
+
+
+def run_figures(summary: Summary, stats, ended: float, placement: Mapping[str, Any],
+                gpu_hour_price: float | None = None) -> None:
+    """Set ``summary``'s stage seconds, busy fraction, retries and cost from the predictors'
+    figures (``executor.RunStats``; None when nothing ran) at the end of the run."""
+    predictors = stats.predictor_figures(ended) if stats is not None else {}
+    summary.stages = {
+        "read_s": round(stats.read_s, 3) if stats else 0.0,
+        "read_cpu_s": round(stats.read_cpu_s, 3) if stats else 0.0,
+        "predict_s": round(stats.predict_s, 3) if stats else 0.0,
+        "predict_busy_s": predictors.get("busy_s", 0.0),
+        "predict_cpu_s": predictors.get("cpu_s", 0.0),
+        "commit_s": round(summary.commit_s, 3),
+        "commit_cpu_s": round(summary.commit_cpu_s, 3),
+    }
+    summary.busy_fraction = predictors.get("busy_fraction", 0.0)
+    summary.retries = {
+        "read": stats.read_retries if stats else 0,
+        "predict": stats.predict_retries if stats else 0,
+        "commit": summary.commit_retries,
+        "predictor_restarts": predictors.get("predictor_restarts", 0),
+        "agent_restarts": placement.get("agent_restarts", 0),
+        "leases_lost": placement.get("leases_lost", 0),
+    }
+    cpu_s = (summary.stages["read_cpu_s"] + summary.stages["predict_cpu_s"]
+             + summary.stages["commit_cpu_s"])
+    summary.cost = cost_figures(summary.rows, predictors.get("gpu_s", 0.0), cpu_s,
+                                gpu_hour_price)
 
 
 def new_run_id(now: datetime | None = None) -> str:
@@ -176,19 +233,40 @@ def write_manifest(config: dict[str, Any], summary: Summary, writer: ManifestWri
         "device_decode": {"decoded_on_device": summary.device_decoded,
                           "cpu_fallbacks": summary.cpu_fallbacks},
         "placement": summary.placement,
+        "rows": summary.rows,
+        "stages": summary.stages,
+        "predictor_busy_fraction": summary.busy_fraction,
+        "retries": summary.retries,
+        "cost": summary.cost,
         "seconds": round(summary.seconds, 3),
         "images_per_s": round(summary.images_per_s, 3),
         "receipts": writer.parts,
     }
-    write_bytes(f"{summary.output}/{MANIFEST_FILE}", json.dumps(manifest, indent=2).encode(),
-                storage_options)
+    data = json.dumps(manifest, indent=2).encode()
+    # Every run's manifest stays beside its parts (``landmarks report --run``); the latest is
+    # also _manifest.json.
+    write_bytes(f"{summary.output}/{run_manifest_name(writer.run_id)}", data, storage_options)
+    write_bytes(f"{summary.output}/{MANIFEST_FILE}", data, storage_options)
 
 
-def read_receipts(output: str, storage_options: Mapping[str, Any] | None = None
-                  ) -> list[dict[str, Any]]:
-    """Every receipt of the run that wrote ``output``'s ``_manifest.json``, in commit order."""
+def run_manifest_name(run_id: str) -> str:
+    return f"{MANIFEST_DIR}/{run_id}/manifest.json"
+
+
+def read_manifest(output: str, run_id: str | None = None,
+                  storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The manifest of run ``run_id`` of ``output`` (default: the latest run's)."""
+    name = run_manifest_name(run_id) if run_id else MANIFEST_FILE
+    return json.loads(read_bytes(f"{output.rstrip('/')}/{name}", storage_options))
+
+
+def read_receipts(output: str, storage_options: Mapping[str, Any] | None = None,
+                  manifest: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Every receipt of the run ``manifest`` describes (default: the one that wrote
+    ``output``'s ``_manifest.json``), in commit order."""
     root = output.rstrip("/")
-    manifest = json.loads(read_bytes(f"{root}/{MANIFEST_FILE}", storage_options))
+    if manifest is None:
+        manifest = read_manifest(root, None, storage_options)
     receipts = []
     for part in manifest["receipts"]:
         text = read_bytes(f"{root}/{part}", storage_options).decode()

@@ -31,6 +31,7 @@ from datetime import date, datetime, timedelta, timezone
 from typing import Any
 
 from pipeline.io.pushgateway import errors_by_kind
+from pipeline.io.report import cost_figures
 from pipeline.io.shards import CHUNK_NAME
 from pipeline.io.storage import filesystem, retry, write_bytes
 
@@ -283,6 +284,12 @@ def _totals(entries: list[dict]) -> dict[str, Any]:
     keys = ("shards_found", "shards_processed", "shards_skipped", "samples", "errors")
     totals = {k: sum(e.get(k) or 0 for e in entries) for k in keys}
     totals["dates"] = len(entries)
+    # What the nights cost: GPU- and CPU-seconds (and money) in all and per million rows.
+    costs = [e["cost"] for e in entries if e.get("cost")]
+    prices = {c["gpu_hour_price"] for c in costs if "gpu_hour_price" in c}
+    totals["cost"] = cost_figures(sum(c["rows"] for c in costs),
+                                  sum(c["gpu_s"] for c in costs), sum(c["cpu_s"] for c in costs),
+                                  prices.pop() if len(prices) == 1 else None)
     for status in ("ok", "failed", "no_input", "error"):
         totals[f"dates_{status}"] = sum(e.get("status") == status for e in entries)
     return totals
@@ -425,6 +432,9 @@ def _summary_entry(summary) -> dict[str, Any]:
         "failed_shards": list(summary.failed_shards),
         "seconds": round(summary.seconds, 3),
         "images_per_s": round(summary.images_per_s, 3),
+        "rows": summary.rows,
+        "cost": summary.cost,
+        "report": summary.report,
         "processed": _shard_names(summary.files),
     }
 
@@ -455,16 +465,23 @@ def _dates_text(record: dict) -> str:
 
 def ledger_table(records: list[dict]) -> str:
     header = ("started", "run", "dates", "status", "processed", "skipped", "samples", "errors",
-              "seconds")
+              "seconds", "GPU-s/M rows", "CPU-s/M rows")
     rows = [header]
+
+    def per_million(cost: dict, key: str) -> str:
+        value = cost.get(f"{key}_per_million_rows")
+        return "-" if value is None else f"{value:,.1f}"
+
     for r in records:
         t = r.get("totals") or {}
+        cost = t.get("cost") or {}
         seconds = r.get("seconds")
         rows.append((str(r.get("started", "")), str(r.get("run_id", "")).rsplit("-", 1)[-1],
                      _dates_text(r), str(r.get("status", "")),
                      str(t.get("shards_processed", 0)), str(t.get("shards_skipped", 0)),
                      str(t.get("samples", 0)), str(t.get("errors", 0)),
-                     "-" if seconds is None else f"{seconds:.1f}"))
+                     "-" if seconds is None else f"{seconds:.1f}",
+                     per_million(cost, "gpu_s"), per_million(cost, "cpu_s")))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     return "\n".join("  ".join(c.ljust(w) if i < 4 else c.rjust(w)
                                for i, (c, w) in enumerate(zip(row, widths, strict=True))).rstrip()

@@ -119,5 +119,6 @@ def commit_piece(spec: PieceSpec, rows: Mapping[str, np.ndarray]) -> dict[str, A
         "bytes": size,
         "seconds": round(time.time() - started, 4),
         "cpu_s": round(time.thread_time() - cpu, 4),
+        "at": round(time.time(), 3),  # committed (epoch seconds): rows/s over the run
         "worker": f"{socket.gethostname()}:{os.getpid()}",
     }

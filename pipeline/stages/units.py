@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from pipeline.io.shards import Shard
 
@@ -88,7 +89,11 @@ class UnitHeader:
     ``device_decode``: images the predictor decoded (``--decode gpu``), by outcome: ``ok`` on
     the device, else why they took the CPU path (``gpu_decode.FALLBACK_REASONS``).
     ``read_node`` / ``predict_node``: the nodes that read and predicted the unit, and
-    ``out_bytes`` the size of its predicted rows (the locality figures of the run)."""
+    ``out_bytes`` the size of its predicted rows (the locality figures of the run).
+    The rest is where its time went, for the run's figures: when its read began (epoch
+    seconds), the read's wall and CPU seconds, the predictor call's seconds, Ray's attempt
+    numbers of the read task and the call (0: first run), and the predictor's running totals
+    after the call (``executor.PredictorFigures``)."""
 
     task: int
     index: int
@@ -100,6 +105,13 @@ class UnitHeader:
     read_node: str = ""
     predict_node: str = ""
     out_bytes: int = 0
+    started_at: float = 0.0
+    read_s: float = 0.0
+    read_cpu_s: float = 0.0
+    read_attempt: int = 0
+    predict_s: float = 0.0
+    predict_attempt: int = 0
+    predictor: Any = None
 
 
 def expand_header(header: UnitHeader, source_rows) -> UnitHeader:
