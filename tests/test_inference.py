@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from browser import CHROMIUM, load_page
 from helpers import normalize, real_photo, tar_members, write_tar
 from PIL import Image
 from prometheus_text import scrape, settled, wait_for
@@ -114,10 +115,39 @@ def _input_samples(archive):
     return samples
 
 
+@pytest.mark.skipif(CHROMIUM is None, reason=(
+    "chromium is not installed (Debian package chromium; .ci/run installs it)"))
+def test_the_run_writes_its_report_and_the_command_rebuilds_it(result):
+    from pipeline.cli.main import main
+
+    summary, output = result[0], result[1]
+    manifest = json.loads((output / "_manifest.json").read_text())
+    page_file = output / "_report" / f"{manifest['run_id']}.html"
+    assert summary.report == str(page_file)
+    written = page_file.read_bytes()
+    page = load_page(page_file, evaluate='document.querySelectorAll("img.preview").length')
+    assert page.errors == [] and page.value == 1  # the preview of the first shard is there
+    f = page.figures
+    assert f["status"] == manifest["status"].upper() and f["model_version"] == summary.model_version
+    for name in ("samples", "rows", "files", "errors", "shards"):
+        assert int(f[name].replace(",", "")) == manifest[name], name
+    assert manifest["errors_by_kind"] and {
+        k: int(f[f"errors.{k}"]) for k in manifest["errors_by_kind"]} == manifest["errors_by_kind"]
+    assert f["busy_fraction"] == f"{100 * manifest['predictor_busy_fraction']:.1f} %"
+    assert 0 < manifest["predictor_busy_fraction"] <= 1
+    assert float(f["cpu_s_per_million_rows"].replace(",", "")) == pytest.approx(
+        manifest["cost"]["cpu_s_per_million_rows"], abs=0.05)
+    assert manifest["cost"]["gpu_s"] == 0  # CPU predictors hold no GPU
+
+    page_file.unlink()  # the command rebuilds the same page from the manifest and the files
+    assert main(["report", str(output)]) == 0
+    assert page_file.read_bytes() == written
+
+
 def test_one_file_per_shard_one_row_per_sample(result, archive):
     summary, output, tables, *_ = result
     assert sorted(p.name for p in output.iterdir()) == [
-        "_done", "_manifest", "_manifest.json", "part-faces-00000.parquet",
+        "_done", "_manifest", "_manifest.json", "_report", "part-faces-00000.parquet",
         "part-faces-00001.parquet",
         "part-mixed.parquet"]
     assert sorted(p.name for p in (output / "_done").iterdir()) == [

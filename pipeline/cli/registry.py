@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "nightly": ("pipeline.cli.nightly",
                 "incremental run over date partitions (default: yesterday, UTC)"),
     "ledger": ("pipeline.cli.nightly", "list the nightly runs recorded under an output"),
+    "report": ("pipeline.cli.report", "write a run's HTML report from its manifest"),
     "submit": ("pipeline.cli.submit",
                "submit a job to a Ray cluster (Ray Jobs API) and wait for it"),
 }

@@ -71,6 +71,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     )
     report = main(EvalConfig(**values_for(EvalConfig, args, storage_options=storage_options)))
     print(f"summary: {report_line(report)} -> {args.output}")
+    print(f"report: {report['report_html']}")
     return 0
 
 
@@ -114,7 +115,8 @@ COMMANDS = {
     "evaluate": Command(
         run_evaluate, schema=(EvalConfig,),
         description="Inter-ocular NME (points 36, 45), failure rate and AUC at a threshold, NME "
-                    "per region; writes a JSON report and a CED curve PNG."),
+                    "per region; writes a JSON report, a CED curve PNG and a page with both "
+                    "(.html)."),
     "import-pts": Command(
         run_import_pts, arguments=import_pts_arguments,
         description="For 300-W, HELEN, LFPW, AFW, iBUG or your own data: every image beside a "

@@ -13,7 +13,8 @@ A labelled face that detection missed (no face found, or none overlapping it) co
 failure: in the failure rate and the AUC (as an infinite NME), not in the mean NME, and the
 report says how many (``missed_faces``).
 Writes a JSON report (inter-ocular NME, failure rate and AUC at the threshold, NME per region, the
-worst samples) and a PNG of the cumulative error distribution.
+worst samples), a PNG of the cumulative error distribution, and a page with both beside them
+(``report.json`` -> ``report.html``, ``pipeline.report.evaluation``).
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ import numpy as np
 
 from pipeline.evaluation.config import EvalConfig
 from pipeline.io.shards import Sample, Shard, list_shards, read_samples
-from pipeline.model.metrics import auc, failure_rate, nme, plot_ced, summarize
+from pipeline.model.metrics import auc, ced_curve, failure_rate, nme, plot_ced, summarize
+from pipeline.report.evaluation import render_evaluation, report_page_uri
 from pipeline.stages.labels import LabelledReader, parse_landmarks, split_of
 from pipeline.stages.preprocess import SampleError
 
@@ -268,6 +270,7 @@ def main(cfg: EvalConfig) -> dict[str, Any]:
         "missing_predictions": missing,
         "worst": [[keys[i], float(per_sample[i])] for i in order],
         "ced_png": cfg.ced_uri,
+        "report_html": report_page_uri(cfg.output),
         "config": {**asdict(cfg), "storage_options": sorted(cfg.storage_options)},
     }
     write_bytes(cfg.output, json.dumps(report, indent=2).encode(), cfg.storage_options)
@@ -277,6 +280,9 @@ def main(cfg: EvalConfig) -> dict[str, Any]:
         cfg.threshold,
         cfg.storage_options,
     )
+    errors, fractions = ced_curve(with_misses, t)
+    write_bytes(report["report_html"], render_evaluation(report, errors, fractions).encode(),
+                cfg.storage_options)
     return report
 
 

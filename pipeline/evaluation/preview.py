@@ -37,6 +37,18 @@ def save_preview(
     (yellow) and, where the sidecar has them, the labelled ones (green) on the first ``count``
     good samples of the first shard. Returns how many were drawn."""
     shard = list_shards(input_uri, fmt, storage_options)[0]
+    png, drawn = render_preview(shard, output_uri, count, storage_options, columns)
+    if png is not None:
+        write_bytes(picture_path, png, storage_options)
+    return drawn
+
+
+def render_preview(shard, output_uri: str, count: int = 8,
+                   storage_options: Mapping[str, Any] | None = None, columns: int = 4,
+                   tile_size: int = TILE, colours: int | None = None
+                   ) -> tuple[bytes | None, int]:
+    """The picture ``save_preview`` saves, of ``shard`` (a PNG; None without a good sample),
+    and how many images it shows; ``colours``: a palette of that many (a smaller file)."""
     part = read_bytes(f"{output_uri.rstrip('/')}/{output_file_name(shard.name)}", storage_options)
     table = pq.read_table(pa.BufferReader(part))
     names = table.schema.names
@@ -51,7 +63,7 @@ def save_preview(
         if not faces or sample.data is None:
             continue
         image = decode_image(sample.data)
-        scale = TILE / max(image.size)
+        scale = tile_size / max(image.size)
         tile = image.resize((round(image.width * scale), round(image.height * scale)))
         draw = ImageDraw.Draw(tile)
         truth = (sample.meta or {}).get("landmarks")
@@ -71,18 +83,21 @@ def save_preview(
         if len(tiles) == count:
             break
     if not tiles:
-        return 0
+        return None, 0
     rows_n = (len(tiles) + columns - 1) // columns
     legend_height = 16  # a strip of its own under the tiles: the legend covers no picture
-    sheet = Image.new("RGB", (TILE * min(columns, len(tiles)), TILE * rows_n + legend_height),
-                      (30, 30, 30))
+    # Cells as large as the largest tile: landscape images leave no empty band below them.
+    cell_w, cell_h = max(t.width for t in tiles), max(t.height for t in tiles)
+    sheet = Image.new("RGB", (cell_w * min(columns, len(tiles)),
+                              cell_h * rows_n + legend_height), (30, 30, 30))
     for i, tile in enumerate(tiles):
-        sheet.paste(tile, ((i % columns) * TILE, (i // columns) * TILE))
+        sheet.paste(tile, ((i % columns) * cell_w, (i // columns) * cell_h))
     legend = "red: predicted  green: labelled  blue: model crop  yellow: detected face"
     ImageDraw.Draw(sheet).text((4, sheet.height - legend_height + 2), legend,
                                fill=(255, 255, 255))
+    if colours:
+        sheet = sheet.quantize(colours, method=Image.Quantize.MEDIANCUT)
     png = io.BytesIO()
-    sheet.save(png, format="PNG")
-    write_bytes(picture_path, png.getvalue(), storage_options)
-    return len(tiles)
+    sheet.save(png, format="PNG", optimize=bool(colours))
+    return png.getvalue(), len(tiles)
 

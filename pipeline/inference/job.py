@@ -25,7 +25,13 @@ from pipeline.inference.config import (
 )
 from pipeline.io.lease import Lease
 from pipeline.io.progress import Progress
-from pipeline.io.report import ManifestWriter, Summary, new_run_id, write_manifest
+from pipeline.io.report import (
+    ManifestWriter,
+    Summary,
+    new_run_id,
+    run_figures,
+    write_manifest,
+)
 from pipeline.io.resume import (
     completed_pieces,
     list_output,
@@ -112,6 +118,7 @@ def _run(cfg: InferConfig, job_config, predictor: type, *, output: str, shards, 
                       skipped_rows=sum(p.rows for p in progress.values()),
                       skipped_errors=sum(p.errors for p in progress.values()))
     manifest = ManifestWriter(output, run_id, cfg.storage_options)
+    stats = None
     if todo:
         cluster.ensure_ray(cfg.ray_address)
         cpus, gpus = cluster.cluster_resources()
@@ -138,32 +145,32 @@ def _run(cfg: InferConfig, job_config, predictor: type, *, output: str, shards, 
                           receipt["errors"])
             shown.show()
 
-        runner = executor.LeaseRunner(
-            p.placement(),
-            reader_kwargs=dict(
-                storage_options=dict(cfg.storage_options), margin=cfg.margin,
-                max_pixels=cfg.max_pixels, image_column=cfg.image_column,
-                key_column=cfg.key_column, unit_rows=p.unit_rows, faults=faults,
-                decode=p.decode, rows_per_file=cfg.rows_per_file, unit_bytes=cfg.unit_bytes,
-                detect=cfg.detect, max_faces=cfg.max_faces, min_face_size=cfg.min_face_size,
-                face_threshold=cfg.face_threshold),
-            predictor_cls=predictor,
-            predictor_kwargs=dict(
-                weights=cfg.weights, init=cfg.init, seed=cfg.seed,
-                storage_options=dict(cfg.storage_options),
-                device="cuda" if p.use_gpu else "cpu",
-                # The core left to the read tasks is mostly idle on CPU (decoding is ~100x
-                # cheaper than the CPU forward pass), so the model threads use it too: 2 threads
-                # run the forward pass ~1.9x faster than 1 on a 2-core machine.
-                num_threads=None if p.use_gpu else math.ceil(p.actor_cpus) + 1,
-                faults=faults, micro_batch=p.batch_size, compile=cfg.compile,
-                precision=p.precision, max_pixels=cfg.max_pixels, margin=cfg.margin,
-                face_threshold=cfg.face_threshold, max_faces=cfg.max_faces,
-                min_face_size=cfg.min_face_size, expected_version=model_info.version),
-            commit=CommitSettings(output, model_info.version, settings, cfg.rows_per_file,
-                                  dict(cfg.storage_options), faults),
-            on_receipts=on_receipts, stall_timeout=cfg.stall_timeout)
-        try:
+        try:  # the live line hands the terminal back however the run ends
+            runner = executor.LeaseRunner(
+                p.placement(),
+                reader_kwargs=dict(
+                    storage_options=dict(cfg.storage_options), margin=cfg.margin,
+                    max_pixels=cfg.max_pixels, image_column=cfg.image_column,
+                    key_column=cfg.key_column, unit_rows=p.unit_rows, faults=faults,
+                    decode=p.decode, rows_per_file=cfg.rows_per_file, unit_bytes=cfg.unit_bytes,
+                    detect=cfg.detect, max_faces=cfg.max_faces, min_face_size=cfg.min_face_size,
+                    face_threshold=cfg.face_threshold),
+                predictor_cls=predictor,
+                predictor_kwargs=dict(
+                    weights=cfg.weights, init=cfg.init, seed=cfg.seed,
+                    storage_options=dict(cfg.storage_options),
+                    device="cuda" if p.use_gpu else "cpu",
+                    # The core left to the read tasks is mostly idle on CPU (decoding is ~100x
+                    # cheaper than the CPU forward pass), so the model threads use it too: 2
+                    # threads run the forward pass ~1.9x faster than 1 on a 2-core machine.
+                    num_threads=None if p.use_gpu else math.ceil(p.actor_cpus) + 1,
+                    faults=faults, micro_batch=p.batch_size, compile=cfg.compile,
+                    precision=p.precision, max_pixels=cfg.max_pixels, margin=cfg.margin,
+                    face_threshold=cfg.face_threshold, max_faces=cfg.max_faces,
+                    min_face_size=cfg.min_face_size, expected_version=model_info.version),
+                commit=CommitSettings(output, model_info.version, settings, cfg.rows_per_file,
+                                      dict(cfg.storage_options), faults),
+                on_receipts=on_receipts, stall_timeout=cfg.stall_timeout)
             stats = runner.run(todo)
         finally:
             shown.close()
@@ -186,10 +193,28 @@ def _run(cfg: InferConfig, job_config, predictor: type, *, output: str, shards, 
     # hold keys a second time next to the current files: they move to _retired/<run>/.
     retire_stale_outputs(output, cfg.input, shards, model_info.version, settings, run_id,
                          set(summary.failed_shards), cfg.storage_options, present)
-    summary.seconds = time.time() - started
+    ended = time.time()
+    run_figures(summary, stats, ended, summary.placement, cfg.gpu_hour_price)
+    summary.seconds = ended - started
     summary.files.sort()
     write_manifest(cfg.public_dict(), summary, manifest, start_iso, cfg.storage_options)
+    summary.report = _write_report(output, run_id, cfg.storage_options, shards)
     return summary
+
+
+def _write_report(output: str, run_id: str, storage_options, shards) -> str | None:
+    """The run's page (``pipeline.report.run``); a report that cannot be written is a warning,
+    not a failed run: the rows and the manifest are committed already."""
+    from pipeline.report.run import write_run_report
+
+    try:
+        uri = write_run_report(output, run_id, storage_options, shards)
+    except Exception as exc:  # noqa: BLE001 - see above; the manifest has every figure
+        log.warning("the run report could not be written (%s: %s); `landmarks report %s "
+                    "--run %s` tries again", type(exc).__name__, exc, output, run_id)
+        return None
+    log.info("run report: %s", uri)
+    return uri
 
 
 @dataclass(frozen=True)
