@@ -88,6 +88,16 @@ def test_process_killed_mid_unit(ray_session, archive, weights_file, clean, tmp_
     if fault.startswith("read"):  # it died after handing over units, not before any
         assert int((marks / marker).read_text().removeprefix("units_delivered=")) >= 1
     _assert_same_output(tmp_path / "out", clean, summary)
+    # The run says what Ray ran again (the report's "Retries and restarts"): that stage, once.
+    stage = fault.split("=")[0]
+    expected = dict.fromkeys(("read", "predict", "commit", "predictor_restarts",
+                              "agent_restarts", "leases_lost"), 0)
+    expected[stage] = 1
+    expected["predictor_restarts"] = int(stage == "predict")
+    if stage == "predict":  # the call it died in and the one queued behind it (2 per actor)
+        assert 1 <= summary.retries["predict"] <= 2, summary.retries
+        expected["predict"] = summary.retries["predict"]
+    assert summary.retries == expected
 
 
 def test_split_shards_resume_only_their_missing_pieces(ray_session, archive, weights_file,

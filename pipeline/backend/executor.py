@@ -43,6 +43,7 @@ import queue
 import random
 import threading
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
@@ -273,7 +274,9 @@ class _Predictor:
 
         started_at, self.cpu = time.time(), time.process_time()
         context = ray.get_runtime_context()
-        restarted = bool(context.was_current_actor_reconstructed)
+        with warnings.catch_warnings():  # Ray 2.60 reads its own deprecated actor_id in it
+            warnings.simplefilter("ignore", DeprecationWarning)
+            restarted = bool(context.was_current_actor_reconstructed)
         if restarted:
             metrics.count("landmarks_restarts_total", 1, {"stage": "predict"})
         self.figures = {"id": f"{context.get_actor_id()}:{os.getpid()}",

@@ -49,7 +49,7 @@ def infer_config(args: argparse.Namespace) -> InferConfig:
 
 
 def run_infer(args: argparse.Namespace) -> int:
-    from pipeline.evaluation.preview import save_preview
+    from pipeline.report.preview import save_preview
     from pipeline.inference.job import run_inference
 
     if args.input is None:
@@ -72,6 +72,8 @@ def run_infer(args: argparse.Namespace) -> int:
         outcome.rows, outcome.errors = summary.samples, summary.errors
         outcome.errors_by_kind = dict(summary.errors_by_kind)
     print(f"summary: {summary.line()}", flush=True)
+    if summary.report:
+        print(f"report: {summary.report} (open it in a browser)")
     if args.preview:
         drawn = save_preview(args.input, args.output, args.preview, fmt=args.format,
                              storage_options=cfg.storage_options)

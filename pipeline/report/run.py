@@ -160,7 +160,7 @@ def faces_per_image(output: str, files: list[str], storage_options=None) -> dict
 def preview_png(manifest: Mapping[str, Any], first_shard: str | None, shard=None,
                 storage_options=None) -> tuple[bytes | None, str]:
     """A few images of the run's first shard with their landmarks drawn, or why not."""
-    from pipeline.evaluation.preview import render_preview
+    from pipeline.report.preview import render_preview
     from pipeline.io.shards import DEFAULT_FILES_PER_SHARD, list_shards
 
     config = manifest["config"]
