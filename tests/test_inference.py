@@ -82,7 +82,7 @@ def test_the_run_uses_no_deprecated_ray_api(result):
     assert deprecated == []
 
 
-def test_the_job_s_counts_reach_prometheus(result):
+def test_the_job_s_counts_reach_prometheus(result, archive):
     """Scraped over HTTP from the Ray node's metrics port: what the job's counters added
     equals the job's own counts (rows, files, errors by kind) and its predictor calls."""
     summary, output, tables, _, delta = result
@@ -91,6 +91,9 @@ def test_the_job_s_counts_reach_prometheus(result):
     assert counted["ray_landmarks_rows_committed_total"] == rows == 11
     assert counted["ray_landmarks_files_committed_total"] == summary.files_committed == 3
     assert counted["ray_landmarks_samples_read_total"] == summary.samples
+    assert counted["ray_landmarks_input_bytes_total"] == sum(  # every image member's bytes
+        len(data) for path in archive.glob("*.tar") for name, data in tar_members(path).items()
+        if name.rsplit(".", 1)[1] in ("jpg", "ppm"))
     assert counted["ray_landmarks_rows_predicted_total"] == rows
     assert counted["ray_landmarks_bytes_written_total"] == sum(
         p.stat().st_size for p in output.glob("part-*.parquet"))

@@ -258,6 +258,7 @@ def _read_units(task: ReadTask, reader_kwargs: Mapping[str, Any]):
         header.read_cpu_s = time.process_time() - cpu
         metrics.observe("landmarks_read_unit_seconds", seconds)
         metrics.count("landmarks_samples_read_total", header.rows)
+        metrics.count("landmarks_input_bytes_total", header.input_bytes)
         metrics.count("landmarks_unit_bytes_total", header.bytes)
         yield {"header": header, "rows": rows}
         # The time waiting to be taken is not the read's.

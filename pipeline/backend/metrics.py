@@ -32,6 +32,7 @@ SECONDS_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 
 COUNTERS = {  # name -> (description, tag keys)
     "landmarks_samples_read_total": ("input samples (images) read", ()),
+    "landmarks_input_bytes_total": ("bytes of the images read from the input", ()),
     "landmarks_unit_bytes_total": ("bytes of the units the read tasks sent to the predictors",
                                    ()),
     "landmarks_rows_predicted_total": ("rows through the predictors", ()),

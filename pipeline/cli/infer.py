@@ -49,8 +49,8 @@ def infer_config(args: argparse.Namespace) -> InferConfig:
 
 
 def run_infer(args: argparse.Namespace) -> int:
-    from pipeline.report.preview import save_preview
     from pipeline.inference.job import run_inference
+    from pipeline.report.preview import save_preview
 
     if args.input is None:
         from pipeline.demo.synthetic import write_sample_archive

@@ -220,6 +220,12 @@ class ShardReader:
         """Yield the task's units in order; every row of every shard is in exactly one."""
         builder = UnitBuilder(task.index, self.rows_per_file, self.unit_rows, self.unit_bytes)
         pending: list[tuple[str, Sample, str, Any]] = []
+
+        def unit() -> tuple[UnitHeader, dict[str, np.ndarray]]:
+            header = builder.flush()
+            header.input_bytes = sum(len(s.data) for _, s, _, _ in pending if s.data)
+            return header, self._to_batch(pending)
+
         for i, item in enumerate(task.shards):
             rows = 0
             for row, sample, is_last in self._shard_rows(item):
@@ -230,12 +236,12 @@ class ShardReader:
                 rows += 1
                 if builder.add(i, row, is_last, self._weight(prepared),
                                out_rows=self._out_rows(prepared)):
-                    yield builder.flush(), self._to_batch(pending)
+                    yield unit()
                     pending = []
             if rows == 0 and not item.skip and not (item.rows and item.rows[0]):
                 builder.empty_shard(i)  # (once: by the task that reads the shard's row 0)
         if builder.pending():
-            yield builder.flush(), self._to_batch(pending)
+            yield unit()
 
     def _shard_rows(self, item: ShardTask) -> Iterator[tuple[int, Sample, bool]]:
         """``(row, sample, is_last_row)`` of the rows to process, reading one sample ahead so

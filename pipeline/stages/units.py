@@ -105,6 +105,7 @@ class UnitHeader:
     read_node: str = ""
     predict_node: str = ""
     out_bytes: int = 0
+    input_bytes: int = 0  # the bytes of its samples' images as read from the input
     started_at: float = 0.0
     read_s: float = 0.0
     read_cpu_s: float = 0.0
