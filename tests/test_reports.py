@@ -73,8 +73,8 @@ def run_output(tmp_path):
                          "cpu_s": 6.0, "restarted": True})
     run_figures(summary, stats, t0 + 60, {"leases_lost": 1, "agent_restarts": 0},
                 gpu_hour_price=2.5)
-    write_manifest({"input": str(tmp_path / "gone"), "format": "auto"}, summary, writer,
-                   start)
+    write_manifest({"input": str(tmp_path / "gone"), "format": "auto",
+                    "max_error_fraction": 0.01}, summary, writer, start)
     return output, t0
 
 
@@ -153,6 +153,7 @@ def test_the_run_report_shows_the_manifest_s_figures_in_a_browser(run_output):
 def test_error_examples_and_faces_per_image_come_from_the_files(run_output):
     output, _ = run_output
     text, m = build_run_report(str(output))
+    assert "Failed: more than 0.01 of the samples are errors (this run: 5 of 10)" in text
     # Three examples of the four decode errors, with the shard they came from; one too_large.
     assert text.count("cannot decode image") == 3 and "cannot decode image &lt;b&gt;" in text
     assert "<code>b-3</code> in b: image too large" in text

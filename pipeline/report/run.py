@@ -267,6 +267,10 @@ def render(m: Mapping[str, Any], f: RunFigures, examples, faces: Mapping[int, in
     if m["failed_shards"]:
         out.append(f'<p class="note">Shards stopped part-way (a rerun redoes them): '
                    f'{e(", ".join(m["failed_shards"][:20]))}</p>')
+    elif status != "ok":
+        limit = config.get("max_error_fraction")
+        out.append(f'<p class="note">Failed: more than {e(limit)} of the samples are errors '
+                   f'(this run: {m["errors"]} of {m["samples"]}).</p>')
 
     # Throughput over the run, and where the time went.
     out.append('<div class="grid2"><div><h2>Rows committed per second</h2>')
@@ -315,13 +319,14 @@ def render(m: Mapping[str, Any], f: RunFigures, examples, faces: Mapping[int, in
     out.append("</div><div><h2>Faces</h2>")
     if faces or m.get("faces") or m.get("no_face"):
         out.append(f'<p>{page.figure("faces", page.number(m.get("faces", 0)))} faces found; '
-                   f'{page.figure("no_face", page.number(m.get("no_face", 0)))} images '
-                   "searched without a face (not errors).</p>")
+                   f'{page.figure("no_face", page.number(m.get("no_face", 0)))} '
+                   f'image{"" if m.get("no_face") == 1 else "s"} searched without a face (not '
+                   "errors).</p>")
         if faces:
             out.append(svg.bars([(f"{n} face{'s' if n != 1 else ''}", float(c))
                                  for n, c in faces.items()], digits=0, name="faces"))
             out.append(f'<p class="note">Images by faces found, over the first '
-                       f'{min(SAMPLE_FILES, m["files"])} files of the run.</p>')
+                       f"{len(f.face_files)} files of the run searched for faces.</p>")
     else:
         out.append('<p class="note">No face search in this run: every image was cropped at '
                    "its sidecar box or centred square (--detect).</p>")
