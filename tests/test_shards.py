@@ -445,3 +445,80 @@ def test_fingerprint_changes_when_the_shard_changes(tmp_path):
     assert list_shards(str(tmp_path))[0].fingerprint == before
     os.utime(path, (1_000_000, 1_000_000))
     assert list_shards(str(tmp_path))[0].fingerprint != before
+
+
+# -- every member, key and file is a row or deliberately not input (issue 21) -------------
+
+
+def _tar_with(path, entries):
+    """entries: (TarInfo, bytes or None)."""
+    with tarfile.open(path, "w") as tar:
+        for info, data in entries:
+            if data is not None:
+                info.size = len(data)
+            tar.addfile(info, io.BytesIO(data) if data is not None else None)
+    return path
+
+
+def _member(name, kind=tarfile.REGTYPE, link=""):
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = kind, link
+    return info
+
+
+def test_links_devices_and_a_second_image_of_a_key_each_get_a_row(tmp_path):
+    jpeg_bytes = b"\xff\xd8 image"
+    path = _tar_with(tmp_path / "m.tar", [
+        (_member("dir", tarfile.DIRTYPE), None),  # a folder entry: nothing to read
+        (_member("dir/a.jpg"), jpeg_bytes),
+        (_member("dir/b.jpg", tarfile.LNKTYPE, "dir/a.jpg"), None),  # hard link
+        (_member("dir/c.jpg", tarfile.SYMTYPE, "a.jpg"), None),  # symbolic link
+        (_member("dir/d.jpg", tarfile.CHRTYPE), None),  # a device
+        (_member("h.jpeg"), jpeg_bytes + b"1"), (_member("h.png"), b"\x89PNG two"),
+        (_member("h.json"), b'{"bbox": [0, 0, 1, 1]}')])
+    samples = list(read_samples(list_shards(str(path))[0]))
+    rows = [(s.key, s.error_kind) for s in samples]
+    assert rows == [("dir/a", None), ("dir/b", "unsupported_member"),
+                    ("dir/c", "unsupported_member"), ("dir/d", "unsupported_member"),
+                    ("h", None), ("h", "duplicate_key")]
+    assert "hard link to 'dir/a.jpg'" in samples[1].error
+    assert "symbolic link to 'a.jpg'" in samples[2].error
+    assert samples[4].data == jpeg_bytes + b"1" and samples[4].meta == {"bbox": [0, 0, 1, 1]}
+    assert ".png" in samples[5].error and samples[5].data is None
+
+
+def test_a_member_above_the_cap_is_a_row_and_is_never_read(tmp_path, monkeypatch):
+    path = _tar_with(tmp_path / "big.tar", [(_member("big.jpg"), b"x" * 5000),
+                                            (_member("small.jpg"), b"y" * 10)])
+    reads = []
+    real = tarfile.TarFile.extractfile
+    monkeypatch.setattr(tarfile.TarFile, "extractfile",
+                        lambda self, m: reads.append(m.name) or real(self, m))
+    samples = list(read_samples(list_shards(str(path))[0], max_image_bytes=1000))
+    assert [(s.key, s.error_kind) for s in samples] == [("big", "too_large"), ("small", None)]
+    assert "5000 bytes, above the 1000 of --max-image-bytes" in samples[0].error
+    assert reads == ["small.jpg"]  # the big member's bytes were skipped, not extracted
+
+
+def test_null_and_empty_parquet_keys_are_rows_of_their_own_and_none_is_a_real_key(tmp_path):
+    path = tmp_path / "k.parquet"
+    pq.write_table(pa.table({"key": ["a", None, "", "None", "b"],
+                             "image": [b"1", b"2", b"3", b"4", b"5"]}), path)
+    samples = list(read_samples(list_shards(str(path))[0]))
+    assert [(s.key, s.error_kind) for s in samples] == [
+        ("a", None), ("", "bad_key"), ("", "bad_key"), ("None", None), ("b", None)]
+    assert samples[1].error == "null 'key' at row 1" and samples[2].error == "empty 'key' at row 2"
+    assert samples[3].data == b"4"  # the key "None" is a key like any other
+
+
+def test_files_under_hidden_or_underscore_folders_are_not_input(tmp_path):
+    root = tmp_path / "in"
+    write_sample_archive(str(root), num_shards=1, samples_per_shard=1, image_size=(32, 32))
+    for junk in ("_temporary/0/part-x.tar", ".staging/y.tar", "_SUCCESS.tar", "d/_tmp/z.tar"):
+        (root / junk).parent.mkdir(parents=True, exist_ok=True)
+        (root / junk).write_bytes((root / "faces-00000.tar").read_bytes())
+    assert [s.name for s in list_shards(str(root))] == ["faces-00000"]
+    # The root itself may sit under such a folder: only what is below it counts.
+    inner = tmp_path / "_landing" / "in"
+    write_sample_archive(str(inner), num_shards=1, samples_per_shard=1, image_size=(32, 32))
+    assert [s.name for s in list_shards(str(inner))] == ["faces-00000"]

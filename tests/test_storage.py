@@ -203,3 +203,33 @@ def test_a_read_that_keeps_failing_gives_up_with_the_uri(monkeypatch):
     FlakyMemoryFS.fail_at = [0, 0, 0, 0]
     with pytest.raises(StorageError, match=r"read failed 3 times .*flakymem://blob"):
         RetryingFile(fs, path, "flakymem://blob").read(100)
+
+
+def test_an_object_replaced_mid_read_is_an_error_never_two_versions_stitched():
+    """A transient error, then the reopen finds another version of the object (same size,
+    new bytes): today's reopen read on at the old offset of the new version."""
+    fs = FlakyMemoryFS()
+    path = f"/{uuid.uuid4().hex}/blob"
+    fs.pipe_file(path, b"a" * 200_000)
+    FlakyMemoryFS.fail_at = [150_000]
+    f = io.BufferedReader(RetryingFile(fs, path, "flakymem://blob"), 64 * 1024)
+    assert f.read(100_000) == b"a" * 100_000
+    fs.pipe_file(path, b"b" * 200_000)  # replaced while the reader is half way
+    with pytest.raises(storage.ObjectChanged, match="was replaced while it was read"):
+        f.read()
+    assert not storage.is_transient(storage.ObjectChanged("x"))
+
+
+def test_s3fs_file_expired_is_not_retried():
+    from s3fs.core import FileExpired  # s3fs's ETag check on an open file: the object changed
+
+    calls = []
+
+    def read():
+        calls.append(1)
+        raise FileExpired("bucket/shard.tar", '"etag-1"')
+
+    assert not storage.is_transient(FileExpired("bucket/shard.tar", '"etag-1"'))
+    with pytest.raises(FileExpired):
+        retry(read, "s3://bucket/shard.tar")
+    assert len(calls) == 1

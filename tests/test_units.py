@@ -3,8 +3,10 @@ resume from completion records, and the manifest parts."""
 
 from __future__ import annotations
 
+import io
 import json
 import random
+import tarfile
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -443,3 +445,24 @@ def test_a_full_run_retires_outputs_the_input_no_longer_produces(tmp_path):
                                 failed={"a"}) == []
     assert retire_stale_outputs(str(out), f"{src}/*.tar", shards, "m2", "s1", "run-9") == [
         "a.c00001"]  # a glob input covers it too
+
+
+@pytest.mark.parametrize("decode", ["cpu", "gpu"])
+def test_error_rows_weigh_what_they_hold_so_units_stay_under_the_cap(tmp_path, decode):
+    """30 empty members: 30 error rows. With --decode cpu each holds a zeroed 224x224x3 pixel
+    array; they used to weigh 0 bytes, so they all went into one unit far above the cap."""
+    from pipeline.model.geometry import INPUT_SIZE
+    from pipeline.stages.commit import rows_nbytes
+    from pipeline.stages.reader import ROW_BYTES
+
+    with tarfile.open(tmp_path / "e.tar", "w") as tar:
+        for i in range(30):
+            tar.addfile(tarfile.TarInfo(f"e{i:02d}.jpg"), io.BytesIO(b""))
+    row = INPUT_SIZE * INPUT_SIZE * 3 if decode == "cpu" else ROW_BYTES
+    reader = ShardReader(unit_rows=1000, unit_bytes=10 * row, decode=decode)
+    units = list(reader.read_task(ReadTask(0, (ShardTask(list_shards(str(tmp_path))[0]),))))
+    assert sum(h.rows for h, _ in units) == 30
+    assert [h.rows for h, _ in units] == [10, 10, 10]
+    assert all(set(rows["error_kind"]) == {"empty"} for _, rows in units)
+    if decode == "cpu":  # what a unit really carries stays within the cap
+        assert all(rows_nbytes(rows) <= 10 * row + 10 * 4096 for _, rows in units)

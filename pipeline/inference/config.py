@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from pipeline.config.options import option
-from pipeline.io.shards import DEFAULT_FILES_PER_SHARD, FORMATS
+from pipeline.io.shards import DEFAULT_FILES_PER_SHARD, DEFAULT_MAX_IMAGE_BYTES, FORMATS
 from pipeline.io.storage import storage_options_arg
 from pipeline.model.geometry import DEVICES, INIT_CHOICES, PRECISIONS
 from pipeline.stages.detect import (
@@ -75,6 +75,10 @@ class InferConfig:
         default=DEFAULT_MARGIN, group=PRE)
     max_pixels: int = option("refuse images above this many pixels, before decoding them",
                              default=DEFAULT_MAX_PIXELS, group=PRE)
+    max_image_bytes: int = option(
+        "tar members above this many bytes are too_large rows, skipped without being read "
+        f"(default {DEFAULT_MAX_IMAGE_BYTES >> 20} MiB)", default=DEFAULT_MAX_IMAGE_BYTES,
+        group=PRE)
 
     detect: str = option(
         "find faces with the face detector (RetinaFace) and give each its own row: auto (in "
@@ -160,7 +164,8 @@ class InferConfig:
         if self.decode not in DECODES:
             raise ValueError(f"decode must be one of {DECODES}, got {self.decode!r}")
         for name in ("batch_size", "unit_rows", "unit_bytes", "rows_per_file",
-                     "files_per_shard", "max_pixels", "predictor_concurrency"):
+                     "files_per_shard", "max_pixels", "predictor_concurrency",
+                     "max_image_bytes"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.num_predictors is not None and self.num_predictors < 1:

@@ -154,7 +154,7 @@ def _run(cfg: InferConfig, job_config, predictor: type, *, output: str, shards, 
                     key_column=cfg.key_column, unit_rows=p.unit_rows, faults=faults,
                     decode=p.decode, rows_per_file=cfg.rows_per_file, unit_bytes=cfg.unit_bytes,
                     detect=cfg.detect, max_faces=cfg.max_faces, min_face_size=cfg.min_face_size,
-                    face_threshold=cfg.face_threshold),
+                    face_threshold=cfg.face_threshold, max_image_bytes=cfg.max_image_bytes),
                 predictor_cls=predictor,
                 predictor_kwargs=dict(
                     weights=cfg.weights, init=cfg.init, seed=cfg.seed,

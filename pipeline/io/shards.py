@@ -34,6 +34,10 @@ from pipeline.io.storage import StorageError, filesystem, open_for_reading, retr
 # Piece k >= 1 of a big shard is named <shard name>.c<k:05d> (pipeline.stages.units).
 CHUNK_NAME = re.compile(r"(.+)\.c(\d{5,})")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".ppm", ".bmp")
+# An image file above this many bytes is a ``too_large`` row, skipped without being read (a
+# 400 MB tar member once cost a read task 805 MB). 64 MiB holds a 4:2:0 JPEG or PNG far above
+# --max-pixels' 100 MP; --max-image-bytes raises it.
+DEFAULT_MAX_IMAGE_BYTES = 64 << 20
 FORMATS = ("auto", "tar", "parquet", "images")
 DEFAULT_FILES_PER_SHARD = 256  # loose images: files per output file (one "shard")
 
@@ -65,6 +69,20 @@ class Sample:
 
 class DamagedShardError(ValueError):
     """The shard ends before its end-of-archive marker, or is otherwise damaged."""
+
+
+@dataclass(frozen=True)
+class Unread:
+    """A tar member that is not read: why (a row's ``error``) and its ``error_kind``."""
+
+    error: str
+    kind: str
+
+
+def _hidden(relative_path: str) -> bool:
+    """A path under the listing root that is not input: a component starting with ``.`` or
+    ``_`` (Spark's ``_temporary/``, ``_SUCCESS``, ``.staging/``, this job's ``_manifest/``)."""
+    return any(part.startswith((".", "_")) for part in relative_path.split("/") if part)
 
 
 def _list_once(fs, root: str, input_uri: str) -> dict[str, dict]:
@@ -134,7 +152,9 @@ def list_shards(
     by_kind: dict[str, list[str]] = {}
     for path in sorted(infos):
         kind = _kind(path)
-        if kind is not None and not posixpath.basename(path).startswith((".", "_")):
+        below = posixpath.relpath(path, root) if root and path != root else \
+            posixpath.basename(path)
+        if kind is not None and not _hidden(below):
             by_kind.setdefault(kind, []).append(path)
     if fmt == "auto":
         if len(by_kind) > 1:
@@ -208,12 +228,14 @@ def read_samples(
     storage_options: Mapping[str, Any] | None = None,
     image_column: str = "image",
     key_column: str = "key",
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
 ) -> Iterator[Sample]:
     """Stream the samples of one shard in order. Errors of one sample stay in that sample;
-    an error that stops the shard is raised after the samples read before it."""
+    an error that stops the shard is raised after the samples read before it. A tar member
+    above ``max_image_bytes`` is a ``too_large`` row, never read."""
     fs = filesystem(shard.uri, storage_options)[0]
     if shard.format == "tar":
-        yield from _read_tar(fs, shard.paths[0], shard.uri)
+        yield from _read_tar(fs, shard.paths[0], shard.uri, max_image_bytes)
     elif shard.format == "parquet":
         yield from _read_parquet(fs, shard.paths[0], shard.uri, image_column, key_column)
     elif shard.format == "images":
@@ -277,24 +299,51 @@ def estimate_rows(shard: Shard, storage_options: Mapping[str, Any] | None = None
     return max(1, round(len(keys) * shard.size / consumed))
 
 
-def _sample_from_members(key: str, members: dict[str, bytes]) -> Sample:
+def _samples_from_members(key: str, members: dict[str, bytes | Unread]) -> list[Sample]:
+    """The sample of one key's members: its first image (by extension) and sidecar. Every
+    further image of the key is a ``duplicate_key`` row of its own, never dropped unseen."""
     sample = Sample(key=key)
     images = sorted(ext for ext in members if "." + ext in IMAGE_EXTENSIONS)
-    if "json" in members:
+    sidecar = members.get("json")
+    if isinstance(sidecar, Unread):
+        sample.meta_error = sidecar.error
+    elif sidecar is not None:
         try:
-            meta = json.loads(members["json"].decode("utf-8"))
+            meta = json.loads(sidecar.decode("utf-8"))
             if not isinstance(meta, dict):
                 raise ValueError("sidecar must be a JSON object")
             sample.meta = meta
         except (UnicodeDecodeError, ValueError) as exc:
             sample.meta_error = f"sidecar {key}.json is not valid JSON: {exc}"
-    if images:
+    if not key or key.endswith("/"):
+        sample.error, sample.error_kind = (f"a tar member without a key (file name "
+                                           f"{key + '.' + (images or ['?'])[0]!r})", "bad_key")
+    elif images and isinstance(members[images[0]], Unread):
+        sample.error, sample.error_kind = members[images[0]].error, members[images[0]].kind
+    elif images:
         sample.data = members[images[0]]
     else:
+        unread = [m for m in members.values() if isinstance(m, Unread)]
         found = ", ".join("." + ext for ext in sorted(members)) or "nothing"
-        sample.error = f"no image member for key {key!r} (found {found})"
-        sample.error_kind = "no_image"
-    return sample
+        sample.error, sample.error_kind = (
+            (unread[0].error, unread[0].kind) if unread else
+            (f"no image member for key {key!r} (found {found})", "no_image"))
+    extra = [Sample(key=key, error=f"key {key!r} has another image member, .{ext}, besides "
+                    f".{images[0]} (the key's row before this one)", error_kind="duplicate_key")
+             for ext in images[1:]]
+    return [sample, *extra]
+
+
+def _member_type(info: tarfile.TarInfo) -> str:
+    if info.islnk():
+        return f"hard link to {info.linkname!r}"
+    if info.issym():
+        return f"symbolic link to {info.linkname!r}"
+    if info.ischr() or info.isblk():
+        return "device"
+    if info.isfifo():
+        return "FIFO"
+    return f"member of type {info.type!r}"
 
 
 def _split_member_name(name: str) -> tuple[str, str]:
@@ -303,7 +352,8 @@ def _split_member_name(name: str) -> tuple[str, str]:
     return posixpath.join(directory, stem), ext.lower()
 
 
-def _read_tar(fs, path: str, uri: str) -> Iterator[Sample]:
+def _read_tar(fs, path: str, uri: str, max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+              ) -> Iterator[Sample]:
     """Stream a tar shard member by member (mode ``r|``: never seeks back, never loads it whole).
 
     tarfile ends its iteration without an error at a damaged member header, and takes a file
@@ -311,6 +361,12 @@ def _read_tar(fs, path: str, uri: str) -> Iterator[Sample]:
     end-of-archive zero blocks. Anything else is damage: the reader looks for the next valid
     header, goes on from there (so later members still get rows), and raises
     ``DamagedShardError`` after the last sample, so the shard gets its error row and is redone.
+
+    Every member is a row or part of one: links, devices and FIFOs are ``unsupported_member``
+    rows (a link's target is not followed: the stream never goes back), a member above
+    ``max_image_bytes`` is a ``too_large`` row whose bytes are skipped, not read into memory
+    (pax and GNU long names and sparse files are regular members to tarfile). Folder entries
+    hold nothing and are passed over.
     """
     damage: list[str] = []
     with open_for_reading(path, fs, uri) as f:
@@ -320,17 +376,27 @@ def _read_tar(fs, path: str, uri: str) -> Iterator[Sample]:
             f.seek(start)
             with tarfile.open(fileobj=f, mode="r|") as tar:
                 for info in tar:
-                    if not info.isfile():
+                    if info.isdir():
                         continue
                     member_key, ext = _split_member_name(info.name)
                     # A new key, or the same key again with a member it already has: a new
                     # sample (the duplicate key is flagged downstream instead of merged).
                     if key is not None and (member_key != key or ext in members):
-                        yield _sample_from_members(key, members)
+                        yield from _samples_from_members(key, members)
                         members = {}
                     key = member_key
-                    extracted = tar.extractfile(info)
-                    members[ext] = extracted.read() if extracted is not None else b""
+                    if not info.isfile():
+                        members[ext] = Unread(
+                            f"tar member {info.name!r} is a {_member_type(info)}: only regular "
+                            "files are read (store the image itself in the shard)",
+                            "unsupported_member")
+                    elif info.size > max_image_bytes:
+                        members[ext] = Unread(
+                            f"tar member {info.name!r} is {info.size} bytes, above the "
+                            f"{max_image_bytes} of --max-image-bytes: not read", "too_large")
+                    else:
+                        extracted = tar.extractfile(info)
+                        members[ext] = extracted.read() if extracted is not None else b""
                 stopped = start + tar.offset  # where the next header would be
             bad = _first_data_block(f, stopped, size)
             if bad is None:
@@ -344,7 +410,7 @@ def _read_tar(fs, path: str, uri: str) -> Iterator[Sample]:
                 break
             start = resume
         if key is not None:
-            yield _sample_from_members(key, members)
+            yield from _samples_from_members(key, members)
         if damage:
             raise DamagedShardError(f"{uri} has {'; '.join(damage)}: the members in between "
                                     "are lost")
@@ -405,13 +471,20 @@ def _read_parquet(fs, path: str, uri: str, image_column: str, key_column: str
         if missing:
             raise ValueError(f"{path} has no column {missing} (columns: {names}); set "
                              "--image-column / --key-column")
+        row = 0
         for batch in parquet.iter_batches(batch_size=64):
             try:
                 rows = batch.to_pylist()
             except (ValueError, OverflowError, ArithmeticError):  # a value Python cannot hold
                 rows = None
             for i in range(batch.num_rows):
-                yield _parquet_sample(batch, i, rows, image_column, key_column)
+                sample = _parquet_sample(batch, i, rows, image_column, key_column)
+                if sample.key is None or sample.key == "":
+                    # Its own kind: never the string "None", never a clash with a real key.
+                    sample = Sample(key="", error=f"{'null' if sample.key is None else 'empty'}"
+                                    f" {key_column!r} at row {row}", error_kind="bad_key")
+                yield sample
+                row += 1
 
 
 def _parquet_sample(batch, i: int, rows: list[dict] | None, image_column: str,
@@ -420,10 +493,11 @@ def _parquet_sample(batch, i: int, rows: list[dict] | None, image_column: str,
     cannot be converted costs this sample (``bad_sidecar``), not the shard."""
     if rows is not None:  # the batch converted whole: the usual, fast case
         row = dict(rows[i])
-        key, data = str(row.pop(key_column)), row.pop(image_column)
+        key, data = row.pop(key_column), row.pop(image_column)
     else:  # a value Python cannot hold is in this batch: find whose, row by row
-        key = str(batch.column(key_column)[i].as_py())
+        key = batch.column(key_column)[i].as_py()
         data = batch.column(image_column)[i].as_py()
+    key = key if key is None else str(key)
     try:
         if rows is None:
             row = batch.slice(i, 1).drop_columns([key_column, image_column]).to_pylist()[0]

@@ -50,6 +50,19 @@ class StorageError(OSError):
     """A storage operation failed for good; the message names the URI and what to do."""
 
 
+class ObjectChanged(OSError):
+    """The object was replaced while it was read: its bytes so far are of another version.
+    Never retried (a reopen would read on in the new version at the old offset)."""
+
+
+def version_of(info: Mapping[str, Any]) -> tuple:
+    """What tells two versions of an object apart: size and the store's version marker."""
+    marker = next((info[k] for k in ("ETag", "etag", "VersionId", "generation", "md5Hash",
+                                     "mtime", "LastModified", "updated", "created")
+                   if info.get(k)), None)
+    return info.get("size"), str(marker)
+
+
 def protocol_of(uri: str) -> str:
     return split_protocol(uri)[0] or "file"
 
@@ -131,8 +144,9 @@ def is_transient(exc: BaseException) -> bool:
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
-        if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError)):
-            return False
+        if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError,
+                            ObjectChanged)) or type(exc).__name__ == "FileExpired":
+            return False  # s3fs's FileExpired: the ETag changed under an open file
         if isinstance(exc, (TimeoutError, ConnectionError)):
             return True
         if isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS:
@@ -184,7 +198,8 @@ def retry(
 
 class RetryingFile(io.RawIOBase):
     """A read-only file that survives transient errors mid-stream: it reopens the object and
-    seeks back to where it was. Reads are sequential ranges, so memory stays bounded."""
+    seeks back to where it was, once it checked the object is still the version it began
+    reading (``ObjectChanged`` otherwise). Reads are sequential ranges: memory stays bounded."""
 
     def __init__(self, fs, path: str, uri: str, retries: int | None = None,
                  backoff: float | None = None, **open_kwargs):
@@ -193,14 +208,24 @@ class RetryingFile(io.RawIOBase):
         self.retries, self.backoff, self.open_kwargs = retries, backoff, open_kwargs
         self.position = 0
         self._file = retry(self._open, uri, "open")
+        self.version = self._version()
 
     def _open(self):
         return self.fs.open(self.path, "rb", **self.open_kwargs)
+
+    def _version(self) -> tuple:
+        details = getattr(self._file, "details", None)  # s3fs / gcsfs: from the open's HEAD
+        return version_of(details if isinstance(details, Mapping) and details
+                          else self.fs.info(self.path))
 
     def _reopen(self) -> None:
         with contextlib.suppress(Exception):  # the old connection is already broken
             self._file.close()
         self._file = self._open()
+        if self._version() != self.version:
+            raise ObjectChanged(f"{self.uri} was replaced while it was read (size and version "
+                                f"marker {self.version} -> {self._version()}): the shard is "
+                                "read again by the next run, not stitched from two versions")
         self._file.seek(self.position)
 
     def readable(self) -> bool:

@@ -42,7 +42,9 @@ ERROR_KINDS = (
     "bad_sidecar",    # the .json sidecar is not a JSON object
     "bad_bbox",       # the face box is malformed, empty, inverted or outside the image
     "no_image",       # a key whose members hold no image
-    "duplicate_key",  # a key seen earlier in the same shard
+    "duplicate_key",  # a key seen earlier in the same shard, or a key's second image
+    "bad_key",        # a null or empty key (Parquet), a tar member without a file name stem
+    "unsupported_member",  # a tar link, device or FIFO member: not followed, not read
     "missing_file",   # listed, then gone before it was read
     "storage",        # read failed for good (access denied, retries exhausted)
     "shard_error",    # the shard itself is damaged or unreadable: rows after it are lost

@@ -57,7 +57,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.io.shards import Sample, Shard, read_samples
+from pipeline.io.shards import DEFAULT_MAX_IMAGE_BYTES, Sample, Shard, read_samples
 from pipeline.model.geometry import INPUT_SIZE
 from pipeline.stages.detect import (
     DEFAULT_FACE_THRESHOLD,
@@ -101,6 +101,11 @@ DECODE_MODES = ("cpu", "gpu")
 DEVICE_DECODE_COLUMNS = ("encoded", "orientation", "stored_size", "on_device", "find_faces")
 # What a unit may hold: rows, and bytes of pixels (decode="cpu") or encoded images ("gpu").
 DEFAULT_UNIT_BYTES = 256 << 20
+
+
+# The bytes of a row's arrays besides pixels or encoded image (key, boxes, points, meta):
+# what an error row weighs when images travel encoded (--decode gpu).
+ROW_BYTES = 256
 
 
 def empty_rows(n: int, decode: str = "cpu") -> dict[str, np.ndarray]:
@@ -194,6 +199,7 @@ class ShardReader:
         max_faces: int = DEFAULT_MAX_FACES,
         min_face_size: float = DEFAULT_MIN_FACE_SIZE,
         face_threshold: float = DEFAULT_FACE_THRESHOLD,
+        max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
     ):
         if decode not in DECODE_MODES:
             raise ValueError(f"decode must be one of {DECODE_MODES}, got {decode!r}")
@@ -208,6 +214,7 @@ class ShardReader:
         self.key_column = key_column
         self.unit_rows = unit_rows
         self.rows_per_file = rows_per_file
+        self.max_image_bytes = max_image_bytes
         self.unit_bytes = unit_bytes
         self.faults = FaultPlan(faults)
 
@@ -250,7 +257,8 @@ class ShardReader:
         duplicate-key check still sees them) and stops after its last."""
         shard = item.shard
         start, stop = item.rows or (0, None)
-        samples = read_samples(shard, self.storage_options, self.image_column, self.key_column)
+        samples = read_samples(shard, self.storage_options, self.image_column, self.key_column,
+                               self.max_image_bytes)
 
         def fetch() -> tuple[Sample | None, Exception | None]:
             try:
@@ -310,14 +318,15 @@ class ShardReader:
         return max(1, len(prepared.faces)) if isinstance(prepared, _Detected) else 1
 
     def _weight(self, prepared) -> int:
-        """Bytes a sample adds to its unit: its pixels (per face), or its encoded image."""
-        if prepared is None or isinstance(prepared, Exception):
-            return 0
-        if isinstance(prepared, _Detected):
-            return INPUT_SIZE * INPUT_SIZE * 3 * len(prepared.faces)
+        """Bytes a sample adds to its unit: the pixel arrays of its rows (one per face; an
+        error or ``no_face`` row holds zeroed pixels too), or its encoded image."""
+        if self.decode == "cpu":
+            return INPUT_SIZE * INPUT_SIZE * 3 * self._out_rows(prepared)
         if isinstance(prepared, _FindOnDevice):
             return len(prepared.data)
-        return INPUT_SIZE * INPUT_SIZE * 3 if self.decode == "cpu" else len(prepared[2])
+        if prepared is None or isinstance(prepared, Exception):
+            return ROW_BYTES
+        return len(prepared[2])
 
     def _to_batch(self, rows: list[tuple[str, Sample, str, Any]]) -> dict[str, np.ndarray]:
         out = empty_rows(sum(self._out_rows(p) for *_, p in rows), self.decode)
