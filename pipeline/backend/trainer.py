@@ -259,7 +259,7 @@ def _train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
 
 def export_best(cfg: FinetuneConfig, result) -> FinetuneSummary:
     """Write the best checkpoint (lowest ``val_nme``) as a model file and the run summary."""
-    from pipeline.io.storage import write_bytes
+    from pipeline.io.storage import redact, write_bytes
     from pipeline.model.network import build_model, save_model
     from pipeline.training.loop import PROGRESS_FILE, load_state
 
@@ -279,7 +279,7 @@ def export_best(cfg: FinetuneConfig, result) -> FinetuneSummary:
         "run": cfg.name,
         "checkpoint": best_checkpoint.path,
         "best": best,
-        "init": cfg.weights or cfg.init,
+        "init": redact(cfg.weights or cfg.init),
         "config": cfg.public_dict(),
     }
     version = save_model(model, export, metadata=metadata, storage_options=cfg.storage_options)

@@ -10,7 +10,7 @@ from pathlib import Path
 from pipeline.cli.common import Command, PushOption, announce_config, pushed_outcome
 from pipeline.config.options import option, values_for
 from pipeline.inference.config import DEMO_DIR, IO, InferConfig
-from pipeline.io.storage import resolve_storage_options, storage_options_arg
+from pipeline.io.storage import redact, resolve_storage_options, storage_options_arg
 
 DEMO_SHARDS, DEMO_PER_SHARD = 4, 16
 
@@ -71,9 +71,9 @@ def run_infer(args: argparse.Namespace) -> int:
         outcome.success = not summary.failed
         outcome.rows, outcome.errors = summary.samples, summary.errors
         outcome.errors_by_kind = dict(summary.errors_by_kind)
-    print(f"summary: {summary.line()}", flush=True)
+    print(f"summary: {redact(summary.line())}", flush=True)
     if summary.report:
-        print(f"report: {summary.report} (open it in a browser)")
+        print(f"report: {redact(summary.report)} (open it in a browser)")
     if args.preview:
         drawn = save_preview(args.input, args.output, args.preview, fmt=args.format,
                              storage_options=cfg.storage_options)

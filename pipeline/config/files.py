@@ -23,7 +23,7 @@ from typing import Any
 import yaml
 
 from pipeline.config.options import ConfigError, Option, check_value
-from pipeline.io.storage import read_bytes, write_bytes
+from pipeline.io.storage import read_bytes, redact_values, write_bytes
 
 __all__ = ["ConfigError", "check_config", "read_config", "resolved_config", "save_config"]
 REDACTED = "<redacted>"
@@ -102,7 +102,7 @@ def resolved_config(options: Iterable[Option], args: argparse.Namespace,
                 value = _redact(value)
             else:
                 value = None
-        out[o.name] = value
+        out[o.name] = redact_values(value)  # URL passwords and presigned query strings
     return out
 
 

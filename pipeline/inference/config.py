@@ -13,7 +13,7 @@ from typing import Any
 
 from pipeline.config.options import option
 from pipeline.io.shards import DEFAULT_FILES_PER_SHARD, DEFAULT_MAX_IMAGE_BYTES, FORMATS
-from pipeline.io.storage import storage_options_arg
+from pipeline.io.storage import redact_values, storage_options_arg
 from pipeline.model.geometry import DEVICES, INIT_CHOICES, PRECISIONS
 from pipeline.stages.detect import (
     DEFAULT_FACE_THRESHOLD,
@@ -205,6 +205,6 @@ class InferConfig:
 
     def public_dict(self) -> dict[str, Any]:
         """The config without secrets: storage option values are left out."""
-        data = asdict(self)
+        data = redact_values(asdict(self))  # URL passwords and presigned query strings
         data["storage_options"] = sorted(self.storage_options)
         return data

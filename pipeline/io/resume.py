@@ -28,7 +28,14 @@ from typing import Any
 
 from pipeline.io.output import output_file_name, split_stem
 from pipeline.io.shards import Shard
-from pipeline.io.storage import filesystem, is_transient, protocol_of, retry, write_bytes
+from pipeline.io.storage import (
+    filesystem,
+    is_transient,
+    protocol_of,
+    redact,
+    retry,
+    write_bytes,
+)
 
 log = logging.getLogger("pipeline")
 
@@ -229,7 +236,7 @@ def retire_stale_outputs(output: str, input_uri: str, shards: list[Shard], model
         return []
     paths = [f"{root}/{DONE_DIR}/{stem}.json" for stem, _ in candidates]
     raw = _read_records(fs, output, paths)
-    covered = _listed_here(input_uri)
+    covered = _listed_here(redact(input_uri))  # records name shards without URL secrets
     stale = []
     for (stem, shard), path in zip(candidates, paths, strict=True):
         record = _parse(raw.get(path))

@@ -29,7 +29,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.io.storage import StorageError, filesystem, open_for_reading, retry
+from pipeline.io.storage import StorageError, filesystem, open_for_reading, redact, retry
 
 # Piece k >= 1 of a big shard is named <shard name>.c<k:05d> (pipeline.stages.units).
 CHUNK_NAME = re.compile(r"(.+)\.c(\d{5,})")
@@ -169,18 +169,23 @@ def list_shards(
 
     protocol = input_uri.split("://", 1)[0] + "://" if "://" in input_uri else ""
 
+    def public(path: str) -> str:
+        """What rows, records and messages name a shard by: its URI without secrets (an http
+        path is a whole URL already). ``paths`` keep what reads it."""
+        return redact(path if "://" in path else protocol + path)
+
     def relative(path: str) -> str:
         return posixpath.relpath(path, root) if root else path
 
     if fmt == "images":
         return [
-            Shard(name=name, uri=protocol + root, format="images", paths=tuple(group),
+            Shard(name=name, uri=public(root), format="images", paths=tuple(group),
                   root=root, fingerprint=_fingerprint([infos[p] for p in group]),
                   size=sum(int(infos[p].get("size") or 0) for p in group))
             for name, group in group_images(selected, relative, files_per_shard)
         ]
     shards = [
-        Shard(name=posixpath.splitext(relative(p))[0].replace("/", "__"), uri=protocol + p,
+        Shard(name=posixpath.splitext(relative(p))[0].replace("/", "__"), uri=public(p),
               format=fmt, paths=(p,), root=root, fingerprint=_fingerprint([infos[p]]),
               size=int(infos[p].get("size") or 0))
         for p in selected
@@ -242,7 +247,7 @@ def read_samples(
         transient: list[str] = []
         for path in shard.paths:
             key = posixpath.relpath(path, shard.root) if shard.root else path
-            uri = f"{fs.unstrip_protocol(path)}"
+            uri = redact(fs.unstrip_protocol(path))
             try:
                 yield Sample(key=key, data=retry(lambda p=path: fs.cat_file(p), uri, "read"))
             except FileNotFoundError:

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import random
+import re
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -61,6 +62,44 @@ def version_of(info: Mapping[str, Any]) -> tuple:
                                      "mtime", "LastModified", "updated", "created")
                    if info.get(k)), None)
     return info.get("size"), str(marker)
+
+
+# Secrets a URI may carry: a password in its user info, and its query string (presigned
+# URLs: X-Amz-Signature, a GCS or Azure SAS token). Anything that leaves the process (logs,
+# saved configs, manifests, records, rows, reports, error messages) goes through ``redact``.
+_USERINFO = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^/@\s:'\"]*):[^/@\s'\"]*@")
+_QUERY = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^\s?#'\"]*)\?[^\s#'\"]*")
+REDACTED_SECRET = "<redacted>"
+
+
+def redact(text: str) -> str:
+    """``text`` with every URL's password and query string replaced by ``<redacted>``."""
+    if "://" not in text:
+        return text
+    text = _USERINFO.sub(lambda m: f"{m['head']}:{REDACTED_SECRET}@", text)
+    return _QUERY.sub(lambda m: f"{m['head']}?{REDACTED_SECRET}", text)
+
+
+def redact_values(value: Any) -> Any:
+    """``redact`` on every string of a JSON-like value."""
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, Mapping):
+        return {k: redact_values(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [redact_values(v) for v in value]
+    return value
+
+
+class RedactingFilter(logging.Filter):
+    """A log handler's filter: the record's text without URL secrets."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        cleaned = redact(message)
+        if cleaned != message:
+            record.msg, record.args = cleaned, None
+        return True
 
 
 def protocol_of(uri: str) -> str:
@@ -161,12 +200,12 @@ def is_transient(exc: BaseException) -> bool:
 
 
 def explain(exc: BaseException, uri: str) -> str:
-    """One line a user can act on."""
+    """One line a user can act on (no URL secrets in it)."""
     if isinstance(exc, FileNotFoundError):
-        return f"not found: {uri} (check the bucket / path and the endpoint)"
+        return redact(f"not found: {uri} (check the bucket / path and the endpoint)")
     if isinstance(exc, PermissionError):
-        return f"access denied to {uri}: check the credentials and the bucket policy"
-    return f"{uri}: {exc.__class__.__name__}: {exc}"
+        return redact(f"access denied to {uri}: check the credentials and the bucket policy")
+    return redact(f"{uri}: {exc.__class__.__name__}: {exc}")
 
 
 def retry(
@@ -191,7 +230,7 @@ def retry(
                                    f"with transient errors; last: {explain(exc, uri)}") from exc
             delay = min(MAX_BACKOFF_S, backoff * 2**attempt) * random.uniform(0.5, 1.5)
             log.warning("transient storage error on %s (%s), retry %d/%d in %.1f s",
-                        uri, exc.__class__.__name__, attempt + 1, retries, delay)
+                        redact(uri), exc.__class__.__name__, attempt + 1, retries, delay)
             time.sleep(delay)
     raise AssertionError("unreachable")
 

@@ -33,7 +33,7 @@ from typing import Any
 from pipeline.io.pushgateway import errors_by_kind
 from pipeline.io.report import cost_figures
 from pipeline.io.shards import CHUNK_NAME
-from pipeline.io.storage import filesystem, retry, write_bytes
+from pipeline.io.storage import filesystem, redact, redact_values, retry, write_bytes
 
 log = logging.getLogger("pipeline")
 
@@ -277,7 +277,8 @@ class Ledger:
         self.record["totals"] = _totals(self.record["dates"])
 
     def save(self) -> None:
-        write_bytes(self.uri, json.dumps(self.record, indent=2).encode(), self.storage_options)
+        write_bytes(self.uri, json.dumps(redact_values(self.record), indent=2).encode(),
+                    self.storage_options)
 
 
 def _totals(entries: list[dict]) -> dict[str, Any]:
@@ -404,7 +405,7 @@ def _run_dates(args: argparse.Namespace, base, ledger: Ledger) -> int:
                 code = max(code, 2 if bad_input else 1)
             else:
                 entry.update(_summary_entry(summary))
-                print(f"date {day}: {summary.line()}", flush=True)
+                print(f"date {day}: {redact(summary.line())}", flush=True)
                 if summary.failed:
                     code = max(code, 1)
         entry.setdefault("seconds", round(time.time() - t0, 3))

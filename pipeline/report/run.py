@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.io.report import MANIFEST_DIR, read_manifest
-from pipeline.io.storage import filesystem, read_bytes, write_bytes
+from pipeline.io.storage import filesystem, read_bytes, redact, write_bytes
 from pipeline.report import page, svg
 
 log = logging.getLogger("pipeline")
@@ -196,7 +196,7 @@ def build_run_report(output: str, run_id: str | None = None,
     input's shards, to draw the preview from (the job passes them; else the input is listed
     again)."""
     manifest = read_manifest(output, run_id, storage_options)
-    manifest = {**manifest, "output": output.rstrip("/")}
+    manifest = {**manifest, "output": redact(output.rstrip("/"))}
     figures = fold_receipts(output, manifest, storage_options)
     first = next(iter(figures.shards), None)
     shard = next((s for s in shards or () if s.name == first), None)
