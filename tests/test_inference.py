@@ -150,7 +150,8 @@ def test_the_run_writes_its_report_and_the_command_rebuilds_it(result):
 def test_one_file_per_shard_one_row_per_sample(result, archive):
     summary, output, tables, *_ = result
     assert sorted(p.name for p in output.iterdir()) == [
-        "_done", "_manifest", "_manifest.json", "_report", "part-faces-00000.parquet",
+        "_done", "_input.json", "_manifest", "_manifest.json", "_report",
+        "part-faces-00000.parquet",
         "part-faces-00001.parquet",
         "part-mixed.parquet"]
     assert sorted(p.name for p in (output / "_done").iterdir()) == [
@@ -227,6 +228,19 @@ def test_real_photos_decode_and_land_inside_their_images(result):
         bx0, by0, bx1, by1 = meta["bbox"]
         assert x0 < bx0 and y0 < by0 and x1 > bx1 and y1 > by1
         assert x1 - x0 < 1.6 * max(bx1 - bx0, by1 - by0)
+
+
+def test_another_input_with_the_same_shard_names_is_refused(result, weights_file, tmp_path):
+    """faces-00000... from another folder would replace this output's files of the same names
+    without a word (issue 21): the run stops before it touches the output."""
+    output = result[1]
+    other = tmp_path / "other"
+    write_sample_archive(str(other), num_shards=2, samples_per_shard=1, seed=9,
+                         image_size=(32, 32))
+    before = {p.name: p.stat().st_mtime_ns for p in output.rglob("*") if p.is_file()}
+    with pytest.raises(ValueError, match=r"holds the results of the input .* --force"):
+        _job(other, output, weights_file[0])
+    assert {p.name: p.stat().st_mtime_ns for p in output.rglob("*") if p.is_file()} == before
 
 
 def test_rerun_overwrites_with_the_same_files_and_rows(result, archive, weights_file):

@@ -81,7 +81,8 @@ def test_s3_input_output_and_weights_give_the_local_rows(s3, s3_job):
     errors = [r["error"] for t in tables.values() for r in t.to_pylist() if r["error"]]
     assert (summary.samples, summary.errors) == (4, 0), errors
     assert summary.model_version == local_summary.model_version
-    assert names == ["_done", "_manifest", "_manifest.json", "_report", "part-faces-00000.parquet",
+    assert names == ["_done", "_input.json", "_manifest", "_manifest.json", "_report",
+                     "part-faces-00000.parquet",
                      "part-faces-00001.parquet"]
     for name, table in tables.items():
         local = pq.read_table(s3["local"] / "out" / name)

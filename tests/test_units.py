@@ -466,3 +466,20 @@ def test_error_rows_weigh_what_they_hold_so_units_stay_under_the_cap(tmp_path, d
     assert all(set(rows["error_kind"]) == {"empty"} for _, rows in units)
     if decode == "cpu":  # what a unit really carries stays within the cap
         assert all(rows_nbytes(rows) <= 10 * row + 10 * 4096 for _, rows in units)
+
+
+def test_an_output_belongs_to_one_input_root_unless_forced(tmp_path):
+    out = str(tmp_path / "out")
+    (tmp_path / "out").mkdir()
+    resume.claim_output(out, "s3://b/in", force=False)
+    resume.claim_output(out, "s3://b/in", force=False)  # the same root: fine, every time
+    with pytest.raises(ValueError, match="holds the results of the input s3://b/in, and this "
+                                         "run reads s3://b/other"):
+        resume.claim_output(out, "s3://b/other", force=False)
+    resume.claim_output(out, "s3://b/other", force=True)  # taken over, and recorded
+    assert json.loads((tmp_path / "out" / "_input.json").read_text()) == {
+        "input_root": "s3://b/other"}
+    write_sample_archive(str(tmp_path / "in"), num_shards=1, samples_per_shard=1,
+                         image_size=(32, 32))
+    shards = list_shards(str(tmp_path / "in") + "/*.tar")  # a glob: its folder is the root
+    assert resume.input_root(shards) == str(tmp_path / "in")

@@ -33,7 +33,9 @@ from pipeline.io.report import (
     write_manifest,
 )
 from pipeline.io.resume import (
+    claim_output,
     completed_pieces,
+    input_root,
     list_output,
     remove_stale_temporary_files,
     retire_stale_outputs,
@@ -96,6 +98,7 @@ def _run(cfg: InferConfig, job_config, predictor: type, *, output: str, shards, 
     """The job once it holds the output's lease: resume, run the units, report."""
     from pipeline.backend import cluster, executor, metrics
 
+    claim_output(output, input_root(shards), cfg.force, cfg.storage_options)
     remove_stale_temporary_files(output)
     if job_config is not None:
         from pipeline.config.files import save_config

@@ -47,6 +47,39 @@ RECORD_READERS = 8
 SHARD_FAILURE_KINDS = ("shard_error", "storage", "missing_file")
 
 
+INPUT_FILE = "_input.json"  # the input root whose results an output holds
+
+
+def input_root(shards: list[Shard]) -> str:
+    """Where the shards were listed (a glob's folder), as rows and records name URIs."""
+    shard = shards[0]
+    protocol = shard.uri.split("://", 1)[0] + "://" if "://" in shard.uri else ""
+    root = shard.root.rstrip("/")
+    return redact(root if "://" in root else protocol + root)
+
+
+def claim_output(output: str, root: str, force: bool,
+                 storage_options: Mapping[str, Any] | None = None) -> None:
+    """An output holds the results of one input root: a run reading another one (whose shard
+    names may well be the same, ``faces-00000``...) would overwrite them file by file. Refused
+    (``ValueError``: exit 2) unless ``force``; the first run records its root."""
+    from pipeline.io.storage import read_bytes
+
+    uri = f"{output.rstrip('/')}/{INPUT_FILE}"
+    try:
+        recorded = json.loads(read_bytes(uri, storage_options)).get("input_root")
+    except FileNotFoundError:
+        recorded = None
+    if recorded and recorded != root and not force:
+        raise ValueError(
+            f"{redact(output)} holds the results of the input {recorded}, and this run reads "
+            f"{root}: its files would replace those of the same names. Give this input "
+            "another --output, or pass --force to give this output to the new input (every "
+            "shard is redone; the old input's other files stay)")
+    if recorded != root:
+        write_bytes(uri, json.dumps({"input_root": root}).encode(), storage_options)
+
+
 def settings_id(settings: Mapping[str, Any]) -> str:
     """A short hash of everything besides the input and the model that changes the rows."""
     text = json.dumps({"record_version": RECORD_VERSION, **settings}, sort_keys=True)
