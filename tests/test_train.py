@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -316,3 +317,28 @@ def test_finetune_command_pushes_its_outcome(archive, pushgateway, tmp_path, mon
     assert ("landmarks_last_success_timestamp_seconds", (("outcome", "success"),) + group) \
         in pushed
     assert "pushgateway" not in (tmp_path / "pushed" / "job-config.yaml").read_text()
+
+
+def test_a_rerun_with_other_training_settings_is_refused_not_resumed(archive, tmp_path, capsys):
+    """Same --name, another learning rate and input: it used to go on from the old
+    checkpoints and overwrite their saved config (issue 21). The Ray address leads nowhere, so
+    a run that got past the check would fail on its own."""
+    from pipeline.cli.main import main
+
+    run = ["finetune", "--input", str(archive), "--storage-path", str(tmp_path / "runs"),
+           "--name", "v1", "--ray-address", "127.0.0.1:9", "--epochs", "2"]
+    saved = tmp_path / "runs" / "v1" / "job-config.yaml"
+    saved.parent.mkdir(parents=True)
+    saved.write_text(f"input: {archive}\nlr: 0.001\nepochs: 2\nname: v1\n")
+    before = saved.read_text()
+    shutil.copytree(archive, tmp_path / "other")  # another input, as real as the first
+    assert main([*run, "--lr", "0.01", "--input", str(tmp_path / "other")]) == 2
+    err = capsys.readouterr().err
+    assert "run 'v1'" in err and "lr: 0.001 then, 0.01 now" in err
+    assert f"input: '{archive}' then, '{tmp_path / 'other'}' now" in err
+    assert f"--config {saved}" in err and "new --name" in err
+    assert saved.read_text() == before  # the run's record of how it was trained stays
+    from pipeline.training.config import resume_conflicts
+
+    assert resume_conflicts({"lr": "1e-3", "epochs": 2, "num_workers": 1},
+                            {"lr": 0.001, "epochs": 2, "num_workers": 4}) == {}

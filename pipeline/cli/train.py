@@ -6,11 +6,11 @@ import argparse
 import sys
 from dataclasses import asdict, dataclass
 
-from pipeline.cli.common import Command, PushOption, announce_config, pushed_outcome
+from pipeline.cli.common import Command, PushOption, announce_config, job_config, pushed_outcome
 from pipeline.config.options import option, values_for
 from pipeline.evaluation.config import EvalConfig
-from pipeline.io.storage import resolve_storage_options, storage_options_arg
-from pipeline.training.config import AUG, AugmentConfig, FinetuneConfig
+from pipeline.io.storage import redact, resolve_storage_options, storage_options_arg
+from pipeline.training.config import AUG, AugmentConfig, FinetuneConfig, resume_conflicts
 from pipeline.training.importer import ANNOTATIONS
 
 FINETUNE_EPILOG = """\
@@ -50,6 +50,7 @@ def run_finetune(args: argparse.Namespace) -> int:
 
     cfg = finetune_config(args)
     run_dir = f"{cfg.storage_path.rstrip('/')}/{cfg.name}"
+    check_resume(args, f"{run_dir}/job-config.yaml", cfg.storage_options)
     announce_config(args, f"{run_dir}/job-config.yaml", cfg.storage_options)
     with pushed_outcome(args, "landmarks_finetune", run_dir) as outcome:
         summary = main(cfg)
@@ -61,6 +62,29 @@ def run_finetune(args: argparse.Namespace) -> int:
         f"{summary.export} (model {summary.model_version}); run in {summary.run_dir}"
     )
     return 0
+
+
+def check_resume(args: argparse.Namespace, saved_uri: str, storage_options) -> None:
+    """A rerun under an existing --name resumes its checkpoints: with other data or training
+    settings it would go on silently from weights trained otherwise (and overwrite the saved
+    config). Refused, saying what differs and what to do (``ValueError``: exit 2)."""
+    import yaml
+
+    from pipeline.io.storage import read_bytes
+
+    try:
+        saved = yaml.safe_load(read_bytes(saved_uri, storage_options)) or {}
+    except FileNotFoundError:
+        return  # a new run
+    conflicts = resume_conflicts(saved, job_config(args))
+    if conflicts:
+        listed = "; ".join(f"{k}: {old!r} then, {new!r} now" for k, (old, new) in
+                           conflicts.items())
+        raise ValueError(
+            f"run {args.name!r} under {redact(args.storage_path)} was trained with other "
+            f"settings ({listed}), and a rerun under its name resumes its checkpoints. To "
+            f"resume it, rerun with its settings (--config {redact(saved_uri)}); to train with "
+            "these, give the run a new --name")
 
 
 def run_evaluate(args: argparse.Namespace) -> int:

@@ -166,6 +166,28 @@ class FinetuneConfig(LabelledData):
         return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
 
 
+# What a run's checkpoints were trained on and how: a rerun under the same --name resumes
+# from them, so it must keep these (workers, caching, augmentation and the like may change).
+RESUME_KEYS = ("input", "val_input", "val_fraction", "format", "image_column", "key_column",
+               "margin", "context", "weights", "init", "seed", "freeze_features",
+               "backbone_lr_mult", "epochs", "batch_size", "lr", "weight_decay", "loss",
+               "lr_schedule")
+
+
+def resume_conflicts(saved: dict[str, Any], given: dict[str, Any]) -> dict[str, tuple]:
+    """``{setting: (saved value, given value)}`` of the ``RESUME_KEYS`` that differ between
+    a run's saved config and a rerun's (numbers compared as numbers: YAML reads 1e-3 back
+    as a string or a float)."""
+    def same(a: Any, b: Any) -> bool:
+        try:
+            return a == b or float(a) == float(b)
+        except (TypeError, ValueError):
+            return False
+
+    return {k: (saved.get(k), given.get(k)) for k in RESUME_KEYS
+            if k in saved and not same(saved.get(k), given.get(k))}
+
+
 @dataclass
 class FinetuneSummary:
     """What a finished (or resumed and finished) run wrote."""
