@@ -299,6 +299,32 @@ def test_parquet_and_loose_image_inputs(ray_session, archive, weights_file, resu
     assert first.column("crop")[0].as_py() == pytest.approx([0, -20, 160, 140])
 
 
+def test_shards_with_the_worst_names_each_get_their_file_and_a_rerun_skips_them(
+        ray_session, weights_file, tmp_path):
+    """URL syntax ("::" made fsspec chain two shards into one file), glob characters (the
+    resume check matched them as patterns), "%" and "#", spaces, and a folder tree too deep
+    for one file name: each shard its own file, each key once, and a rerun redoes nothing."""
+    root = tmp_path / "in"
+    write_sample_archive(str(root), num_shards=1, samples_per_shard=1, image_size=(48, 48))
+    tar = (root / "faces-00000.tar").read_bytes()
+    (root / "faces-00000.tar").unlink()
+    deep = "/".join(["d" * 60] * 5)
+    for name in ("a::b", "x[1]", "100%", "sp ace#1", f"{deep}/deep"):
+        (root / f"{name}.tar").parent.mkdir(parents=True, exist_ok=True)
+        (root / f"{name}.tar").write_bytes(tar)
+    out = tmp_path / "out"
+    summary = _job(root, out, weights_file[0])
+    files = sorted(p.name for p in out.glob("part-*.parquet"))
+    assert len(files) == 5 and summary.files_committed == 5 and summary.errors == 0
+    assert {"part-a%3A%3Ab.parquet", "part-x%5B1%5D.parquet", "part-100%25.parquet",
+            "part-sp%20ace%231.parquet"} < set(files)
+    assert all(len(name.encode()) <= 255 for name in files)
+    shards = {pq.read_table(out / f).column("shard")[0].as_py() for f in files}
+    assert len(shards) == 5  # each file holds its own shard's rows
+    again = _job(root, out, weights_file[0])
+    assert (again.skipped_shards, again.samples) == (5, 0)
+
+
 def test_an_empty_shard_gets_an_empty_file(ray_session, weights_file, tmp_path):
     (tmp_path / "in").mkdir()
     write_tar(tmp_path / "in" / "empty.tar", [])

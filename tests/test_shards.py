@@ -522,3 +522,90 @@ def test_files_under_hidden_or_underscore_folders_are_not_input(tmp_path):
     inner = tmp_path / "_landing" / "in"
     write_sample_archive(str(inner), num_shards=1, samples_per_shard=1, image_size=(32, 32))
     assert [s.name for s in list_shards(str(inner))] == ["faces-00000"]
+
+
+NASTY = ["a::b", "x[1]", "y*?", "100%", "50%25", "tag#1", "sp ace", "Ünïcødé", "CASE", "case",
+         "..", ".hidden", "a__b", "tab\there", "émoji😀", "x" * 300, "x" * 299 + "y"]
+
+
+def _nasty_names(n: int, seed: int = 0) -> list[str]:
+    """Generated file names (folders included) drawn from what breaks names: URL and glob
+    syntax, "%", "#", spaces, any Unicode (NFC and NFD forms), case, great length."""
+    import random
+    import unicodedata
+
+    rng = random.Random(seed)
+    alphabet = list("aZ09-_.:[]*?%#@!$&'()+,;= ~\\") + ["é", "ß", "字", "😀", "\u0301", "İ"]
+    names = set(NASTY)
+    names.add(unicodedata.normalize("NFD", "Ünïcødé"))  # the same letters, decomposed
+    while len(names) < n:
+        parts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, rng.choice(
+            (8, 40, 120))))) for _ in range(rng.randint(1, 3))]
+        names.add("/".join(p.strip("/") or "p" for p in parts))
+    return sorted(names)
+
+
+def test_output_names_are_safe_unique_and_stable_for_any_path():
+    from pipeline.io.shards import NAME_BYTES, NAME_SAFE, shard_name
+
+    names = _nasty_names(600)
+    mapped = {shard_name(n) for n in names}
+    assert len(mapped) == len(names)  # no two paths share a name (case and NFC/NFD differ)
+    for path in names:
+        name = shard_name(path)
+        assert set(name) <= NAME_SAFE | {"%"} and len(name.encode()) <= NAME_BYTES, path
+        assert not name.startswith(".") and name == shard_name(path)  # stable
+        assert len(f"part-{name}.c00001.parquet".encode()) <= 255
+    assert shard_name("faces-00000") == "faces-00000"  # plain names are as they were
+    assert shard_name("a::b") == "a%3A%3Ab" and shard_name("x[1]") == "x%5B1%5D"
+    assert shard_name("100%") == "100%25" != shard_name("100%25")
+
+
+def test_a_shard_written_under_an_older_name_is_retired_when_its_shard_is_listed(tmp_path):
+    """Release N wrote part-sp ace.parquet; release N+1 names that shard sp%20ace: after its
+    run completes the old file must go, or every key is in two files."""
+    from pipeline.io import resume
+
+    root = tmp_path / "in"
+    write_sample_archive(str(root), num_shards=1, samples_per_shard=1, image_size=(32, 32))
+    os.rename(root / "faces-00000.tar", root / "sp ace.tar")
+    shard = list_shards(str(root))[0]
+    assert shard.name == "sp%20ace"
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "part-sp ace.parquet").write_bytes(b"old rows")
+    resume.write_completion_record(str(out), shard, "sp ace", 0, 0, True, 1, 0, False, "v",
+                                   "s")
+    present = resume.list_output(str(out))
+    stale = resume.retire_stale_outputs(str(out), str(root), [shard], "v", "s", "run-1",
+                                        present=present)
+    assert stale == ["sp ace"]
+    assert (out / "_retired/run-1/part-sp ace.parquet").exists()
+    assert not (out / "part-sp ace.parquet").exists()
+
+
+def test_a_loose_image_group_that_is_gone_is_retired(tmp_path):
+    """Loose-image groups' records all name the input root; a group whose anchor file was
+    deleted merges into its neighbour, and its old file used to stay: keys in two files."""
+    from pipeline.io import resume
+
+    root = tmp_path / "in"
+    root.mkdir()
+    for i in range(40):
+        (root / f"img{i:03d}.jpg").write_bytes(b"\xff\xd8 jpeg %d" % i)
+    before = list_shards(str(root), files_per_shard=4)
+    assert len(before) > 3
+    out = tmp_path / "out"
+    out.mkdir()
+    for shard in before:
+        (out / f"part-{shard.name}.parquet").write_bytes(b"rows")
+        resume.write_completion_record(str(out), shard, shard.name, 0, 0, True,
+                                       len(shard.paths), 0, False, "v", "s")
+    gone = before[2]  # its anchor file is deleted: the group is gone
+    os.remove(gone.paths[0])
+    after = list_shards(str(root), files_per_shard=4)
+    assert gone.name not in {s.name for s in after}
+    stale = resume.retire_stale_outputs(str(out), str(root), after, "v", "s", "run-2",
+                                        present=resume.list_output(str(out)))
+    assert stale == [gone.name]
+    assert not (out / f"part-{gone.name}.parquet").exists()

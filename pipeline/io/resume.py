@@ -242,7 +242,8 @@ def retire_stale_outputs(output: str, input_uri: str, shards: list[Shard], model
     two output files. Called after a run that completed.
 
     Stale: a file whose input shard is gone though it lies where this run listed (a deleted tar,
-    a loose-image group that no longer exists), and a later piece of a listed shard that this
+    a loose-image group that no longer exists), a file a listed shard wrote under the name an
+    older release gave it (``shards.shard_name``), and a later piece of a listed shard that this
     run's layout does not have (its record is for other input bytes, model or settings). A file
     from somewhere this run did not list (another input, a narrower glob) is left alone, as is
     every file of a shard that failed this run (``failed``: shard names).
@@ -254,7 +255,7 @@ def retire_stale_outputs(output: str, input_uri: str, shards: list[Shard], model
     if present is None:
         present = list_output(output, storage_options)
     by_name = {s.name: s for s in shards}
-    listed_uris = {s.uri for s in shards}
+    by_uri = {s.uri: s for s in shards}
     candidates = []  # (stem, shard or None)
     for rel in present:
         if "/" in rel or not (rel.startswith("part-") and rel.endswith(".parquet")):
@@ -275,8 +276,10 @@ def retire_stale_outputs(output: str, input_uri: str, shards: list[Shard], model
         record = _parse(raw.get(path))
         if record is None:
             continue  # no record: not ours to judge
-        if shard is None:
-            if covered(str(record.get("shard", ""))) and record.get("shard") not in listed_uris:
+        if shard is None:  # no listed shard writes this name (any more)
+            uri = str(record.get("shard", ""))
+            renamed = by_uri.get(uri)  # listed, under another name now (an older naming)
+            if covered(uri) and (renamed is None or renamed.name not in failed):
                 stale.append(stem)
         elif (record.get("shard_fingerprint") != shard.fingerprint
               or record.get("model_version") != model_version

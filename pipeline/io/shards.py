@@ -185,7 +185,7 @@ def list_shards(
             for name, group in group_images(selected, relative, files_per_shard)
         ]
     shards = [
-        Shard(name=posixpath.splitext(relative(p))[0].replace("/", "__"), uri=public(p),
+        Shard(name=shard_name(posixpath.splitext(relative(p))[0]), uri=public(p),
               format=fmt, paths=(p,), root=root, fingerprint=_fingerprint([infos[p]]),
               size=int(infos[p].get("size") or 0))
         for p in selected
@@ -203,6 +203,28 @@ def list_shards(
             raise ValueError(f"{shard.uri} would be written as part-{shard.name}.parquet, the "
                              f"name of a later piece of {seen[match.group(1)]}: rename it")
     return shards
+
+
+# Output names: what every store and file system takes as a plain name. Anything else in a
+# shard's path (":" that fsspec reads as a URL chain in "a::b", glob characters "[]*?", "%",
+# "#", spaces, any non-ASCII letter) is percent-encoded, "%" included, so that two different
+# paths never share a name; a name longer than NAME_BYTES keeps its start and ends in a hash of
+# the whole (the 255-byte file name limit, with room for "part-", ".cNNNNN" and ".parquet").
+NAME_SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.")
+NAME_BYTES = 200
+
+
+def shard_name(relative_path: str) -> str:
+    """The output name of the shard at ``relative_path`` (below the listing root, without
+    its extension): safe on every store, unique and stable (see ``NAME_SAFE``)."""
+    flat = relative_path.replace("/", "__")
+    name = "".join(c if c in NAME_SAFE else "".join(f"%{b:02X}" for b in c.encode(
+        "utf-8", "surrogateescape")) for c in flat)
+    if name.startswith("."):  # never a hidden file, never "." or ".."
+        name = "%2E" + name[1:]
+    if len(name) > NAME_BYTES:
+        name = f"{name[:NAME_BYTES - 17]}-{_path_hash(relative_path)[:16]}"
+    return name
 
 
 def _path_hash(relative_path: str) -> str:
