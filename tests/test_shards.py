@@ -609,3 +609,30 @@ def test_a_loose_image_group_that_is_gone_is_retired(tmp_path):
                                         present=resume.list_output(str(out)))
     assert stale == [gone.name]
     assert not (out / f"part-{gone.name}.parquet").exists()
+
+
+def test_a_folder_that_cannot_be_listed_is_an_error_not_an_absence(tmp_path, monkeypatch):
+    """fsspec's walk omits a folder it may not list: its shards vanished from the run, and
+    their outputs were then retired as stale (issue 21). As root, a denied folder is simulated
+    by the filesystem's own listing call."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    from pipeline.io import shards
+
+    root = tmp_path / "in"
+    write_sample_archive(str(root), num_shards=1, samples_per_shard=1, image_size=(32, 32))
+    (root / "sub").mkdir()
+    os.rename(root / "faces-00000.tar", root / "sub" / "b.tar")
+    write_sample_archive(str(root), num_shards=1, samples_per_shard=1, image_size=(32, 32))
+    denied = str(root / "sub")
+
+    class Denied(LocalFileSystem):
+        def ls(self, path, detail=False, **kwargs):
+            if path.rstrip("/") == denied:
+                raise PermissionError(13, "Permission denied", path)
+            return super().ls(path, detail=detail, **kwargs)
+
+    assert len(list_shards(str(root))) == 2
+    monkeypatch.setattr(shards, "filesystem", lambda uri, opts=None: (Denied(), uri))
+    with pytest.raises(PermissionError, match="access denied"):
+        list_shards(str(root))

@@ -29,6 +29,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from fsspec.spec import AbstractFileSystem
+
 from pipeline.io.storage import StorageError, filesystem, open_for_reading, redact, retry
 
 # Piece k >= 1 of a big shard is named <shard name>.c<k:05d> (pipeline.stages.units).
@@ -91,7 +93,7 @@ def _list_once(fs, root: str, input_uri: str) -> dict[str, dict]:
     def listing():
         if any(ch in root for ch in "*?["):
             return fs.glob(root, detail=True)
-        found = fs.find(root, detail=True)
+        found = _find_strict(fs, root)
         if not found and fs.isfile(root):
             found = {root: fs.info(root)}
         return found
@@ -103,6 +105,32 @@ def _list_once(fs, root: str, input_uri: str) -> dict[str, dict]:
     if not retry(lambda: fs.exists(root), input_uri, "listing"):
         raise FileNotFoundError(f"input not found: {input_uri}")
     return {}
+
+
+def _find_strict(fs, root: str) -> dict[str, dict]:
+    """``fs.find(root, detail=True)``, where a folder that cannot be listed (denied) is an
+    error, never an absence: fsspec's generic walk (local files and most filesystems) omits
+    such a folder, and does not pass its ``on_error="raise"`` on to the folders below, so the
+    shards in it vanished from the run and their outputs were retired as stale. Object stores,
+    which list a prefix in one request of their own, keep their ``find``."""
+    if type(fs).find is not AbstractFileSystem.find:
+        return fs.find(root, detail=True)
+    found: dict[str, dict] = {}
+    folders = [root]
+    while folders:
+        folder = folders.pop()
+        try:
+            entries = fs.ls(folder, detail=True)
+        except FileNotFoundError:  # the root is missing (the caller says so), or a folder
+            continue  # was deleted since its parent was listed: truly absent
+        for info in entries:
+            name = info["name"].rstrip("/")
+            if info.get("type") == "directory":
+                if name != root.rstrip("/"):
+                    folders.append(name)
+            else:
+                found[name] = info
+    return found
 
 
 def _fingerprint(infos: list[dict]) -> str:
