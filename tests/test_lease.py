@@ -14,11 +14,12 @@ from pipeline.io import lease as lease_module
 from pipeline.io.lease import LEASE_FILE, Lease, LeaseHeld, LeaseLost
 
 
-def _plant(output, run_id, heartbeat_age_s, host="gpu-node-7"):
+def _plant(output, run_id, heartbeat_age_s, host="gpu-node-7", **identity):
     output.mkdir(parents=True, exist_ok=True)
     (output / LEASE_FILE).write_text(json.dumps({
-        "run_id": run_id, "host": host, "pid": 4242, "started": "2026-11-27T01:00:00+00:00",
-        "heartbeat": time.time() - heartbeat_age_s}))
+        "run_id": run_id, "token": f"token-of-{run_id}", "host": host, "pid": 4242,
+        "started": "2026-11-27T01:00:00+00:00", "beat": 1,
+        "heartbeat": time.time() - heartbeat_age_s, **identity}))
 
 
 def test_a_live_runs_lease_refuses_a_second_run_and_names_it(tmp_path):
@@ -36,7 +37,9 @@ def test_a_live_runs_lease_refuses_a_second_run_and_names_it(tmp_path):
 def test_an_expired_lease_is_taken_over_and_break_lease_takes_a_live_one(tmp_path, caplog):
     out = tmp_path / "out"
     _plant(out, "dead-run", heartbeat_age_s=lease_module.EXPIRES_S + 5)
-    with caplog.at_level(logging.WARNING, "pipeline"), Lease(str(out), "new-run") as lease:
+    # Another machine's lease: watched for two (short) heartbeats without a beat first.
+    with caplog.at_level(logging.WARNING, "pipeline"), \
+            Lease(str(out), "new-run", heartbeat_s=0.05) as lease:
         assert json.loads((out / LEASE_FILE).read_text())["run_id"] == "new-run"
         lease.check()
     assert "taking over the output's lease from run dead-run" in caplog.text
@@ -48,12 +51,11 @@ def test_an_expired_lease_is_taken_over_and_break_lease_takes_a_live_one(tmp_pat
         assert json.loads((out / LEASE_FILE).read_text())["run_id"] == "breaker"
 
     # A killed run on this host (its process is gone): taken over at once, no waiting.
-    import socket
     import subprocess
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    _plant(out, "killed-run", heartbeat_age_s=1, host=socket.gethostname())
+    _plant(out, "killed-run", heartbeat_age_s=1, **lease_module.machine())
     lease = json.loads((out / LEASE_FILE).read_text())
     (out / LEASE_FILE).write_text(json.dumps({**lease, "pid": dead.pid}))
     with caplog.at_level(logging.WARNING, "pipeline"), Lease(str(out), "rerun"):
@@ -84,6 +86,77 @@ def test_the_heartbeat_renews_the_lease_and_notices_a_takeover(tmp_path):
     finally:
         holder.release()
     assert json.loads((out / LEASE_FILE).read_text())["run_id"] == "thief"  # theirs stays
+
+
+def test_a_pid_from_another_pid_namespace_or_machine_is_not_a_dead_process(tmp_path):
+    """hostNetwork pods share the host name and reuse each other's pids: a live run in another
+    pod once lost its lease to a rerun that found "its" pid gone (issue 21)."""
+    import subprocess
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    out = tmp_path / "out"
+    here = lease_module.machine()
+    for other in ({"pid_ns": "pid:[1]"}, {"boot_id": "another-machine"}):
+        _plant(out, "pod-b-run", heartbeat_age_s=1, **{**here, **other})
+        planted = json.loads((out / LEASE_FILE).read_text())
+        (out / LEASE_FILE).write_text(json.dumps({**planted, "pid": dead.pid}))
+        with pytest.raises(LeaseHeld, match="is being written by run pod-b-run"):
+            Lease(str(out), "rerun", heartbeat_s=0.05).acquire()
+
+
+def test_a_live_lease_from_a_host_whose_clock_is_behind_is_not_taken(tmp_path):
+    """Its heartbeat reads 10 minutes old by this clock, yet it beats: clock skew, not death."""
+    out = tmp_path / "out"
+    _plant(out, "skewed-run", heartbeat_age_s=600, host="node-with-a-slow-clock",
+           boot_id="another-machine")
+    stop = threading.Event()
+
+    def beat():  # the other host's heartbeat thread, with its clock 10 minutes behind
+        n = 1
+        while not stop.wait(0.02):
+            n += 1
+            record = json.loads((out / LEASE_FILE).read_text())
+            (out / LEASE_FILE).write_text(json.dumps({**record, "beat": n,
+                                                      "heartbeat": time.time() - 600}))
+
+    thread = threading.Thread(target=beat)
+    thread.start()
+    try:
+        with pytest.raises(LeaseHeld, match="is being written by run skewed-run"):
+            Lease(str(out), "rerun", heartbeat_s=0.1).acquire()
+    finally:
+        stop.set()
+        thread.join()
+    assert json.loads((out / LEASE_FILE).read_text())["run_id"] == "skewed-run"
+
+
+def test_a_commit_writes_no_record_once_the_lease_is_another_run_s(tmp_path):
+    """Fencing: whatever the heartbeat thread knows, the commit itself checks the token."""
+    import numpy as np
+
+    from pipeline.demo.synthetic import write_sample_archive
+    from pipeline.io.shards import list_shards
+    from pipeline.stages.commit import CommitSettings, commit_piece
+    from pipeline.stages.reader import ShardReader
+
+    write_sample_archive(str(tmp_path / "in"), num_shards=1, samples_per_shard=1,
+                         image_size=(32, 32))
+    shard = list_shards(str(tmp_path / "in"))[0]
+    rows = next(ShardReader().read(shard))
+    rows = {k: v for k, v in rows.items() if k != "pixels"}
+    rows["landmarks"] = np.zeros((1, 68, 2), np.float32)
+    rows["model_version"] = np.array(["v"], dtype=object)
+    out = tmp_path / "out"
+    with Lease(str(out), "mine", heartbeat_s=3600) as lease:
+        settings = CommitSettings(str(out), "v", "s", 10_000, lease_token=lease.token)
+        commit_piece(settings.spec(shard, 0, True), rows)  # holds: committed
+        assert (out / "_done" / f"{shard.name}.json").exists()
+        (out / "_done" / f"{shard.name}.json").unlink()
+        _plant(out, "thief", heartbeat_age_s=0)  # taken over between two heartbeats
+        with pytest.raises(LeaseLost, match="held by run thief"):
+            commit_piece(settings.spec(shard, 0, True), rows)
+        assert not (out / "_done" / f"{shard.name}.json").exists()
 
 
 class SlowPredictor:

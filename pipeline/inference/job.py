@@ -172,7 +172,7 @@ def _run(cfg: InferConfig, job_config, predictor: type, *, output: str, shards, 
                     face_threshold=cfg.face_threshold, max_faces=cfg.max_faces,
                     min_face_size=cfg.min_face_size, expected_version=model_info.version),
                 commit=CommitSettings(output, model_info.version, settings, cfg.rows_per_file,
-                                      dict(cfg.storage_options), faults),
+                                      dict(cfg.storage_options), faults, lease.token),
                 on_receipts=on_receipts, stall_timeout=cfg.stall_timeout)
             stats = runner.run(todo)
         finally:

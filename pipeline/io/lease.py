@@ -13,6 +13,18 @@ Object stores have no portable compare-and-swap, so two runs that start within t
 are told apart by writing, waiting ``SETTLE_S`` and reading back: the later writer wins, the
 other sees a foreign record and stops. The heartbeat also reads before it writes: a run whose
 lease was taken over stops at its next commit (``lost``), before it writes another file.
+
+Identity and time, as containers and clusters have them:
+
+- a lease is owned by a random ``token``; "its process is gone" is judged only for a lease
+  written on this machine (its boot id) in this PID namespace: pods with ``hostNetwork`` share a
+  host name and reuse each other's pids;
+- no clock is compared across hosts: a lease from another machine is expired when its ``beat``
+  counter has not moved for ``watch_s`` of this run's own clock (a lease whose heartbeat merely
+  looks old may come from a host whose clock is behind);
+- fencing: each commit reads the lease and writes its completion record only while the lease
+  still carries this run's token (``check_token``), so a run that lost the lease, whatever its
+  heartbeat thread knows, commits no more records.
 """
 
 from __future__ import annotations
@@ -20,6 +32,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import socket
 import threading
 import time
@@ -57,11 +70,34 @@ def _describe(record: Mapping[str, Any], now: float) -> str:
             f"started {record.get('started')}, last heartbeat {age:.0f} s ago)")
 
 
+def machine() -> dict[str, str]:
+    """This process's machine and PID namespace: what makes a pid mean one process."""
+    def read(path: str, how) -> str:
+        try:
+            return how(path)
+        except OSError:
+            return ""
+
+    return {"host": socket.gethostname(),
+            "boot_id": read("/proc/sys/kernel/random/boot_id",
+                            lambda p: open(p).read().strip()),
+            "pid_ns": read("/proc/self/ns/pid", os.readlink)}
+
+
+def _same_machine(record: Mapping[str, Any]) -> bool:
+    here = machine()
+    return bool(here["boot_id"]) and record.get("boot_id") == here["boot_id"]
+
+
 def _process_gone(record: Mapping[str, Any]) -> bool:
-    """The lease's run was on this host and its process no longer exists (killed, crashed):
-    a rerun on the same machine need not wait for the heartbeat to expire."""
+    """The lease's run was on this machine, in this PID namespace, and its process no longer
+    exists (killed, crashed): a rerun there need not wait for the heartbeat to expire. A
+    lease from another machine or namespace is never judged by its pid."""
     pid = record.get("pid")
-    if record.get("host") != socket.gethostname() or not isinstance(pid, int):
+    here = machine()
+    if (not isinstance(pid, int) or not here["pid_ns"] or record.get("host") != here["host"]
+            or record.get("boot_id") != here["boot_id"]
+            or record.get("pid_ns") != here["pid_ns"]):
         return False
     if pid == os.getpid():
         return False
@@ -80,14 +116,20 @@ class Lease:
     def __init__(self, output: str, run_id: str,
                  storage_options: Mapping[str, Any] | None = None, *,
                  break_lease: bool = False, heartbeat_s: float = HEARTBEAT_S,
-                 expires_s: float = EXPIRES_S, settle_s: float | None = None):
+                 expires_s: float = EXPIRES_S, settle_s: float | None = None,
+                 watch_s: float | None = None):
         self.uri = f"{output.rstrip('/')}/{LEASE_FILE}"
         self.run_id, self.storage_options = run_id, storage_options
         self.break_lease = break_lease
         self.heartbeat_s, self.expires_s = heartbeat_s, expires_s
         local = protocol_of(output) in ("file", "local")
         self.settle_s = SETTLE_S["local" if local else "remote"] if settle_s is None else settle_s
-        self.record = {"run_id": run_id, "host": socket.gethostname(), "pid": os.getpid(),
+        # A lease from another machine whose heartbeat looks expired is watched this long (on
+        # this run's clock) for a beat before it is taken over: two heartbeats.
+        self.watch_s = 2 * heartbeat_s if watch_s is None else watch_s
+        self.token = secrets.token_hex(16)
+        self.beat = 0
+        self.record = {"run_id": run_id, "token": self.token, **machine(), "pid": os.getpid(),
                        "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         self.lost: str | None = None
         self._stop = threading.Event()
@@ -102,8 +144,21 @@ class Lease:
             return None
 
     def _write(self) -> None:
-        write_bytes(self.uri, json.dumps({**self.record, "heartbeat": _now()}).encode(),
-                    self.storage_options)
+        self.beat += 1
+        write_bytes(self.uri, json.dumps({**self.record, "beat": self.beat,
+                                          "heartbeat": _now()}).encode(), self.storage_options)
+
+    def _still_beating(self, seen: Mapping[str, Any]) -> bool:
+        """Watch a foreign lease for ``watch_s`` of this clock: whether its holder wrote a
+        new beat (or another run took it) meanwhile."""
+        deadline = time.monotonic() + self.watch_s
+        while time.monotonic() < deadline:
+            time.sleep(min(self.heartbeat_s / 4, max(0.0, deadline - time.monotonic())))
+            now = self.read()
+            if not now or (now.get("token"), now.get("beat"), now.get("heartbeat")) != (
+                    seen.get("token"), seen.get("beat"), seen.get("heartbeat")):
+                return True
+        return False
 
     def acquire(self) -> None:
         """Take the lease, or raise ``LeaseHeld`` naming the live run that has it."""
@@ -112,6 +167,12 @@ class Lease:
             now = _now()
             fresh = now - float(current.get("heartbeat", 0)) < self.expires_s
             gone = fresh and _process_gone(current)
+            if (not fresh and not self.break_lease and not _same_machine(current)
+                    and self._still_beating(current)):
+                # Its heartbeat looked old by this clock, yet it beats: another host's clock
+                # is behind ours. Never take a live run's lease for a clock's sake.
+                fresh = True
+                current = self.read() or current
             if fresh and not gone and not self.break_lease:
                 raise LeaseHeld(f"{self.uri.rsplit('/', 1)[0]} is being written by "
                                 f"{_describe(current, now)}: wait for it to end, or, if that "
@@ -122,7 +183,7 @@ class Lease:
         self._write()
         time.sleep(self.settle_s)  # a run that wrote at the same moment: the later one wins
         current = self.read()
-        if not current or current.get("run_id") != self.run_id:
+        if not current or current.get("token") != self.token:
             raise LeaseHeld(f"{self.uri.rsplit('/', 1)[0]} was taken at the same moment by "
                             f"{_describe(current or {}, _now())}: wait for it to end")
         self._thread = threading.Thread(target=self._beat, name="lease-heartbeat", daemon=True)
@@ -132,13 +193,18 @@ class Lease:
         while not self._stop.wait(self.heartbeat_s):
             try:
                 current = self.read()
-                if current and current.get("run_id") != self.run_id:
+                if current and current.get("token") != self.token:
                     self.lost = _describe(current, _now())
                     log.error("the output's lease was taken over by %s: stopping", self.lost)
                     return
                 self._write()
             except Exception as exc:  # a missed beat; the next one may get through
                 log.warning("could not renew the output's lease %s: %s", self.uri, exc)
+
+    def check_token(self) -> None:
+        """Fencing, for the commit of a file's record: raise ``LeaseLost`` unless the lease
+        in storage still carries this run's token."""
+        check_token(self.uri, self.token, self.storage_options)
 
     def check(self) -> None:
         """Raise ``LeaseLost`` when another run has taken the lease (call before writing)."""
@@ -151,7 +217,7 @@ class Lease:
         if self._thread is not None:
             self._thread.join()
         current = self.read()
-        if current and current.get("run_id") == self.run_id:
+        if current and current.get("token") == self.token:
             fs, path = filesystem(self.uri, self.storage_options)
             retry(lambda: fs.rm_file(path), self.uri, "delete")
 
@@ -161,3 +227,15 @@ class Lease:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def check_token(uri: str, token: str, storage_options: Mapping[str, Any] | None = None) -> None:
+    """Raise ``LeaseLost`` unless the lease at ``uri`` carries ``token`` (see ``Lease``)."""
+    try:
+        current = json.loads(read_bytes(uri, storage_options))
+    except (FileNotFoundError, ValueError):
+        current = None
+    if not current or current.get("token") != token:
+        holder = _describe(current, _now()) if current else "nobody (the lease is gone)"
+        raise LeaseLost(f"this run no longer holds the output's lease (it is held by {holder}): "
+                        "its commits stop before writing another record")

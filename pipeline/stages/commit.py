@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.io.lease import LEASE_FILE, check_token
 from pipeline.io.output import output_file_name, piece_stem, rows_to_table, write_table_atomic
 from pipeline.io.resume import SHARD_FAILURE_KINDS, write_completion_record
 from pipeline.io.shards import Shard
@@ -36,6 +37,7 @@ class PieceSpec:
     settings: str
     storage_options: Mapping[str, Any] = field(default_factory=dict, repr=False)
     faults: str = ""
+    lease_token: str = ""  # the run's lease token: its record is written only while it holds
 
     @property
     def stem(self) -> str:
@@ -52,11 +54,12 @@ class CommitSettings:
     rows_per_file: int
     storage_options: Mapping[str, Any] = field(default_factory=dict, repr=False)
     faults: str = ""
+    lease_token: str = ""
 
     def spec(self, shard: Shard, piece: int, last: bool) -> PieceSpec:
         return PieceSpec(self.output, shard, piece, piece * self.rows_per_file, last,
                          self.model_version, self.settings, dict(self.storage_options),
-                         self.faults)
+                         self.faults, self.lease_token)
 
 
 def rows_nbytes(rows: Mapping[str, Any]) -> int:
@@ -100,6 +103,9 @@ def commit_piece(spec: PieceSpec, rows: Mapping[str, np.ndarray]) -> dict[str, A
     size = write_table_atomic(table, uri, spec.storage_options)
     FaultPlan(spec.faults).at_commit(spec.stem)
     errors = sum(kinds.values())
+    if spec.lease_token:  # fencing: a run that lost the output's lease records nothing more
+        check_token(f"{spec.output.rstrip('/')}/{LEASE_FILE}", spec.lease_token,
+                    spec.storage_options)
     # The record that says the piece is done goes last, after its data is committed.
     write_completion_record(spec.output, spec.shard, spec.stem, spec.piece, spec.first_row,
                             spec.last, table.num_rows, errors, shard_failed, spec.model_version,
