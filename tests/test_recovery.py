@@ -101,14 +101,9 @@ def test_process_killed_mid_unit(ray_session, archive, weights_file, clean, tmp_
 
 
 def test_split_shards_resume_only_their_missing_pieces(ray_session, archive, weights_file,
-                                                       tmp_path, monkeypatch):
+                                                       tmp_path):
     """rows_per_file=1: each shard of 2 rows is 2 files; with one piece's record gone (a crash
-    between data and record), a rerun commits that piece alone. The read task passes over
-    the done piece with a beat for the stall watchdog (every row here): the agent takes it as
-    a sign of life, not a unit."""
-    from pipeline.inference import job
-
-    monkeypatch.setattr(job, "READ_BEAT_S", 0.0)
+    between data and record), a rerun commits that piece alone."""
     out = tmp_path / "out"
     first = run_inference(_cfg(archive, out, weights_file[0], rows_per_file=1))
     assert first.files_committed == SHARDS * PER_SHARD

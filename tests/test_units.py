@@ -483,17 +483,3 @@ def test_an_output_belongs_to_one_input_root_unless_forced(tmp_path):
                          image_size=(32, 32))
     shards = list_shards(str(tmp_path / "in") + "/*.tar")  # a glob: its folder is the root
     assert resume.input_root(shards) == str(tmp_path / "in")
-
-
-def test_a_read_task_streaming_past_done_pieces_gives_signs_of_life(tmp_path):
-    """A resumed shard whose done pieces take longer to stream than --stall-timeout used to
-    be stopped as stalled, rerun after rerun (issue 21): the rows it passes over now come
-    with beats (here one per row), and only the rows to do become units."""
-    write_sample_archive(str(tmp_path), num_shards=1, samples_per_shard=6, image_size=(32, 32))
-    shard = list_shards(str(tmp_path))[0]
-    task = ReadTask(0, (ShardTask(shard, frozenset({0, 1})),))  # pieces 0 and 1 are done
-    items = _read(task, rows_per_file=2, beat_s=0.0)
-    beats = [rows["beat"] for header, rows in items if header is None]
-    units = [header for header, _ in items if header is not None]
-    assert beats == [0, 1, 2, 3] and sum(h.rows for h in units) == 2
-    assert all(header is not None for header, _ in _read(task, rows_per_file=2))  # off

@@ -252,9 +252,6 @@ def _read_units(task: ReadTask, reader_kwargs: Mapping[str, Any]):
         metrics.count("landmarks_retries_total", 1, {"stage": "read"})
     at, started, cpu = time.time(), time.perf_counter(), time.process_time()
     for header, rows in ShardReader(**reader_kwargs).read_task(task):
-        if header is None:  # streaming past done rows: a sign of life for the watchdog
-            yield rows
-            continue
         seconds = time.perf_counter() - started
         header.read_node, header.read_attempt = node, attempt
         header.started_at, header.read_s = at, seconds
@@ -695,9 +692,6 @@ class _NodeRunner:
             if state is not None:
                 state.ended += 1
                 self._maybe_done(stream.lease)
-            return
-        if "beat" in unit:  # the read task streams past done rows: it moves, no unit yet
-            self.moved = time.monotonic()
             return
         least = min(self.load[a] for a in self.started)
         actor = self.rng.choice([a for a in self.started if self.load[a] == least])

@@ -54,9 +54,6 @@ from pipeline.stages.units import ShardTask
 log = logging.getLogger("pipeline")
 
 CONFIG_FILE = "_config.yaml"
-# A read task streaming past done rows says so this often (a quarter of --stall-timeout at
-# most): a resume of a huge shard is progress, not a stall.
-READ_BEAT_S = 30.0
 # --decode auto: decode on the GPU unless the CPUs beside each GPU can decode as fast as the
 # GPU runs the model. Measured (../shared/DESIGN.md): PIL decode + crop/resize of a 640x480 JPEG
 # on one core 158 images/s; the model 7,923 images/s per H100 (bf16) -> ~50 cores per GPU.
@@ -160,8 +157,7 @@ def _run(cfg: InferConfig, job_config, predictor: type, *, output: str, shards, 
                     key_column=cfg.key_column, unit_rows=p.unit_rows, faults=faults,
                     decode=p.decode, rows_per_file=cfg.rows_per_file, unit_bytes=cfg.unit_bytes,
                     detect=cfg.detect, max_faces=cfg.max_faces, min_face_size=cfg.min_face_size,
-                    face_threshold=cfg.face_threshold, max_image_bytes=cfg.max_image_bytes,
-                    beat_s=min(READ_BEAT_S, cfg.stall_timeout / 4)),
+                    face_threshold=cfg.face_threshold, max_image_bytes=cfg.max_image_bytes),
                 predictor_cls=predictor,
                 predictor_kwargs=dict(
                     weights=cfg.weights, init=cfg.init, seed=cfg.seed,

@@ -51,7 +51,6 @@ from __future__ import annotations
 import contextlib
 import json
 import tarfile
-import time
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict
 from typing import Any
@@ -201,12 +200,7 @@ class ShardReader:
         min_face_size: float = DEFAULT_MIN_FACE_SIZE,
         face_threshold: float = DEFAULT_FACE_THRESHOLD,
         max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
-        beat_s: float | None = None,
     ):
-        """``beat_s``: while a read task streams past rows it does not process (the done
-        pieces of a resumed shard, the rows before a slice), ``read_task`` yields
-        ``(None, {"beat": rows passed})`` at least this often: progress for the stall watchdog,
-        which otherwise saw no unit for as long as a huge shard's done pieces took to stream."""
         if decode not in DECODE_MODES:
             raise ValueError(f"decode must be one of {DECODE_MODES}, got {decode!r}")
         if detect not in DETECT_MODES:
@@ -221,7 +215,6 @@ class ShardReader:
         self.unit_rows = unit_rows
         self.rows_per_file = rows_per_file
         self.max_image_bytes = max_image_bytes
-        self.beat_s = beat_s
         self.unit_bytes = unit_bytes
         self.faults = FaultPlan(faults)
 
@@ -243,9 +236,6 @@ class ShardReader:
         for i, item in enumerate(task.shards):
             rows = 0
             for row, sample, is_last in self._shard_rows(item):
-                if sample is None:  # streaming past rows it does not process: a beat
-                    yield None, {"beat": row}
-                    continue
                 self.faults.at_read(item.shard.name, row, builder.units)
                 meta = _meta_json(sample)
                 prepared = self._prepare(sample)
@@ -280,7 +270,6 @@ class ShardReader:
 
         first_seen: dict[str, int] = {}
         row = 0
-        beat = time.monotonic()
         current, error = fetch()
         while current is not None and (stop is None or row < stop):
             following, error = fetch()
@@ -291,10 +280,6 @@ class ShardReader:
             first_seen.setdefault(current.key, row)
             if row >= start and row // self.rows_per_file not in item.skip:
                 yield row, current, following is None and error is None
-                beat = time.monotonic()
-            elif self.beat_s is not None and time.monotonic() - beat >= self.beat_s:
-                yield row, None, False  # passed over, not processed: a sign of life
-                beat = time.monotonic()
             row += 1
             current = following
         if error is not None and current is None:
