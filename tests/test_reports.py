@@ -71,8 +71,8 @@ def run_output(tmp_path):
     stats = RunStats(read_s=3.0, read_cpu_s=2.0, predict_s=31.0, read_retries=2)
     stats.add_predictor({"id": "actor:1", "started_at": t0, "gpus": 1.0, "busy_s": 30.0,
                          "cpu_s": 6.0, "restarted": True})
-    run_figures(summary, stats, t0 + 60, {"leases_lost": 1, "agent_restarts": 0},
-                gpu_hour_price=2.5)
+    summary.placement = {"leases_lost": 1, "agent_restarts": 0}
+    run_figures(summary, stats, t0 + 60, gpu_hour_price=2.5)
     write_manifest({"input": str(tmp_path / "gone"), "format": "auto",
                     "max_error_fraction": 0.01}, summary, writer, start)
     return output, t0

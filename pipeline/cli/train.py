@@ -9,7 +9,12 @@ from dataclasses import asdict, dataclass
 from pipeline.cli.common import Command, PushOption, announce_config, job_config, pushed_outcome
 from pipeline.config.options import option, values_for
 from pipeline.evaluation.config import EvalConfig
-from pipeline.io.storage import redact, resolve_storage_options, storage_options_arg
+from pipeline.io.storage import (
+    read_bytes,
+    redact,
+    resolve_storage_options,
+    storage_options_arg,
+)
 from pipeline.training.config import AUG, AugmentConfig, FinetuneConfig, resume_conflicts
 from pipeline.training.importer import ANNOTATIONS
 
@@ -69,8 +74,6 @@ def check_resume(args: argparse.Namespace, saved_uri: str, storage_options) -> N
     settings it would go on silently from weights trained otherwise (and overwrite the saved
     config). Refused, saying what differs and what to do (``ValueError``: exit 2)."""
     import yaml
-
-    from pipeline.io.storage import read_bytes
 
     try:
         saved = yaml.safe_load(read_bytes(saved_uri, storage_options)) or {}

@@ -197,7 +197,7 @@ def _run(cfg: InferConfig, job_config, predictor: type, *, output: str, shards, 
     retire_stale_outputs(output, cfg.input, shards, model_info.version, settings, run_id,
                          set(summary.failed_shards), cfg.storage_options, present)
     ended = time.time()
-    run_figures(summary, stats, ended, summary.placement, cfg.gpu_hour_price)
+    run_figures(summary, stats, ended, cfg.gpu_hour_price)
     summary.seconds = ended - started
     summary.files.sort()
     write_manifest(cfg.public_dict(), summary, manifest, start_iso, cfg.storage_options)

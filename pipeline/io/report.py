@@ -140,10 +140,12 @@ def cost_figures(rows: int, gpu_s: float, cpu_s: float,
     return out
 
 
-def run_figures(summary: Summary, stats, ended: float, placement: Mapping[str, Any],
+def run_figures(summary: Summary, stats, ended: float,
                 gpu_hour_price: float | None = None) -> None:
     """Set ``summary``'s stage seconds, busy fraction, retries and cost from the predictors'
-    figures (``executor.RunStats``; None when nothing ran) at the end of the run."""
+    figures (``executor.RunStats``; None when nothing ran) and its ``placement`` (agents
+    restarted, leases lost) at the end of the run."""
+    placement = summary.placement
     predictors = stats.predictor_figures(ended) if stats is not None else {}
     summary.stages = {
         "read_s": round(stats.read_s, 3) if stats else 0.0,

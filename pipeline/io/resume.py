@@ -32,6 +32,7 @@ from pipeline.io.storage import (
     filesystem,
     is_transient,
     protocol_of,
+    read_bytes,
     redact,
     retry,
     write_bytes,
@@ -63,8 +64,6 @@ def claim_output(output: str, root: str, force: bool,
     """An output holds the results of one input root: a run reading another one (whose shard
     names may well be the same, ``faces-00000``...) would overwrite them file by file. Refused
     (``ValueError``: exit 2) unless ``force``; the first run records its root."""
-    from pipeline.io.storage import read_bytes
-
     uri = f"{output.rstrip('/')}/{INPUT_FILE}"
     try:
         recorded = json.loads(read_bytes(uri, storage_options)).get("input_root")

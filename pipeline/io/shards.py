@@ -31,7 +31,14 @@ from typing import Any
 
 from fsspec.spec import AbstractFileSystem
 
-from pipeline.io.storage import StorageError, filesystem, open_for_reading, redact, retry
+from pipeline.io.storage import (
+    StorageError,
+    filesystem,
+    open_for_reading,
+    redact,
+    retry,
+    version_marker,
+)
 
 # Piece k >= 1 of a big shard is named <shard name>.c<k:05d> (pipeline.stages.units).
 CHUNK_NAME = re.compile(r"(.+)\.c(\d{5,})")
@@ -138,9 +145,8 @@ def _fingerprint(infos: list[dict]) -> str:
     what a later run compares to tell whether a shard changed."""
     digest = hashlib.sha256()
     for info in infos:
-        marker = next((info[k] for k in ("ETag", "etag", "generation", "md5Hash", "mtime",
-                                         "LastModified", "updated") if info.get(k)), "")
-        digest.update(f"{info.get('name')}|{info.get('size')}|{marker}\n".encode())
+        digest.update(f"{info.get('name')}|{info.get('size')}|{version_marker(info)}\n"
+                      .encode())
     return f"{sum(int(i.get('size') or 0) for i in infos)}:{digest.hexdigest()[:16]}"
 
 
@@ -177,12 +183,13 @@ def list_shards(
     elif list(infos) == [root]:  # the input is a single file
         root = posixpath.dirname(root)
 
+    def relative(path: str) -> str:
+        return posixpath.relpath(path, root) if root else path
+
     by_kind: dict[str, list[str]] = {}
     for path in sorted(infos):
         kind = _kind(path)
-        below = posixpath.relpath(path, root) if root and path != root else \
-            posixpath.basename(path)
-        if kind is not None and not _hidden(below):
+        if kind is not None and not _hidden(relative(path)):
             by_kind.setdefault(kind, []).append(path)
     if fmt == "auto":
         if len(by_kind) > 1:
@@ -201,9 +208,6 @@ def list_shards(
         """What rows, records and messages name a shard by: its URI without secrets (an http
         path is a whole URL already). ``paths`` keep what reads it."""
         return redact(path if "://" in path else protocol + path)
-
-    def relative(path: str) -> str:
-        return posixpath.relpath(path, root) if root else path
 
     if fmt == "images":
         return [

@@ -56,12 +56,16 @@ class ObjectChanged(OSError):
     Never retried (a reopen would read on in the new version at the old offset)."""
 
 
+def version_marker(info: Mapping[str, Any]) -> str:
+    """The store's version marker in an object's info (ETag, generation, mtime...), or ""."""
+    return str(next((info[k] for k in ("ETag", "etag", "VersionId", "generation", "md5Hash",
+                                       "mtime", "LastModified", "updated", "created")
+                     if info.get(k)), ""))
+
+
 def version_of(info: Mapping[str, Any]) -> tuple:
     """What tells two versions of an object apart: size and the store's version marker."""
-    marker = next((info[k] for k in ("ETag", "etag", "VersionId", "generation", "md5Hash",
-                                     "mtime", "LastModified", "updated", "created")
-                   if info.get(k)), None)
-    return info.get("size"), str(marker)
+    return info.get("size"), version_marker(info)
 
 
 # Secrets a URI may carry: a password in its user info, and its query string (presigned
