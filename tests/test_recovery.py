@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from helpers import cluster_job
+from helpers import cluster_job, write_tar
 
 from pipeline.demo.synthetic import write_sample_archive
 from pipeline.inference.config import InferConfig
@@ -118,6 +118,34 @@ def test_split_shards_resume_only_their_missing_pieces(ray_session, archive, wei
     assert list(after) == list(before)
     for name, table in after.items():
         assert table.equals(before[name]), name
+
+
+def test_a_resume_passing_slowly_over_done_pieces_is_not_a_stall(ray_session, weights_file,
+                                                                 tmp_path, monkeypatch):
+    """A resumed shard whose done pieces take longer to stream past than --stall-timeout was
+    stopped as stalled on every rerun (issue 21): no unit comes while a read task passes
+    over done rows. Its beats (one per 16 rows passed over) are progress: here 96 done rows
+    at 0.15 s each (14 s) under an 8 s --stall-timeout, and the last piece is redone."""
+    from helpers import jpeg
+    from PIL import Image
+
+    (tmp_path / "in").mkdir()
+    members = [(f"bad-{i:04d}.jpg", b"not an image") for i in range(96)]  # cheap done rows
+    members.append(("face.jpg", jpeg(Image.new("RGB", (64, 48), (90, 120, 150)))))
+    write_tar(tmp_path / "in" / "big.tar", members)
+    out = tmp_path / "out"
+    cfg = InferConfig(input=str(tmp_path / "in"), output=str(out), weights=weights_file[0],
+                      batch_size=4, rows_per_file=32, stall_timeout=8)
+    first = run_inference(cfg)
+    assert (first.samples, first.errors, first.files_committed) == (97, 96, 4)
+    (out / "_done" / "big.c00003.json").unlink()  # the last piece: to do again
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    monkeypatch.setenv(faults.ENV, f"dir={marks};slow=0.15")
+    again = run_inference(cfg)
+    assert (again.samples, again.errors, again.skipped_rows) == (1, 0, 96)
+    assert again.files == [f"{out}/part-big.c00003.parquet"]
+    assert pq.read_table(out / "part-big.c00003.parquet").column("key").to_pylist() == ["face"]
 
 
 def test_rerun_skips_done_shards_and_redoes_changed_ones(ray_session, archive, weights_file,

@@ -20,7 +20,7 @@ from pipeline.io.report import ManifestWriter, Summary, read_receipts, write_man
 from pipeline.io.resume import completed_pieces, settings_id
 from pipeline.io.shards import Shard, list_shards
 from pipeline.stages.commit import PieceSpec, commit_piece, gather
-from pipeline.stages.reader import ShardReader
+from pipeline.stages.reader import Beat, ShardReader
 from pipeline.stages.units import (
     PieceAssembler,
     ReadTask,
@@ -483,3 +483,29 @@ def test_an_output_belongs_to_one_input_root_unless_forced(tmp_path):
                          image_size=(32, 32))
     shards = list_shards(str(tmp_path / "in") + "/*.tar")  # a glob: its folder is the root
     assert resume.input_root(shards) == str(tmp_path / "in")
+
+
+def test_a_read_task_passing_over_done_pieces_beats_where_the_input_says(tmp_path):
+    """A resumed shard whose done pieces take longer to stream past than --stall-timeout was
+    stopped as stalled, rerun after rerun (issue 21): a read task asked for beats sends one
+    for every ``beat_rows`` (or ``beat_bytes``) of input it passes over, at the same places
+    on every attempt, and only the rows to do become units."""
+    write_sample_archive(str(tmp_path), num_shards=1, samples_per_shard=7, image_size=(32, 32))
+    shard = list_shards(str(tmp_path))[0]
+    task = ReadTask(0, (ShardTask(shard, frozenset({0, 1})),))  # rows 0-3 are done
+    reader = ShardReader(rows_per_file=2, unit_rows=32, beat_rows=2)
+    items = list(reader.read_task(task, beats=True))
+    beats = [item for item in items if isinstance(item, Beat)]
+    assert [(b.row, b.rows) for b in beats] == [(1, 2), (3, 2)]
+    assert all(b.bytes > 0 and b.shard == shard.name for b in beats)
+    units = [item for item in items if not isinstance(item, Beat)]
+    every_key = [k for _, rows in reader.read_task(ReadTask(0, (ShardTask(shard),)))
+                 for k in rows["key"]]
+    assert [k for _, rows in units for k in rows["key"]] == every_key[4:]
+    again = [(b.row, b.rows, b.bytes) for b in reader.read_task(task, beats=True)
+             if isinstance(b, Beat)]
+    assert again == [(b.row, b.rows, b.bytes) for b in beats]  # a retry beats the same
+    # By bytes: a beat for every byte passed over is one for every row.
+    by_bytes = ShardReader(rows_per_file=2, beat_bytes=1).read_task(task, beats=True)
+    assert [b.row for b in by_bytes if isinstance(b, Beat)] == [0, 1, 2, 3]
+    assert not any(isinstance(i, Beat) for i in reader.read_task(task))  # off by default

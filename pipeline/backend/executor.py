@@ -64,10 +64,12 @@ from pipeline.stages.leases import (
     spread_predictors,
 )
 from pipeline.stages.predictor import DECODE_COLUMN, DECODED_ON_DEVICE, decode_counts
+from pipeline.stages.reader import Beat
 from pipeline.stages.units import (
     PieceAssembler,
     ReadTask,
     ShardTask,
+    UnitHeader,
     expand_header,
     plan_read_tasks,
     slice_tasks,
@@ -245,13 +247,22 @@ def _attempt() -> int:
 
 
 def _read_units(task: ReadTask, reader_kwargs: Mapping[str, Any]):
+    """The read task: yields each unit as two objects, its header and then its rows, and a
+    ``Beat`` now and then while it passes over input without making a unit. The node agent
+    fetches the small ones (headers, beats) and hands the rows on by reference, never
+    fetching them: it learns what a unit is, and that a read task is moving, without holding
+    its pixels."""
     from pipeline.stages.reader import ShardReader
 
     node, attempt = _node_id(), _attempt()
     if attempt:
         metrics.count("landmarks_retries_total", 1, {"stage": "read"})
     at, started, cpu = time.time(), time.perf_counter(), time.process_time()
-    for header, rows in ShardReader(**reader_kwargs).read_task(task):
+    for item in ShardReader(**reader_kwargs).read_task(task, beats=True):
+        if isinstance(item, Beat):
+            yield item
+            continue
+        header, rows = item
         seconds = time.perf_counter() - started
         header.read_node, header.read_attempt = node, attempt
         header.started_at, header.read_s = at, seconds
@@ -260,7 +271,8 @@ def _read_units(task: ReadTask, reader_kwargs: Mapping[str, Any]):
         metrics.count("landmarks_samples_read_total", header.rows)
         metrics.count("landmarks_input_bytes_total", header.input_bytes)
         metrics.count("landmarks_unit_bytes_total", header.bytes)
-        yield {"header": header, "rows": rows}
+        yield header
+        yield rows
         # The time waiting to be taken is not the read's.
         at, started, cpu = time.time(), time.perf_counter(), time.process_time()
 
@@ -293,16 +305,15 @@ class _Predictor:
         """Answers once the actor holds its model: only then does it get units."""
         return True
 
-    def predict(self, unit: Mapping[str, Any]):
+    def predict(self, header: UnitHeader, rows: Mapping[str, Any]):
         attempt = _attempt()
         if attempt:
             metrics.count("landmarks_retries_total", 1, {"stage": "predict"})
         started = self._busy(+1)
         try:
-            rows = self.predictor(unit["rows"])
+            rows = self.predictor(rows)
         finally:
             ended = self._busy(-1)
-        header = unit["header"]
         if "source_row" in rows:  # faces found: rows of the unit's rows, one per face
             header = expand_header(header, rows.pop("source_row"))
         if DECODE_COLUMN in rows:  # counted in the header, not written
@@ -408,6 +419,7 @@ class _Stream:
 
     def __init__(self, task: ReadTask, lease: int, generator):
         self.task, self.lease, self.generator = task, lease, generator
+        self.header: UnitHeader | None = None  # taken; its rows are the generator's next
 
 
 @dataclass
@@ -683,9 +695,11 @@ class _NodeRunner:
             return ""
 
     def _next_unit(self, stream: _Stream) -> None:
-        """Take a read task's next unit and send it to the least loaded predictor."""
+        """Take a read task's next object: a unit's header (fetched: small), then its rows
+        (sent by reference to the least loaded predictor with the header), or a beat."""
+        what = _task_text(stream.task)
         try:
-            unit = _result(stream.generator, _task_text(stream.task), next)
+            ref = _result(stream.generator, what, next)
         except StopIteration:
             self.streams.remove(stream)
             state = self.leases.get(stream.lease)
@@ -693,9 +707,18 @@ class _NodeRunner:
                 state.ended += 1
                 self._maybe_done(stream.lease)
             return
+        if stream.header is None:
+            item = _result(ref, what)
+            if isinstance(item, Beat):  # passing over done input: moving, no unit yet
+                self.moved = time.monotonic()
+            else:
+                stream.header = item
+            return
+        header, rows_ref, stream.header = stream.header, ref, None
         least = min(self.load[a] for a in self.started)
         actor = self.rng.choice([a for a in self.started if self.load[a] == least])
-        header_ref, rows_ref = self.actors[actor].predict.options(num_returns=2).remote(unit)
+        header_ref, rows_ref = self.actors[actor].predict.options(num_returns=2).remote(
+            header, rows_ref)
         self.load[actor] += 1
         self.predicting[header_ref] = (actor, rows_ref, stream.task, stream.lease)
         self.leases[stream.lease].units += 1

@@ -1,4 +1,5 @@
-"""Deliberate process deaths, for the failure tests (chaos testing), off unless asked for.
+"""Deliberate process deaths and a slow store, for the failure tests (chaos testing), off
+unless asked for.
 
 No job setting turns them on: a test sets the environment variable ``LANDMARKS_FAULTS`` in the
 driver's process (``monkeypatch.setenv``), the job reads it once with :func:`plan_from_env` and
@@ -16,7 +17,10 @@ hands the plan to its stages. A plan such as
   It dies ``STEP_KILL_DELAY_S`` after the step: Ray Train's controller collects a worker's
   reports when it polls the workers (every 2 s), and a worker that dies sooner after a
   checkpoint report takes that checkpoint's registration with it (the files stay, the rerun
-  starts from the checkpoint before). The tests are about the restart, not that window.
+  starts from the checkpoint before). The tests are about the restart, not that window;
+- with ``slow=S``, every row a read task passes over without processing it (the done pieces of
+  a resumed shard) take S seconds more, as from a slow, far store: the stall watchdog must see
+  such a read task as moving.
 
 The first process to get there leaves a marker file in ``dir`` and exits at once, like a process
 killed by the OOM killer or a lost node, so Ray's own recovery (task retries, actor restarts,
@@ -41,7 +45,7 @@ def plan_from_env() -> str:
 class FaultPlan:
     def __init__(self, plan: str = ""):
         fields = dict(part.split("=", 1) for part in plan.split(";") if part)
-        unknown = set(fields) - {"dir", "read", "predict", "commit", "step"}
+        unknown = set(fields) - {"dir", "read", "predict", "commit", "step", "slow"}
         if unknown:
             raise ValueError(f"unknown fault injection points {sorted(unknown)}")
         if fields and "dir" not in fields:
@@ -51,6 +55,7 @@ class FaultPlan:
         self.predict = int(fields["predict"]) if "predict" in fields else None
         self.commit = fields.get("commit")
         self.step = int(fields["step"]) if "step" in fields else None
+        self.slow = float(fields.get("slow", 0.0))
 
     def _first_time(self, name: str, note: str = "") -> bool:
         """Leave the marker ``name``; False when it was there (the fault already happened,
@@ -69,6 +74,10 @@ class FaultPlan:
     def at_read(self, shard_name: str, row: int, units_delivered: int = 0) -> None:
         if self.read == f"{shard_name}@{row}":
             self._die_once(f"read-{shard_name}-{row}", f"units_delivered={units_delivered}")
+
+    def at_pass(self) -> None:
+        if self.slow:
+            time.sleep(self.slow)
 
     def at_predict(self, batch_number: int) -> None:
         if self.predict == batch_number:

@@ -52,7 +52,7 @@ import contextlib
 import json
 import tarfile
 from collections.abc import Iterator, Mapping
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -174,6 +174,23 @@ def _shard_error(exc: Exception, samples_read: int) -> Sample:
     return Sample(key="", error=error, error_kind=kind)
 
 
+# A read task passing over input it does not process says so at least this often. A beat is one
+# small object to the node agent (well under a millisecond); 16 archive images are megabytes.
+BEAT_BYTES = 16 << 20
+BEAT_ROWS = 16
+
+
+@dataclass(frozen=True)
+class Beat:
+    """A read task's sign of life while it passes over rows without making a unit: ``rows``
+    rows (``bytes`` bytes of input) of ``shard`` passed over since the last, up to ``row``."""
+
+    shard: str
+    row: int
+    rows: int
+    bytes: int
+
+
 class ShardReader:
     """The read stage: stream the shards of a read task and yield units of preprocessed rows.
 
@@ -200,7 +217,12 @@ class ShardReader:
         min_face_size: float = DEFAULT_MIN_FACE_SIZE,
         face_threshold: float = DEFAULT_FACE_THRESHOLD,
         max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
+        beat_bytes: int = BEAT_BYTES,
+        beat_rows: int = BEAT_ROWS,
     ):
+        """``beat_bytes`` / ``beat_rows``: how much input a read task passes over (rows it does
+        not process: a resumed shard's done pieces, the rows before a slice) between two
+        ``Beat``s when ``read_task`` is asked for them."""
         if decode not in DECODE_MODES:
             raise ValueError(f"decode must be one of {DECODE_MODES}, got {decode!r}")
         if detect not in DETECT_MODES:
@@ -215,6 +237,7 @@ class ShardReader:
         self.unit_rows = unit_rows
         self.rows_per_file = rows_per_file
         self.max_image_bytes = max_image_bytes
+        self.beat_bytes, self.beat_rows = max(1, beat_bytes), max(1, beat_rows)
         self.unit_bytes = unit_bytes
         self.faults = FaultPlan(faults)
 
@@ -223,8 +246,14 @@ class ShardReader:
         for _, rows in self.read_task(ReadTask(0, (ShardTask(shard),))):
             yield rows
 
-    def read_task(self, task: ReadTask) -> Iterator[tuple[UnitHeader, dict[str, np.ndarray]]]:
-        """Yield the task's units in order; every row of every shard is in exactly one."""
+    def read_task(self, task: ReadTask, beats: bool = False
+                  ) -> Iterator[tuple[UnitHeader, dict[str, np.ndarray]] | Beat]:
+        """Yield the task's units in order; every row of every shard is in exactly one. With
+        ``beats``, also a ``Beat`` for every ``beat_bytes`` (or ``beat_rows``) of input passed
+        over without a unit: the stall watchdog's sign that a read task streaming past the done
+        pieces of a huge resumed shard is moving (progress is input read, not units made).
+        Where beats fall depends only on the input, so a retried read task yields the same
+        sequence (its consumer may have taken part of it already)."""
         builder = UnitBuilder(task.index, self.rows_per_file, self.unit_rows, self.unit_bytes)
         pending: list[tuple[str, Sample, str, Any]] = []
 
@@ -236,6 +265,10 @@ class ShardReader:
         for i, item in enumerate(task.shards):
             rows = 0
             for row, sample, is_last in self._shard_rows(item):
+                if sample is None:  # passed over: ``row`` is a Beat
+                    if beats:
+                        yield row
+                    continue
                 self.faults.at_read(item.shard.name, row, builder.units)
                 meta = _meta_json(sample)
                 prepared = self._prepare(sample)
@@ -250,11 +283,12 @@ class ShardReader:
         if builder.pending():
             yield unit()
 
-    def _shard_rows(self, item: ShardTask) -> Iterator[tuple[int, Sample, bool]]:
+    def _shard_rows(self, item: ShardTask) -> Iterator[tuple[int | Beat, Sample | None, bool]]:
         """``(row, sample, is_last_row)`` of the rows to process, reading one sample ahead so
         the last row is known as such. A shard that stops part-way ends with an error row.
         A slice (``item.rows``) streams the rows before its own without decoding them (the
-        duplicate-key check still sees them) and stops after its last."""
+        duplicate-key check still sees them) and stops after its last. Rows passed over come
+        as ``(Beat, None, False)`` every ``beat_bytes`` / ``beat_rows`` of them."""
         shard = item.shard
         start, stop = item.rows or (0, None)
         samples = read_samples(shard, self.storage_options, self.image_column, self.key_column,
@@ -269,7 +303,7 @@ class ShardReader:
                 return None, exc
 
         first_seen: dict[str, int] = {}
-        row = 0
+        row = passed_rows = passed_bytes = 0
         current, error = fetch()
         while current is not None and (stop is None or row < stop):
             following, error = fetch()
@@ -280,6 +314,13 @@ class ShardReader:
             first_seen.setdefault(current.key, row)
             if row >= start and row // self.rows_per_file not in item.skip:
                 yield row, current, following is None and error is None
+            else:
+                self.faults.at_pass()
+                passed_rows += 1
+                passed_bytes += len(current.data or b"")
+                if passed_rows >= self.beat_rows or passed_bytes >= self.beat_bytes:
+                    yield Beat(item.shard.name, row, passed_rows, passed_bytes), None, False
+                    passed_rows = passed_bytes = 0
             row += 1
             current = following
         if error is not None and current is None:
