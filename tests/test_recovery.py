@@ -168,16 +168,46 @@ def test_rerun_skips_done_shards_and_redoes_changed_ones(ray_session, archive, w
     assert forced.skipped_shards == 0 and len(forced.files) == SHARDS
 
 
-def test_another_model_redoes_everything(ray_session, archive, weights_file, tmp_path):
-    out = tmp_path / "out"
-    run_inference(_cfg(archive, out, weights_file[0]))
+def test_weights_replaced_during_a_run_change_nothing_in_it(ray_session, archive,
+                                                            weights_file, tmp_path,
+                                                            monkeypatch):
+    """The model file is replaced at its URI once the run has its version, before any actor
+    loads a model (issue 21: rows then carried the new version and records the old, so a
+    later run skipped those shards for good; or the run stopped). The run read the bytes
+    once and gives every actor those: rows, records and manifest all carry the first version.
+    A rerun with the new file redoes everything with it."""
+    import json
+    import shutil
+
+    from pipeline.inference import job
+
+    path = tmp_path / "model.pt"
+    shutil.copy(weights_file[0], path)
     other, _ = load_model(init="random", seed=99)
-    other_file = str(tmp_path / "other.pt")
-    version = save_model(other, other_file)
-    summary = run_inference(_cfg(archive, out, other_file))
-    assert summary.skipped_shards == 0 and summary.samples == SHARDS * PER_SHARD
+    identity, replaced = job.model_identity, []
+
+    def identify_then_replace(*args, **kwargs):
+        info = identity(*args, **kwargs)
+        replaced.append(save_model(other, str(path)))  # the URI now holds another model
+        return info
+
+    monkeypatch.setattr(job, "model_identity", identify_then_replace)
+    out = tmp_path / "out"
+    summary = run_inference(_cfg(archive, out, str(path)))
+    first = weights_file[2]
+    assert replaced and replaced[0] != first
+    assert (summary.samples, summary.errors, summary.model_version) == (
+        SHARDS * PER_SHARD, 0, first)
+    rows = {v for t in _output(out).values() for v in t.column("model_version").to_pylist()}
+    records = {json.loads(p.read_text())["model_version"] for p in (out / "_done").glob("*")}
+    assert rows == records == {first}
+    assert json.loads((out / "_manifest.json").read_text())["model_version"] == first
+
+    monkeypatch.undo()
+    again = run_inference(_cfg(archive, out, str(path)))
+    assert again.skipped_shards == 0 and again.samples == SHARDS * PER_SHARD
     assert {v for t in _output(out).values() for v in t.column("model_version").to_pylist()} \
-        == {version}
+        == {replaced[0]}
 
 
 def test_killed_driver_then_rerun_equals_one_clean_run(ray_session, archive, weights_file,

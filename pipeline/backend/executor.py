@@ -280,7 +280,11 @@ def _read_units(task: ReadTask, reader_kwargs: Mapping[str, Any]):
 class _Predictor:
     """The actor around a predictor class: one model per actor, ``(header, rows)`` per unit."""
 
-    def __init__(self, predictor_cls: type, kwargs: Mapping[str, Any]):
+    def __init__(self, predictor_cls: type, kwargs: Mapping[str, Any],
+                 weights_data: bytes | None = None):
+        """``weights_data``: the model file's bytes, read once by the driver and put in the
+        object store once (an argument Ray resolves: every actor, restarted ones included,
+        gets those bytes, never a reread of a URI whose file may have changed)."""
         import os
 
         import ray
@@ -296,6 +300,8 @@ class _Predictor:
                         "started_at": started_at, "restarted": restarted,
                         "gpus": float(context.get_assigned_resources().get("GPU", 0.0)),
                         "busy_s": 0.0, "cpu_s": 0.0}
+        if weights_data is not None:
+            kwargs = {**kwargs, "weights_data": weights_data}
         self.predictor = predictor_cls(**kwargs)
         self.node = _node_id()
         # Busy time is the union of the calls' spans (two run at once on a GPU).
@@ -455,7 +461,9 @@ class _NodeRunner:
     def __init__(self, node_id: str, slots: NodeSlots, placement: Placement,
                  reader_kwargs: Mapping[str, Any], predictor_cls: type,
                  predictor_kwargs: Mapping[str, Any], commit: CommitSettings,
-                 stall_timeout: float):
+                 stall_timeout: float, weights: list | None = None):
+        """``weights``: ``[ObjectRef]`` of the model file's bytes (in a list: Ray resolves only
+        a top-level reference, and the agent never needs the bytes themselves), or None."""
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -472,7 +480,7 @@ class _NodeRunner:
             num_cpus=placement.actor_cpus, num_gpus=placement.actor_gpus,
             max_concurrency=placement.concurrency, max_restarts=ACTOR_RESTARTS,
             max_task_retries=ACTOR_RESTARTS, scheduling_strategy=here)
-        self.actors = [actor.remote(predictor_cls, dict(predictor_kwargs))
+        self.actors = [actor.remote(predictor_cls, dict(predictor_kwargs), *(weights or ()))
                        for _ in range(slots.predictors)]
         # Units go only to actors that have started: one Ray cannot place (no GPU free) would
         # hold its units until the stall watchdog fires.
@@ -879,15 +887,19 @@ class LeaseRunner:
     def __init__(self, placement: Placement, reader_kwargs: Mapping[str, Any],
                  predictor_cls: type, predictor_kwargs: Mapping[str, Any],
                  commit: CommitSettings, on_receipts: Callable[[list[dict[str, Any]]], None],
-                 stall_timeout: float = 900.0, seed: int | None = None):
+                 stall_timeout: float = 900.0, seed: int | None = None,
+                 weights_data: bytes | None = None):
+        """``weights_data``: the model file's bytes (read once by the job), put in the object
+        store here once and given to every predictor actor."""
         import ray
 
         global _AGENT_GONE
         _AGENT_GONE = _agent_gone_errors()
         self.ray = ray
         self.placement = placement
+        weights = [ray.put(weights_data)] if weights_data is not None else None
         self.agent_args = (placement, dict(reader_kwargs), predictor_cls,
-                           dict(predictor_kwargs), commit, stall_timeout)
+                           dict(predictor_kwargs), commit, stall_timeout, weights)
         self.on_receipts, self.stall_timeout = on_receipts, stall_timeout
         self.agent_cls = ray.remote(_NodeAgent)
         self.rng = random.Random(seed)

@@ -42,7 +42,7 @@ from pipeline.io.resume import (
     settings_id,
 )
 from pipeline.io.shards import list_shards
-from pipeline.io.storage import check_writable
+from pipeline.io.storage import check_writable, read_bytes, redact
 from pipeline.model.identity import model_identity
 from pipeline.model.precision import resolve_precision
 from pipeline.stages.commit import CommitSettings
@@ -77,8 +77,12 @@ def run_inference(cfg: InferConfig, job_config: Mapping[str, Any] | None = None,
     shards = list_shards(cfg.input, cfg.format, cfg.storage_options, cfg.files_per_shard)
     log.info("found %d %s shard(s) under %s", len(shards), shards[0].format, cfg.input)
     # The model's identity only (no torch, no network on the driver): a missing or bad model
-    # file fails here, before any cluster work; the actors load the model.
-    model_info = model_identity(cfg.weights, cfg.init, cfg.storage_options, cfg.seed)
+    # file fails here, before any cluster work. The file's bytes are read once, here: its
+    # version comes from them and every predictor actor gets them (not the URI), so a file
+    # replaced during the run changes nothing in it (pipeline.model.identity).
+    weights_data = _read_weights(cfg.weights, cfg.storage_options) if cfg.weights else None
+    model_info = model_identity(cfg.weights, cfg.init, cfg.storage_options, cfg.seed,
+                                weights_data)
     log.info("model %s from %s", model_info.version, model_info.source)
     settings = settings_id(cfg.result_settings())
     faults = plan_from_env()  # failure tests only (pipeline.stages.faults); empty otherwise
@@ -89,12 +93,20 @@ def run_inference(cfg: InferConfig, job_config: Mapping[str, Any] | None = None,
     with Lease(output, run_id, cfg.storage_options, break_lease=cfg.break_lease) as lease:
         return _run(cfg, job_config, predictor, output=output, shards=shards,
                     model_info=model_info, settings=settings, faults=faults, run_id=run_id,
-                    lease=lease, started=started, start_iso=start_iso)
+                    lease=lease, started=started, start_iso=start_iso,
+                    weights_data=weights_data)
+
+
+def _read_weights(uri: str, storage_options: Mapping[str, Any]) -> bytes:
+    try:
+        return read_bytes(uri, storage_options)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"model file not found: {redact(uri)}") from None
 
 
 def _run(cfg: InferConfig, job_config, predictor: type, *, output: str, shards, model_info,
          settings: str, faults: str, run_id: str, lease: Lease, started: float,
-         start_iso: str) -> Summary:
+         start_iso: str, weights_data: bytes | None = None) -> Summary:
     """The job once it holds the output's lease: resume, run the units, report."""
     from pipeline.backend import cluster, executor, metrics
 
@@ -173,7 +185,8 @@ def _run(cfg: InferConfig, job_config, predictor: type, *, output: str, shards, 
                     min_face_size=cfg.min_face_size, expected_version=model_info.version),
                 commit=CommitSettings(output, model_info.version, settings, cfg.rows_per_file,
                                       dict(cfg.storage_options), faults, lease.token),
-                on_receipts=on_receipts, stall_timeout=cfg.stall_timeout)
+                on_receipts=on_receipts, stall_timeout=cfg.stall_timeout,
+                weights_data=weights_data)
             stats = runner.run(todo)
         finally:
             shown.close()

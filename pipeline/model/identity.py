@@ -7,10 +7,12 @@ torchvision's own classifier exists, so the driver reads only what it needs:
 
 - a model file (``pipeline.model.network.save_model``) is a ``torch.save`` zip archive; its
   header (format, architecture, version, metadata) is in the archive's ``data.pkl``, which is
-  unpickled here with every tensor left out (the tensors' bytes are separate archive members
-  and are never read). The actors load the whole file and check that its weights hash to the
-  declared version; each actor also checks that it got the version the driver recorded, so a
-  file replaced during a run stops the run instead of mixing two models' rows.
+  unpickled here with every tensor left out. An inference run reads the file's bytes once
+  (``pipeline.inference.job``), takes its version from them and gives every predictor actor
+  those same bytes (one copy in Ray's object store per node), never the URI: a file replaced
+  during the run changes nothing in it, not even in an actor that starts or restarts late. The
+  actors check that the weights hash to the declared version, and that it is the version the
+  driver recorded (``check_loaded``), or the run stops.
 - a model without a file (``--init random|imagenet``) is identified by what determines its
   weights: the architecture, the init, the seed, the ImageNet weights' URL (it names their
   hash) and the torch and torchvision releases that build it.
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import io
 import pickle
 import zipfile
 from collections.abc import Mapping
@@ -125,16 +128,21 @@ class _HeaderUnpickler(pickle.Unpickler):
         return _Tensor()
 
 
-def read_header(uri: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def read_header(uri: str, storage_options: Mapping[str, Any] | None = None,
+                data: bytes | None = None) -> dict[str, Any]:
     """A model file's header (every field but the tensors), read without torch: only the
-    archive's index and its ``data.pkl`` are fetched. Raises ``FileNotFoundError`` or
-    ``ValueError`` saying what is wrong."""
+    archive's index and its ``data.pkl`` are fetched (or parsed from ``data``, the file's
+    bytes). Raises ``FileNotFoundError`` or ``ValueError`` saying what is wrong."""
     from pipeline.io.storage import filesystem, retry
 
-    fs, path = filesystem(uri, storage_options)
+    def open_file():
+        if data is not None:
+            return io.BytesIO(data)
+        fs, path = filesystem(uri, storage_options)
+        return fs.open(path, "rb")
 
     def read() -> dict[str, Any]:
-        with fs.open(path, "rb") as f:
+        with open_file() as f:
             try:
                 with zipfile.ZipFile(f) as archive:
                     names = [n for n in archive.namelist() if n.endswith("/data.pkl")
@@ -157,13 +165,13 @@ def read_header(uri: str, storage_options: Mapping[str, Any] | None = None) -> d
 
 
 def model_identity(weights: str | None = None, init: str = "random",
-                   storage_options: Mapping[str, Any] | None = None, seed: int = 0
-                   ) -> ModelInfo:
+                   storage_options: Mapping[str, Any] | None = None, seed: int = 0,
+                   data: bytes | None = None) -> ModelInfo:
     """The ``ModelInfo`` that ``pipeline.model.network.load_model`` gives for the same
     arguments, without torch: a bad file or init fails here as it would there (a file whose
     weights do not fit the network fails in the actors, which load them)."""
     if weights:
-        header = read_header(weights, storage_options)
+        header = read_header(weights, storage_options, data)
         return ModelInfo(header["version"], weights, dict(header.get("metadata") or {}))
     return ModelInfo(init_version(init, seed), init_source(init, seed))
 

@@ -125,10 +125,12 @@ def save_model(
     return version
 
 
-def read_model_file(uri: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Read and validate a model file; raises ``ValueError`` saying what is wrong."""
+def read_model_file(uri: str, storage_options: Mapping[str, Any] | None = None,
+                    data: bytes | None = None) -> dict[str, Any]:
+    """Read and validate a model file (``data``: its bytes, read once elsewhere; ``uri`` then
+    only names it); raises ``ValueError`` saying what is wrong."""
     try:
-        raw = read_bytes(uri, storage_options)
+        raw = data if data is not None else read_bytes(uri, storage_options)
     except FileNotFoundError:
         raise FileNotFoundError(f"model file not found: {uri}") from None
     try:
@@ -144,14 +146,16 @@ def load_model(
     init: str = "random",
     storage_options: Mapping[str, Any] | None = None,
     seed: int = 0,
+    data: bytes | None = None,
 ) -> tuple[nn.Module, ModelInfo]:
-    """Build the model in eval mode from a model file URI, or from ``init`` when none is given.
+    """Build the model in eval mode from a model file URI (or ``data``, the file's bytes as the
+    run read them once), or from ``init`` when none is given.
 
     ``init="random"`` seeds torch with ``seed`` so every actor builds the same weights;
     ``init="imagenet"`` loads torchvision's ImageNet weights into ``features``.
     """
     if weights:
-        payload = read_model_file(weights, storage_options)
+        payload = read_model_file(weights, storage_options, data)
         model = build_model()
         try:
             model.load_state_dict(payload["state_dict"])

@@ -99,7 +99,10 @@ class LandmarkPredictor:
         min_face_size: float = DEFAULT_MIN_FACE_SIZE,
         precision: str = "auto",
         expected_version: str | None = None,
+        weights_data: bytes | None = None,
     ):
+        """``weights_data``: the model file's bytes as the run read them once (``weights``
+        then only names the file); without them the file is read from ``weights``."""
         import torch
 
         from pipeline.model.identity import check_loaded
@@ -113,7 +116,7 @@ class LandmarkPredictor:
             threads = num_threads or int(os.environ.get("OMP_NUM_THREADS", "0")) or None
             if threads:
                 torch.set_num_threads(threads)
-        model, self.info = load_model(weights, init, storage_options, seed)
+        model, self.info = load_model(weights, init, storage_options, seed, weights_data)
         check_loaded(self.info, expected_version)  # the version the run records, or stop
         self.runner = ModelRunner(model, self.device, micro_batch, compile, compile_backend,
                                   precision)
