@@ -24,6 +24,7 @@ from torchvision.ops import box_iou
 from pipeline.inference.config import InferConfig
 from pipeline.inference.job import run_inference
 from pipeline.io.shards import list_shards
+from pipeline.model.geometry import DEFAULT_FACE_THRESHOLD
 from pipeline.stages.gpu_decode import LANDMARK_TOLERANCE_PX
 from pipeline.stages.preprocess import crop_and_resize, decode_image, to_pixels
 from pipeline.stages.reader import ShardReader
@@ -197,6 +198,15 @@ def test_job_writes_a_row_per_face(ray_session, photos, weights_file, tmp_path):
     rows = table.to_pylist()
     manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
     assert (manifest["faces"], manifest["no_face"], manifest["samples"]) == (7, 2, 6)
+    # The scores of the faces found, in bins of 0.05 (issue 21: how near the threshold they are)
+    scores = manifest["face_scores"]
+    edges = scores["edges"]
+    assert (len(edges), edges[0], edges[-1], scores["threshold"]) == (21, 0.0, 1.0,
+                                                                       DEFAULT_FACE_THRESHOLD)
+    found = [s for s in (r["face_score"] for r in rows) if s is not None and s == s]
+    assert len(found) == 7
+    assert scores["counts"] == [sum(lo <= s < hi or (hi == 1.0 and s == 1.0) for s in found)
+                                for lo, hi in zip(edges[:-1], edges[1:], strict=True)]
     _assert_model_on_crops(rows, weights_file[1], tolerance=0.05)
     assert rows[4]["landmarks"] is None and rows[4]["error_kind"] == "no_face"
 

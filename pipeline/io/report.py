@@ -26,6 +26,19 @@ PART_SECONDS = 60.0
 FILES_KEPT = 100_000  # file names a summary keeps in memory (the manifest parts have them all)
 
 
+# The detector scores of the faces a run found, counted in bins of 0.05 (the manifest's
+# ``face_scores``): many faces just above --face-threshold say that more lie just below it.
+FACE_SCORE_EDGES = tuple(round(0.05 * i, 2) for i in range(21))
+
+
+def face_score_counts(scores) -> list[int]:
+    """How many of ``scores`` (NaN: no face) fall in each bin of ``FACE_SCORE_EDGES``."""
+    import numpy as np
+
+    scores = np.asarray(scores, dtype=np.float64)
+    return np.histogram(scores[np.isfinite(scores)], bins=FACE_SCORE_EDGES)[0].tolist()
+
+
 @dataclass
 class Summary:
     """What a run did. ``samples`` counts this run's input samples (images), ``errors`` its
@@ -52,6 +65,7 @@ class Summary:
     rows_per_call: dict[str, float] = field(default_factory=dict)
     faces: int = 0  # rows of detected faces (images searched for faces: --detect)
     no_face: int = 0  # images searched and found without a face (not errors)
+    face_scores: list[int] = field(default_factory=list)  # faces per FACE_SCORE_EDGES bin
     device_decoded: int = 0  # --decode gpu: images the predictors decoded on their device
     cpu_fallbacks: dict[str, int] = field(default_factory=dict)  # ... and those that took the
     #                                      CPU path instead, by reason (gpu_decode.FALLBACK_REASONS)
@@ -89,6 +103,10 @@ class Summary:
         self.commit_retries += receipt.get("attempt", 0)
         self.faces += receipt.get("faces", 0)
         self.no_face += receipt.get("no_face", 0)
+        if receipt.get("face_scores"):
+            self.face_scores = [a + b for a, b in zip(
+                self.face_scores or [0] * (len(FACE_SCORE_EDGES) - 1), receipt["face_scores"],
+                strict=True)]
         self.errors += receipt["errors"]
         for kind, n in receipt["errors_by_kind"].items():
             self.errors_by_kind[kind] = self.errors_by_kind.get(kind, 0) + n
@@ -224,6 +242,8 @@ def write_manifest(config: dict[str, Any], summary: Summary, writer: ManifestWri
         "samples_skipped": summary.skipped_rows,
         "faces": summary.faces,
         "no_face": summary.no_face,
+        "face_scores": {"edges": list(FACE_SCORE_EDGES), "counts": summary.face_scores,
+                        "threshold": config.get("face_threshold")} if summary.faces else None,
         "errors": summary.errors,
         "errors_by_kind": summary.errors_by_kind,
         "failed_shards": summary.failed_shards,

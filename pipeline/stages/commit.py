@@ -19,6 +19,7 @@ import numpy as np
 
 from pipeline.io.lease import LEASE_FILE, check_token
 from pipeline.io.output import output_file_name, piece_stem, rows_to_table, write_table_atomic
+from pipeline.io.report import face_score_counts
 from pipeline.io.resume import SHARD_FAILURE_KINDS, write_completion_record
 from pipeline.io.shards import Shard
 from pipeline.stages.faults import FaultPlan
@@ -97,6 +98,7 @@ def commit_piece(spec: PieceSpec, rows: Mapping[str, np.ndarray]) -> dict[str, A
     no_face = kinds.pop("no_face", 0)
     images = int(np.count_nonzero(np.asarray(rows["face"]) == 0))
     faces = int(np.count_nonzero(np.isfinite(np.asarray(rows["face_score"], np.float32))))
+    scores = face_score_counts(rows["face_score"]) if faces else None
     # A row without a key is the shard's own error: the read stopped, so a rerun redoes it.
     shard_failed = any(not key and kind in SHARD_FAILURE_KINDS
                        for key, kind in zip(rows["key"], rows["error_kind"], strict=True))
@@ -119,6 +121,7 @@ def commit_piece(spec: PieceSpec, rows: Mapping[str, np.ndarray]) -> dict[str, A
         "images": images,
         "faces": faces,
         "no_face": no_face,
+        **({"face_scores": scores} if scores else {}),
         "errors": errors,
         "errors_by_kind": kinds,
         "shard_failed": shard_failed,
