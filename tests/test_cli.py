@@ -43,6 +43,32 @@ def test_bad_weights_fail_before_any_work(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_errors_carry_their_exit_status_and_a_bug_keeps_its_traceback(tmp_path, capsys,
+                                                                      monkeypatch):
+    """Bad input exits 2 and a job that could not finish exits 1, each in one line; any other
+    exception is a bug: it is not swallowed into "error: ..." and exit status 2 (issue 24:
+    every ValueError used to be taken for bad input)."""
+    import pytest
+
+    from pipeline.config.errors import BadInput, JobFailed
+    from pipeline.inference import job
+
+    args = ["infer", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out")]
+    for raised, code in ((BadInput("the input is wrong"), 2), (JobFailed("a stage failed"), 1)):
+        def run(*_, exc=raised):
+            raise exc
+        monkeypatch.setattr(job, "run_inference", run)
+        write_sample_archive(str(tmp_path / "in"), 1, 1, image_size=(32, 32))
+        assert main(args) == code
+        assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: {raised}"
+
+    def bug(*_):
+        raise ValueError("an internal invariant broke")
+    monkeypatch.setattr(job, "run_inference", bug)
+    with pytest.raises(ValueError, match="an internal invariant broke"):
+        main(args)
+
+
 def test_cli_job_with_preview(ray_session, weights_file, pushgateway, tmp_path, capsys):
     """The job end to end through the command line, pushing its outcome to a real Pushgateway
     (where none is installed, to a port nothing listens on: the run must not notice)."""

@@ -7,6 +7,8 @@ from __future__ import annotations
 import logging
 import os
 
+from pipeline.config.errors import BadInput
+
 log = logging.getLogger("pipeline")
 
 # Times Ray reruns a task that its memory monitor killed. Ray's default (-1) is for ever, and
@@ -54,5 +56,5 @@ def wants_gpu(device: str, cluster_gpus: int) -> bool:
     on a cluster without any."""
     use_gpu = device == "cuda" or (device == "auto" and cluster_gpus > 0)
     if use_gpu and cluster_gpus == 0:
-        raise ValueError("--device cuda was asked for but the Ray cluster has no GPUs")
+        raise BadInput("--device cuda was asked for but the Ray cluster has no GPUs")
     return use_gpu

@@ -50,6 +50,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from pipeline.backend import metrics
+from pipeline.config.errors import JobFailed
 from pipeline.io.report import decode_text, fallback_share
 from pipeline.io.shards import estimate_rows
 from pipeline.stages.commit import CommitSettings, PieceSpec, commit_piece, gather, rows_nbytes
@@ -389,10 +390,8 @@ def _warm_commit() -> None:
     pq.write_table(pa.table({"warm": [1]}), io.BytesIO())
 
 
-class StageFailed(RuntimeError):
+class StageFailed(JobFailed):
     """A stage failed for good (after Ray's retries); what was committed stays committed."""
-
-    stops_job = True  # the command line says it in one line and exits 1
 
 
 class StageStalled(StageFailed):

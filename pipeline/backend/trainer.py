@@ -21,6 +21,7 @@ import time
 from dataclasses import asdict, replace
 from typing import Any
 
+from pipeline.config.errors import BadInput
 from pipeline.stages.faults import FaultPlan, plan_from_env
 from pipeline.training.config import (
     AugmentConfig,
@@ -204,7 +205,7 @@ def _train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             precision=precision,
         )
         if steps == 0:
-            raise ValueError(
+            raise BadInput(
                 f"worker {rank} got no training rows: the training split has fewer "
                 f"rows than the {world} workers"
             )

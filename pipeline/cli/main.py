@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from pipeline.cli.registry import parse_args
+from pipeline.config.errors import PipelineError
 from pipeline.io.storage import RedactingFilter, redact
 
 
@@ -18,16 +19,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = parse_args(argv)
         return args.run(args)
-    except (ValueError, FileNotFoundError, PermissionError) as exc:  # ConfigError: ValueError
-        # Bad arguments or input, or storage the job may not read or write (credentials, bucket
-        # policy): said in one line, before any work where it can be checked first.
+    except PipelineError as exc:  # bad input (2) or a job that could not finish (1)
+        print(f"error: {redact(str(exc))}", file=sys.stderr)
+        return exc.exit_code
+    except (FileNotFoundError, PermissionError) as exc:
+        # Storage the job may not read or write (a path, credentials, a bucket policy): bad
+        # input, said in one line. Any other exception is a bug: its traceback is shown.
         print(f"error: {redact(str(exc))}", file=sys.stderr)
         return 2
-    except RuntimeError as exc:
-        if not getattr(exc, "stops_job", False):
-            raise
-        print(f"error: {redact(str(exc))}", file=sys.stderr)  # a stage failed, or stalled
-        return 1
 
 
 if __name__ == "__main__":

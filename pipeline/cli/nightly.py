@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from pipeline.cli.common import Command, PushOption, announce_config, pushed_outcome
 from pipeline.cli.infer import InferCommand, infer_config
+from pipeline.config.errors import BadInput
 from pipeline.config.options import option
 from pipeline.inference.config import InferConfig
 from pipeline.io.storage import resolve_storage_options, storage_options_arg
@@ -90,14 +91,14 @@ NIGHTLY_IO = {
 
 def run_nightly(args: argparse.Namespace) -> int:
     if not args.input or not args.output:
-        raise ValueError("nightly needs --input and --output (roots of the date partitions, "
+        raise BadInput("nightly needs --input and --output (roots of the date partitions, "
                          "or URIs with {date})")
     if args.preview:
-        raise ValueError("--preview is not used by nightly; run landmarks infer --preview on "
+        raise BadInput("--preview is not used by nightly; run landmarks infer --preview on "
                          "one partition")
     args.date = args.date or default_date()
     if args.since is not None and args.since > args.date:
-        raise ValueError(f"--since {args.since} is after --date {args.date}")
+        raise BadInput(f"--since {args.since} is after --date {args.date}")
     args.since = first_night(args.date, args.since, args.lookback_days)
     base = infer_config(args)  # checks the settings before anything is written
     announce_config(args, f"{root_of(args.output)}/{CONFIG_FILE}", base.storage_options,

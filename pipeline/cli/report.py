@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from pipeline.cli.common import Command
+from pipeline.config.errors import BadInput
 from pipeline.io.storage import resolve_storage_options, storage_options_arg
 
 REPORT_EPILOG = """\
@@ -37,13 +38,13 @@ def run_report(args: argparse.Namespace) -> int:
         print("\n".join(runs) if runs else f"no runs recorded under {args.output}")
         return 0
     if args.run_id is not None and args.run_id not in runs:
-        raise ValueError(f"no run {args.run_id!r} under {args.output}: "
+        raise BadInput(f"no run {args.run_id!r} under {args.output}: "
                          + (f"its runs are {', '.join(runs[-10:])}" if runs else
                             "it has no run manifests (is it the --output of landmarks infer?)"))
     try:
         uri = write_run_report(args.output, args.run_id, options)
     except FileNotFoundError as exc:
-        raise ValueError(f"no run manifest under {args.output} ({exc}): is it the --output "
+        raise BadInput(f"no run manifest under {args.output} ({exc}): is it the --output "
                          "of landmarks infer?") from exc
     print(f"report: {uri}")
     return 0

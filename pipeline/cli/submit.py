@@ -18,6 +18,7 @@ from pathlib import Path
 from pipeline.backend.jobs import connect, quiet_upload_notices
 from pipeline.cli.common import Command
 from pipeline.cli.registry import parse_args
+from pipeline.config.errors import BadInput
 from pipeline.ops.submit import (
     ADDRESS_VARIABLES,
     FAILED_LOG_LINES,
@@ -84,7 +85,7 @@ def validate_job_args(job: str, job_args: list[str]) -> argparse.Namespace:
     in the entrypoint) a ``ValueError``."""
     parsed = parse_args([job, *job_args])
     if getattr(parsed, "storage_options", None) and not parsed.storage_reference:
-        raise ValueError(INLINE_SECRETS)
+        raise BadInput(INLINE_SECRETS)
     return parsed
 
 
@@ -109,7 +110,7 @@ def run_submit(args: argparse.Namespace) -> int:
         validate_job_args(args.job, job_args)
     except SystemExit as exc:  # argparse: usage error (2) or --help (0); nothing was sent
         return exc.code if isinstance(exc.code, int) else 2
-    except (ValueError, FileNotFoundError) as exc:  # a bad --config file
+    except (BadInput, FileNotFoundError) as exc:  # a bad --config file
         print(f"error: {exc}", file=sys.stderr)
         return 2
     warning = config_warning(job_args, working_dir)
@@ -117,7 +118,7 @@ def run_submit(args: argparse.Namespace) -> int:
         print(warning, file=sys.stderr)
     try:
         runtime_env = build_runtime_env(working_dir, job_env(args.env), args.pip)
-    except ValueError as exc:
+    except BadInput as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -7,6 +7,7 @@ import sys
 from dataclasses import asdict, dataclass
 
 from pipeline.cli.common import Command, PushOption, announce_config, job_config, pushed_outcome
+from pipeline.config.errors import BadInput
 from pipeline.config.options import option, values_for
 from pipeline.evaluation.config import EvalConfig
 from pipeline.io.storage import (
@@ -83,7 +84,7 @@ def check_resume(args: argparse.Namespace, saved_uri: str, storage_options) -> N
     if conflicts:
         listed = "; ".join(f"{k}: {old!r} then, {new!r} now" for k, (old, new) in
                            conflicts.items())
-        raise ValueError(
+        raise BadInput(
             f"run {args.name!r} under {redact(args.storage_path)} was trained with other "
             f"settings ({listed}), and a rerun under its name resumes its checkpoints. To "
             f"resume it, rerun with its settings (--config {redact(saved_uri)}); to train with "

@@ -24,11 +24,13 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipeline.config.errors import BadInput
+
 MISSING = dataclasses.MISSING
 _KEY = "option"
 
 
-class ConfigError(ValueError):
+class ConfigError(BadInput):
     """A config file that cannot be used; the message names the file and the key."""
 
 

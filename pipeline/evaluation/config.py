@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pipeline.config.errors import BadInput
 from pipeline.config.options import option
 from pipeline.model.geometry import DEVICES, PRECISIONS
 from pipeline.model.metrics import DEFAULT_THRESHOLD
@@ -46,20 +47,20 @@ class EvalConfig(LabelledData):
 
     def __post_init__(self):
         if (self.weights is None) == (self.predictions is None):
-            raise ValueError(
+            raise BadInput(
                 "give exactly one of --weights (a model file) or --predictions "
                 "(the inference job's Parquet output)"
             )
         if self.split not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, got {self.split!r}")
+            raise BadInput(f"split must be one of {SPLITS}, got {self.split!r}")
         if self.split != "all" and not 0 < self.val_fraction < 1:
-            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+            raise BadInput(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if self.detect == "always" and self.weights is None:
-            raise ValueError("--detect always runs the detector and the model: give --weights "
+            raise BadInput("--detect always runs the detector and the model: give --weights "
                              "(Parquet predictions of a run with --detect are matched by "
                              "overlap anyway)")
         if self.threshold <= 0 or self.batch_size < 1:
-            raise ValueError("need threshold > 0 and batch_size >= 1")
+            raise BadInput("need threshold > 0 and batch_size >= 1")
 
     @property
     def ced_uri(self) -> str:

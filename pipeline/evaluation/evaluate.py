@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.config.errors import BadInput
 from pipeline.evaluation.config import EvalConfig
 from pipeline.io.shards import Sample, Shard, list_shards, read_samples
 from pipeline.model.metrics import auc, ced_curve, failure_rate, nme, plot_ced, summarize
@@ -190,7 +191,7 @@ def _with_predictions(cfg: EvalConfig, shards: list[Shard]):
                 rows = predicted.setdefault(row["key"], [])
                 box = row.get("face_box")
                 if rows and (box is None or rows[0][1] is None):
-                    raise ValueError(f"key {row['key']!r} appears twice in {cfg.predictions}")
+                    raise BadInput(f"key {row['key']!r} appears twice in {cfg.predictions}")
                 rows.append((np.asarray(row["landmarks"], dtype=np.float64),
                              None if box is None else np.asarray(box, dtype=np.float64)))
                 versions.add(row["model_version"])
@@ -243,7 +244,7 @@ def main(cfg: EvalConfig) -> dict[str, Any]:
         run = _with_predictions
     keys, preds, targets, skipped, missing, info, missed = run(cfg, shards)
     if not keys and not missed:
-        raise ValueError(
+        raise BadInput(
             f"no labelled sample of split {cfg.split!r} could be scored "
             f"({skipped} unusable, {missing} without a prediction)"
         )

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from pipeline.config.errors import BadInput
 from pipeline.config.options import option
 from pipeline.io.shards import DEFAULT_FILES_PER_SHARD, DEFAULT_MAX_IMAGE_BYTES, FORMATS
 from pipeline.io.storage import redact_values, storage_options_arg
@@ -160,38 +161,38 @@ class InferConfig:
 
     def __post_init__(self):
         if self.device not in DEVICES:
-            raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
+            raise BadInput(f"device must be one of {DEVICES}, got {self.device!r}")
         if self.decode not in DECODES:
-            raise ValueError(f"decode must be one of {DECODES}, got {self.decode!r}")
+            raise BadInput(f"decode must be one of {DECODES}, got {self.decode!r}")
         for name in ("batch_size", "unit_rows", "unit_bytes", "rows_per_file",
                      "files_per_shard", "max_pixels", "predictor_concurrency",
                      "max_image_bytes"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise BadInput(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.num_predictors is not None and self.num_predictors < 1:
-            raise ValueError(f"num_predictors must be >= 1, got {self.num_predictors}")
+            raise BadInput(f"num_predictors must be >= 1, got {self.num_predictors}")
         if not 0 < self.gpus_per_predictor <= 1:
-            raise ValueError(f"gpus_per_predictor must be in (0, 1], got "
+            raise BadInput(f"gpus_per_predictor must be in (0, 1], got "
                              f"{self.gpus_per_predictor}: one actor runs one model on one GPU")
         if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+            raise BadInput(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if not 0 <= self.margin <= 2:
-            raise ValueError(f"margin must be between 0 and 2, got {self.margin}")
+            raise BadInput(f"margin must be between 0 and 2, got {self.margin}")
         if self.detect not in DETECT_MODES:
-            raise ValueError(f"detect must be one of {DETECT_MODES}, got {self.detect!r}")
+            raise BadInput(f"detect must be one of {DETECT_MODES}, got {self.detect!r}")
         if self.max_faces < 1:
-            raise ValueError(f"max_faces must be >= 1, got {self.max_faces}")
+            raise BadInput(f"max_faces must be >= 1, got {self.max_faces}")
         if self.min_face_size < 0:
-            raise ValueError(f"min_face_size must be >= 0, got {self.min_face_size}")
+            raise BadInput(f"min_face_size must be >= 0, got {self.min_face_size}")
         if not 0 < self.face_threshold < 1:
-            raise ValueError(f"face_threshold must be between 0 and 1, got "
+            raise BadInput(f"face_threshold must be between 0 and 1, got "
                              f"{self.face_threshold}")
         if not self.stall_timeout > 0:
-            raise ValueError(f"stall_timeout must be > 0, got {self.stall_timeout}")
+            raise BadInput(f"stall_timeout must be > 0, got {self.stall_timeout}")
         if self.gpu_hour_price is not None and not self.gpu_hour_price >= 0:
-            raise ValueError(f"gpu_hour_price must be >= 0, got {self.gpu_hour_price}")
+            raise BadInput(f"gpu_hour_price must be >= 0, got {self.gpu_hour_price}")
         if not 0 <= self.max_error_fraction <= 1:
-            raise ValueError(f"max_error_fraction must be between 0 and 1, got "
+            raise BadInput(f"max_error_fraction must be between 0 and 1, got "
                              f"{self.max_error_fraction}")
 
     def result_settings(self) -> dict[str, Any]:

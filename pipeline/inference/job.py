@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
+from pipeline.config.errors import BadInput
 from pipeline.inference.config import (
     DEFAULT_BATCH_SIZE,
     GPU_UNIT_ROWS,
@@ -271,7 +272,7 @@ def plan(cfg: InferConfig, cluster_cpus: float, cluster_gpus: int,
 
     use_gpu = wants_gpu(cfg.device, cluster_gpus)
     if cluster_cpus <= 0:
-        raise ValueError("the Ray cluster has no CPUs: read and commit tasks need at least one")
+        raise BadInput("the Ray cluster has no CPUs: read and commit tasks need at least one")
     decode = cfg.decode
     if decode == "auto":
         # One GPU outruns ~50 cores of PIL decoding; below that the GPU decodes (nvJPEG).
@@ -285,7 +286,7 @@ def plan(cfg: InferConfig, cluster_cpus: float, cluster_gpus: int,
     pool_size = cfg.num_predictors or (most if use_gpu else 1)
     if use_gpu and pool_size > most:
         # Ray would start the actors it can place and leave the rest pending for ever.
-        raise ValueError(
+        raise BadInput(
             f"--num-predictors {pool_size} with --gpus-per-predictor {actor_gpus:g} needs "
             f"{pool_size * actor_gpus:g} GPUs, but the Ray cluster has {cluster_gpus}: lower "
             f"--num-predictors to {most} or fewer, or share "

@@ -40,6 +40,7 @@ from collections.abc import Mapping
 from datetime import datetime, timezone
 from typing import Any
 
+from pipeline.config.errors import BadInput, JobFailed
 from pipeline.io.storage import filesystem, protocol_of, read_bytes, retry, write_bytes
 
 log = logging.getLogger("pipeline")
@@ -50,14 +51,12 @@ EXPIRES_S = 300.0  # ten missed heartbeats: the run is gone
 SETTLE_S = {"local": 0.1, "remote": 1.0}  # local files are replaced atomically
 
 
-class LeaseHeld(ValueError):
-    """Another live run holds the output (a bad-input error: exit status 2)."""
+class LeaseHeld(BadInput):
+    """Another live run holds the output (exit status 2: nothing was done)."""
 
 
-class LeaseLost(RuntimeError):
+class LeaseLost(JobFailed):
     """This run's lease was taken over by another run: it stops before writing more."""
-
-    stops_job = True
 
 
 def _now() -> float:

@@ -26,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipeline.config.errors import BadInput
 from pipeline.io.output import output_file_name, split_stem
 from pipeline.io.shards import Shard
 from pipeline.io.storage import (
@@ -70,7 +71,7 @@ def claim_output(output: str, root: str, force: bool,
     except FileNotFoundError:
         recorded = None
     if recorded and recorded != root and not force:
-        raise ValueError(
+        raise BadInput(
             f"{redact(output)} holds the results of the input {recorded}, and this run reads "
             f"{root}: its files would replace those of the same names. Give this input "
             "another --output, or pass --force to give this output to the new input (every "

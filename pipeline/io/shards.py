@@ -31,6 +31,7 @@ from typing import Any
 
 from fsspec.spec import AbstractFileSystem
 
+from pipeline.config.errors import BadInput
 from pipeline.io.storage import (
     StorageError,
     filesystem,
@@ -172,9 +173,9 @@ def list_shards(
     ``input_uri`` is a file, a folder / prefix (searched recursively) or a glob pattern.
     """
     if fmt not in FORMATS:
-        raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+        raise BadInput(f"format must be one of {FORMATS}, got {fmt!r}")
     if files_per_shard < 1:
-        raise ValueError(f"files_per_shard must be >= 1, got {files_per_shard}")
+        raise BadInput(f"files_per_shard must be >= 1, got {files_per_shard}")
     fs, root = filesystem(input_uri, storage_options)
     root = root.rstrip("/") or root
     infos = _list_once(fs, root, input_uri)
@@ -194,12 +195,12 @@ def list_shards(
     if fmt == "auto":
         if len(by_kind) > 1:
             found = ", ".join(f"{len(v)} {k}" for k, v in sorted(by_kind.items()))
-            raise ValueError(f"{input_uri} holds several shard formats ({found}); pick one with "
+            raise BadInput(f"{input_uri} holds several shard formats ({found}); pick one with "
                              "--format tar|parquet|images")
         fmt = next(iter(by_kind), "tar")
     selected = by_kind.get(fmt, [])
     if not selected:
-        raise ValueError(f"no {fmt} shards found under {input_uri} "
+        raise BadInput(f"no {fmt} shards found under {input_uri} "
                          f"(looked for {IMAGE_EXTENSIONS if fmt == 'images' else '.' + fmt})")
 
     protocol = input_uri.split("://", 1)[0] + "://" if "://" in input_uri else ""
@@ -226,13 +227,13 @@ def list_shards(
     seen: dict[str, str] = {}
     for shard in shards:
         if shard.name in seen:
-            raise ValueError(f"{seen[shard.name]} and {shard.uri} would both be written as "
+            raise BadInput(f"{seen[shard.name]} and {shard.uri} would both be written as "
                              f"part-{shard.name}.parquet: rename one of them")
         seen[shard.name] = shard.uri
     for shard in shards:  # a big shard's later pieces are part-<name>.cNNNNN.parquet
         match = CHUNK_NAME.fullmatch(shard.name)
         if match and match.group(1) in seen:
-            raise ValueError(f"{shard.uri} would be written as part-{shard.name}.parquet, the "
+            raise BadInput(f"{shard.uri} would be written as part-{shard.name}.parquet, the "
                              f"name of a later piece of {seen[match.group(1)]}: rename it")
     return shards
 
@@ -528,7 +529,7 @@ def _read_parquet(fs, path: str, uri: str, image_column: str, key_column: str
         names = parquet.schema_arrow.names
         missing = [c for c in (image_column, key_column) if c not in names]
         if missing:
-            raise ValueError(f"{path} has no column {missing} (columns: {names}); set "
+            raise BadInput(f"{path} has no column {missing} (columns: {names}); set "
                              "--image-column / --key-column")
         row = 0
         for batch in parquet.iter_batches(batch_size=64):

@@ -26,6 +26,8 @@ from typing import Any, TypeVar
 
 from fsspec.core import split_protocol, url_to_fs
 
+from pipeline.config.errors import BadInput
+
 log = logging.getLogger("pipeline")
 T = TypeVar("T")
 
@@ -161,13 +163,13 @@ def parse_storage_options(text: str | None) -> dict[str, Any]:
         try:
             text = Path(source).read_text()
         except OSError as exc:
-            raise ValueError(f"cannot read storage options file {source}: {exc}") from None
+            raise BadInput(f"cannot read storage options file {source}: {exc}") from None
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{source} is not valid JSON: {exc}") from None
+        raise BadInput(f"{source} is not valid JSON: {exc}") from None
     if not isinstance(value, dict):
-        raise ValueError(f"{source} must hold a JSON object")
+        raise BadInput(f"{source} must hold a JSON object")
     return value
 
 

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from importlib import metadata as _metadata
 from typing import Any
 
+from pipeline.config.errors import BadInput, JobFailed
 from pipeline.model.geometry import INIT_CHOICES, INPUT_SIZE
 
 ARCH = "vgg16-keypoints-68"
@@ -49,10 +50,8 @@ class ModelInfo:
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
-class ModelChanged(RuntimeError):
+class ModelChanged(JobFailed):
     """An actor loaded another model than the one the run recorded: stop the run."""
-
-    stops_job = True
 
 
 def init_source(init: str, seed: int) -> str:
@@ -63,7 +62,7 @@ def init_version(init: str, seed: int) -> str:
     """The version of a model built from ``init`` with ``seed`` (no model file): 16 hex digits
     of a sha256 over what determines its weights."""
     if init not in INIT_CHOICES:
-        raise ValueError(f"init must be one of {INIT_CHOICES}, got {init!r}")
+        raise BadInput(f"init must be one of {INIT_CHOICES}, got {init!r}")
     releases = "|".join(f"{name}={_release(name)}" for name in ("torch", "torchvision"))
     source = IMAGENET_URL if init == "imagenet" else "random"
     text = f"{ARCH}|init={init}|{source}|seed={seed}|{releases}"
@@ -80,27 +79,27 @@ def _release(package: str) -> str:
 def check_header(payload: Mapping[str, Any], uri: str) -> None:
     """Raise ``ValueError`` saying what is wrong with a model file's header fields."""
     if not isinstance(payload, dict) or payload.get("format") != FILE_FORMAT:
-        raise ValueError(
+        raise BadInput(
             f"{uri} is not a {FILE_FORMAT} file; write one with pipeline.model.network.save_model"
         )
     if not isinstance(payload.get("format_version"), int):
-        raise ValueError(f"{uri}: format_version must be an integer, got "
+        raise BadInput(f"{uri}: format_version must be an integer, got "
                          f"{payload.get('format_version')!r}")
     if payload["format_version"] > FILE_FORMAT_VERSION:
-        raise ValueError(
+        raise BadInput(
             f"{uri} has format_version {payload['format_version']}; this code reads up to "
             f"{FILE_FORMAT_VERSION}: upgrade the pipeline"
         )
     for key, expected in (("arch", ARCH), ("input_size", INPUT_SIZE),
                           ("landmark_scheme", LANDMARK_SCHEME)):
         if payload.get(key) != expected:
-            raise ValueError(f"{uri}: {key} is {payload.get(key)!r}, expected {expected!r}")
+            raise BadInput(f"{uri}: {key} is {payload.get(key)!r}, expected {expected!r}")
     if not isinstance(payload.get("state_dict"), dict):
-        raise ValueError(f"{uri} has no state_dict")
+        raise BadInput(f"{uri} has no state_dict")
     version = payload.get("version")
     if not (isinstance(version, str) and len(version) == 16
             and all(c in "0123456789abcdef" for c in version)):
-        raise ValueError(f"{uri}: version must be 16 hex digits, got {version!r}")
+        raise BadInput(f"{uri}: version must be 16 hex digits, got {version!r}")
 
 
 class _Tensor:
@@ -153,7 +152,7 @@ def read_header(uri: str, storage_options: Mapping[str, Any] | None = None,
                         return _HeaderUnpickler(pkl).load()
             except (zipfile.BadZipFile, pickle.UnpicklingError, ValueError, EOFError,
                     TypeError, AttributeError, IndexError, KeyError) as exc:
-                raise ValueError(
+                raise BadInput(
                     f"{uri} is not a readable model file ({exc.__class__.__name__})") from exc
 
     try:

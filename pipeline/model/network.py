@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pipeline.config.errors import BadInput
 from pipeline.io.storage import read_bytes, write_bytes
 from pipeline.model.geometry import (  # noqa: F401
     IMAGENET_MEAN,
@@ -136,7 +137,7 @@ def read_model_file(uri: str, storage_options: Mapping[str, Any] | None = None,
     try:
         payload = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise ValueError(f"{uri} is not a readable model file ({exc.__class__.__name__})") from exc
+        raise BadInput(f"{uri} is not a readable model file ({exc.__class__.__name__})") from exc
     check_header(payload, uri)
     return payload
 
@@ -161,16 +162,16 @@ def load_model(
             model.load_state_dict(payload["state_dict"])
         except RuntimeError as exc:  # missing / unexpected keys, wrong shapes
             detail = " ".join(line.strip() for line in str(exc).splitlines()[:3])
-            raise ValueError(f"{weights}: the weights do not fit the {ARCH} model: {detail}"
+            raise BadInput(f"{weights}: the weights do not fit the {ARCH} model: {detail}"
                              ) from None
         version = weights_version(model.state_dict())
         if payload.get("version") != version:
-            raise ValueError(f"{weights}: weights hash to {version} but the file says "
+            raise BadInput(f"{weights}: weights hash to {version} but the file says "
                              f"{payload.get('version')!r}: the file is damaged or was edited")
         info = ModelInfo(version, weights, dict(payload.get("metadata") or {}))
     else:
         if init not in INIT_CHOICES:
-            raise ValueError(f"init must be one of {INIT_CHOICES}, got {init!r}")
+            raise BadInput(f"init must be one of {INIT_CHOICES}, got {init!r}")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = build_model()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from pipeline.config.errors import BadInput
 from pipeline.model.geometry import PRECISIONS  # noqa: F401  (the choices, torch-free)
 
 if TYPE_CHECKING:
@@ -27,7 +28,7 @@ def resolve_precision(precision: str, device: torch.device | str) -> str:
     """``auto`` -> ``bf16`` on CUDA, ``fp32`` elsewhere; ``bf16`` / ``fp32`` as given. Needs no
     torch: the inference driver, which never imports it, decides this too."""
     if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        raise BadInput(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if precision == "auto":
         return "bf16" if str(device).split(":")[0] == "cuda" else "fp32"
     return precision

@@ -30,6 +30,7 @@ from dataclasses import replace
 from datetime import date, datetime, timedelta, timezone
 from typing import Any
 
+from pipeline.config.errors import BadInput
 from pipeline.io.pushgateway import errors_by_kind
 from pipeline.io.report import cost_figures
 from pipeline.io.shards import CHUNK_NAME
@@ -87,7 +88,7 @@ def root_of(uri: str) -> str:
     head = uri[: uri.index(DATE_FIELD)]
     root = head.rsplit("/", 1)[0] if "/" in head else ""
     if not root or root.endswith(":/") or root.endswith(":"):
-        raise ValueError(f"{uri}: a {DATE_FIELD} template needs a fixed folder before "
+        raise BadInput(f"{uri}: a {DATE_FIELD} template needs a fixed folder before "
                          f"{DATE_FIELD} (e.g. s3://bucket/incoming/{DATE_FIELD}/)")
     return root
 
@@ -173,7 +174,7 @@ def first_night(date_: str, since: str | None, lookback_days: int = 0) -> str | 
     """The first night a run covers besides ``date_``: ``since`` when given, else the night
     ``lookback_days`` before ``date_`` (None for ``date_`` alone)."""
     if lookback_days < 0:
-        raise ValueError(f"--lookback-days must be >= 0, got {lookback_days}")
+        raise BadInput(f"--lookback-days must be >= 0, got {lookback_days}")
     if since is not None or lookback_days == 0:
         return since
     return (date.fromisoformat(date_) - timedelta(days=lookback_days)).isoformat()

@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pipeline.config.errors import BadInput
+
 # JOB -> its entrypoint script, relative to the working directory.
 JOBS = {
     "infer": "jobs/infer.py",
@@ -70,10 +72,10 @@ def job_env(items: list[str]) -> dict[str, str]:
     for item in items:
         key, sep, value = item.partition("=")
         if not key:
-            raise ValueError(f"--env {item!r}: expected KEY=VALUE or KEY")
+            raise BadInput(f"--env {item!r}: expected KEY=VALUE or KEY")
         if not sep:
             if key not in os.environ:
-                raise ValueError(f"--env {key}: not set in this shell (use {key}=VALUE)")
+                raise BadInput(f"--env {key}: not set in this shell (use {key}=VALUE)")
             value = os.environ[key]
         env[key] = value
     return env

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.config.errors import BadInput
 from pipeline.io.shards import Sample, Shard, read_samples
 from pipeline.model.geometry import INPUT_SIZE, NUM_LANDMARKS
 from pipeline.stages.preprocess import (
@@ -114,9 +115,9 @@ class LabelledReader:
         rows_per_batch: int = 32,
     ):
         if split not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+            raise BadInput(f"split must be one of {SPLITS}, got {split!r}")
         if context < 1:
-            raise ValueError(f"context must be >= 1, got {context}")
+            raise BadInput(f"context must be >= 1, got {context}")
         self.split, self.val_fraction = split, val_fraction
         self.context, self.size = context, int(round(INPUT_SIZE * context))
         self.margin, self.max_pixels = margin, max_pixels
@@ -135,7 +136,7 @@ class LabelledReader:
     def read(self, shard: Shard) -> Iterator[dict[str, np.ndarray]]:
         """Yield the usable labelled rows of one shard, in order."""
         if shard.format == "images":
-            raise ValueError(
+            raise BadInput(
                 f"{shard.uri}: loose images carry no labels; turn them into labelled "
                 "tar shards with `landmarks import-pts`"
             )

@@ -30,6 +30,7 @@ from collections import deque
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from pipeline.config.errors import JobFailed
 from pipeline.stages.units import ShardTask
 
 COMMIT_CPUS = 0.25  # a commit is Parquet encoding and two PUTs: mostly waiting
@@ -161,10 +162,8 @@ def plan_leases(todo: Iterable[ShardTask], agents: int, min_bytes: int | None = 
     return leases
 
 
-class LeaseLostTooOften(RuntimeError):
+class LeaseLostTooOften(JobFailed):
     """A lease was lost with its agent ``MAX_LEASE_LOSSES`` times."""
-
-    stops_job = True
 
 
 @dataclass

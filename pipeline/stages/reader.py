@@ -57,6 +57,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.config.errors import BadInput
 from pipeline.io.shards import DEFAULT_MAX_IMAGE_BYTES, Sample, Shard, read_samples
 from pipeline.model.geometry import INPUT_SIZE
 from pipeline.stages.detect import (
@@ -224,9 +225,9 @@ class ShardReader:
         not process: a resumed shard's done pieces, the rows before a slice) between two
         ``Beat``s when ``read_task`` is asked for them."""
         if decode not in DECODE_MODES:
-            raise ValueError(f"decode must be one of {DECODE_MODES}, got {decode!r}")
+            raise BadInput(f"decode must be one of {DECODE_MODES}, got {decode!r}")
         if detect not in DETECT_MODES:
-            raise ValueError(f"detect must be one of {DETECT_MODES}, got {detect!r}")
+            raise BadInput(f"detect must be one of {DETECT_MODES}, got {detect!r}")
         self.decode, self.detect = decode, detect
         self.finder = FaceFinder(face_threshold, max_faces, min_face_size, margin)
         self.storage_options = dict(storage_options or {})

@@ -11,6 +11,7 @@ import os
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from pipeline.config.errors import BadInput
 from pipeline.config.options import option
 from pipeline.io.shards import FORMATS
 from pipeline.io.storage import redact_values, storage_options_arg
@@ -65,14 +66,14 @@ class AugmentConfig:
     def __post_init__(self):
         for name in ("flip_prob", "blur_prob"):
             if not 0 <= getattr(self, name) <= 1:
-                raise ValueError(f"{name} must be between 0 and 1, got {getattr(self, name)}")
+                raise BadInput(f"{name} must be between 0 and 1, got {getattr(self, name)}")
         if not 0 <= self.max_scale < 1:
-            raise ValueError(f"max_scale must be in [0, 1), got {self.max_scale}")
+            raise BadInput(f"max_scale must be in [0, 1), got {self.max_scale}")
         if not 0 <= self.colour_jitter < 1:
-            raise ValueError(f"colour_jitter must be in [0, 1), got {self.colour_jitter}")
+            raise BadInput(f"colour_jitter must be in [0, 1), got {self.colour_jitter}")
         for name in ("max_rotation", "max_shift", "max_blur"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+                raise BadInput(f"{name} must be >= 0, got {getattr(self, name)}")
 
     @classmethod
     def none(cls) -> AugmentConfig:
@@ -141,18 +142,18 @@ class FinetuneConfig(LabelledData):
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+                raise BadInput(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         for name in ("epochs", "batch_size", "num_workers", "keep_best", "shuffle_buffer"):
             if getattr(self, name) < (0 if name == "shuffle_buffer" else 1):
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise BadInput(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.val_input and not 0 < self.val_fraction < 1:
-            raise ValueError(
+            raise BadInput(
                 f"val_fraction must be in (0, 1) without val_input, got {self.val_fraction}"
             )
         if self.lr <= 0 or self.backbone_lr_mult < 0 or self.context < 1:
-            raise ValueError("need lr > 0, backbone_lr_mult >= 0 and context >= 1")
+            raise BadInput("need lr > 0, backbone_lr_mult >= 0 and context >= 1")
         if not self.name or "/" in self.name:
-            raise ValueError(f"name must be a non-empty folder name, got {self.name!r}")
+            raise BadInput(f"name must be a non-empty folder name, got {self.name!r}")
         AugmentConfig(**self.augment)  # raises ValueError on a bad range
 
     def public_dict(self) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.config.errors import BadInput
 from pipeline.io.shards import IMAGE_EXTENSIONS
 from pipeline.model.geometry import NUM_LANDMARKS
 from pipeline.stages.labels import bbox_from_landmarks, parse_landmarks
@@ -78,11 +79,11 @@ def import_annotated_folder(
     from pipeline.io.storage import filesystem
 
     if origin not in (0, 1):
-        raise ValueError(f"origin must be 0 or 1 (how the annotation counts pixels), got {origin}")
+        raise BadInput(f"origin must be 0 or 1 (how the annotation counts pixels), got {origin}")
     if annotation not in ANNOTATIONS:
-        raise ValueError(f"annotation must be one of {ANNOTATIONS}, got {annotation!r}")
+        raise BadInput(f"annotation must be one of {ANNOTATIONS}, got {annotation!r}")
     if per_shard < 1:
-        raise ValueError(f"per_shard must be >= 1, got {per_shard}")
+        raise BadInput(f"per_shard must be >= 1, got {per_shard}")
     fs, root = filesystem(input_uri, storage_options)
     if not fs.isdir(root):
         raise FileNotFoundError(f"input folder not found: {input_uri}")

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.config.errors import BadInput
 from pipeline.model.metrics import DEFAULT_THRESHOLD, REGIONS
 from pipeline.model.network import INPUT_SIZE, NUM_LANDMARKS
 from pipeline.model.precision import autocast, channels_last
@@ -47,7 +48,7 @@ def landmark_loss(pred: torch.Tensor, target: torch.Tensor, kind: str) -> torch.
         a = diff.abs()
         c = WING_W - WING_W * math.log(1 + WING_W / WING_EPS)
         return torch.where(a < WING_W, WING_W * torch.log1p(a / WING_EPS), a - c).mean()
-    raise ValueError(f"loss must be one of {LOSSES}, got {kind!r}")
+    raise BadInput(f"loss must be one of {LOSSES}, got {kind!r}")
 
 
 def freeze_features(model: nn.Module, freeze: bool) -> None:
@@ -72,7 +73,7 @@ def build_optimizer(
 def build_scheduler(optimizer: torch.optim.Optimizer, kind: str, epochs: int):
     """Per-epoch learning-rate schedule: cosine decay to 1 % over ``epochs``, or constant."""
     if kind not in SCHEDULES:
-        raise ValueError(f"lr schedule must be one of {SCHEDULES}, got {kind!r}")
+        raise BadInput(f"lr schedule must be one of {SCHEDULES}, got {kind!r}")
     if kind == "constant":
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
     return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(epochs, 1), eta_min=0.0)
@@ -237,7 +238,7 @@ def validation_metrics(sums: torch.Tensor, threshold: float = DEFAULT_THRESHOLD)
     values = dict(zip(VAL_FIELDS, sums.cpu().tolist(), strict=True))
     count = values.pop("count")
     if count == 0:
-        raise ValueError("the validation set is empty: raise --val-fraction or pass --val-input")
+        raise BadInput("the validation set is empty: raise --val-fraction or pass --val-input")
     metrics = {"val_samples": int(count)}
     for name, total in values.items():
         key = {"failures": f"val_failure_rate@{threshold:g}", "auc": f"val_auc@{threshold:g}"}.get(
