@@ -30,7 +30,7 @@ from dataclasses import replace
 from datetime import date, datetime, timedelta, timezone
 from typing import Any
 
-from pipeline.config.errors import BadInput
+from pipeline.config.errors import BadInput, PipelineError
 from pipeline.io.pushgateway import errors_by_kind
 from pipeline.io.report import cost_figures
 from pipeline.io.shards import CHUNK_NAME
@@ -397,13 +397,15 @@ def _run_dates(args: argparse.Namespace, base, ledger: Ledger) -> int:
                 summary = run_inference(replace(base, input=partition_in, output=partition_out))
             except Exception as exc:
                 # One bad partition must not stop the other dates, nor every later night.
-                log.error("date %s: %s: %s", day, type(exc).__name__, exc,
-                          exc_info=not isinstance(exc, (ValueError, FileNotFoundError)))
+                # A PipelineError says what to do (its exit status: 2 bad input, 1 failed);
+                # anything else is a bug, logged with its traceback.
+                said = isinstance(exc, (PipelineError, FileNotFoundError, PermissionError))
+                log.error("date %s: %s: %s", day, type(exc).__name__, exc, exc_info=not said)
                 print(f"date {day}: error: {exc}", file=sys.stderr, flush=True)
-                bad_input = isinstance(exc, (ValueError, FileNotFoundError))
                 entry.update(status="error", message=f"{type(exc).__name__}: {exc}",
                              seconds=round(time.time() - t0, 3))
-                code = max(code, 2 if bad_input else 1)
+                code = max(code, exc.exit_code if isinstance(exc, PipelineError)
+                           else 2 if said else 1)
             else:
                 entry.update(_summary_entry(summary))
                 print(f"date {day}: {redact(summary.line())}", flush=True)
