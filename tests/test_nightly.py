@@ -413,7 +413,9 @@ def test_lookback_days_reach_back_from_the_date(tmp_path, capsys):
     with pytest.raises(ValueError, match="--lookback-days must be >= 0"):
         first_night("2026-11-21", None, -1)
     (tmp_path / "in").mkdir()
-    assert main(["nightly", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"),
-                 "--lookback-days", "-2"]) == 2
-    assert "--lookback-days must be >= 0, got -2" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as usage:  # the range is the option's: a usage error
+        main(["nightly", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"),
+              "--lookback-days", "-2"])
+    assert usage.value.code == 2
+    assert "argument --lookback-days: must be >= 0, got -2" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()

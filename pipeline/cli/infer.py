@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.cli.common import Command, PushOption, announce_config, pushed_outcome
-from pipeline.config.options import option, values_for
+from pipeline.config.errors import BadInput
+from pipeline.config.options import option, positive_int, values_for
 from pipeline.inference.config import DEMO_DIR, IO, InferConfig
 from pipeline.io.storage import redact, resolve_storage_options, storage_options_arg
 
@@ -63,7 +64,7 @@ def run_infer(args: argparse.Namespace) -> int:
                          DEMO_SHARDS * DEMO_PER_SHARD, args.input)
             write_sample_archive(args.input, DEMO_SHARDS, DEMO_PER_SHARD, seed=0)
     elif args.output is None:
-        raise SystemExit("error: --output is required with --input")
+        raise BadInput("--output is required with --input (without both: the demo)")
     cfg = infer_config(args)
     config = announce_config(args)  # saved beside the output once the job has started
     with pushed_outcome(args, "landmarks_infer", cfg.output) as outcome:
@@ -84,14 +85,21 @@ def run_infer(args: argparse.Namespace) -> int:
     return 1 if summary.failed else 0
 
 
+
 def generate_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--output", required=True, help="folder/prefix for faces-*.tar")
-    p.add_argument("--shards", type=int, default=4)
-    p.add_argument("--per-shard", type=int, default=16)
-    p.add_argument("--width", type=int, default=320)
-    p.add_argument("--height", type=int, default=240)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--storage-options", type=storage_options_arg, default={})
+    p.add_argument("--output", required=True, help="folder/prefix for faces-*.tar (any URI)")
+    p.add_argument("--shards", type=positive_int, default=DEMO_SHARDS,
+                   help="tar shards to write (default %(default)s)")
+    p.add_argument("--per-shard", type=positive_int, default=DEMO_PER_SHARD,
+                   help="faces per shard (default %(default)s)")
+    p.add_argument("--width", type=positive_int, default=320,
+                   help="image width (default %(default)s)")
+    p.add_argument("--height", type=positive_int, default=240,
+                   help="image height (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="the faces drawn depend only on it (default %(default)s)")
+    p.add_argument("--storage-options", type=storage_options_arg, default={},
+                   help="fsspec options as JSON, or @file.json (as for infer)")
 
 
 def run_generate(args: argparse.Namespace) -> int:

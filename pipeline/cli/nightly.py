@@ -7,9 +7,9 @@ import json
 from dataclasses import dataclass
 
 from pipeline.cli.common import Command, PushOption, announce_config, pushed_outcome
-from pipeline.cli.infer import InferCommand, infer_config
+from pipeline.cli.infer import infer_config
 from pipeline.config.errors import BadInput
-from pipeline.config.options import option
+from pipeline.config.options import at_least, option, positive_int
 from pipeline.inference.config import InferConfig
 from pipeline.io.storage import resolve_storage_options, storage_options_arg
 from pipeline.ops.nightly import (
@@ -58,13 +58,6 @@ def run_ledger(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 
 @dataclass(frozen=True)
 class NightlyDates:
@@ -78,7 +71,7 @@ class NightlyDates:
     lookback_days: int = option(
         "without --since: also the existing partitions of the N nights before --date; only "
         "their shards not done yet are processed, so a night that failed is finished by the "
-        "next run (default 0)", default=0, metavar="N", group="dates")
+        "next run", default=0, bounds=at_least(0), metavar="N", group="dates")
 
 
 NIGHTLY_IO = {
@@ -93,9 +86,6 @@ def run_nightly(args: argparse.Namespace) -> int:
     if not args.input or not args.output:
         raise BadInput("nightly needs --input and --output (roots of the date partitions, "
                          "or URIs with {date})")
-    if args.preview:
-        raise BadInput("--preview is not used by nightly; run landmarks infer --preview on "
-                         "one partition")
     args.date = args.date or default_date()
     if args.since is not None and args.since > args.date:
         raise BadInput(f"--since {args.since} is after --date {args.date}")
@@ -113,7 +103,7 @@ def ledger_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", required=True,
                    help="the nightly --output (a root or a URI with {date})")
     p.add_argument("--json", action="store_true", help="print the records as JSON")
-    p.add_argument("--last", type=_positive_int, metavar="N", help="only the last N runs")
+    p.add_argument("--last", type=positive_int, metavar="N", help="only the last N runs")
     p.add_argument("--storage-options", type=storage_options_arg, default={},
                    help="fsspec options as JSON or @file.json (as for nightly)")
 
@@ -121,7 +111,7 @@ def ledger_arguments(p: argparse.ArgumentParser) -> None:
 COMMANDS = {
     "nightly": Command(
         run_nightly, epilog=NIGHTLY_EPILOG,
-        schema=(InferConfig, InferCommand, NightlyDates, PushOption),
+        schema=(InferConfig, NightlyDates, PushOption),  # no --preview: see `infer`
         overrides=NIGHTLY_IO,
         description="Run the inference job on the date partitions of the input that have "
                     "shards not yet done for the current model and settings, and record the "

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 
 from pipeline.cli.common import Command, PushOption, announce_config, job_config, pushed_outcome
 from pipeline.config.errors import BadInput
-from pipeline.config.options import option, values_for
+from pipeline.config.options import option, positive_int, values_for
 from pipeline.evaluation.config import EvalConfig
 from pipeline.io.storage import (
     read_bytes,
@@ -103,6 +103,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+
 def import_pts_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input", required=True, help="folder, searched recursively")
     p.add_argument("--output", required=True, help="folder/prefix for part-NNNNN.tar")
@@ -113,9 +114,13 @@ def import_pts_arguments(p: argparse.ArgumentParser) -> None:
         required=True,
         help="1: the files count pixels from 1 (300-W and its parts); 0: from 0",
     )
-    p.add_argument("--annotation", choices=ANNOTATIONS, default="pts")
-    p.add_argument("--per-shard", type=int, default=1000)
-    p.add_argument("--storage-options", type=storage_options_arg, default={})
+    p.add_argument("--annotation", choices=ANNOTATIONS, default="pts",
+                   help="the annotation beside each image: IMAGE-STEM.pts (300-W) or "
+                        'IMAGE-STEM.json ({"landmarks": [[x, y], ...]}) (default %(default)s)')
+    p.add_argument("--per-shard", type=positive_int, default=1000,
+                   help="labelled images per tar shard (default %(default)s)")
+    p.add_argument("--storage-options", type=storage_options_arg, default={},
+                   help="fsspec options as JSON, or @file.json (as for infer)")
 
 
 def run_import_pts(args: argparse.Namespace) -> int:

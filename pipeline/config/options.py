@@ -34,19 +34,65 @@ class ConfigError(BadInput):
     """A config file that cannot be used; the message names the file and the key."""
 
 
+@dataclass(frozen=True)
+class Bounds:
+    """A numeric option's range: ``lo`` / ``hi`` (None: no bound), inclusive unless open."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def holds(self, value: float) -> bool:
+        return ((self.lo is None or (value > self.lo if self.lo_open else value >= self.lo))
+                and (self.hi is None or (value < self.hi if self.hi_open else value <= self.hi)))
+
+    def __str__(self) -> str:
+        if self.hi is None:
+            return f"{'>' if self.lo_open else '>='} {self.lo:g}"
+        if self.lo is None:
+            return f"{'<' if self.hi_open else '<='} {self.hi:g}"
+        return (f"in {'(' if self.lo_open else '['}{self.lo:g}, "
+                f"{self.hi:g}{')' if self.hi_open else ']'}")
+
+
+def at_least(lo: float) -> Bounds:
+    return Bounds(lo)
+
+
+def above(lo: float) -> Bounds:
+    return Bounds(lo, lo_open=True)
+
+
+def within(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> Bounds:
+    return Bounds(lo, hi, lo_open, hi_open)
+
+
+def positive_int(text: str) -> int:
+    """argparse ``type`` of a plain (non-config) option: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def option(help: str | None = None, *, default: Any = MISSING,
            default_factory: Callable[[], Any] | Any = MISSING,
            choices: Iterable[Any] | None = None, parse: Callable[[str], Any] | None = None,
            group: str | None = None, metavar: str | None = None, flag: str | None = None,
-           exclusive: str | None = None, cli: bool = True, **field_kwargs) -> Any:
+           exclusive: str | None = None, cli: bool = True, bounds: Bounds | None = None,
+           **field_kwargs) -> Any:
     """A dataclass field that is also a command-line option and a config key.
 
     ``parse`` turns a flag's text (or a config's string) into the value; ``exclusive`` names a
     required mutually exclusive group (exactly one of its options must be given); ``cli=False``
-    keeps the field off the command line (and out of configs)."""
+    keeps the field off the command line (and out of configs); ``bounds`` is a number's range,
+    checked on the command line, in config files and when the dataclass is built
+    (``check_declared``). The help shows the default, taken from ``default``: never write it
+    into the help by hand (it would drift)."""
     meta = {"help": help, "choices": tuple(choices) if choices is not None else None,
             "parse": parse, "group": group, "metavar": metavar, "flag": flag,
-            "exclusive": exclusive, "cli": cli}
+            "exclusive": exclusive, "cli": cli, "bounds": bounds}
     return field(default=default, default_factory=default_factory,
                  metadata={_KEY: meta}, **field_kwargs)
 
@@ -66,6 +112,42 @@ class Option:
     group: str | None = None
     metavar: str | None = None
     exclusive: str | None = None
+    bounds: Bounds | None = None
+
+    def help_text(self, default: Any) -> str | None:
+        """The help with the default the option really has (unless the help tells it)."""
+        if (self.help is None or default is None or isinstance(default, bool)
+                or default in ("", {}) or "default" in self.help):
+            return self.help
+        shown = (f"{default:g}" if isinstance(default, float)
+                 else f"{default:,}" if isinstance(default, int) else str(default))
+        return f"{self.help} (default {shown})"
+
+
+def check_declared(instance: Any) -> None:
+    """``BadInput`` unless every option field of the dataclass ``instance`` is one of its
+    ``choices`` and within its ``bounds`` (None passes: not set)."""
+    for f in dataclasses.fields(instance):
+        meta = f.metadata.get(_KEY)
+        value = getattr(instance, f.name)
+        if not meta or value is None:
+            continue
+        if meta["choices"] is not None and value not in meta["choices"]:
+            raise BadInput(f"{f.name} must be one of {meta['choices']}, got {value!r}")
+        if meta["bounds"] is not None and not meta["bounds"].holds(value):
+            raise BadInput(f"{f.name} must be {meta['bounds']}, got {value!r}")
+
+
+def _bounded(convert: Callable[[str], Any], bounds: Bounds) -> Callable[[str], Any]:
+    """An argparse ``type`` that converts, then checks the range (usage error, exit 2)."""
+    def parse(text: str) -> Any:
+        value = convert(text)
+        if value is not None and not bounds.holds(value):
+            raise argparse.ArgumentTypeError(f"must be {bounds}, got {value!r}")
+        return value
+
+    parse.__name__ = getattr(convert, "__name__", "value")  # argparse names it in errors
+    return parse
 
 
 def options_of(*schemas: type, overrides: Mapping[str, Mapping[str, Any]] | None = None
@@ -92,7 +174,8 @@ def options_of(*schemas: type, overrides: Mapping[str, Mapping[str, Any]] | None
                 name=f.name, flag=meta["flag"] or "--" + f.name.replace("_", "-"), kind=kind,
                 default=default, required=required and not meta["exclusive"],
                 help=meta["help"], choices=meta["choices"], parse=meta["parse"],
-                group=meta["group"], metavar=meta["metavar"], exclusive=meta["exclusive"]))
+                group=meta["group"], metavar=meta["metavar"], exclusive=meta["exclusive"],
+                bounds=meta["bounds"]))
     for name, changes in (overrides or {}).items():
         i = next(i for i, o in enumerate(out) if o.name == name)
         out[i] = dataclasses.replace(out[i], **changes)
@@ -139,13 +222,16 @@ def add_options(parser: argparse.ArgumentParser, options: Iterable[Option],
                 exclusive[o.exclusive] = container.add_mutually_exclusive_group(
                     required=not given)
             container = exclusive[o.exclusive]
-        kwargs: dict[str, Any] = {"dest": o.name, "default": config.get(o.name, o.default),
-                                  "help": o.help}
+        default = config.get(o.name, o.default)
+        kwargs: dict[str, Any] = {"dest": o.name, "default": default,
+                                  "help": o.help_text(default)}
         if o.kind is bool:
             kwargs["action"] = "store_true"
         else:
-            kwargs.update(type=o.parse or (None if o.kind is str else o.kind),
-                          choices=o.choices, metavar=o.metavar)
+            convert = o.parse or (None if o.kind is str else o.kind)
+            if o.bounds is not None and convert is not None:
+                convert = _bounded(convert, o.bounds)
+            kwargs.update(type=convert, choices=o.choices, metavar=o.metavar)
             if o.exclusive is None:
                 kwargs["required"] = o.required and config.get(o.name) is None
         container.add_argument(o.flag, **kwargs)
@@ -186,6 +272,8 @@ def check_value(o: Option, value: Any, where: str) -> Any:
     if o.choices is not None and value not in o.choices:
         raise ConfigError(f"{where} must be one of {', '.join(map(str, o.choices))}, "
                           f"got {value!r}")
+    if o.bounds is not None and not o.bounds.holds(value):
+        raise ConfigError(f"{where} must be {o.bounds}, got {value!r}")
     return value
 
 

@@ -11,8 +11,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from pipeline.config.errors import BadInput
-from pipeline.config.options import option
+from pipeline.config.options import above, at_least, check_declared, option, within
 from pipeline.io.shards import DEFAULT_FILES_PER_SHARD, DEFAULT_MAX_IMAGE_BYTES, FORMATS
 from pipeline.io.storage import redact_values, storage_options_arg
 from pipeline.model.geometry import DEVICES, INIT_CHOICES, PRECISIONS
@@ -57,9 +56,8 @@ class InferConfig:
                          choices=FORMATS, group=IO)
     image_column: str = option("Parquet: image bytes column", default="image", group=IO)
     key_column: str = option("Parquet: sample key column", default="key", group=IO)
-    files_per_shard: int = option(
-        f"loose images: files per output file (default {DEFAULT_FILES_PER_SHARD})",
-        default=DEFAULT_FILES_PER_SHARD, group=IO)
+    files_per_shard: int = option("loose images: files per output file",
+                                  default=DEFAULT_FILES_PER_SHARD, bounds=at_least(1), group=IO)
     storage_options: Mapping[str, Any] = option(
         'fsspec options as JSON, e.g. \'{"endpoint_url": "http://..."}\', or @file.json; per '
         'store: \'{"s3": {...}, "gs": {...}}\'. AWS_ENDPOINT_URL, AWS_PROFILE and AWS_REGION '
@@ -69,17 +67,15 @@ class InferConfig:
                                  group=MODEL)
     init: str = option("without --weights: random, or ImageNet features (downloads once)",
                        default="random", choices=INIT_CHOICES, group=MODEL)
-    seed: int = option("seed of random init (default 0)", default=0, group=MODEL)
+    seed: int = option("seed of random init", default=0, group=MODEL)
 
-    margin: float = option(
-        f"grow the sidecar bbox by this fraction per side (default {DEFAULT_MARGIN})",
-        default=DEFAULT_MARGIN, group=PRE)
+    margin: float = option("grow the sidecar bbox by this fraction per side",
+                           default=DEFAULT_MARGIN, bounds=within(0, 2), group=PRE)
     max_pixels: int = option("refuse images above this many pixels, before decoding them",
-                             default=DEFAULT_MAX_PIXELS, group=PRE)
+                             default=DEFAULT_MAX_PIXELS, bounds=at_least(1), group=PRE)
     max_image_bytes: int = option(
-        "tar members above this many bytes are too_large rows, skipped without being read "
-        f"(default {DEFAULT_MAX_IMAGE_BYTES >> 20} MiB)", default=DEFAULT_MAX_IMAGE_BYTES,
-        group=PRE)
+        "tar members above this many bytes are too_large rows, skipped without being read",
+        default=DEFAULT_MAX_IMAGE_BYTES, bounds=at_least(1), group=PRE)
 
     detect: str = option(
         "find faces with the face detector (RetinaFace) and give each its own row: auto (in "
@@ -88,39 +84,40 @@ class InferConfig:
         "the image is decoded: in the read tasks (--decode cpu) or the predictors (gpu)",
         default="auto",
         choices=DETECT_MODES, group=FACES)
-    max_faces: int = option(
-        f"at most this many faces per image, the best scoring (default {DEFAULT_MAX_FACES})",
-        default=DEFAULT_MAX_FACES, group=FACES)
+    max_faces: int = option("at most this many faces per image, the best scoring",
+                            default=DEFAULT_MAX_FACES, bounds=at_least(1), group=FACES)
     min_face_size: float = option(
         "ignore faces whose detector box is smaller than this many image pixels on its shorter "
-        f"side (default {DEFAULT_MIN_FACE_SIZE:g})", default=DEFAULT_MIN_FACE_SIZE, group=FACES)
+        "side", default=DEFAULT_MIN_FACE_SIZE, bounds=at_least(0), group=FACES)
     face_threshold: float = option(
-        f"detector score a face needs, in (0, 1) (default {DEFAULT_FACE_THRESHOLD:g})",
-        default=DEFAULT_FACE_THRESHOLD, group=FACES)
+        "detector score a face needs, in (0, 1)", default=DEFAULT_FACE_THRESHOLD,
+        bounds=within(0, 1, lo_open=True, hi_open=True), group=FACES)
 
     batch_size: int | None = option(
         f"model batch size (default: {DEFAULT_BATCH_SIZE['cuda']} on GPU, "
         f"{DEFAULT_BATCH_SIZE['cuda+compile']} with --compile, {DEFAULT_BATCH_SIZE['cpu']} on "
-        "CPU); on GPU out-of-memory the actor halves it and goes on", default=None, group=RUN)
+        "CPU); on GPU out-of-memory the actor halves it and goes on", default=None,
+        bounds=at_least(1), group=RUN)
     unit_rows: int | None = option(
         f"rows per work unit, the rows one predictor call gets (default: {GPU_UNIT_ROWS} on GPU, "
         f"{UNIT_BATCHES} batches on CPU; units also stop at {DEFAULT_UNIT_BYTES >> 20} MB); small "
         "shards are bundled up to it, big ones sliced",
-        default=None, group=RUN)
-    unit_bytes: int = option(default=DEFAULT_UNIT_BYTES, cli=False)
+        default=None, bounds=at_least(1), group=RUN)
+    unit_bytes: int = option(default=DEFAULT_UNIT_BYTES, cli=False, bounds=at_least(1))
     rows_per_file: int = option(
         "a shard with more rows is written as several files, part-<shard>.parquet then "
-        f"part-<shard>.c00001.parquet ... (default {DEFAULT_ROWS_PER_FILE})",
-        default=DEFAULT_ROWS_PER_FILE, group=RUN)
+        "part-<shard>.c00001.parquet ...", default=DEFAULT_ROWS_PER_FILE, bounds=at_least(1),
+        group=RUN)
     num_predictors: int | None = option(
         "predictor actors (default: one per GPU, or 1 on CPU); on GPUs at most the cluster's "
-        "GPUs / --gpus-per-predictor", default=None, group=RUN)
+        "GPUs / --gpus-per-predictor", default=None, bounds=at_least(1), group=RUN)
     gpus_per_predictor: float = option(
         "GPUs each predictor actor reserves, in (0, 1]: 0.5 puts two actors (two models) on "
-        "each GPU (default 1)", default=1.0, group=RUN)
+        "each GPU; one actor runs one model on one GPU", default=1.0,
+        bounds=within(0, 1, lo_open=True), group=RUN)
     predictor_cpus: float | None = option(
         "CPUs per predictor actor (default: 1 with GPUs, else all but one)", default=None,
-        group=RUN)
+        bounds=above(0), group=RUN)
     device: str = option("auto: GPU actors when the cluster has GPUs", default="auto",
                          choices=DEVICES, group=RUN)
     precision: str = option(
@@ -137,7 +134,8 @@ class InferConfig:
         "at start; off by default)", default=False, group=RUN)
     predictor_concurrency: int | None = option(
         "batches each predictor actor works on at once (default: 2 on GPU, so copies and host "
-        "work overlap the GPU's compute; 1 on CPU)", default=None, group=RUN)
+        "work overlap the GPU's compute; 1 on CPU)", default=None, bounds=at_least(1),
+        group=RUN)
     ray_address: str | None = option("Ray cluster (default: RAY_ADDRESS, else local Ray)",
                                      default=None, group=RUN)
     force: bool = option(
@@ -148,52 +146,19 @@ class InferConfig:
         "names it); a live run keeps its lease otherwise, and this job stops with exit 2",
         default=False, group=RUN)
     stall_timeout: float = option(
-        "stop the job when no unit has been predicted or committed for this many seconds "
-        "(default 900): the log says what each stage holds, the exit status is 1, and a rerun "
-        "resumes", default=900.0, group=RUN)
+        "stop the job when no unit has been predicted or committed (nor input read) for this "
+        "many seconds: the log says what each stage holds, the exit status is 1, and a rerun "
+        "resumes", default=900.0, bounds=above(0), group=RUN)
     max_error_fraction: float = option(
-        "exit with status 1 when more than this share of the samples have errors (default "
-        "0.01); a shard that stops part-way always does", default=0.01, group=RUN)
+        "exit with status 1 when more than this share of the samples have errors; a shard "
+        "that stops part-way always does", default=0.01, bounds=within(0, 1), group=RUN)
     gpu_hour_price: float | None = option(
         "price of one GPU hour (any currency): the manifest, run report and ledger then give "
         "the GPU cost of the run and per million rows, beside the GPU- and CPU-seconds they "
-        "always give", default=None, group=RUN)
+        "always give", default=None, bounds=at_least(0), group=RUN)
 
     def __post_init__(self):
-        if self.device not in DEVICES:
-            raise BadInput(f"device must be one of {DEVICES}, got {self.device!r}")
-        if self.decode not in DECODES:
-            raise BadInput(f"decode must be one of {DECODES}, got {self.decode!r}")
-        for name in ("batch_size", "unit_rows", "unit_bytes", "rows_per_file",
-                     "files_per_shard", "max_pixels", "predictor_concurrency",
-                     "max_image_bytes"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise BadInput(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.num_predictors is not None and self.num_predictors < 1:
-            raise BadInput(f"num_predictors must be >= 1, got {self.num_predictors}")
-        if not 0 < self.gpus_per_predictor <= 1:
-            raise BadInput(f"gpus_per_predictor must be in (0, 1], got "
-                             f"{self.gpus_per_predictor}: one actor runs one model on one GPU")
-        if self.precision not in PRECISIONS:
-            raise BadInput(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        if not 0 <= self.margin <= 2:
-            raise BadInput(f"margin must be between 0 and 2, got {self.margin}")
-        if self.detect not in DETECT_MODES:
-            raise BadInput(f"detect must be one of {DETECT_MODES}, got {self.detect!r}")
-        if self.max_faces < 1:
-            raise BadInput(f"max_faces must be >= 1, got {self.max_faces}")
-        if self.min_face_size < 0:
-            raise BadInput(f"min_face_size must be >= 0, got {self.min_face_size}")
-        if not 0 < self.face_threshold < 1:
-            raise BadInput(f"face_threshold must be between 0 and 1, got "
-                             f"{self.face_threshold}")
-        if not self.stall_timeout > 0:
-            raise BadInput(f"stall_timeout must be > 0, got {self.stall_timeout}")
-        if self.gpu_hour_price is not None and not self.gpu_hour_price >= 0:
-            raise BadInput(f"gpu_hour_price must be >= 0, got {self.gpu_hour_price}")
-        if not 0 <= self.max_error_fraction <= 1:
-            raise BadInput(f"max_error_fraction must be between 0 and 1, got "
-                             f"{self.max_error_fraction}")
+        check_declared(self)  # choices and ranges, as declared with each option
 
     def result_settings(self) -> dict[str, Any]:
         """The settings besides input and model that change the output rows (for resume)."""

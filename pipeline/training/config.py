@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from pipeline.config.errors import BadInput
-from pipeline.config.options import option
+from pipeline.config.options import above, at_least, check_declared, option, within
 from pipeline.io.shards import FORMATS
 from pipeline.io.storage import redact_values, storage_options_arg
 from pipeline.model.geometry import DEVICES, INIT_CHOICES, PRECISIONS
@@ -35,45 +35,38 @@ class LabelledData:
     image_column: str = option("Parquet: image bytes column", default="image", group=DATA)
     key_column: str = option("Parquet: sample key column", default="key", group=DATA)
     margin: float = option(
-        f"face box grown by this fraction per side (default {DEFAULT_MARGIN}; keep it equal to "
-        "the inference job's)", default=DEFAULT_MARGIN, group=DATA)
+        "face box grown by this fraction per side (keep it equal to the inference job's)",
+        default=DEFAULT_MARGIN, bounds=within(0, 2), group=DATA)
     val_fraction: float = option(
-        "share of keys (stable hash) held out for validation (default 0.05)", default=0.05,
+        "share of keys (stable hash) held out for validation, in (0, 1)", default=0.05,
         group=DATA)
     storage_options: dict[str, Any] = option(
         "fsspec options as JSON (or @file.json), flat or keyed by protocol",
         default_factory=dict, parse=storage_options_arg, group=DATA)
-    max_pixels: int = option(default=DEFAULT_MAX_PIXELS, cli=False)
+    max_pixels: int = option(default=DEFAULT_MAX_PIXELS, cli=False, bounds=at_least(1))
 
 
 @dataclass(frozen=True)
 class AugmentConfig:
     """Ranges of the random augmentations; ``AugmentConfig.none()`` turns them all off."""
 
-    flip_prob: float = option("horizontal flip with the 68-point swap (default 0.5)",
-                              default=0.5, group=AUG)
-    max_rotation: float = option("degrees, uniform in [-max, max] (default 20.0)", default=20.0,
-                                 group=AUG)
-    max_scale: float = option("crop scale 1 +- this (default 0.1)", default=0.1, group=AUG)
-    max_shift: float = option("crop shift, fraction of its side (default 0.05)", default=0.05,
+    flip_prob: float = option("horizontal flip with the 68-point swap", default=0.5,
+                              bounds=within(0, 1), group=AUG)
+    max_rotation: float = option("degrees, uniform in [-max, max]", default=20.0,
+                                 bounds=at_least(0), group=AUG)
+    max_scale: float = option("crop scale 1 +- this", default=0.1,
+                              bounds=within(0, 1, hi_open=True), group=AUG)
+    max_shift: float = option("crop shift, fraction of its side", default=0.05,
+                              bounds=at_least(0), group=AUG)
+    colour_jitter: float = option("brightness/contrast/saturation 1 +- this", default=0.3,
+                                  bounds=within(0, 1, hi_open=True), group=AUG)
+    blur_prob: float = option("share of blurred samples", default=0.2, bounds=within(0, 1),
                               group=AUG)
-    colour_jitter: float = option("brightness/contrast/saturation 1 +- this (default 0.3)",
-                                  default=0.3, group=AUG)
-    blur_prob: float = option("share of blurred samples (default 0.2)", default=0.2, group=AUG)
-    max_blur: float = option("gaussian sigma in pixels of the 224x224 input (default 1.5)",
-                             default=1.5, group=AUG)
+    max_blur: float = option("gaussian sigma in pixels of the 224x224 input", default=1.5,
+                             bounds=at_least(0), group=AUG)
 
     def __post_init__(self):
-        for name in ("flip_prob", "blur_prob"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise BadInput(f"{name} must be between 0 and 1, got {getattr(self, name)}")
-        if not 0 <= self.max_scale < 1:
-            raise BadInput(f"max_scale must be in [0, 1), got {self.max_scale}")
-        if not 0 <= self.colour_jitter < 1:
-            raise BadInput(f"colour_jitter must be in [0, 1), got {self.colour_jitter}")
-        for name in ("max_rotation", "max_shift", "max_blur"):
-            if getattr(self, name) < 0:
-                raise BadInput(f"{name} must be >= 0, got {getattr(self, name)}")
+        check_declared(self)  # the ranges, as declared with each option
 
     @classmethod
     def none(cls) -> AugmentConfig:
@@ -95,63 +88,60 @@ class FinetuneConfig(LabelledData):
     export: str | None = option("model file URI (default <storage-path>/<name>/model.pt)",
                                 default=None)
     context: float = option(
-        "training crops read this much larger than the model crop (default 1.5)", default=1.5,
-        group=AUG)
+        "training crops read this much larger than the model crop", default=1.5,
+        bounds=at_least(1), group=AUG)
     weights: str | None = option("start from this model file", default=None, group=MODEL)
     init: str = option("without --weights: imagenet (downloads once) or random",
                        default="imagenet", choices=INIT_CHOICES, group=MODEL)
-    seed: int = option(default=0, group=MODEL)
+    seed: int = option("seed of the random init, the split's order and the augmentations",
+                       default=0, group=MODEL)
     freeze_features: bool = option(
         "train only the head; the conv backbone stays as initialised", default=False, group=MODEL)
-    backbone_lr_mult: float = option("backbone learning rate = lr x this (default 0.1)",
-                                     default=0.1, group=MODEL)
-    epochs: int = option(default=10, group=MODEL)
-    batch_size: int = option("per worker (default 32)", default=32, group=MODEL)
-    lr: float = option(default=1e-3, group=MODEL)
-    weight_decay: float = option(default=1e-4, group=MODEL)
-    loss: str = option(default="wing", choices=LOSSES, group=MODEL)
-    lr_schedule: str = option(default="cosine", choices=SCHEDULES, group=MODEL)
+    backbone_lr_mult: float = option("backbone learning rate = lr x this", default=0.1,
+                                     bounds=at_least(0), group=MODEL)
+    epochs: int = option("passes over the training data", default=10, bounds=at_least(1),
+                         group=MODEL)
+    batch_size: int = option("samples per step, per worker", default=32, bounds=at_least(1),
+                             group=MODEL)
+    lr: float = option("learning rate (of the head; the backbone's is lr x --backbone-lr-mult)",
+                       default=1e-3, bounds=above(0), group=MODEL)
+    weight_decay: float = option("AdamW weight decay", default=1e-4, bounds=at_least(0),
+                                 group=MODEL)
+    loss: str = option("wing, or l1 / smooth_l1 on the normalised points", default="wing",
+                       choices=LOSSES, group=MODEL)
+    lr_schedule: str = option("learning rate over the steps", default="cosine",
+                              choices=SCHEDULES, group=MODEL)
     augment: dict[str, float] = option(default_factory=dict, cli=False)  # AugmentConfig fields
-    num_workers: int = option("Ray Train workers (DDP)", default=1, group=RUN)
+    num_workers: int = option("Ray Train workers (DDP)", default=1, bounds=at_least(1),
+                              group=RUN)
     device: str = option("auto: one GPU per worker when the cluster has GPUs", default="auto",
                          choices=DEVICES, group=RUN)
     precision: str = option(
         "bf16 (autocast for the backbone, the head and the loss in fp32) or fp32; auto: bf16 on "
         "GPUs, fp32 on CPUs", default="auto", choices=PRECISIONS, group=RUN)
-    cpus_per_worker: float = option(default=1.0, group=RUN)
+    cpus_per_worker: float = option("CPUs each training worker reserves", default=1.0,
+                                    bounds=above(0), group=RUN)
     threads_per_worker: int | None = option("torch threads on CPU workers", default=None,
-                                            group=RUN)
-    reader_cpus: float = option("CPUs per read task", default=1.0, group=RUN)
+                                            bounds=at_least(1), group=RUN)
+    reader_cpus: float = option("CPUs per read task", default=1.0, bounds=above(0), group=RUN)
     cache: bool = option("keep decoded crops in the Ray object store (when the data fits)",
                          default=False, group=RUN)
-    shuffle_buffer: int = option("rows, per worker", default=256, group=RUN)
-    keep_best: int = option("checkpoints kept, by val NME", default=3, group=RUN)
-    max_failures: int = option("worker-group restarts from the last checkpoint (default 2)",
-                               default=2, group=RUN)
+    shuffle_buffer: int = option("rows, per worker", default=256, bounds=at_least(0),
+                                 group=RUN)
+    keep_best: int = option("checkpoints kept, by val NME", default=3, bounds=at_least(1),
+                            group=RUN)
+    max_failures: int = option("worker-group restarts from the last checkpoint", default=2,
+                               bounds=at_least(0), group=RUN)
     ray_address: str | None = option("Ray cluster (default: RAY_ADDRESS, else local Ray)",
                                      default=None, group=RUN)
     threshold: float = option(default=DEFAULT_THRESHOLD, cli=False)
 
     def __post_init__(self):
-        choices = {
-            "loss": LOSSES,
-            "lr_schedule": SCHEDULES,
-            "device": DEVICES,
-            "precision": PRECISIONS,
-            "init": INIT_CHOICES,
-        }
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise BadInput(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        for name in ("epochs", "batch_size", "num_workers", "keep_best", "shuffle_buffer"):
-            if getattr(self, name) < (0 if name == "shuffle_buffer" else 1):
-                raise BadInput(f"{name} must be >= 1, got {getattr(self, name)}")
+        check_declared(self)  # choices and ranges, as declared with each option
         if not self.val_input and not 0 < self.val_fraction < 1:
             raise BadInput(
                 f"val_fraction must be in (0, 1) without val_input, got {self.val_fraction}"
             )
-        if self.lr <= 0 or self.backbone_lr_mult < 0 or self.context < 1:
-            raise BadInput("need lr > 0, backbone_lr_mult >= 0 and context >= 1")
         if not self.name or "/" in self.name:
             raise BadInput(f"name must be a non-empty folder name, got {self.name!r}")
         AugmentConfig(**self.augment)  # raises ValueError on a bad range
