@@ -208,7 +208,9 @@ def test_job_writes_a_row_per_face(ray_session, photos, weights_file, tmp_path):
     assert scores["counts"] == [sum(lo <= s < hi or (hi == 1.0 and s == 1.0) for s in found)
                                 for lo, hi in zip(edges[:-1], edges[1:], strict=True)]
     _assert_model_on_crops(rows, weights_file[1], tolerance=0.05)
-    assert rows[4]["landmarks"] is None and rows[4]["error_kind"] == "no_face"
+    assert rows[4]["landmarks"] is None and rows[4]["status"] == "no_face"
+    assert (rows[4]["face"], rows[4]["error"], rows[4]["error_kind"]) == (None, None, None)
+    assert {r["status"] for r in rows} == {"ok", "no_face"}
 
     # --decode gpu (here the CPU actor decodes the bytes): the predictor finds the faces; the
     # same rows, and each face's landmarks are the model's on its crop within the decode
@@ -218,7 +220,7 @@ def test_job_writes_a_row_per_face(ray_session, photos, weights_file, tmp_path):
                                     decode="gpu"))
     assert (gpu.samples, gpu.faces, gpu.no_face, gpu.errors) == (6, 7, 2, 0)
     other = pq.read_table(gpu.files[0])
-    for column in ("key", "face", "error_kind"):
+    for column in ("key", "face", "status", "error_kind"):
         assert other.column(column).equals(table.column(column)), column
     _assert_model_on_crops(other.to_pylist(), weights_file[1], tolerance=LANDMARK_TOLERANCE_PX)
 

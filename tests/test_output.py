@@ -6,10 +6,17 @@ import uuid
 import fsspec
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.io.output import SCHEMA, output_file_name, rows_to_table, write_table_atomic
+from pipeline.io.output import (
+    NO_FACE,
+    SCHEMA,
+    output_file_name,
+    rows_to_table,
+    write_table_atomic,
+)
 from pipeline.stages.reader import empty_rows
 
 
@@ -148,3 +155,32 @@ def test_write_memory(rows):
     finally:
         if fs.exists(root):
             fs.rm(root, recursive=True)
+
+
+def test_status_says_what_a_row_is_and_face_is_null_unless_detected():
+    """Issue 24: `no_face` sat in error/error_kind (so `WHERE error IS NULL` dropped images that
+    have no face, which are answers), and `face` was 0 both for "the first face" and "not
+    searched". Now `status` is ok / no_face / error, `error` is for errors only, and `face` is
+    null unless the detector found that face."""
+    rows = _rows(4)
+    rows["key"][:] = ["boxed", "face0", "face1", "empty"]
+    rows["shard"][:] = "x.tar"
+    rows["width"][:], rows["height"][:] = 64, 48
+    rows["landmarks"][:3] = 1.0
+    rows["face"][:] = [0, 0, 1, 0]
+    rows["face_score"][1:3] = [0.99, 0.8]
+    rows["error"][3] = "no face found (score above 0.9, at least 20 px)"
+    rows["error_kind"][3] = NO_FACE
+    table = rows_to_table(rows)
+    assert table.column("status").to_pylist() == ["ok", "ok", "ok", "no_face"]
+    assert table.column("face").to_pylist() == [None, 0, 1, None]
+    assert table.column("error").to_pylist() == [None] * 4  # no error in any of them
+    assert table.column("error_kind").to_pylist() == [None] * 4
+    assert table.filter(pc.field("error").is_null()).num_rows == 4  # no_face kept
+    assert table.column("landmarks").null_count == 1
+    bad = _rows(1)
+    bad["key"][:], bad["shard"][:] = ["k"], "x.tar"
+    bad["error"][0], bad["error_kind"][0] = "cannot decode image", "decode"
+    table = rows_to_table(bad)
+    assert table["landmarks"][0].as_py() is None and table["face"][0].as_py() is None
+    assert (table["status"][0].as_py(), table["error_kind"][0].as_py()) == ("error", "decode")

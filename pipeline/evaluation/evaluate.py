@@ -29,6 +29,7 @@ import numpy as np
 
 from pipeline.config.errors import BadInput
 from pipeline.evaluation.config import EvalConfig
+from pipeline.io.output import NO_FACE
 from pipeline.io.shards import Sample, Shard, list_shards, read_samples
 from pipeline.model.metrics import auc, ced_curve, failure_rate, nme, plot_ced, summarize
 from pipeline.report.evaluation import render_evaluation, report_page_uri
@@ -182,10 +183,12 @@ def _with_predictions(cfg: EvalConfig, shards: list[Shard]):
             f.seek(0)
             # error_kind and the face columns are the inference job's; other writers may
             # give key, landmarks, error and model_version only.
-            wanted = ["key", "landmarks", "error", "model_version", "error_kind", "face_box"]
+            wanted = ["key", "landmarks", "error", "model_version", "status", "error_kind",
+                      "face_box"]
             table = pq.read_table(f, columns=[c for c in wanted if c in names])
         for row in table.to_pylist():
-            if row.get("error_kind") == "no_face":
+            # status no_face; files written before the status column: error_kind no_face
+            if NO_FACE in (row.get("status"), row.get("error_kind")):
                 searched.add(row["key"])
             elif row["error"] is None and row["landmarks"] is not None:
                 rows = predicted.setdefault(row["key"], [])

@@ -22,6 +22,10 @@ from pipeline.io.shards import CHUNK_NAME
 from pipeline.io.storage import write_bytes
 from pipeline.model.geometry import NUM_LANDMARKS
 
+# A row's status: landmarks found (ok), an image searched for faces without one (no_face: an
+# answer, not an error), or an error (error and error_kind say which).
+STATUS_OK, NO_FACE, STATUS_ERROR = "ok", "no_face", "error"
+STATUSES = (STATUS_OK, NO_FACE, STATUS_ERROR)
 LANDMARKS_TYPE = pa.list_(pa.list_(pa.float32(), 2), NUM_LANDMARKS)
 FACE_POINTS = 5  # the detector's keypoints: eyes, nose tip, mouth corners
 SCHEMA = pa.schema(
@@ -31,13 +35,14 @@ SCHEMA = pa.schema(
         pa.field("width", pa.int32()),
         pa.field("height", pa.int32()),
         pa.field("bbox", pa.list_(pa.float32(), 4)),
-        pa.field("face", pa.int16(), nullable=False),
+        pa.field("face", pa.int16()),
         pa.field("face_score", pa.float32()),
         pa.field("face_box", pa.list_(pa.float32(), 4)),
         pa.field("face_points", pa.list_(pa.list_(pa.float32(), 2), FACE_POINTS)),
         pa.field("crop", pa.list_(pa.float32(), 4)),
         pa.field("landmarks", LANDMARKS_TYPE),
         pa.field("model_version", pa.string(), nullable=False),
+        pa.field("status", pa.string(), nullable=False),
         pa.field("error", pa.string()),
         pa.field("error_kind", pa.string()),
         pa.field("meta", pa.string()),
@@ -78,6 +83,13 @@ def rows_to_table(rows: Mapping[str, np.ndarray]) -> pa.Table:
     """Predictor output rows of one piece (in input order) -> a table in ``SCHEMA``."""
     n = len(rows["key"])
     ok = np.asarray([not e for e in rows["error"]], dtype=bool)
+    # An image searched and found without a face is an answer, not an error: between the stages
+    # it travels as error_kind no_face; in the file it is status no_face with no error, so
+    # that `WHERE error IS NULL` keeps it and `WHERE status = 'ok'` gives the landmarks.
+    no_face = np.asarray([k == NO_FACE for k in rows["error_kind"]], dtype=bool)
+    status = np.where(ok, STATUS_OK, np.where(no_face, NO_FACE, STATUS_ERROR))
+    errors = [e if not n else "" for e, n in zip(rows["error"], no_face, strict=True)]
+    kinds = [k if not n else "" for k, n in zip(rows["error_kind"], no_face, strict=True)]
     has_size = np.asarray(rows["width"]) > 0
     has_bbox = ~np.isnan(np.asarray(rows["bbox"], dtype=np.float32)).any(axis=1)
     crop = np.asarray(rows["crop"], dtype=np.float64).reshape(n, 3)
@@ -95,7 +107,7 @@ def rows_to_table(rows: Mapping[str, np.ndarray]) -> pa.Table:
         "width": pa.array(np.asarray(rows["width"], np.int32), mask=~has_size),
         "height": pa.array(np.asarray(rows["height"], np.int32), mask=~has_size),
         "bbox": _fixed_lists(np.nan_to_num(rows["bbox"]), 4, has_bbox),
-        "face": pa.array(np.asarray(rows["face"], np.int16)),
+        "face": pa.array(np.asarray(rows["face"], np.int16), mask=~detected),
         "face_score": pa.array(np.nan_to_num(score), mask=~detected),
         "face_box": _fixed_lists(np.nan_to_num(rows["face_box"]), 4, detected),
         "face_points": pa.FixedSizeListArray.from_arrays(
@@ -104,8 +116,9 @@ def rows_to_table(rows: Mapping[str, np.ndarray]) -> pa.Table:
         "crop": _fixed_lists(np.nan_to_num(crop_box), 4, ok),
         "landmarks": landmark_lists,
         "model_version": pa.array([str(v) for v in rows["model_version"]], pa.string()),
-        "error": _nullable_strings(rows["error"]),
-        "error_kind": _nullable_strings(rows["error_kind"]),
+        "status": pa.array(status.tolist(), pa.string()),
+        "error": _nullable_strings(errors),
+        "error_kind": _nullable_strings(kinds),
         "meta": _nullable_strings(rows["meta"]),
     }
     return pa.table(columns, schema=SCHEMA)

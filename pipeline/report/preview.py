@@ -55,7 +55,7 @@ def render_preview(shard, output_uri: str, count: int = 8,
     wanted = [c for c in ("key", "landmarks", "crop", "error", "face_box") if c in names]
     by_key: dict[str, list[dict]] = {}  # every good row of a key: one per face found
     for r in table.select(wanted).to_pylist():
-        if r["error"] is None:
+        if r["error"] is None and r["landmarks"] is not None:  # not an error, nor no_face
             by_key.setdefault(r["key"], []).append(r)
     tiles = []
     for sample in read_samples(shard, storage_options):

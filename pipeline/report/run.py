@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline.io.output import NO_FACE
 from pipeline.io.report import MANIFEST_DIR, read_manifest
 from pipeline.io.storage import filesystem, read_bytes, redact, write_bytes
 from pipeline.report import page, svg
@@ -123,7 +124,9 @@ def _read(uri: str, columns: list[str], storage_options) -> pa.Table:
     an object store), not the landmarks and metadata that make up most of its bytes."""
     fs, path = filesystem(uri, storage_options)
     with fs.open(path, "rb") as f:
-        return pq.read_table(f, columns=columns)
+        parquet = pq.ParquetFile(f)
+        names = set(parquet.schema_arrow.names)  # an older file may lack a newer column
+        return parquet.read(columns=[c for c in columns if c in names])
 
 
 def error_examples(output: str, files: list[tuple[str, str]], kinds: Mapping[str, int],
@@ -147,12 +150,15 @@ def faces_per_image(output: str, files: list[str], storage_options=None) -> dict
     """Images by number of faces found, over ``files`` (images searched for faces)."""
     counts: dict[int, int] = {}
     for name in files:
-        table = _read(f"{output.rstrip('/')}/{name}", ["key", "face_score", "error_kind"],
-                      storage_options)
+        table = _read(f"{output.rstrip('/')}/{name}", ["key", "face_score", "error_kind",
+                                                       "status"], storage_options)
+        status = (table["status"].to_pylist() if "status" in table.column_names
+                  else [None] * table.num_rows)  # files written before the status column
         per_key: dict[str, int] = {}
-        for key, score, kind in zip(*(table[c].to_pylist() for c in table.column_names),
-                                    strict=True):
-            if kind == "no_face":
+        for key, score, kind, state in zip(table["key"].to_pylist(),
+                                           table["face_score"].to_pylist(),
+                                           table["error_kind"].to_pylist(), status, strict=True):
+            if NO_FACE in (state, kind):
                 per_key.setdefault(key, 0)
             elif score is not None and math.isfinite(score):
                 per_key[key] = per_key.get(key, 0) + 1

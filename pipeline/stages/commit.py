@@ -18,7 +18,13 @@ from typing import Any
 import numpy as np
 
 from pipeline.io.lease import LEASE_FILE, check_token
-from pipeline.io.output import output_file_name, piece_stem, rows_to_table, write_table_atomic
+from pipeline.io.output import (
+    NO_FACE,
+    output_file_name,
+    piece_stem,
+    rows_to_table,
+    write_table_atomic,
+)
 from pipeline.io.report import face_score_counts
 from pipeline.io.resume import SHARD_FAILURE_KINDS, write_completion_record
 from pipeline.io.shards import Shard
@@ -95,7 +101,7 @@ def commit_piece(spec: PieceSpec, rows: Mapping[str, np.ndarray]) -> dict[str, A
         if kind:
             kinds[kind] = kinds.get(kind, 0) + 1
     # An image searched and found without a face is an answer, not a failure: counted apart.
-    no_face = kinds.pop("no_face", 0)
+    no_face = table.column("status").to_pylist().count(NO_FACE)
     images = int(np.count_nonzero(np.asarray(rows["face"]) == 0))
     faces = int(np.count_nonzero(np.isfinite(np.asarray(rows["face_score"], np.float32))))
     scores = face_score_counts(rows["face_score"]) if faces else None
