@@ -214,3 +214,38 @@ def test_cuda_detector_gives_the_cpu_faces(model):
         assert len(faces) == len(reference)
         assert (box_iou(faces.boxes.cpu(), reference.boxes).diagonal() > 0.98).all()
         assert torch.allclose(faces.scores.cpu(), reference.scores, atol=1e-3)
+
+
+def _archive_photo(image: Image.Image, scale: int, blur: float, quality: int) -> Image.Image:
+    """An old archive print: greyscale, small, soft, a poor JPEG (jobs/measure_face_threshold)."""
+    from PIL import ImageFilter
+
+    grey = image.convert("L").resize((image.width // scale, image.height // scale),
+                                     Image.BILINEAR).filter(ImageFilter.GaussianBlur(blur))
+    buffer = io.BytesIO()
+    grey.save(buffer, "JPEG", quality=quality)
+    return Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
+
+
+def test_the_default_threshold_keeps_a_face_in_an_old_archive_photo():
+    """A missed face is a lost result (issue 21): the 0.9 default dropped real faces of
+    degraded photos that score 0.79-0.89, while no non-face sample image scikit-image ships
+    scores above 0.70 (jobs/measure_face_threshold.py; docs/face-threshold.md). The default,
+    chosen from those figures, finds the labelled face of takeo as an old greyscale print
+    (0.84) and nothing in the parts of the other photo where there is no face."""
+    import json
+
+    from pipeline.model.geometry import DEFAULT_FACE_THRESHOLD
+    from pipeline.stages.detect import FaceFinder
+
+    data = Path(__file__).resolve().parent / "data"
+    points = np.asarray(json.loads((data / "takeo.json").read_text())["landmarks"]) / 3
+    old = _archive_photo(Image.open(data / "takeo.ppm"), scale=3, blur=3, quality=20)
+    (face,) = FaceFinder()(old)
+    assert DEFAULT_FACE_THRESHOLD < face.score < 0.9  # dropped by the old default
+    cx, cy = (face.box[:2] + face.box[2:]) / 2
+    assert points[:, 0].min() <= cx <= points[:, 0].max()
+    assert points[:, 1].min() <= cy <= points[:, 1].max()
+    photo = Image.open(data / "breakingbad.jpg").convert("RGB")
+    for box in ((0, 0, 640, 540), (0, 540, 640, 1080), (1280, 540, 1920, 1080)):
+        assert FaceFinder()(photo.crop(box)) == [], box  # no face there: none found

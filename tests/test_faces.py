@@ -87,7 +87,7 @@ def test_read_stage_gives_a_row_per_face(photos):
     assert rows["key"].tolist() == KEYS
     assert rows["face"].tolist() == [0, 0, 1, 0, 0, 0, 0, 1, 2, 3]
     assert rows["error_kind"].tolist() == ["", "", "", "", "no_face", "no_face", "", "", "", ""]
-    assert rows["error"][4].startswith("no face found (score above 0.9")
+    assert rows["error"][4].startswith(f"no face found (score above {DEFAULT_FACE_THRESHOLD:g}")
     detected = np.isfinite(rows["face_score"])
     assert detected.tolist() == [True, True, True, False, False, False, True, True, True, True]
     assert np.isnan(rows["face_box"][~detected]).all() and np.isnan(rows["bbox"][3]).sum() == 0

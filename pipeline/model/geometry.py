@@ -7,7 +7,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 INIT_CHOICES = ("random", "imagenet")  # a model without a weights file: how it is initialised
 DEVICES = ("auto", "cuda", "cpu")  # where the jobs run the model (auto: CUDA when there is one)
-DEFAULT_FACE_THRESHOLD = 0.9  # the face detector's score a face needs (pipeline.model.detector)
+DEFAULT_FACE_THRESHOLD = 0.72  # the face detector's score a face needs (pipeline.model.detector)
 # Precision of the landmark model: auto (bf16 autocast on CUDA, fp32 on the CPU), bf16, fp32
 # (pipeline.model.precision).
 PRECISIONS = ("auto", "bf16", "fp32")
