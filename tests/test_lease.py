@@ -208,3 +208,79 @@ def test_two_concurrent_runs_on_one_output(ray_session, tmp_path, capsys):
     assert sorted(p.name for p in out.iterdir()) == before  # B wrote nothing (no _config.yaml)
     first.join(120)
     assert result["a"].files_committed == 2 and not (out / LEASE_FILE).exists()
+
+
+@pytest.fixture(scope="module")
+def s3_output():
+    """An empty bucket on moto's S3 server (loopback): (output URI, storage options)."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    url = f"http://{host}:{port}"
+    boto3.client("s3", endpoint_url=url, region_name="us-east-1", aws_access_key_id="testing",
+                 aws_secret_access_key="testing").create_bucket(Bucket="lease-bucket")
+    yield "s3://lease-bucket", {"key": "testing", "secret": "testing", "endpoint_url": url,
+                                "client_kwargs": {"region_name": "us-east-1"}}
+    server.stop()
+
+
+@pytest.mark.parametrize("store", ["local", "s3"])
+def test_two_runs_taking_a_free_lease_at_once_get_one_holder(tmp_path, s3_output, store):
+    """Conditional writes (issue 21): run A reads "no lease", and before its write lands run B
+    takes the lease whole. Write-wait-read-back let A's later write win over B's lease while B,
+    already past its check, ran on: two holders. Now A's write is conditional on "still no
+    lease" (S3 If-None-Match; locally under a flock): A is refused, B keeps the lease."""
+    if store == "s3":
+        output, options = f"{s3_output[0]}/{tmp_path.name}", s3_output[1]
+    else:
+        output, options = str(tmp_path / "out"), None
+    a = Lease(output, "run-a", options, settle_s=0.0)
+    b = Lease(output, "run-b", options, settle_s=0.0)
+    reads = {"n": 0}
+
+    def racing(method):
+        def call(*args, **kwargs):
+            found = method(*args, **kwargs)
+            reads["n"] += 1
+            if reads["n"] == 1:  # A has read "no lease": B takes it now, whole
+                b.acquire()
+            return found
+        return call
+
+    a.read = racing(a.read)
+    if hasattr(a, "_read_tagged"):  # (how this release reads; the old one read with read())
+        a._read_tagged = racing(a._read_tagged)
+    try:
+        with pytest.raises(LeaseHeld, match="taken at the same moment by run run-b"):
+            a.acquire()
+        assert a.read()["token"] == b.token  # B's record, untouched
+        b.check_token()  # B still holds it: its commits go on
+        with pytest.raises(LeaseLost):
+            a.check_token()
+    finally:
+        b.release()
+
+
+@pytest.mark.parametrize("store", ["local", "s3"])
+def test_a_renewal_never_overwrites_a_lease_taken_since_it_was_read(tmp_path, s3_output, store):
+    """A heartbeat writes only over the version it read (S3 If-Match ETag): a run whose lease
+    was taken over between its read and its write leaves the new holder's record alone."""
+    if store == "s3":
+        output, options = f"{s3_output[0]}/{tmp_path.name}", s3_output[1]
+    else:
+        output, options = str(tmp_path / "out"), None
+    a = Lease(output, "run-a", options, settle_s=0.0)
+    a.acquire()
+    _, seen = a._read_tagged()
+    b = Lease(output, "run-b", options, settle_s=0.0, break_lease=True)
+    b.acquire()
+    try:
+        assert a._write_over(seen) is False
+        assert a.read()["token"] == b.token
+        assert a._write_over(None) is False  # "only where none is": there is one
+    finally:
+        a._stop.set()
+        b.release()

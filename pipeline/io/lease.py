@@ -9,10 +9,16 @@ lease whose heartbeat is older than ``EXPIRES_S``, or whose process on this same
 belonged to a run that died and is taken over with a warning; ``--break-lease`` takes over a
 lease at once (for a run known to be dead elsewhere).
 
-Object stores have no portable compare-and-swap, so two runs that start within the same second
-are told apart by writing, waiting ``SETTLE_S`` and reading back: the later writer wins, the
-other sees a foreign record and stops. The heartbeat also reads before it writes: a run whose
-lease was taken over stops at its next commit (``lost``), before it writes another file.
+Every write of the lease is conditional where the store has a compare-and-swap
+(``pipeline.io.storage.write_if``): a missing lease is created only if it is still missing (S3
+``If-None-Match: *``), and one is renewed or taken over only if it is still the version this run
+read (S3 ``If-Match: ETag``; local files: compare and rename under a ``flock`` of the folder).
+So of two runs that start at the same moment exactly one gets the lease, however slow their
+writes, and a heartbeat never overwrites a lease another run took meanwhile. On stores without
+conditional writes (GCS through fsspec, memory, ...) the runs are told apart by writing,
+waiting ``SETTLE_S`` and reading back: the later writer wins, the other sees a foreign record
+and stops. The heartbeat also reads before it writes: a run whose lease was taken over stops at
+its next commit (``lost``), before it writes another file.
 
 Identity and time, as containers and clusters have them:
 
@@ -41,7 +47,15 @@ from datetime import datetime, timezone
 from typing import Any
 
 from pipeline.config.errors import BadInput, JobFailed
-from pipeline.io.storage import filesystem, protocol_of, read_bytes, retry, write_bytes
+from pipeline.io.storage import (
+    filesystem,
+    protocol_of,
+    read_bytes,
+    read_tagged,
+    retry,
+    write_bytes,
+    write_if,
+)
 
 log = logging.getLogger("pipeline")
 
@@ -135,17 +149,30 @@ class Lease:
         self._thread: threading.Thread | None = None
 
     def read(self) -> dict[str, Any] | None:
+        return self._read_tagged()[0]
+
+    def _read_tagged(self) -> tuple[dict[str, Any] | None, str | None]:
+        """The lease record and the tag of its version (None, None: no lease)."""
+        found = read_tagged(self.uri, self.storage_options)
+        if found is None:
+            return None, None
         try:
-            return json.loads(read_bytes(self.uri, self.storage_options))
-        except FileNotFoundError:
-            return None
+            record = json.loads(found[0])
         except ValueError:  # a torn or foreign file: nobody's lease
-            return None
+            record = None
+        return (record if isinstance(record, dict) else None), found[1]
+
+    def _data(self) -> bytes:
+        self.beat += 1
+        return json.dumps({**self.record, "beat": self.beat, "heartbeat": _now()}).encode()
 
     def _write(self) -> None:
-        self.beat += 1
-        write_bytes(self.uri, json.dumps({**self.record, "beat": self.beat,
-                                          "heartbeat": _now()}).encode(), self.storage_options)
+        write_bytes(self.uri, self._data(), self.storage_options)
+
+    def _write_over(self, tag: str | None) -> bool | None:
+        """Write the lease only over the version ``tag`` (None: only where there is none):
+        True written, False another run wrote first, None the store cannot say."""
+        return write_if(self.uri, self._data(), tag, self.storage_options)
 
     def _still_beating(self, seen: Mapping[str, Any]) -> bool:
         """Watch a foreign lease for ``watch_s`` of this clock: whether its holder wrote a
@@ -161,7 +188,7 @@ class Lease:
 
     def acquire(self) -> None:
         """Take the lease, or raise ``LeaseHeld`` naming the live run that has it."""
-        current = self.read()
+        current, tag = self._read_tagged()
         if current and current.get("run_id") != self.run_id:
             now = _now()
             fresh = now - float(current.get("heartbeat", 0)) < self.expires_s
@@ -179,10 +206,13 @@ class Lease:
             log.warning("taking over the output's lease from %s (%s)", _describe(current, now),
                         "its heartbeat expired" if not fresh else
                         "its process on this host is gone" if gone else "--break-lease")
-        self._write()
-        time.sleep(self.settle_s)  # a run that wrote at the same moment: the later one wins
+        # Over the version read above (or only where none is): a run that wrote meanwhile wins.
+        written = self._write_over(tag)
+        if written is None:  # no conditional write here: write, wait, the later one wins
+            self._write()
+            time.sleep(self.settle_s)
         current = self.read()
-        if not current or current.get("token") != self.token:
+        if not written and (not current or current.get("token") != self.token):
             raise LeaseHeld(f"{self.uri.rsplit('/', 1)[0]} was taken at the same moment by "
                             f"{_describe(current or {}, _now())}: wait for it to end")
         self._thread = threading.Thread(target=self._beat, name="lease-heartbeat", daemon=True)
@@ -191,12 +221,14 @@ class Lease:
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):
             try:
-                current = self.read()
+                current, tag = self._read_tagged()
                 if current and current.get("token") != self.token:
                     self.lost = _describe(current, _now())
                     log.error("the output's lease was taken over by %s: stopping", self.lost)
                     return
-                self._write()
+                if self._write_over(tag) is None:
+                    self._write()
+                # (False: it changed since the read: the next beat sees who has it)
             except Exception as exc:  # a missed beat; the next one may get through
                 log.warning("could not renew the output's lease %s: %s", self.uri, exc)
 

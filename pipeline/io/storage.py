@@ -361,3 +361,77 @@ def write_bytes(uri: str, data: bytes, storage_options: Mapping[str, Any] | None
                 os.remove(tmp)
         return
     retry(lambda: fs.pipe_file(path, data), uri, "write")
+
+
+# -- conditional writes: compare-and-swap where the store has it --------------------------------
+
+CAS_PROTOCOLS = ("file", "local", "s3", "s3a")  # stores with a conditional write
+
+
+def read_tagged(uri: str, storage_options: Mapping[str, Any] | None = None
+                ) -> tuple[bytes, str] | None:
+    """A small object's bytes and the tag of that version (its S3 ETag; locally a hash of
+    the bytes), for ``write_if_unchanged``; None when it does not exist."""
+    fs, path = filesystem(uri, storage_options)
+    if protocol_of(uri) in ("file", "local"):
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            return None
+        import hashlib
+
+        return data, hashlib.sha256(data).hexdigest()
+
+    def read() -> tuple[bytes, str]:
+        fs.invalidate_cache(path)
+        with fs.open(path, "rb") as f:  # s3fs reads the version whose ETag it reports
+            return f.read(), str(f.details.get("ETag", ""))
+
+    try:
+        return retry(read, uri, "read")
+    except FileNotFoundError:
+        return None
+
+
+def write_if(uri: str, data: bytes, tag: str | None,
+             storage_options: Mapping[str, Any] | None = None) -> bool | None:
+    """Write ``data`` only if the object is still the version ``tag`` (``read_tagged``), or,
+    with ``tag`` None, only if it does not exist: True when written, False when another
+    writer got there first, None when the store has no conditional write (the caller falls
+    back to write, wait, read back). S3 sends ``If-None-Match: *`` / ``If-Match: ETag``;
+    locally the compare and the rename happen under an exclusive ``flock`` of the folder, so
+    two processes (on this machine, or on NFS hosts that honour flock) never both succeed."""
+    protocol = protocol_of(uri)
+    if protocol not in CAS_PROTOCOLS:
+        return None
+    fs, path = filesystem(uri, storage_options)
+    if protocol in ("file", "local"):
+        import fcntl
+
+        folder = os.path.dirname(path)
+        os.makedirs(folder, exist_ok=True)
+        lock = os.open(folder, os.O_RDONLY)  # the folder itself: no lock file left behind
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            current = read_tagged(uri, storage_options)
+            if (current is None) != (tag is None) or (current and current[1] != tag):
+                return False
+            write_bytes(uri, data, storage_options)
+            return True
+        finally:
+            os.close(lock)  # (closing releases the flock)
+    condition = {"mode": "create"} if tag is None else {"IfMatch": tag}
+    try:
+        fs.pipe_file(path, data, **condition)  # one PUT: never retried blindly
+    except FileExistsError:  # s3fs's If-None-Match failure
+        return False
+    except OSError as exc:
+        if "pre-condition" in str(exc) or "PreconditionFailed" in str(exc):
+            return False
+        if "NotImplemented" in str(exc):  # an S3-compatible store without conditions
+            return None
+        raise
+    finally:
+        fs.invalidate_cache(path)
+    return True
