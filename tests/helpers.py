@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 import tarfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -163,3 +164,29 @@ class TinyModel(torch.nn.Module):
         if self.fail_above is not None and x.shape[0] > self.fail_above:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return torch.sigmoid(self.head(x.mean(dim=(2, 3))))
+
+
+# -- the device decode path's bounds against the CPU path (docs/architecture.md, "Device
+# decoding: how close to the CPU path"): the tests hold them, the pipeline does not need them.
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Largest allowed difference between this path's pixels and the CPU path's."""
+
+    mean_abs: float  # mean |diff| over the 224x224x3 uint8 values, in levels
+    p99_abs: float   # 99th percentile of |diff|, in levels
+
+    def check(self, pixels: np.ndarray, reference: np.ndarray) -> tuple[float, float, bool]:
+        """``(mean |diff|, p99 |diff|, within)`` of one image against its reference."""
+        diff = np.abs(pixels.astype(np.int16) - reference.astype(np.int16))
+        mean, p99 = float(diff.mean()), float(np.percentile(diff, 99))
+        return mean, p99, mean <= self.mean_abs and p99 <= self.p99_abs
+
+
+# Any device (nvJPEG's decoder noise included) against preprocess.preprocess.
+TOLERANCE = Tolerance(mean_abs=3.0, p99_abs=24.0)
+# The same decoded image (device="cpu", or nvJPEG's image through crop_and_resize): measured
+# bit-identical; the bound allows for another libjpeg-turbo build's rounding.
+SAME_DECODER_TOLERANCE = Tolerance(mean_abs=0.05, p99_abs=1.0)
+# Landmarks from the two paths' pixels, in pixels of the oriented source image.
+LANDMARK_TOLERANCE_PX = 0.5

@@ -9,13 +9,12 @@ import tarfile
 import numpy as np
 import pytest
 import torch
-from helpers import TinyModel, jpeg
+from helpers import LANDMARK_TOLERANCE_PX, SAME_DECODER_TOLERANCE, TOLERANCE, TinyModel, jpeg
 
 from pipeline.demo.synthetic import render_face
 from pipeline.inference.config import InferConfig
 from pipeline.inference.job import plan
 from pipeline.io.shards import list_shards
-from pipeline.stages.gpu_decode import LANDMARK_TOLERANCE_PX, SAME_DECODER_TOLERANCE, TOLERANCE
 from pipeline.stages.predictor import LandmarkPredictor
 from pipeline.stages.reader import ShardReader
 from pipeline.stages.runner import ModelRunner

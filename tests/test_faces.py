@@ -12,6 +12,7 @@ import pytest
 import torch
 from helpers import (
     DATA,
+    LANDMARK_TOLERANCE_PX,
     mean_shape_model,
     normalize,
     real_photo,
@@ -25,7 +26,6 @@ from pipeline.inference.config import InferConfig
 from pipeline.inference.job import run_inference
 from pipeline.io.shards import list_shards
 from pipeline.model.geometry import DEFAULT_FACE_THRESHOLD
-from pipeline.stages.gpu_decode import LANDMARK_TOLERANCE_PX
 from pipeline.stages.preprocess import crop_and_resize, decode_image, to_pixels
 from pipeline.stages.reader import ShardReader
 from pipeline.stages.units import ReadTask, ShardTask
@@ -214,7 +214,7 @@ def test_job_writes_a_row_per_face(ray_session, photos, weights_file, tmp_path):
 
     # --decode gpu (here the CPU actor decodes the bytes): the predictor finds the faces; the
     # same rows, and each face's landmarks are the model's on its crop within the decode
-    # paths' tolerance (the device crop equals the CPU crop within gpu_decode.TOLERANCE).
+    # paths' tolerance (the device crop equals the CPU crop within the tests' TOLERANCE).
     gpu = run_inference(InferConfig(input=shard.uri, output=str(tmp_path / "gpu"),
                                     weights=weights_file[0], batch_size=4, max_faces=4,
                                     decode="gpu"))

@@ -13,14 +13,19 @@ import io
 import numpy as np
 import pytest
 import torch
-from helpers import DATA, bad_table, normalize, real_photo
+from helpers import (
+    DATA,
+    LANDMARK_TOLERANCE_PX,
+    SAME_DECODER_TOLERANCE,
+    TOLERANCE,
+    bad_table,
+    normalize,
+    real_photo,
+)
 from PIL import Image, ImageDraw
 
 from pipeline.demo.synthetic import render_face
 from pipeline.stages.gpu_decode import (
-    LANDMARK_TOLERANCE_PX,
-    SAME_DECODER_TOLERANCE,
-    TOLERANCE,
     decode_crop_resize,
     device_decode_problem,
     probe,

@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from helpers import TinyModel, bad_table, jpeg, write_tar
+from helpers import LANDMARK_TOLERANCE_PX, TOLERANCE, TinyModel, bad_table, jpeg, write_tar
 
 from pipeline.demo.synthetic import render_face, write_sample_archive
 from pipeline.inference.config import InferConfig
@@ -29,8 +29,6 @@ from pipeline.model.network import build_model
 from pipeline.model.precision import resolve_precision
 from pipeline.stages import gpu_decode
 from pipeline.stages.gpu_decode import (
-    LANDMARK_TOLERANCE_PX,
-    TOLERANCE,
     budget_parts,
     decode_budget,
     decode_crop_resize,

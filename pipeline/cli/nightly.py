@@ -9,11 +9,11 @@ from dataclasses import dataclass
 from pipeline.cli.common import Command, PushOption, announce_config, pushed_outcome
 from pipeline.cli.infer import infer_config
 from pipeline.config.errors import BadInput
+from pipeline.config.files import CONFIG_FILE
 from pipeline.config.options import at_least, option, positive_int
 from pipeline.inference.config import InferConfig
 from pipeline.io.storage import resolve_storage_options, storage_options_arg
 from pipeline.ops.nightly import (
-    CONFIG_FILE,
     RUN_OPTIONS,
     default_date,
     first_night,

@@ -25,6 +25,9 @@ import yaml
 from pipeline.config.options import ConfigError, Option, check_value
 from pipeline.io.storage import read_bytes, redact_values, write_bytes
 
+# The resolved config a job saves beside its output (reused with --config).
+CONFIG_FILE = "_config.yaml"
+
 __all__ = ["ConfigError", "check_config", "read_config", "resolved_config", "save_config"]
 REDACTED = "<redacted>"
 

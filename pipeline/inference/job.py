@@ -18,6 +18,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from pipeline.config.errors import BadInput
+from pipeline.config.files import CONFIG_FILE
 from pipeline.inference.config import (
     DEFAULT_BATCH_SIZE,
     GPU_UNIT_ROWS,
@@ -54,10 +55,9 @@ from pipeline.stages.units import ShardTask
 
 log = logging.getLogger("pipeline")
 
-CONFIG_FILE = "_config.yaml"
 # --decode auto: decode on the GPU unless the CPUs beside each GPU can decode as fast as the
-# GPU runs the model. Measured (../shared/DESIGN.md): PIL decode + crop/resize of a 640x480 JPEG
-# on one core 158 images/s; the model 7,923 images/s per H100 (bf16) -> ~50 cores per GPU.
+# GPU runs the model. Measured (docs/benchmarks.md): PIL decode + crop/resize of a 640x480
+# JPEG on one core 158 images/s; the model 7,923 images/s per H100 (bf16) -> ~50 cores/GPU.
 CPU_DECODE_IMAGES_PER_S = 158
 GPU_MODEL_IMAGES_PER_S = 7_923
 

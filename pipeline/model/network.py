@@ -1,9 +1,10 @@
 """The VGG16 keypoint model and its model file.
 
-Architecture (see DESIGN.md): torchvision ``vgg16`` whose ``features`` are unchanged (so the
-ImageNet weights load as they are), ``avgpool`` replaced by ``Conv2d(512, 512, 3) -> MaxPool2d(2)
--> Flatten()`` and ``classifier`` by ``Linear(2048, 512) -> ReLU -> Dropout(0.5) -> Linear(512,
-136) -> Sigmoid``. Output: 68 iBUG points, ``x`` then ``y`` per point, in [0, 1] of the input crop.
+Architecture (README.md, "Model and model file"): torchvision ``vgg16`` whose ``features`` are
+unchanged (so the ImageNet weights load as they are), ``avgpool`` replaced by
+``Conv2d(512, 512, 3) -> MaxPool2d(2) -> Flatten()`` and ``classifier`` by
+``Linear(2048, 512) -> ReLU -> Dropout(0.5) -> Linear(512, 136) -> Sigmoid``. Output: 68 iBUG
+points, ``x`` then ``y`` per point, in [0, 1] of the input crop.
 
 Precision: under autocast (bf16 on a GPU, or on a CPU with ``--precision bf16``) the backbone
 runs in bf16 but the head (``avgpool`` and ``classifier``) always runs in fp32 (``Fp32Head``):

@@ -40,7 +40,6 @@ log = logging.getLogger("pipeline")
 
 DATE_FIELD = "{date}"
 LEDGER_DIR = "_ledger"
-CONFIG_FILE = "_config.yaml"
 LEDGER_VERSION = 1
 _DATE_RE = r"\d{4}-\d{2}-\d{2}"
 _PARTITION_RE = re.compile(rf"date=({_DATE_RE})")

@@ -32,29 +32,9 @@ on a torch device, in two halves, so that only the encoded bytes travel to the G
   pixels move for it; per image only the window the crop touches is copied (and box-averaged:
   a few small tensor ops), and the sampling runs on up to 64 images at once.
 
-Tolerance. With the same decoder (device="cpu": torchvision and Pillow both decode with
-libjpeg-turbo) the output is bit-identical to the CPU path on every image tested (72 cases:
-synthetic faces 50x40 to 1917x1077, all 8 orientations, odd sizes, grey, progressive,
-4:2:0 / 4:2:2 / 4:4:4, MPO, boxes inside and across the border, no box, the 1920x1080
-photo). ``SAME_DECODER_TOLERANCE`` (mean |diff| <= 0.05, p99 <= 1 level) leaves room only for
-another libjpeg-turbo build's rounding; a crop moved by half an output pixel (min. 0.35 / 4
-levels over the test images), a wrong orientation, a missing box average or padding on the
-wrong side of a mirrored axis all exceed it, so the geometry is checked there, on CPU and,
-against nvJPEG's own decoded image, on CUDA.
-
-nvJPEG has its own IDCT and upsamples chroma by repetition where libjpeg interpolates, so on
-CUDA the pixels also differ by decoder noise. No GPU was at hand to measure it; emulating such
-a decoder on CPU (chroma repeated, +-1 level of IDCT noise) gave at most mean 2.55 / p99 18
-levels on a 50x40 face magnified ~5x, 1.1 / 10 on crops of 224 to 448 pixels and 0.3 / 3 on
-larger ones. ``TOLERANCE`` (mean |diff| <= 3, p99 <= 24 levels of the 224x224x3 uint8 input,
-per image) bounds that decoder difference; it still catches a wrong orientation, or a face
-crop moved by two output pixels along both axes, while a half-pixel error can hide in decoder
-noise on magnified crops (hence the exact geometry check above). ``tests/test_gpu_decode.py``
-checks both directions; its CUDA tests report the measured worst case.
-
-On landmarks: the same pixels give the same landmarks; the emulated decoder noise moved a
-random-weight model's landmarks by at most 0.09 px of the source image, against
-``LANDMARK_TOLERANCE_PX`` = 0.5 px.
+How close this path's pixels and landmarks are to the CPU path's, and how that was measured:
+``docs/architecture.md`` ("Device decoding: how close to the CPU path"); the tests hold the
+bounds (``tests/helpers.py``).
 """
 
 from __future__ import annotations
@@ -78,28 +58,6 @@ from pipeline.stages.preprocess import (
 
 ORIENTATION_TAG = 0x0112
 
-
-@dataclass(frozen=True)
-class Tolerance:
-    """Largest allowed difference between this path's pixels and the CPU path's."""
-
-    mean_abs: float  # mean |diff| over the 224x224x3 uint8 values, in levels
-    p99_abs: float   # 99th percentile of |diff|, in levels
-
-    def check(self, pixels: np.ndarray, reference: np.ndarray) -> tuple[float, float, bool]:
-        """``(mean |diff|, p99 |diff|, within)`` of one image against its reference."""
-        diff = np.abs(pixels.astype(np.int16) - reference.astype(np.int16))
-        mean, p99 = float(diff.mean()), float(np.percentile(diff, 99))
-        return mean, p99, mean <= self.mean_abs and p99 <= self.p99_abs
-
-
-# Any device (nvJPEG's decoder noise included) against preprocess.preprocess.
-TOLERANCE = Tolerance(mean_abs=3.0, p99_abs=24.0)
-# The same decoded image (device="cpu", or nvJPEG's image through crop_and_resize): measured
-# bit-identical; the bound allows for another libjpeg-turbo build's rounding.
-SAME_DECODER_TOLERANCE = Tolerance(mean_abs=0.05, p99_abs=1.0)
-# Landmarks from the two paths' pixels, in pixels of the oriented source image.
-LANDMARK_TOLERANCE_PX = 0.5
 
 # EXIF orientation -> (transpose, flip x, flip y), applied in that order: the same pixels as
 # PIL's ImageOps.exif_transpose (2 FLIP_LEFT_RIGHT, 3 ROTATE_180, 4 FLIP_TOP_BOTTOM,
@@ -293,7 +251,7 @@ def decode_crop_resize(
     decoded images of one part are freed before the next part is decoded.
 
     Returns ``(pixels, failed)``: a uint8 tensor (N, size, size, 3) on ``device``, equal to
-    ``preprocess.crop_and_resize`` of the CPU path's image within ``TOLERANCE``, and
+    ``preprocess.crop_and_resize`` of the CPU path's image within the tests' tolerance, and
     ``{index: reason}`` (reasons from ``FALLBACK_REASONS``, sorted by index) for the images not
     decoded here, zeros in ``pixels``. The caller runs the CPU path for them.
     """
