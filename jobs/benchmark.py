@@ -225,9 +225,9 @@ def bench_read_stage(archive: Path, decode: str, images: int) -> dict:
     """One read task's work on one core, no Ray: stream a shard, and decode + crop + resize
     (``decode="cpu"``) or read the headers only (``"gpu"``): images/s per CPU core."""
     from pipeline.io.shards import list_shards
-    from pipeline.stages.reader import ShardReader
+    from pipeline.stages.reader import ReaderSettings, ShardReader
 
-    reader, done = ShardReader(decode=decode), 0
+    reader, done = ShardReader(ReaderSettings(decode=decode)), 0
     started = time.perf_counter()
     for shard in list_shards(str(archive)):
         for batch in reader.read(shard):
@@ -243,7 +243,8 @@ def bench_pipeline(args, device: str, decode: str, archive: Path, output: Path) 
     model = dict(weights=args.weights, init=args.init, seed=args.seed)
     # force: redo every shard, never resume from an earlier run's output.
     cfg = InferConfig(
-        str(archive), str(output), batch_size=args.batch_size, device=device, force=True,
+        str(archive), str(output), batch_size=args.batch_size,
+        device="gpu" if device == "cuda" else device, force=True,
         decode=decode, compile=args.compile, detect=args.detect, precision=args.precision,
         **model
     )

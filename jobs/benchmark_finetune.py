@@ -62,7 +62,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         help="auto: ImageNet features when torchvision's file is cached, else random",
     )
     p.add_argument("--num-workers", type=int, default=1)
-    p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
+    p.add_argument("--device", choices=("auto", "gpu", "cuda", "cpu"), default="auto",
+                   help="gpu (cuda: its former name), cpu, or auto")
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                    help="auto: bf16 autocast (the head in fp32) on CUDA, fp32 on CPU")
     p.add_argument("--target", type=float, default=0.05, help="validation NME to time")
@@ -131,7 +132,7 @@ def run(args, data, work: Path, name: str, workers: int, epochs: int, init: str)
         lr=args.lr,
         freeze_features=args.freeze_features,
         num_workers=workers,
-        device=args.device,
+        device={"cuda": "gpu"}.get(args.device, args.device),
         precision=args.precision,
         cpus_per_worker=1.0 if gpu else cpus / workers,
         threads_per_worker=None if gpu else max(1, cpus // workers),
@@ -187,8 +188,8 @@ def main(argv: list[str] | None = None) -> int:
             EvalConfig(
                 labels=data[key],
                 weights=summary.export,
-                output=str(work / f"eval-{key}.json"),
-                device="cuda" if on_gpu else "cpu",
+                report=str(work / f"eval-{key}.json"),
+                device="gpu" if on_gpu else "cpu",
                 precision=args.precision,
             )
         )

@@ -142,7 +142,7 @@ def child(args) -> dict:
         from pipeline.inference.job import run_inference
 
         predictor = project_stand_in(args.rate, args.calls)
-        cfg = InferConfig(input=args.input, output=args.output, device="cuda", decode="cpu",
+        cfg = InferConfig(input=args.input, output=args.output, device="gpu", decode="cpu",
                           num_predictors=args.gpus, batch_size=unit_rows, unit_rows=unit_rows,
                           ray_address=args.address)
     else:

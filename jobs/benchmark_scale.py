@@ -84,6 +84,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.inference.config import InferConfig  # noqa: E402
 from pipeline.inference.job import run_inference  # noqa: E402
 from pipeline.io.resume import DONE_DIR  # noqa: E402
+from pipeline.io.rows import TRAVEL_ONLY  # noqa: E402
 
 log = logging.getLogger("benchmark_scale")
 
@@ -103,7 +104,7 @@ class StandInPredictor:
     RATE = 150.0
     SLOW_NODE = ""  # a node whose actors run at a tenth of RATE (the straggler run)
 
-    def __init__(self, **kwargs):
+    def __init__(self, settings=None, weights_data=None):  # as LandmarkPredictor
         self.version = "standin0standin0"
         self.rate = self.RATE
         if self.SLOW_NODE:
@@ -121,8 +122,7 @@ class StandInPredictor:
             time.sleep(n / self.rate)
         self.calls += 1
         self.rows += n
-        out = {k: v for k, v in batch.items() if k not in (
-            "pixels", "encoded", "orientation", "stored_size", "on_device")}
+        out = {k: v for k, v in batch.items() if k not in TRAVEL_ONLY}
         ok = np.asarray([not e for e in batch["error"]], dtype=bool)
         crop = np.asarray(batch["crop"], dtype=np.float64).reshape(n, 3)
         grid = np.linspace(0.1, 0.9, 68, dtype=np.float64)
@@ -304,7 +304,7 @@ def run_scaling(args, cluster_address: str, workdir: Path) -> list[dict]:
         input_dir = workdir / f"in-{gpus}"
         output = workdir / f"out-{gpus}"
         total = make_shards(input_dir, shards, args.per_shard)
-        cfg = InferConfig(input=str(input_dir), output=str(output), device="cuda",
+        cfg = InferConfig(input=str(input_dir), output=str(output), device="gpu",
                           decode="gpu", num_predictors=gpus, batch_size=args.batch_size,
                           unit_rows=unit_rows, ray_address=cluster_address)
         ray.init(address=cluster_address)
@@ -387,7 +387,7 @@ def run_straggler(args, cluster, workdir: Path) -> dict:
               "rate_per_gpu": args.rate}
     for speculate in (True, False):
         leases.SPECULATE = speculate
-        cfg = InferConfig(input=str(input_dir), output=str(output), device="cuda",
+        cfg = InferConfig(input=str(input_dir), output=str(output), device="gpu",
                           decode="gpu", batch_size=args.batch_size, unit_rows=args.unit_rows,
                           ray_address=cluster.address)
         ray.init(address=cluster.address)
@@ -550,7 +550,7 @@ def run_chaos(args, cluster, workdir: Path, seeds: list[int], node_args: dict) -
     rate = args.chaos_rate
 
     def one(output: Path, seed: int | None) -> dict:
-        cfg = InferConfig(input=str(input_dir), output=str(output), device="cuda",
+        cfg = InferConfig(input=str(input_dir), output=str(output), device="gpu",
                           decode="gpu", batch_size=unit_rows, unit_rows=unit_rows,
                           ray_address=cluster.address, stall_timeout=300)
         ray.init(address=cluster.address)

@@ -1,4 +1,4 @@
-"""Evaluation job: ``python jobs/evaluate.py --labels ... --weights ... --output ...``."""
+"""Evaluation job: ``python jobs/evaluate.py --labels ... --weights ... --report ...``."""
 
 import sys
 from pathlib import Path

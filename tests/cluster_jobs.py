@@ -105,7 +105,7 @@ def chaos(workdir: str) -> dict:
     expected = {f"s{s:05d}-{i:06d}" for s in range(12) for i in range(40)}
 
     def run(name: str, during=None) -> dict:
-        cfg = InferConfig(input=str(work / "in"), output=str(work / name), device="cuda",
+        cfg = InferConfig(input=str(work / "in"), output=str(work / name), device="gpu",
                           decode="gpu", batch_size=4, unit_rows=4, ray_address=cluster.address,
                           stall_timeout=120)
         ray.init(address=cluster.address)

@@ -135,13 +135,13 @@ def test_scale_benchmark_stand_in_feeds_the_real_commit_stage(tmp_path):
 
     from pipeline.io.shards import list_shards
     from pipeline.stages.commit import PieceSpec, commit_piece
-    from pipeline.stages.reader import ShardReader
+    from pipeline.stages.reader import ReaderSettings, ShardReader
     from pipeline.stages.units import ReadTask, ShardTask
 
     bench = _load_scale_benchmark()
     assert bench.make_shards(tmp_path / "in", 2, 5) == 10
     shards = list_shards(str(tmp_path / "in"))
-    ((header, rows),) = list(ShardReader(decode="gpu", unit_rows=100).read_task(
+    ((header, rows),) = list(ShardReader(ReaderSettings(decode="gpu", unit_rows=100)).read_task(
         ReadTask(0, tuple(ShardTask(s) for s in shards))))
     predictor = bench.stand_in(200.0)()
     started = time.perf_counter()

@@ -67,7 +67,7 @@ def test_inline_storage_options_are_redacted(tmp_path):
     ("batch_size: true\n", "key 'batch_size' must be an integer"),
     ("margin: wide\n", "key 'margin' must be a number"),
     ("force: 'yes'\n", "key 'force' must be true or false"),
-    ("device: tpu\n", "key 'device' must be one of auto, cuda, cpu, got 'tpu'"),
+    ("device: tpu\n", "key 'device' must be one of auto, gpu, cpu, got 'tpu'"),
     ("output: 2026\n", "key 'output' must be a string, got int 2026 (quote it"),
     ("storage_options: [1, 2]\n", "key 'storage_options' must be a mapping or '@file.json'"),
     ("storage_options: '@/no/such/file.json'\n", "cannot read storage options file"),
@@ -127,7 +127,7 @@ def test_infer_prints_and_saves_the_resolved_config(tmp_path, capsys, ray_sessio
     ("infer", {}),
     ("nightly", {"input": "in/", "output": "out/"}),
     ("finetune", {"input": "in/", "storage_path": "runs", "name": "v1"}),
-    ("evaluate", {"labels": "l/", "predictions": "p/", "output": "r.json"}),
+    ("evaluate", {"labels": "l/", "predictions": "p/", "report": "r.json"}),
 ])
 def test_flags_and_config_keys_come_from_the_config_dataclasses(tmp_path, command, given):
     """One schema: every option field of the command's dataclasses is a flag whose default is
@@ -155,3 +155,49 @@ def test_flags_and_config_keys_come_from_the_config_dataclasses(tmp_path, comman
             if default is not None:
                 assert check_config(spec.options(), {f.name: default}, "x") == {f.name: default}
     assert seen == len(keys) > 5
+
+
+def test_old_spellings_work_for_a_release_and_name_the_new_one(tmp_path, capsys):
+    """One vocabulary: a renamed flag, config key or value still works, with a warning that
+    names what replaces it; the old flags are not in --help; the new names win everywhere."""
+    import warnings
+
+    from pipeline.evaluation.config import EvalConfig
+    from pipeline.inference.config import InferConfig
+
+    args = parse_args(["infer", "--predictor-cpus", "2", "--predictor-concurrency", "3",
+                       "--device", "cuda"])
+    assert (args.cpus_per_predictor, args.calls_per_predictor, args.device) == (2.0, 3, "gpu")
+    err = capsys.readouterr().err
+    for old, new in (("--predictor-cpus", "--cpus-per-predictor"),
+                     ("--predictor-concurrency", "--calls-per-predictor"),
+                     ("--device cuda", "--device gpu")):
+        assert (f"warning: {old} is deprecated and will be removed in the next release: "
+                f"use {new}") in err
+    new = parse_args(["infer", "--cpus-per-predictor", "2", "--device", "gpu"])
+    assert (new.cpus_per_predictor, new.device) == (2.0, "gpu")
+    assert "deprecated" not in capsys.readouterr().err
+    # In a config file: the old key and value, read as the new ones.
+    cfg = write(tmp_path / "old.yaml", "input: i/\noutput: o/\npredictor_cpus: 4\ndevice: cuda\n")
+    args = parse_args(["infer", "--config", cfg])
+    assert (args.cpus_per_predictor, args.device) == (4.0, "gpu")
+    err = capsys.readouterr().err
+    assert "key 'predictor_cpus' is deprecated" in err and "use 'cpus_per_predictor'" in err
+    assert "key 'device' 'cuda' is deprecated" in err and "use 'gpu'" in err
+    # evaluate's JSON file is --report; --output was it.
+    args = parse_args(["evaluate", "--labels", "l", "--predictions", "p", "--output", "r.json"])
+    assert args.report == "r.json"
+    assert "use --report" in capsys.readouterr().err
+    # Python: the old value is taken, with a DeprecationWarning.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert InferConfig("i", "o", device="cuda").device == "gpu"
+        assert EvalConfig(labels="l", predictions="p", report="r", detect="auto").detect == "auto"
+    assert [str(w.message) for w in caught] == ["device='cuda' is deprecated: use 'gpu'"]
+    # --help shows the new names only.
+    with pytest.raises(SystemExit):
+        parse_args(["infer", "--help"])
+    shown = capsys.readouterr().out
+    assert "--cpus-per-predictor" in shown and "--calls-per-predictor" in shown
+    assert "--predictor-cpus" not in shown and "--predictor-concurrency" not in shown
+    assert "{auto,gpu,cpu}" in shown

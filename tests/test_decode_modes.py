@@ -15,8 +15,8 @@ from pipeline.demo.synthetic import render_face
 from pipeline.inference.config import InferConfig
 from pipeline.inference.job import plan
 from pipeline.io.shards import list_shards
-from pipeline.stages.predictor import LandmarkPredictor
-from pipeline.stages.reader import ShardReader
+from pipeline.stages.predictor import LandmarkPredictor, PredictorSettings
+from pipeline.stages.reader import ReaderSettings, ShardReader
 from pipeline.stages.runner import ModelRunner
 
 
@@ -51,7 +51,7 @@ def mixed_shard(tmp_path_factory):
 
 
 def rows_of(shard, decode):
-    batches = list(ShardReader(decode=decode, unit_rows=64).read(shard))
+    batches = list(ShardReader(ReaderSettings(decode=decode, unit_rows=64)).read(shard))
     assert len(batches) == 1
     return batches[0]
 
@@ -76,7 +76,7 @@ def test_gpu_mode_rows_carry_the_bytes_and_the_same_crops(mixed_shard):
 
 def test_predictor_gives_the_cpu_paths_landmarks_from_encoded_rows(mixed_shard, weights_file):
     cpu, gpu = rows_of(mixed_shard, "cpu"), rows_of(mixed_shard, "gpu")
-    predictor = LandmarkPredictor(weights=weights_file[0], device="cpu")
+    predictor = LandmarkPredictor(PredictorSettings(weights=weights_file[0], device="cpu"))
     a, b = predictor(cpu), predictor(gpu)
     # PNG, CMYK JPEG and the cut JPEG went to PIL: the header says the device cannot take them.
     assert b["device_decode"].tolist() == ["ok"] * 5 + ["format"] * 3
@@ -104,7 +104,7 @@ def test_a_shifted_crop_is_outside_the_tolerance(mixed_shard, weights_file):
     gpu["crop"] = gpu["crop"].copy()
     side = gpu["crop"][0, 2]
     gpu["crop"][0, :2] += 2 * side / 224  # two pixels of the 224x224 input, along both axes
-    predictor = LandmarkPredictor(weights=weights_file[0], device="cpu")
+    predictor = LandmarkPredictor(PredictorSettings(weights=weights_file[0], device="cpu"))
     pixels, _, _ = predictor.decode_on_device(gpu, np.arange(1))
     assert not SAME_DECODER_TOLERANCE.check(pixels[0].numpy(), cpu["pixels"][0])[2]
     assert not TOLERANCE.check(pixels[0].numpy(), cpu["pixels"][0])[2]
@@ -120,8 +120,8 @@ def test_a_shifted_crop_is_outside_the_tolerance(mixed_shard, weights_file):
 ])
 def test_plan_resolves_the_auto_settings(cpus, gpus, device, decode, expected):
     p = plan(InferConfig(input="i", output="o", device=device, decode=decode), cpus, gpus)
-    assert (p.use_gpu, p.decode, p.batch_size, p.pool_size, p.actor_cpus,
-            p.concurrency) == expected
+    assert (p.use_gpu, p.decode, p.batch_size, p.predictors.count, p.predictors.actor_cpus,
+            p.predictors.concurrency) == expected
 
 
 @pytest.mark.parametrize("cpus, gpus, device", [
@@ -131,30 +131,34 @@ def test_plan_never_gives_away_more_cpus_than_the_cluster_has(cpus, gpus, device
     """Actors, reserved commits and read tasks fit the cluster, and there is always at least
     one of each: no read can take the CPU a commit needs, no run can wait forever for a CPU."""
     p = plan(InferConfig(input="i", output="o", device=device), cpus, gpus)
-    used = p.pool_size * p.actor_cpus + p.max_commits * p.commit_cpus + p.max_reads * p.read_cpus
+    actors, slots = p.predictors, p.slots
+    used = (actors.count * actors.actor_cpus + slots.max_commits * slots.commit_cpus
+            + slots.max_reads * slots.read_cpus)
     assert used <= cpus + 1e-9, p
-    assert p.max_reads >= 1 and p.max_commits >= 1 and min(
-        p.read_cpus, p.commit_cpus, p.actor_cpus) > 0
+    assert slots.max_reads >= 1 and slots.max_commits >= 1 and min(
+        slots.read_cpus, slots.commit_cpus, actors.actor_cpus) > 0
     assert p.unit_rows == (4096 if p.use_gpu else 4 * p.batch_size)
 
 
 def test_plan_splits_this_machine_and_a_gpu_cluster():
     small = plan(InferConfig(input="i", output="o"), 2, 0)  # this 2-CPU machine, CPU model
-    assert (small.actor_cpus, small.max_commits, small.commit_cpus, small.max_reads,
-            small.read_cpus) == (1, 2, 0.25, 1, 0.5)
+    assert (small.predictors.actor_cpus, small.slots.max_commits, small.slots.commit_cpus,
+            small.slots.max_reads, small.slots.read_cpus) == (1, 2, 0.25, 1, 0.5)
     big = plan(InferConfig(input="i", output="o"), 64, 8)  # 8 GPUs, 8 CPUs each
-    assert (big.pool_size, big.actor_cpus, big.max_commits, big.max_reads, big.read_cpus) == (
+    assert (big.predictors.count, big.predictors.actor_cpus, big.slots.max_commits,
+            big.slots.max_reads, big.slots.read_cpus) == (
         8, 1, 18, 51, 1.0)
 
 
 def test_plan_overrides_and_errors():
     cfg = InferConfig(input="i", output="o", compile=True, num_predictors=2,
-                      predictor_concurrency=3, predictor_cpus=4)
+                      calls_per_predictor=3, cpus_per_predictor=4)
     p = plan(cfg, 32, 2)
-    assert (p.batch_size, p.pool_size, p.concurrency, p.actor_cpus) == (256, 2, 3, 4)
+    assert (p.batch_size, p.predictors.count, p.predictors.concurrency,
+            p.predictors.actor_cpus) == (256, 2, 3, 4)
     assert plan(InferConfig(input="i", output="o", batch_size=100), 32, 2).batch_size == 100
     with pytest.raises(ValueError, match="has no GPUs"):
-        plan(InferConfig(input="i", output="o", device="cuda"), 8, 0)
+        plan(InferConfig(input="i", output="o", device="gpu"), 8, 0)
     with pytest.raises(ValueError, match="decode must be one of"):
         InferConfig(input="i", output="o", decode="tpu")
 
@@ -218,13 +222,14 @@ def test_cuda_pipelined_runner_matches_one_pass(weights_file):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_nvjpeg_predictor_matches_the_cpu_path(mixed_shard, weights_file):
     cpu, gpu = rows_of(mixed_shard, "cpu"), rows_of(mixed_shard, "gpu")
-    predictor = LandmarkPredictor(weights=weights_file[0], device="cuda")
+    predictor = LandmarkPredictor(PredictorSettings(weights=weights_file[0], device="cuda"))
     pixels, errors, _ = predictor.decode_on_device(gpu, np.arange(7))
     assert errors == {} and pixels.device.type == "cuda"
     for i in range(7):
         mean, p99, within = TOLERANCE.check(pixels[i].cpu().numpy(), cpu["pixels"][i])
         assert within, (gpu["key"][i], mean, p99)
-    a = LandmarkPredictor(weights=weights_file[0], device="cuda")(cpu)["landmarks"][:7]
+    a = LandmarkPredictor(PredictorSettings(weights=weights_file[0], device="cuda"))
+    a = a(cpu)["landmarks"][:7]
     b = predictor(gpu)["landmarks"][:7]
     # bf16 backbones with the fp32 head on both sides; pixels within TOLERANCE.
     assert np.abs(a - b).max() <= LANDMARK_TOLERANCE_PX

@@ -526,7 +526,7 @@ def test_the_parse_helper_catches_broken_entrypoints():
     files = mounted_files(rayjob["rayClusterSpec"]["headGroupSpec"]["template"]["spec"], maps)
     good = rayjob["entrypoint"]
     job, args = parse_command(good, files)
-    assert job == "infer" and args.batch_size == 256 and args.device == "cuda"
+    assert job == "infer" and args.batch_size == 256 and args.device == "gpu"
     broken = {
         "renamed flag": good + " --batch-sise 8",
         "bad value": good + " --device tpu",

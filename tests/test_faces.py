@@ -26,8 +26,9 @@ from pipeline.inference.config import InferConfig
 from pipeline.inference.job import run_inference
 from pipeline.io.shards import list_shards
 from pipeline.model.geometry import DEFAULT_FACE_THRESHOLD
+from pipeline.stages.detect import ImageSettings
 from pipeline.stages.preprocess import crop_and_resize, decode_image, to_pixels
-from pipeline.stages.reader import ShardReader
+from pipeline.stages.reader import ReaderSettings, ShardReader
 from pipeline.stages.units import ReadTask, ShardTask
 
 
@@ -82,7 +83,8 @@ def test_read_stage_gives_a_row_per_face(photos):
     """--detect auto, --max-faces 4: the sidecar box wins; faces by descending score; a
     no_face row for each image without one; the unit's header maps 6 samples to 10 rows."""
     shard, labelled = photos
-    reader = ShardReader(decode="cpu", detect="auto", max_faces=4, unit_rows=100)
+    reader = ShardReader(ReaderSettings(decode="cpu", detect="auto", unit_rows=100,
+                                        images=ImageSettings(max_faces=4)))
     ((header, rows),) = list(reader.read_task(ReadTask(0, (ShardTask(shard),))))
     assert rows["key"].tolist() == KEYS
     assert rows["face"].tolist() == [0, 0, 1, 0, 0, 0, 0, 1, 2, 3]
@@ -115,16 +117,17 @@ def test_predictor_finds_the_faces_of_device_decoded_rows(photos, weights_file, 
     the PPM and PNG through the CPU path), detects, and gives the CPU path's rows, crops and
     faces; the unit's header is rewritten from source_row."""
     from pipeline.stages import predictor as predictor_module
-    from pipeline.stages.predictor import LandmarkPredictor
+    from pipeline.stages.predictor import LandmarkPredictor, PredictorSettings
     from pipeline.stages.units import expand_header
 
     shard, _ = photos
     task = ReadTask(0, (ShardTask(shard),))
-    ((header, rows),) = list(ShardReader(decode="gpu", detect="auto", unit_rows=100)
+    ((header, rows),) = list(ShardReader(ReaderSettings(decode="gpu", detect="auto", unit_rows=100))
                              .read_task(task))
     assert rows["find_faces"].tolist() == [True, True, False, True, True, True]
     assert np.isnan(rows["crop"][rows["find_faces"]]).all() and header.out_rows == 6
-    predictor = LandmarkPredictor(weights=weights_file[0], device="cpu", max_faces=4)
+    predictor = LandmarkPredictor(PredictorSettings(
+        weights=weights_file[0], device="cpu", images=ImageSettings(max_faces=4)))
     # 5 images to search: decoded and searched 2 at a time
     monkeypatch.setattr(predictor_module, "DETECT_CHUNK", 2)
     out = predictor(rows)
@@ -132,10 +135,12 @@ def test_predictor_finds_the_faces_of_device_decoded_rows(photos, weights_file, 
     assert out["source_row"].tolist() == [0, 1, 1, 2, 3, 4, 5, 5, 5, 5]
     assert out["error_kind"].tolist() == ["", "", "", "", "no_face", "no_face", "", "", "", ""]
     # Each image decoded once, counted on its first row: the PPM and the PNG by the CPU path.
-    assert out["device_decode"].tolist() == ["format", "ok", "", "ok", "format", "ok", "ok", "",
+    assert out["device_decode"].tolist() == ["format", "ok", "", "ok", "format", "ok", "ok",
+            "",
                                              "", ""]
-    ((_, cpu),) = list(ShardReader(decode="cpu", detect="auto", max_faces=6, unit_rows=100)
-                       .read_task(task))
+    six = ImageSettings(max_faces=6)
+    ((_, cpu),) = list(ShardReader(ReaderSettings(decode="cpu", detect="auto", unit_rows=100,
+                                                  images=six)).read_task(task))
     # The same faces as the CPU path, which detects each image alone: here one batch, padded
     # to its largest image, moves boxes by a fraction of a pixel, and among the sheet's six
     # equal faces --max-faces 4 may keep other ones (the reference keeps all six).
@@ -157,22 +162,26 @@ def test_predictor_finds_the_faces_of_device_decoded_rows(photos, weights_file, 
 def test_detect_never_and_always(photos):
     shard, _ = photos
     task = ReadTask(0, (ShardTask(shard),))
-    ((_, never),) = list(ShardReader(detect="never").read_task(task))
-    assert never["key"].tolist() == ["a-takeo", "b-breakingbad", "c-boxed", "d-noise",
+    ((_, never),) = list(ShardReader(ReaderSettings(detect="never")).read_task(task))
+    assert never["key"].tolist() == ["a-takeo", "b-breakingbad", "c-boxed",
+            "d-noise",
                                      "e-gradient", "f-sheet"]
     assert not any(never["error"]) and np.isnan(never["face_score"]).all()
-    ((_, always),) = list(ShardReader(detect="always", max_faces=6).read_task(task))
+    always = ReaderSettings(detect="always", images=ImageSettings(max_faces=6))
+    ((_, always),) = list(ShardReader(always).read_task(task))
     assert always["key"].tolist().count("c-boxed") == 2  # its sidecar box is not used
     assert always["key"].tolist().count("f-sheet") == 6
 
 
 def test_units_cut_by_output_rows_and_pieces_by_samples(photos):
     """Two rows per unit and two samples per output file: pieces complete by samples, their
-    rows come from the expanded ranges."""
+    rows
+            come from the expanded ranges."""
     from pipeline.stages.units import PieceAssembler
 
     shard, _ = photos
-    reader = ShardReader(detect="auto", max_faces=4, unit_rows=2, rows_per_file=2)
+    reader = ShardReader(ReaderSettings(detect="auto", unit_rows=2, rows_per_file=2,
+                                        images=ImageSettings(max_faces=4)))
     units = list(reader.read_task(ReadTask(0, (ShardTask(shard),))))
     assert all(h.out_rows == len(r["key"]) for h, r in units)
     assembler, pieces = PieceAssembler(), {}
@@ -274,12 +283,12 @@ def test_evaluation_scores_detection_and_landmarks_end_to_end(ray_session, label
     from pipeline.evaluation.evaluate import main as evaluate
 
     direct = evaluate(EvalConfig(labels=str(labelled), weights=weights_file[0], detect="always",
-                                 output=str(tmp_path / "direct.json"), device="cpu"))
+                                 report=str(tmp_path / "direct.json"), device="cpu"))
     summary = run_inference(InferConfig(input=str(labelled), output=str(tmp_path / "out"),
                                         weights=weights_file[0], batch_size=4))
     assert (summary.samples, summary.faces, summary.no_face) == (3, 3, 1)
     via_job = evaluate(EvalConfig(labels=str(labelled), predictions=str(tmp_path / "out"),
-                                  output=str(tmp_path / "job.json")))
+                                  report=str(tmp_path / "job.json")))
     for report in (direct, via_job):
         assert report["samples"] == 2 and report["missed_faces"] == 1
         assert report["missed"] == ["c-noise"] and report["failure_rate@0.08"] == 1.0
@@ -287,7 +296,7 @@ def test_evaluation_scores_detection_and_landmarks_end_to_end(ray_session, label
     assert dict(via_job["worst"]) == pytest.approx(dict(direct["worst"]), rel=1e-3)
     # Without detection the box-given mode scores both labelled faces and misses nothing.
     boxed = evaluate(EvalConfig(labels=str(labelled), weights=weights_file[0],
-                                output=str(tmp_path / "boxed.json"), device="cpu"))
+                                report=str(tmp_path / "boxed.json"), device="cpu"))
     assert boxed["samples"] == 3 and boxed["missed_faces"] == 0
 
 
@@ -306,7 +315,7 @@ def test_detected_faces_get_the_landmarks_their_labelled_box_would(labelled, tmp
     weights = mean_shape_model(tmp_path / "mean-shape.pt")
     reports = {
         detect: evaluate(EvalConfig(labels=str(labelled), weights=weights, detect=detect,
-                                    output=str(tmp_path / f"{detect}.json"), device="cpu"))
+                                    report=str(tmp_path / f"{detect}.json"), device="cpu"))
         for detect in ("always", "never")
     }
     detected, boxed = (dict(reports[d]["worst"]) for d in ("always", "never"))
@@ -328,13 +337,15 @@ def test_detected_faces_get_the_landmarks_their_labelled_box_would(labelled, tmp
 def test_cuda_predictor_finds_the_faces_once_decoded(photos, weights_file):
     """The device path on a GPU: nvJPEG decodes the JPEGs once, the detector runs on them in
     one batch on the GPU and the crops are cut there: the same rows and faces as on the CPU."""
-    from pipeline.stages.predictor import LandmarkPredictor
+    from pipeline.stages.predictor import LandmarkPredictor, PredictorSettings
 
     shard, _ = photos
-    ((_, rows),) = list(ShardReader(decode="gpu", detect="auto", unit_rows=100)
+    ((_, rows),) = list(ShardReader(ReaderSettings(decode="gpu", detect="auto", unit_rows=100))
                         .read_task(ReadTask(0, (ShardTask(shard),))))
-    on_cpu = LandmarkPredictor(weights=weights_file[0], device="cpu", max_faces=4)(rows)
-    cuda = LandmarkPredictor(weights=weights_file[0], device="cuda", max_faces=4)
+    on_cpu = LandmarkPredictor(PredictorSettings(
+        weights=weights_file[0], device="cpu", images=ImageSettings(max_faces=4)))(rows)
+    cuda = LandmarkPredictor(PredictorSettings(
+        weights=weights_file[0], device="cuda", images=ImageSettings(max_faces=4)))
     on_gpu = cuda(rows)
     assert on_gpu["key"].tolist() == KEYS and on_gpu["source_row"].tolist() == on_cpu[
         "source_row"].tolist()

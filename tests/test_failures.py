@@ -201,7 +201,7 @@ def test_exit_status_follows_the_error_fraction(ray_session, weights_file, tmp_p
 class BrokenPredictor:
     """A predictor whose actors cannot start (as with a GPU driver missing on a node)."""
 
-    def __init__(self, **kwargs):
+    def __init__(self, settings=None, weights_data=None):  # as LandmarkPredictor
         raise RuntimeError("CUDA driver not found on this node")
 
 
@@ -222,7 +222,7 @@ def test_a_stage_that_fails_for_good_stops_the_run_with_its_cause(ray_session, t
 class HangingPredictor:
     """A predictor whose calls never return (a wedged GPU, a deadlocked library)."""
 
-    def __init__(self, **kwargs):
+    def __init__(self, settings=None, weights_data=None):  # as LandmarkPredictor
         pass
 
     def __call__(self, unit):

@@ -35,7 +35,7 @@ from pipeline.stages.gpu_decode import (
     probe_and_crop,
 )
 from pipeline.stages.preprocess import preprocess, to_pixels
-from pipeline.stages.reader import ShardReader
+from pipeline.stages.reader import ReaderSettings, ShardReader
 from pipeline.stages.runner import ModelRunner
 
 CUDA = torch.cuda.is_available()
@@ -394,7 +394,7 @@ def test_predictor_falls_back_per_reason_and_gets_the_same_landmarks(faces, weig
     """--decode gpu rows through the predictor with the decoder out of memory above 2 images
     and a bad JPEG among them: every good image decoded (the bad one an error row), the same
     landmarks as with no trouble, and each image's path in ``device_decode``."""
-    from pipeline.stages.predictor import LandmarkPredictor, decode_counts
+    from pipeline.stages.predictor import LandmarkPredictor, PredictorSettings, decode_counts
 
     rng = np.random.default_rng(8)
     image, _, bbox = render_face(rng, (200, 150))
@@ -405,9 +405,12 @@ def test_predictor_falls_back_per_reason_and_gets_the_same_landmarks(faces, weig
         members += [(f"j{i}.jpg", data), (f"j{i}.json", json.dumps({"bbox": box}).encode())]
     members += [("p.png", png.getvalue()), ("x.jpg", bad_table(faces[0][0]))]
     (shard,) = list_shards(str(write_tar(tmp_path / "mixed.tar", members)))
-    (rows,) = list(ShardReader(decode="gpu", unit_rows=64, detect="never").read(shard))
-    (pixels_rows,) = list(ShardReader(decode="cpu", unit_rows=64, detect="never").read(shard))
-    predictor = LandmarkPredictor(weights=weights_file[0], device="cpu", micro_batch=8)
+    (rows,) = list(ShardReader(ReaderSettings(decode="gpu", unit_rows=64,
+                                              detect="never")).read(shard))
+    (pixels_rows,) = list(ShardReader(ReaderSettings(decode="cpu", unit_rows=64,
+                                                     detect="never")).read(shard))
+    predictor = LandmarkPredictor(PredictorSettings(weights=weights_file[0], device="cpu",
+                                                    micro_batch=8))
     clean = predictor(rows)
     assert clean["device_decode"].tolist() == ["ok"] * 5 + ["format", "decoder_error"]
     assert decode_counts(clean["device_decode"]) == {"ok": 5, "format": 1, "decoder_error": 1}
@@ -505,13 +508,13 @@ def test_more_predictors_than_gpus_is_refused_at_planning():
                                          r"--num-predictors to 2"):
         plan(InferConfig(input="i", output="o", num_predictors=3), 32, 2)
     shared = plan(InferConfig(input="i", output="o", gpus_per_predictor=0.5), 32, 2)
-    assert (shared.pool_size, shared.actor_gpus, shared.placement().actor_gpus) == (4, 0.5, 0.5)
+    assert (shared.predictors.count, shared.predictors.actor_gpus) == (4, 0.5)
     assert plan(InferConfig(input="i", output="o", gpus_per_predictor=0.5, num_predictors=3),
-                32, 2).pool_size == 3
+                32, 2).predictors.count == 3
     with pytest.raises(ValueError, match="gpus_per_predictor must be in"):
         InferConfig(input="i", output="o", gpus_per_predictor=2)
     cpu = plan(InferConfig(input="i", output="o", num_predictors=3), 8, 0)
-    assert (cpu.pool_size, cpu.actor_gpus, cpu.precision) == (3, 0.0, "fp32")
+    assert (cpu.predictors.count, cpu.predictors.actor_gpus, cpu.precision) == (3, 0.0, "fp32")
     assert plan(InferConfig(input="i", output="o"), 32, 2).precision == "bf16"
     assert plan(InferConfig(input="i", output="o", precision="fp32"), 32, 2).precision == "fp32"
 
@@ -523,7 +526,7 @@ class SlowStartingPredictor:
 
     claim = ""
 
-    def __init__(self, **kwargs):
+    def __init__(self, settings=None, weights_data=None):  # as LandmarkPredictor
         import os
         import time
 

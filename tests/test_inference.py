@@ -19,7 +19,7 @@ from prometheus_text import scrape, settled, wait_for
 from pipeline.demo.synthetic import write_sample_archive
 from pipeline.inference.config import InferConfig
 from pipeline.inference.job import run_inference
-from pipeline.io.output import SCHEMA
+from pipeline.io.rows import SCHEMA
 from pipeline.io.shards import list_shards
 from pipeline.stages.preprocess import preprocess, to_pixels
 

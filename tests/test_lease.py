@@ -162,7 +162,7 @@ def test_a_commit_writes_no_record_once_the_lease_is_another_run_s(tmp_path):
 class SlowPredictor:
     """Three seconds a unit: long enough for a second run to try the same output."""
 
-    def __init__(self, **kwargs):
+    def __init__(self, settings=None, weights_data=None):  # as LandmarkPredictor
         pass
 
     def __call__(self, rows):

@@ -433,11 +433,12 @@ def test_a_header_with_foreign_objects_is_refused_without_running_them(tmp_path)
 
 
 def test_an_actor_that_loads_another_version_stops_the_run(weights_file):
-    from pipeline.stages.predictor import LandmarkPredictor
+    from pipeline.stages.predictor import LandmarkPredictor, PredictorSettings
 
     info = model_identity(weights_file[0])
     check_loaded(info, info.version)
     check_loaded(info, None)
     with pytest.raises(ModelChanged, match="weights changed during the run") as caught:
-        LandmarkPredictor(weights=weights_file[0], device="cpu", expected_version="0" * 16)
+        LandmarkPredictor(PredictorSettings(weights=weights_file[0], device="cpu",
+                                            expected_version="0" * 16))
     assert caught.value.exit_code == 1  # a job that could not finish, said in one line

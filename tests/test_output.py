@@ -2,6 +2,7 @@
 
 import os
 import uuid
+from pathlib import Path
 
 import fsspec
 import numpy as np
@@ -10,14 +11,18 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.io.output import (
+from pipeline.io.output import output_file_name, write_table_atomic
+from pipeline.io.rows import (
+    COLUMNS,
     NO_FACE,
     SCHEMA,
-    output_file_name,
+    SCHEMA_ID,
+    TRAVEL_ONLY,
+    empty_rows,
+    readme_table,
     rows_to_table,
-    write_table_atomic,
+    schema_id,
 )
-from pipeline.stages.reader import empty_rows
 
 
 def _rows(n: int) -> dict[str, np.ndarray]:
@@ -184,3 +189,34 @@ def test_status_says_what_a_row_is_and_face_is_null_unless_detected():
     table = rows_to_table(bad)
     assert table["landmarks"][0].as_py() is None and table["face"][0].as_py() is None
     assert (table["status"][0].as_py(), table["error_kind"][0].as_py()) == ("error", "decode")
+
+
+def test_the_readme_table_is_the_declared_schema():
+    """The README's "Output schema" table is derived from pipeline.io.rows: a column added,
+    renamed or retyped there and not in the README fails here."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert readme_table() in readme
+    assert [f"`{f.name}`" for f in SCHEMA] == [
+        line.split(" | ")[0][2:] for line in readme_table().splitlines()[2:]]
+
+
+def test_the_stages_columns_come_from_the_declaration():
+    cpu, gpu = empty_rows(2, "cpu"), empty_rows(2, "gpu")
+    read = [c.name for c in COLUMNS if c.made_by == "read"]
+    assert set(cpu) | set(gpu) == set(read)
+    assert set(gpu) - set(cpu) == {"encoded", "orientation", "stored_size", "on_device",
+                                   "find_faces"}
+    assert set(cpu) - set(gpu) == {"pixels"}
+    assert cpu["pixels"].shape == (2, 224, 224, 3) and cpu["crop"].shape == (2, 3)
+    # What travels only between the stages is never written; everything else is.
+    assert set(TRAVEL_ONLY) == set(cpu) ^ set(gpu)
+    assert [f.name for f in SCHEMA] == [c.name for c in COLUMNS if c.name not in TRAVEL_ONLY]
+
+
+def test_a_change_of_columns_changes_the_settings_id():
+    """The columns are part of the settings id, so files of an older schema are rewritten."""
+    from pipeline.inference.config import InferConfig
+
+    assert InferConfig("in", "out").result_settings()["columns"] == SCHEMA_ID == schema_id(SCHEMA)
+    assert schema_id(SCHEMA.append(pa.field("extra", pa.string()))) != SCHEMA_ID
+    assert schema_id(SCHEMA.set(2, pa.field("width", pa.int64()))) != SCHEMA_ID

@@ -181,7 +181,7 @@ def test_the_evaluation_page_shows_the_json_report_s_figures(tmp_path):
     (tmp_path / "pred").mkdir()
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "pred" / "part-x.parquet")
     report = evaluate(EvalConfig(labels=str(labels), predictions=str(tmp_path / "pred"),
-                                 output=str(tmp_path / "eval.json")))
+                                 report=str(tmp_path / "eval.json")))
     assert report["report_html"] == str(tmp_path / "eval.html")
 
     page = load_page(tmp_path / "eval.html", evaluate="""(() => {

@@ -12,8 +12,8 @@ from helpers import sidecar, tar_members, write_tar
 
 from pipeline.demo.synthetic import write_sample_archive
 from pipeline.io.shards import list_shards
-from pipeline.stages.predictor import LandmarkPredictor
-from pipeline.stages.reader import ShardReader, decode_shard, encode_shard
+from pipeline.stages.predictor import LandmarkPredictor, PredictorSettings
+from pipeline.stages.reader import ReaderSettings, ShardReader, decode_shard, encode_shard
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,7 @@ def test_reader_rows_carry_keys_pixels_and_sizes(faces, tmp_path):
     write_tar(tmp_path / "a.tar", sorted(faces.items()))
     shard = list_shards(str(tmp_path))[0]
     assert decode_shard(encode_shard(shard)) == shard
-    batches = list(ShardReader(unit_rows=2).read(shard))
+    batches = list(ShardReader(ReaderSettings(unit_rows=2)).read(shard))
     assert [len(b["key"]) for b in batches] == [2, 2, 1]
     rows = _rows(batches)
     assert rows["key"].tolist() == [f"face-00000-{i:05d}" for i in range(5)]
@@ -108,7 +108,7 @@ def test_sample_level_errors(faces, tmp_path):
 def test_predictor_skips_error_rows_and_maps_to_pixels(faces, tmp_path, weights_file):
     write_tar(tmp_path / "p.tar", [("x.jpg", b"junk"), *sorted(faces.items())[:4]])
     batch = _rows(list(ShardReader().read(list_shards(str(tmp_path))[0])))
-    predictor = LandmarkPredictor(weights=weights_file[0], device="cpu")
+    predictor = LandmarkPredictor(PredictorSettings(weights=weights_file[0], device="cpu"))
     out = predictor(batch)
     assert "pixels" not in out and out["landmarks"].shape == (3, 68, 2)
     assert np.isnan(out["landmarks"][0]).all()
@@ -120,11 +120,11 @@ def test_predictor_skips_error_rows_and_maps_to_pixels(faces, tmp_path, weights_
 
 
 def test_nonfinite_model_outputs_are_error_rows_not_zero_points(faces, tmp_path, weights_file):
-    from pipeline.io.output import rows_to_table
+    from pipeline.io.rows import rows_to_table
 
     write_tar(tmp_path / "p.tar", sorted(faces.items())[:6])
     batch = _rows(list(ShardReader().read(list_shards(str(tmp_path))[0])))
-    predictor = LandmarkPredictor(weights=weights_file[0], device="cpu")
+    predictor = LandmarkPredictor(PredictorSettings(weights=weights_file[0], device="cpu"))
     real = predictor.forward
 
     def forward(pixels):  # one image's activations blow up (NaN), another's overflow (inf)
@@ -152,8 +152,9 @@ def test_nonfinite_model_outputs_are_error_rows_not_zero_points(faces, tmp_path,
 def test_gpu_predictor_matches_cpu_within_bf16_tolerance(faces, tmp_path, weights_file):
     write_tar(tmp_path / "g.tar", sorted(faces.items()))
     batch = _rows(list(ShardReader().read(list_shards(str(tmp_path))[0])))
-    cpu = LandmarkPredictor(weights=weights_file[0], device="cpu").forward(batch["pixels"])
-    gpu = LandmarkPredictor(weights=weights_file[0], device="cuda").forward(batch["pixels"])
+    cpu = LandmarkPredictor(PredictorSettings(weights=weights_file[0], device="cpu"))
+    gpu = LandmarkPredictor(PredictorSettings(weights=weights_file[0], device="cuda"))
+    cpu, gpu = cpu.forward(batch["pixels"]), gpu.forward(batch["pixels"])
     # bf16 autocast: outputs in [0, 1] of the crop agree to 2e-2 (about 4 px of the 224 input).
     np.testing.assert_allclose(gpu, cpu, atol=2e-2)
 

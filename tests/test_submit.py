@@ -156,7 +156,7 @@ def test_submit_no_wait_with_job_id_and_env(ray_head, submit, tmp_path, capsys):
     job_id = f"lmk-test-{uuid.uuid4().hex[:8]}"
     code = submit("--address", ray_head, "--no-wait", "--job-id", job_id,
                   "--env", "LMK_SUBMIT_TEST=yes", "evaluate", "--labels", "/nonexistent/labels",
-                  "--predictions", "/nonexistent/out", "--output", str(tmp_path / "r.json"))
+                  "--predictions", "/nonexistent/out", "--report", str(tmp_path / "r.json"))
 
     printed = capsys.readouterr()
     assert code == 0, printed.out + printed.err
@@ -169,7 +169,7 @@ def test_submit_no_wait_with_job_id_and_env(ray_head, submit, tmp_path, capsys):
     # (It fails soon after: no such labels. Not waited for; the teardown stops what is left.)
     # The same id again is refused by the cluster: not submitted, status 2.
     assert submit("--address", ray_head, "--no-wait", "--job-id", job_id, "evaluate",
-                  "--labels", "x", "--predictions", "y", "--output", "z") == 2
+                  "--labels", "x", "--predictions", "y", "--report", "z") == 2
     err = capsys.readouterr().err
     assert f"not submitted: ValueError: Job with submission_id {job_id} already exists" in err
     assert "Traceback" not in err

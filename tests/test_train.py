@@ -25,7 +25,7 @@ from pipeline.io.shards import list_shards, read_samples
 from pipeline.model.network import build_model, load_model, read_model_file, weights_version
 from pipeline.stages import faults
 from pipeline.stages.labels import LabelledReader
-from pipeline.stages.predictor import LandmarkPredictor
+from pipeline.stages.predictor import LandmarkPredictor, PredictorSettings
 from pipeline.stages.preprocess import to_pixels
 from pipeline.stages.reader import ShardReader
 from pipeline.training.config import AugmentConfig, FinetuneConfig, resolve_storage
@@ -185,14 +185,14 @@ def test_exported_model_gives_the_trained_weights_outputs(run, archive):
         assert np.array_equal(exported(x).numpy(), expected)
     # The inference job's own stages on the same shard give the same points, in pixels.
     batch = next(ShardReader().read(shard))
-    predicted = LandmarkPredictor(weights=summary.export, device="cpu")(batch)
+    predicted = LandmarkPredictor(PredictorSettings(weights=summary.export, device="cpu"))(batch)
     assert np.allclose(predicted["landmarks"], to_pixels(expected, rows["crop"]), atol=1e-3)
 
 
 def test_evaluation_of_the_export_and_of_inference_parquet(run, archive, tmp_path):
     summary = run[3]
     report = evaluate(
-        EvalConfig(labels=str(archive), weights=summary.export, output=str(tmp_path / "eval.json"))
+        EvalConfig(labels=str(archive), weights=summary.export, report=str(tmp_path / "eval.json"))
     )
     assert report["samples"] == 4
     assert report["nme"] == pytest.approx(summary.best["val_nme"], rel=1e-4)
@@ -222,7 +222,7 @@ def test_evaluation_of_the_export_and_of_inference_parquet(run, archive, tmp_pat
         EvalConfig(
             labels=str(archive),
             predictions=str(tmp_path / "pred"),
-            output=str(tmp_path / "pred.json"),
+            report=str(tmp_path / "pred.json"),
         )
     )
     assert report["samples"] == 3 and report["missing_predictions"] == 1
@@ -249,7 +249,7 @@ def test_config_refuses_bad_settings(archive, tmp_path):
     with pytest.raises(ValueError, match="max_rotation"):
         _config(archive, tmp_path, "x", augment={"max_rotation": -1})
     with pytest.raises(ValueError, match="exactly one of"):
-        EvalConfig(labels="x", output="y")
+        EvalConfig(labels="x", report="y")
 
 
 def test_command_line_builds_the_configs(archive, tmp_path):
@@ -283,7 +283,7 @@ def test_command_line_builds_the_configs(archive, tmp_path):
         ["finetune", "--input", "in", "--storage-path", "p", "--name", "n", "--max-rotation", "10"]
     )
     assert finetune_config(args).augment["max_rotation"] == 10.0
-    args = parse_args(["evaluate", "--labels", "l", "--predictions", "p", "--output", "o"])
+    args = parse_args(["evaluate", "--labels", "l", "--predictions", "p", "--report", "o"])
     assert args.run.__name__ == "run_evaluate"
 
 

@@ -20,7 +20,7 @@ from pipeline.io.report import ManifestWriter, Summary, read_receipts, write_man
 from pipeline.io.resume import completed_pieces, settings_id
 from pipeline.io.shards import Shard, list_shards
 from pipeline.stages.commit import PieceSpec, commit_piece, gather
-from pipeline.stages.reader import Beat, ShardReader
+from pipeline.stages.reader import Beat, ReaderSettings, ShardReader
 from pipeline.stages.units import (
     PieceAssembler,
     ReadTask,
@@ -47,7 +47,7 @@ def _shards(tmp_path, faces, sizes: list[int]) -> list[Shard]:
 
 
 def _read(task: ReadTask, **kw):
-    reader = ShardReader(**{"unit_rows": 4, **kw})
+    reader = ShardReader(ReaderSettings(**{"unit_rows": 4, **kw}))
     return list(reader.read_task(task))
 
 
@@ -459,7 +459,7 @@ def test_error_rows_weigh_what_they_hold_so_units_stay_under_the_cap(tmp_path, d
         for i in range(30):
             tar.addfile(tarfile.TarInfo(f"e{i:02d}.jpg"), io.BytesIO(b""))
     row = INPUT_SIZE * INPUT_SIZE * 3 if decode == "cpu" else ROW_BYTES
-    reader = ShardReader(unit_rows=1000, unit_bytes=10 * row, decode=decode)
+    reader = ShardReader(ReaderSettings(unit_rows=1000, unit_bytes=10 * row, decode=decode))
     units = list(reader.read_task(ReadTask(0, (ShardTask(list_shards(str(tmp_path))[0]),))))
     assert sum(h.rows for h, _ in units) == 30
     assert [h.rows for h, _ in units] == [10, 10, 10]
@@ -493,7 +493,7 @@ def test_a_read_task_passing_over_done_pieces_beats_where_the_input_says(tmp_pat
     write_sample_archive(str(tmp_path), num_shards=1, samples_per_shard=7, image_size=(32, 32))
     shard = list_shards(str(tmp_path))[0]
     task = ReadTask(0, (ShardTask(shard, frozenset({0, 1})),))  # rows 0-3 are done
-    reader = ShardReader(rows_per_file=2, unit_rows=32, beat_rows=2)
+    reader = ShardReader(ReaderSettings(rows_per_file=2, unit_rows=32, beat_rows=2))
     items = list(reader.read_task(task, beats=True))
     beats = [item for item in items if isinstance(item, Beat)]
     assert [(b.row, b.rows) for b in beats] == [(1, 2), (3, 2)]
@@ -506,6 +506,7 @@ def test_a_read_task_passing_over_done_pieces_beats_where_the_input_says(tmp_pat
              if isinstance(b, Beat)]
     assert again == [(b.row, b.rows, b.bytes) for b in beats]  # a retry beats the same
     # By bytes: a beat for every byte passed over is one for every row.
-    by_bytes = ShardReader(rows_per_file=2, beat_bytes=1).read_task(task, beats=True)
+    by_bytes = ShardReader(ReaderSettings(rows_per_file=2, beat_bytes=1))
+    by_bytes = by_bytes.read_task(task, beats=True)
     assert [b.row for b in by_bytes if isinstance(b, Beat)] == [0, 1, 2, 3]
     assert not any(isinstance(i, Beat) for i in reader.read_task(task))  # off by default

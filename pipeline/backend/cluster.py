@@ -54,7 +54,7 @@ def largest_node_cpus() -> float:
 def wants_gpu(device: str, cluster_gpus: int) -> bool:
     """Whether a job with ``--device device`` runs on GPUs; a clear error when it asks for CUDA
     on a cluster without any."""
-    use_gpu = device == "cuda" or (device == "auto" and cluster_gpus > 0)
+    use_gpu = device == "gpu" or (device == "auto" and cluster_gpus > 0)
     if use_gpu and cluster_gpus == 0:
-        raise BadInput("--device cuda was asked for but the Ray cluster has no GPUs")
+        raise BadInput("--device gpu was asked for but the Ray cluster has no GPUs")
     return use_gpu

@@ -59,13 +59,19 @@ from pipeline.stages.leases import (
     LeaseBook,
     Node,
     NodeSlots,
+    Placement,
     WorkLease,
     node_slots,
     plan_leases,
     spread_predictors,
 )
-from pipeline.stages.predictor import DECODE_COLUMN, DECODED_ON_DEVICE, decode_counts
-from pipeline.stages.reader import Beat
+from pipeline.stages.predictor import (
+    DECODE_COLUMN,
+    DECODED_ON_DEVICE,
+    PredictorSettings,
+    decode_counts,
+)
+from pipeline.stages.reader import Beat, ReaderSettings
 from pipeline.stages.units import (
     PieceAssembler,
     ReadTask,
@@ -99,18 +105,6 @@ GENERATOR_BOUND = {"_generator_backpressure_num_objects": 1}
 # CPU path: at CPU speed on the actor's one CPU, a GPU then waits for its input.
 FALLBACK_WARN_FRACTION = 0.05
 FALLBACK_WARN_AFTER = 200  # images decoded before the share means something
-
-
-@dataclass(frozen=True)
-class Placement:
-    """How the predictors run (``pipeline.inference.job.plan``): ``pool_size`` actors in all
-    (None: one per ``actor_gpus`` of every GPU in the cluster, growing as nodes join), with
-    these resources each; the read and commit slots are worked out per node."""
-
-    pool_size: int | None
-    actor_cpus: float
-    actor_gpus: float
-    concurrency: int
 
 
 @dataclass
@@ -247,7 +241,7 @@ def _attempt() -> int:
         return 0
 
 
-def _read_units(task: ReadTask, reader_kwargs: Mapping[str, Any]):
+def _read_units(task: ReadTask, settings: ReaderSettings):
     """The read task: yields each unit as two objects, its header and then its rows, and a
     ``Beat`` now and then while it passes over input without making a unit. The node agent
     fetches the small ones (headers, beats) and hands the rows on by reference, never
@@ -259,7 +253,7 @@ def _read_units(task: ReadTask, reader_kwargs: Mapping[str, Any]):
     if attempt:
         metrics.count("landmarks_retries_total", 1, {"stage": "read"})
     at, started, cpu = time.time(), time.perf_counter(), time.process_time()
-    for item in ShardReader(**reader_kwargs).read_task(task, beats=True):
+    for item in ShardReader(settings).read_task(task, beats=True):
         if isinstance(item, Beat):
             yield item
             continue
@@ -281,7 +275,7 @@ def _read_units(task: ReadTask, reader_kwargs: Mapping[str, Any]):
 class _Predictor:
     """The actor around a predictor class: one model per actor, ``(header, rows)`` per unit."""
 
-    def __init__(self, predictor_cls: type, kwargs: Mapping[str, Any],
+    def __init__(self, predictor_cls: type, settings: PredictorSettings,
                  weights_data: bytes | None = None):
         """``weights_data``: the model file's bytes, read once by the driver and put in the
         object store once (an argument Ray resolves: every actor, restarted ones included,
@@ -301,9 +295,7 @@ class _Predictor:
                         "started_at": started_at, "restarted": restarted,
                         "gpus": float(context.get_assigned_resources().get("GPU", 0.0)),
                         "busy_s": 0.0, "cpu_s": 0.0}
-        if weights_data is not None:
-            kwargs = {**kwargs, "weights_data": weights_data}
-        self.predictor = predictor_cls(**kwargs)
+        self.predictor = predictor_cls(settings, weights_data)
         self.node = _node_id()
         # Busy time is the union of the calls' spans (two run at once on a GPU).
         self.calls, self.busy_since, self.busy_lock = 0, 0.0, threading.Lock()
@@ -458,16 +450,15 @@ class _NodeRunner:
     ``abandon`` and ``progress`` (under ``lock``)."""
 
     def __init__(self, node_id: str, slots: NodeSlots, placement: Placement,
-                 reader_kwargs: Mapping[str, Any], predictor_cls: type,
-                 predictor_kwargs: Mapping[str, Any], commit: CommitSettings,
-                 stall_timeout: float, weights: list | None = None):
+                 reader: ReaderSettings, predictor_cls: type, predictor: PredictorSettings,
+                 commit: CommitSettings, stall_timeout: float, weights: list | None = None):
         """``weights``: ``[ObjectRef]`` of the model file's bytes (in a list: Ray resolves only
         a top-level reference, and the agent never needs the bytes themselves), or None."""
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         self.ray, self.node, self.slots = ray, node_id, slots
-        self.reader_kwargs, self.commit_settings = dict(reader_kwargs), commit
+        self.reader, self.commit_settings = reader, commit
         here = NodeAffinitySchedulingStrategy(node_id, soft=False)
         self.read = ray.remote(_read_units).options(
             num_cpus=slots.read_cpus, max_retries=READ_TASK_RETRIES, scheduling_strategy=here,
@@ -479,7 +470,7 @@ class _NodeRunner:
             num_cpus=placement.actor_cpus, num_gpus=placement.actor_gpus,
             max_concurrency=placement.concurrency, max_restarts=ACTOR_RESTARTS,
             max_task_retries=ACTOR_RESTARTS, scheduling_strategy=here)
-        self.actors = [actor.remote(predictor_cls, dict(predictor_kwargs), *(weights or ()))
+        self.actors = [actor.remote(predictor_cls, predictor, *(weights or ()))
                        for _ in range(slots.predictors)]
         # Units go only to actors that have started: one Ray cannot place (no GPU free) would
         # hold its units until the stall watchdog fires.
@@ -578,7 +569,7 @@ class _NodeRunner:
         tasks = plan_read_tasks(lease.shards, min_tasks=self.slots.max_reads)
         # Fewer tasks than read lanes (a few big shards): slices of them fill the lanes.
         tasks = slice_tasks(tasks, self.slots.max_reads, self._rows_of,
-                            min_rows=self.reader_kwargs.get("unit_rows") or 1)
+                            min_rows=self.reader.unit_rows)
         for task in tasks:
             task = ReadTask(self.next_task, task.shards)
             self.next_task += 1
@@ -593,7 +584,7 @@ class _NodeRunner:
         self._maybe_done(lease.id)  # a lease of nothing (cannot happen) ends at once
 
     def _rows_of(self, shard) -> int | None:
-        return estimate_rows(shard, self.reader_kwargs.get("storage_options"))
+        return estimate_rows(shard, self.reader.storage_options)
 
     def _abandon(self, lease_id: int) -> None:
         """Another attempt finished this lease first: stop reading it and drop its work."""
@@ -637,7 +628,7 @@ class _NodeRunner:
         while self.queue and len(self.streams) < self.slots.max_reads:
             task = self.queue.pop(0)
             self.streams.append(_Stream(task, self.task_lease[task.index],
-                                        self.read.remote(task, self.reader_kwargs)))
+                                        self.read.remote(task, self.reader)))
         room = (any(self.load[a] < self.slots_per_actor for a in self.started)
                 and len(self.commits) < self.slots.max_commits)
         waiting = [*self.starting, *self.predicting, *self.commits,
@@ -883,9 +874,9 @@ def _draining_nodes() -> set[str]:
 class LeaseRunner:
     """The driver: node agents, leases from one queue, receipts in batches."""
 
-    def __init__(self, placement: Placement, reader_kwargs: Mapping[str, Any],
-                 predictor_cls: type, predictor_kwargs: Mapping[str, Any],
-                 commit: CommitSettings, on_receipts: Callable[[list[dict[str, Any]]], None],
+    def __init__(self, placement: Placement, reader: ReaderSettings,
+                 predictor_cls: type, predictor: PredictorSettings, commit: CommitSettings,
+                 on_receipts: Callable[[list[dict[str, Any]]], None],
                  stall_timeout: float = 900.0, seed: int | None = None,
                  weights_data: bytes | None = None):
         """``weights_data``: the model file's bytes (read once by the job), put in the object
@@ -897,8 +888,8 @@ class LeaseRunner:
         self.ray = ray
         self.placement = placement
         weights = [ray.put(weights_data)] if weights_data is not None else None
-        self.agent_args = (placement, dict(reader_kwargs), predictor_cls,
-                           dict(predictor_kwargs), commit, stall_timeout, weights)
+        self.agent_args = (placement, reader, predictor_cls, predictor, commit, stall_timeout,
+                           weights)
         self.on_receipts, self.stall_timeout = on_receipts, stall_timeout
         self.agent_cls = ray.remote(_NodeAgent)
         self.rng = random.Random(seed)
@@ -914,8 +905,8 @@ class LeaseRunner:
     # -- agents --------------------------------------------------------------------------
 
     def _want(self, nodes: list[Node]) -> int:
-        if self.placement.pool_size is not None:
-            return self.placement.pool_size
+        if not self.placement.elastic:
+            return self.placement.count
         # Every GPU the cluster has now, one actor each (GPU runs only).
         return sum(int(n.gpus / self.placement.actor_gpus + 1e-9) for n in nodes)
 

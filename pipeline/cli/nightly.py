@@ -15,6 +15,7 @@ from pipeline.inference.config import InferConfig
 from pipeline.io.storage import resolve_storage_options, storage_options_arg
 from pipeline.ops.nightly import (
     RUN_OPTIONS,
+    Nights,
     default_date,
     first_night,
     ledger_dir,
@@ -94,7 +95,8 @@ def run_nightly(args: argparse.Namespace) -> int:
     announce_config(args, f"{root_of(args.output)}/{CONFIG_FILE}", base.storage_options,
                     leave_out=RUN_OPTIONS)
     with pushed_outcome(args, "landmarks_nightly", root_of(args.output)) as outcome:
-        code = run_nights(args, base, outcome)
+        code = run_nights(Nights(args.input, args.output, args.date, args.since), base,
+                          outcome)
         outcome.success = code == 0
     return code
 

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 from pipeline.cli.common import Command
 from pipeline.config.files import check_config, config_path, read_config, storage_reference
+from pipeline.config.options import renamed_flags
 from pipeline.io.storage import resolve_storage_options
 
 # name -> (module holding COMMANDS[name], one-line help for `landmarks --help`)
@@ -75,6 +76,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         raw = read_config(path, resolve_storage_options({}, [path])) if path else {}
         config = check_config(options, raw, path) if path else {}
         reference = storage_reference(options, rest, raw)
+    if spec is not None and spec.takes_config:  # old flags of renamed options, for a release
+        argv = argv[:position + 1] + renamed_flags(options, argv[position + 1:])
     args = build_parser(name, config).parse_args(argv)
     args.options, args.storage_reference = options, reference
     return args

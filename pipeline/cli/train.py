@@ -95,10 +95,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from pipeline.evaluation.evaluate import main, report_line
 
     storage_options = resolve_storage_options(
-        args.storage_options, [args.labels, args.weights, args.predictions, args.output, args.ced]
+        args.storage_options, [args.labels, args.weights, args.predictions, args.report, args.ced]
     )
     report = main(EvalConfig(**values_for(EvalConfig, args, storage_options=storage_options)))
-    print(f"summary: {report_line(report)} -> {args.output}")
+    print(f"summary: {report_line(report)} -> {args.report}")
     print(f"report: {report['report_html']}")
     return 0
 

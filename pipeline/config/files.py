@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.config.options import ConfigError, Option, check_value
+from pipeline.config.options import ConfigError, Option, check_value, deprecated
 from pipeline.io.storage import read_bytes, redact_values, write_bytes
 
 # The resolved config a job saves beside its output (reused with --config).
@@ -62,10 +62,15 @@ def read_config(uri: str, storage_options: Mapping[str, Any] | None = None) -> d
 def check_config(options: Iterable[Option], data: Mapping[str, Any],
                  source: str) -> dict[str, Any]:
     """Validate ``data`` against the command's options; return the values by option name."""
+    options = list(options)
     known = {o.name: o for o in options}
+    former = {old: o.name for o in options for old in o.formerly}
     values: dict[str, Any] = {}
     for raw_key, value in data.items():
         key = str(raw_key).replace("-", "_")
+        if key in former:
+            deprecated(f"{source}: key {raw_key!r}", repr(former[key]))
+            key = former[key]
         if key not in known:
             close = difflib.get_close_matches(key, known, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""

@@ -18,9 +18,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import sys
 import types
 import typing
-from collections.abc import Callable, Iterable, Mapping
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,6 +83,7 @@ def option(help: str | None = None, *, default: Any = MISSING,
            choices: Iterable[Any] | None = None, parse: Callable[[str], Any] | None = None,
            group: str | None = None, metavar: str | None = None, flag: str | None = None,
            exclusive: str | None = None, cli: bool = True, bounds: Bounds | None = None,
+           formerly: tuple[str, ...] = (), old_values: Mapping[str, Any] | None = None,
            **field_kwargs) -> Any:
     """A dataclass field that is also a command-line option and a config key.
 
@@ -89,10 +92,16 @@ def option(help: str | None = None, *, default: Any = MISSING,
     keeps the field off the command line (and out of configs); ``bounds`` is a number's range,
     checked on the command line, in config files and when the dataclass is built
     (``check_declared``). The help shows the default, taken from ``default``: never write it
-    into the help by hand (it would drift)."""
+    into the help by hand (it would drift).
+
+    A renamed option keeps its old names in ``formerly`` and a renamed value its old spelling in
+    ``old_values`` (old -> new) for one release: on the command line (``renamed_flags``), in
+    config files and (for values) in Python, the old spelling still works and says what
+    replaces it (``DEPRECATED``)."""
     meta = {"help": help, "choices": tuple(choices) if choices is not None else None,
             "parse": parse, "group": group, "metavar": metavar, "flag": flag,
-            "exclusive": exclusive, "cli": cli, "bounds": bounds}
+            "exclusive": exclusive, "cli": cli, "bounds": bounds, "formerly": tuple(formerly),
+            "old_values": dict(old_values or {})}
     return field(default=default, default_factory=default_factory,
                  metadata={_KEY: meta}, **field_kwargs)
 
@@ -113,6 +122,8 @@ class Option:
     metavar: str | None = None
     exclusive: str | None = None
     bounds: Bounds | None = None
+    formerly: tuple[str, ...] = ()  # old names, still read (with a warning)
+    old_values: Mapping[str, Any] = field(default_factory=dict)  # old spelling -> value
 
     def help_text(self, default: Any) -> str | None:
         """The help with the default the option really has (unless the help tells it)."""
@@ -132,10 +143,52 @@ def check_declared(instance: Any) -> None:
         value = getattr(instance, f.name)
         if not meta or value is None:
             continue
+        if isinstance(value, str) and value in meta["old_values"]:
+            new = meta["old_values"][value]
+            warnings.warn(f"{f.name}={value!r} is deprecated: use {new!r}", DeprecationWarning,
+                          stacklevel=3)
+            object.__setattr__(instance, f.name, new)  # frozen dataclasses too
+            value = new
         if meta["choices"] is not None and value not in meta["choices"]:
             raise BadInput(f"{f.name} must be one of {meta['choices']}, got {value!r}")
         if meta["bounds"] is not None and not meta["bounds"].holds(value):
             raise BadInput(f"{f.name} must be {meta['bounds']}, got {value!r}")
+
+
+DEPRECATED = ("{old} is deprecated and will be removed in the next release: use {new}")
+
+
+def deprecated(old: str, new: str) -> None:
+    """Tell the user (on stderr) that ``old`` is now ``new``."""
+    print(f"warning: {DEPRECATED.format(old=old, new=new)}", file=sys.stderr, flush=True)
+
+
+def _renamed_values(convert: Callable[[str], Any] | None, flag: str,
+                    old_values: Mapping[str, Any]) -> Callable[[str], Any]:
+    """An argparse ``type`` that takes the old spellings of values too (with a warning)."""
+    def parse(text: str) -> Any:
+        if text in old_values:
+            deprecated(f"{flag} {text}", f"{flag} {old_values[text]}")
+            return old_values[text]
+        return convert(text) if convert is not None else text
+
+    parse.__name__ = getattr(convert, "__name__", "value")
+    return parse
+
+
+def renamed_flags(options: Iterable[Option], argv: Sequence[str]) -> list[str]:
+    """``argv`` with the old flags of ``options`` (``formerly``) replaced by the new ones, each
+    said once on stderr. Done before parsing, so that the parser (its help, its required
+    options, its errors) knows the new names only."""
+    new = {"--" + old.replace("_", "-"): o.flag for o in options for old in o.formerly}
+    out = []
+    for arg in argv:
+        flag, eq, value = arg.partition("=")
+        if flag in new:
+            deprecated(flag, new[flag])
+            arg = new[flag] + eq + value
+        out.append(arg)
+    return out
 
 
 def _bounded(convert: Callable[[str], Any], bounds: Bounds) -> Callable[[str], Any]:
@@ -175,7 +228,8 @@ def options_of(*schemas: type, overrides: Mapping[str, Mapping[str, Any]] | None
                 default=default, required=required and not meta["exclusive"],
                 help=meta["help"], choices=meta["choices"], parse=meta["parse"],
                 group=meta["group"], metavar=meta["metavar"], exclusive=meta["exclusive"],
-                bounds=meta["bounds"]))
+                bounds=meta["bounds"], formerly=meta["formerly"],
+                old_values=meta["old_values"]))
     for name, changes in (overrides or {}).items():
         i = next(i for i, o in enumerate(out) if o.name == name)
         out[i] = dataclasses.replace(out[i], **changes)
@@ -231,6 +285,8 @@ def add_options(parser: argparse.ArgumentParser, options: Iterable[Option],
             convert = o.parse or (None if o.kind is str else o.kind)
             if o.bounds is not None and convert is not None:
                 convert = _bounded(convert, o.bounds)
+            if o.old_values:
+                convert = _renamed_values(convert, o.flag, o.old_values)
             kwargs.update(type=convert, choices=o.choices, metavar=o.metavar)
             if o.exclusive is None:
                 kwargs["required"] = o.required and config.get(o.name) is None
@@ -249,6 +305,9 @@ def check_value(o: Option, value: Any, where: str) -> Any:
         return None
     if isinstance(value, datetime.date):  # YAML reads an unquoted 2026-11-20 as a date
         value = value.isoformat()
+    if isinstance(value, str) and value in o.old_values:
+        deprecated(f"{where} {value!r}", repr(o.old_values[value]))
+        value = o.old_values[value]
     if o.kind is dict:
         if isinstance(value, str) and o.parse is not None:
             return _parse(o.parse, value, where)

@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 from pipeline.config.errors import BadInput
 from pipeline.config.options import above, at_least, check_declared, option, within
-from pipeline.model.geometry import DEVICES, PRECISIONS
+from pipeline.model.geometry import DEVICES, OLD_DEVICES, PRECISIONS
 from pipeline.model.metrics import DEFAULT_THRESHOLD
-from pipeline.stages.detect import DEFAULT_FACE_THRESHOLD
+from pipeline.stages.detect import DEFAULT_FACE_THRESHOLD, DETECT_MODES
 from pipeline.stages.labels import SPLITS
 from pipeline.training.config import LabelledData
 
@@ -22,7 +22,8 @@ class EvalConfig(LabelledData):
                                  exclusive="source")
     predictions: str | None = option("Parquet output of the inference job", default=None,
                                      exclusive="source")
-    output: str = option("report JSON URI")
+    report: str = option("the report's JSON file, any fsspec URI (its page and CED plot go "
+                         "beside it)", formerly=("output",))
     ced: str | None = option("CED plot PNG URI (default: the report path with .png)",
                              default=None)
     split: str = option(
@@ -34,12 +35,15 @@ class EvalConfig(LabelledData):
         "with --weights: never (crop the labelled face box, the landmark model alone) or always "
         "(find the faces in each labelled image with the face detector, as the inference job "
         "does, and score the one that overlaps the labelled face; a labelled face found nowhere "
-        "counts as a failure)", default="never", choices=("never", "always"))
+        "counts as a failure); auto, as in infer, searches only images without a face box, and "
+        "every labelled face has one (from its landmarks): the same as never",
+        default="never", choices=DETECT_MODES)
     face_threshold: float = option(
         "with --detect always: the detector score a face needs, in (0, 1), as in infer",
         default=DEFAULT_FACE_THRESHOLD, bounds=within(0, 1, lo_open=True, hi_open=True))
     batch_size: int = option("crops per model call", default=32, bounds=at_least(1))
-    device: str = option("auto: a GPU when there is one", default="auto", choices=DEVICES)
+    device: str = option("auto: a GPU when there is one", default="auto", choices=DEVICES,
+                         old_values=OLD_DEVICES)
     precision: str = option(
         "with --weights: bf16 (autocast for the backbone, the head in fp32) or fp32; auto: bf16 "
         "on a GPU, fp32 on the CPU (the inference job's default)", default="auto",
@@ -62,4 +66,4 @@ class EvalConfig(LabelledData):
 
     @property
     def ced_uri(self) -> str:
-        return self.ced or (self.output.rsplit(".", 1)[0] + ".png")
+        return self.ced or (self.report.rsplit(".", 1)[0] + ".png")

@@ -29,7 +29,7 @@ import numpy as np
 
 from pipeline.config.errors import BadInput
 from pipeline.evaluation.config import EvalConfig
-from pipeline.io.output import NO_FACE
+from pipeline.io.rows import NO_FACE
 from pipeline.io.shards import Sample, Shard, list_shards, read_samples
 from pipeline.model.metrics import auc, ced_curve, failure_rate, nme, plot_ced, summarize
 from pipeline.report.evaluation import render_evaluation, report_page_uri
@@ -75,12 +75,13 @@ def read_labels(
 
 def _with_model(cfg: EvalConfig, shards: list[Shard]):
     """Predicted and labelled points (crop units: NME is the same as in pixels), keys, skipped."""
-    from pipeline.stages.predictor import LandmarkPredictor
+    from pipeline.model.geometry import torch_device
+    from pipeline.stages.predictor import LandmarkPredictor, PredictorSettings
 
-    predictor = LandmarkPredictor(
-        weights=cfg.weights, storage_options=cfg.storage_options, device=cfg.device,
-        precision=cfg.precision,
-    )
+    predictor = LandmarkPredictor(PredictorSettings(
+        weights=cfg.weights, storage_options=cfg.storage_options,
+        device=torch_device(cfg.device),
+        precision=cfg.precision))
     reader = LabelledReader(
         split=cfg.split,
         val_fraction=cfg.val_fraction,
@@ -111,15 +112,16 @@ def _with_model_and_detector(cfg: EvalConfig, shards: list[Shard]):
     """Points (pixels) of the detected face that matches each labelled one, as the inference
     job would give them; the labelled faces no face matched."""
     from pipeline.model.detector import landmark_box
+    from pipeline.model.geometry import torch_device
     from pipeline.stages.detect import FaceFinder
     from pipeline.stages.labels import bbox_from_landmarks
-    from pipeline.stages.predictor import LandmarkPredictor
+    from pipeline.stages.predictor import LandmarkPredictor, PredictorSettings
     from pipeline.stages.preprocess import decode_image, to_pixels
 
-    predictor = LandmarkPredictor(
-        weights=cfg.weights, storage_options=cfg.storage_options, device=cfg.device,
-        precision=cfg.precision,
-    )
+    predictor = LandmarkPredictor(PredictorSettings(
+        weights=cfg.weights, storage_options=cfg.storage_options,
+        device=torch_device(cfg.device),
+        precision=cfg.precision))
     finder = FaceFinder(cfg.face_threshold, margin=cfg.margin)
     keys, preds, targets, skipped, missed, damaged = [], [], [], 0, [], []
     for shard in shards:
@@ -274,10 +276,10 @@ def main(cfg: EvalConfig) -> dict[str, Any]:
         "missing_predictions": missing,
         "worst": [[keys[i], float(per_sample[i])] for i in order],
         "ced_png": cfg.ced_uri,
-        "report_html": report_page_uri(cfg.output),
+        "report_html": report_page_uri(cfg.report),
         "config": {**asdict(cfg), "storage_options": sorted(cfg.storage_options)},
     }
-    write_bytes(cfg.output, json.dumps(report, indent=2).encode(), cfg.storage_options)
+    write_bytes(cfg.report, json.dumps(report, indent=2).encode(), cfg.storage_options)
     plot_ced(
         {cfg.split if cfg.split != "all" else "all": with_misses},
         cfg.ced_uri,

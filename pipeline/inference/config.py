@@ -12,9 +12,10 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from pipeline.config.options import above, at_least, check_declared, option, within
+from pipeline.io.rows import SCHEMA_ID
 from pipeline.io.shards import DEFAULT_FILES_PER_SHARD, DEFAULT_MAX_IMAGE_BYTES, FORMATS
 from pipeline.io.storage import redact_values, storage_options_arg
-from pipeline.model.geometry import DEVICES, INIT_CHOICES, PRECISIONS
+from pipeline.model.geometry import DEVICES, INIT_CHOICES, OLD_DEVICES, PRECISIONS
 from pipeline.stages.detect import (
     DEFAULT_FACE_THRESHOLD,
     DEFAULT_MAX_FACES,
@@ -115,11 +116,13 @@ class InferConfig:
         "GPUs each predictor actor reserves, in (0, 1]: 0.5 puts two actors (two models) on "
         "each GPU; one actor runs one model on one GPU", default=1.0,
         bounds=within(0, 1, lo_open=True), group=RUN)
-    predictor_cpus: float | None = option(
+    cpus_per_predictor: float | None = option(
         "CPUs per predictor actor (default: 1 with GPUs, else all but one)", default=None,
-        bounds=above(0), group=RUN)
+        bounds=above(0), group=RUN,
+        formerly=("predictor_cpus",))
     device: str = option("auto: GPU actors when the cluster has GPUs", default="auto",
-                         choices=DEVICES, group=RUN)
+                         choices=DEVICES,
+                         old_values=OLD_DEVICES, group=RUN)
     precision: str = option(
         "the landmark model's arithmetic: bf16 (autocast for the backbone, the head in fp32) "
         "or fp32; auto: bf16 on GPUs, fp32 on CPUs (bf16 on a CPU is only fast with AMX or "
@@ -132,10 +135,10 @@ class InferConfig:
     compile: bool = option(
         "torch.compile the model in each actor (faster steady state on GPU, ~1 min of compiling "
         "at start; off by default)", default=False, group=RUN)
-    predictor_concurrency: int | None = option(
+    calls_per_predictor: int | None = option(
         "batches each predictor actor works on at once (default: 2 on GPU, so copies and host "
         "work overlap the GPU's compute; 1 on CPU)", default=None, bounds=at_least(1),
-        group=RUN)
+        group=RUN, formerly=("predictor_concurrency",))
     ray_address: str | None = option("Ray cluster (default: RAY_ADDRESS, else local Ray)",
                                      default=None, group=RUN)
     force: bool = option(
@@ -161,8 +164,9 @@ class InferConfig:
         check_declared(self)  # choices and ranges, as declared with each option
 
     def result_settings(self) -> dict[str, Any]:
-        """The settings besides input and model that change the output rows (for resume)."""
-        return {"format": self.format, "image_column": self.image_column,
+        """What besides input and model decides the output files (for resume): the settings
+        that change the rows, and the columns (a release that changes them rewrites files)."""
+        return {"columns": SCHEMA_ID, "format": self.format, "image_column": self.image_column,
                 "key_column": self.key_column, "files_per_shard": self.files_per_shard,
                 "rows_per_file": self.rows_per_file, "margin": self.margin,
                 "max_pixels": self.max_pixels, "detect": self.detect,

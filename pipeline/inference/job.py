@@ -48,9 +48,11 @@ from pipeline.io.storage import check_writable, read_bytes, redact
 from pipeline.model.identity import model_identity
 from pipeline.model.precision import resolve_precision
 from pipeline.stages.commit import CommitSettings
+from pipeline.stages.detect import ImageSettings
 from pipeline.stages.faults import plan_from_env
-from pipeline.stages.leases import COMMIT_CPUS, MIN_FREE_CPUS, split_free_cpus
-from pipeline.stages.predictor import LandmarkPredictor
+from pipeline.stages.leases import MIN_FREE_CPUS, NodeSlots, Placement, split_free_cpus
+from pipeline.stages.predictor import LandmarkPredictor, PredictorSettings
+from pipeline.stages.reader import ReaderSettings
 from pipeline.stages.units import ShardTask
 
 log = logging.getLogger("pipeline")
@@ -139,11 +141,12 @@ def _run(cfg: InferConfig, job_config, predictor: type, *, output: str, shards, 
         cluster.ensure_ray(cfg.ray_address)
         cpus, gpus = cluster.cluster_resources()
         p = plan(cfg, cpus, gpus, node_cpus=cluster.largest_node_cpus())
+        actors = p.predictors
         log.info("predictors: %s %s actor(s) (%g GPU each), batch size %d, %s, %g CPU each, %d "
                  "call(s) at once; units of up to %d rows; decoding on the %s%s",
-                 p.pool_size if not p.elastic else f"{p.pool_size} (one per GPU, as nodes "
-                 "come and go)", "GPU" if p.use_gpu else "CPU", p.actor_gpus, p.batch_size,
-                 p.precision, p.actor_cpus, p.concurrency, p.unit_rows,
+                 actors.count if not actors.elastic else f"{actors.count} (one per GPU, as "
+                 "nodes come and go)", "GPU" if p.use_gpu else "CPU", actors.actor_gpus,
+                 p.batch_size, p.precision, actors.actor_cpus, actors.concurrency, p.unit_rows,
                  "GPU" if p.decode == "gpu" else "CPU", ", model compiled" if cfg.compile else "")
         if p.decode == "gpu" and not p.use_gpu:
             log.info("--decode gpu without GPUs: the CPU predictor actor decodes (torchvision)")
@@ -163,28 +166,9 @@ def _run(cfg: InferConfig, job_config, predictor: type, *, output: str, shards, 
 
         try:  # the live line hands the terminal back however the run ends
             runner = executor.LeaseRunner(
-                p.placement(),
-                reader_kwargs=dict(
-                    storage_options=dict(cfg.storage_options), margin=cfg.margin,
-                    max_pixels=cfg.max_pixels, image_column=cfg.image_column,
-                    key_column=cfg.key_column, unit_rows=p.unit_rows, faults=faults,
-                    decode=p.decode, rows_per_file=cfg.rows_per_file, unit_bytes=cfg.unit_bytes,
-                    detect=cfg.detect, max_faces=cfg.max_faces, min_face_size=cfg.min_face_size,
-                    face_threshold=cfg.face_threshold, max_image_bytes=cfg.max_image_bytes),
-                predictor_cls=predictor,
-                predictor_kwargs=dict(
-                    weights=cfg.weights, init=cfg.init, seed=cfg.seed,
-                    storage_options=dict(cfg.storage_options),
-                    device="cuda" if p.use_gpu else "cpu",
-                    # The core left to the read tasks is mostly idle on CPU (decoding is ~100x
-                    # cheaper than the CPU forward pass), so the model threads use it too: 2
-                    # threads run the forward pass ~1.9x faster than 1 on a 2-core machine.
-                    num_threads=None if p.use_gpu else math.ceil(p.actor_cpus) + 1,
-                    faults=faults, micro_batch=p.batch_size, compile=cfg.compile,
-                    precision=p.precision, max_pixels=cfg.max_pixels, margin=cfg.margin,
-                    face_threshold=cfg.face_threshold, max_faces=cfg.max_faces,
-                    min_face_size=cfg.min_face_size, expected_version=model_info.version),
-                commit=CommitSettings(output, model_info.version, settings, cfg.rows_per_file,
+                actors, reader_settings(cfg, p, faults), predictor,
+                predictor_settings(cfg, p, faults, model_info.version),
+                CommitSettings(output, model_info.version, settings, cfg.rows_per_file,
                                       dict(cfg.storage_options), faults, lease.token),
                 on_receipts=on_receipts, stall_timeout=cfg.stall_timeout,
                 weights_data=weights_data)
@@ -234,30 +218,47 @@ def _write_report(output: str, run_id: str, storage_options, shards) -> str | No
     return uri
 
 
+def image_settings(cfg: InferConfig) -> ImageSettings:
+    return ImageSettings(cfg.margin, cfg.max_pixels, cfg.face_threshold, cfg.max_faces,
+                         cfg.min_face_size)
+
+
+def reader_settings(cfg: InferConfig, p: Plan, faults: str = "") -> ReaderSettings:
+    """What every read task of the run gets."""
+    return ReaderSettings(
+        storage_options=dict(cfg.storage_options), images=image_settings(cfg), decode=p.decode,
+        detect=cfg.detect, image_column=cfg.image_column, key_column=cfg.key_column,
+        max_image_bytes=cfg.max_image_bytes, unit_rows=p.unit_rows, unit_bytes=cfg.unit_bytes,
+        rows_per_file=cfg.rows_per_file, faults=faults)
+
+
+def predictor_settings(cfg: InferConfig, p: Plan, faults: str = "",
+                       expected_version: str | None = None) -> PredictorSettings:
+    """What every predictor actor of the run gets."""
+    return PredictorSettings(
+        weights=cfg.weights, init=cfg.init, seed=cfg.seed,
+        storage_options=dict(cfg.storage_options), device="cuda" if p.use_gpu else "cpu",
+        # The core left to the read tasks is mostly idle on CPU (decoding is ~100x cheaper
+        # than the CPU forward pass), so the model threads use it too: 2 threads run the
+        # forward pass ~1.9x faster than 1 on a 2-core machine.
+        num_threads=None if p.use_gpu else math.ceil(p.predictors.actor_cpus) + 1,
+        micro_batch=p.batch_size, compile=cfg.compile, precision=p.precision,
+        images=image_settings(cfg), expected_version=expected_version, faults=faults)
+
+
 @dataclass(frozen=True)
 class Plan:
-    """How the job runs on this cluster: the choices the ``auto`` settings resolve to."""
+    """How the job runs on this cluster: the choices the ``auto`` settings resolve to.
+    ``slots``: the read and commit tasks the whole cluster runs at once beside the predictors
+    (each node agent works out its own share the same way, ``leases.node_slots``)."""
 
     use_gpu: bool
     decode: str
     batch_size: int
-    pool_size: int
-    actor_cpus: float
-    concurrency: int
-    unit_rows: int = 0
-    precision: str = "fp32"
-    actor_gpus: float = 0.0
-    max_reads: int = 1
-    read_cpus: float = 1.0
-    max_commits: int = 1
-    commit_cpus: float = COMMIT_CPUS
-    elastic: bool = False  # one actor per GPU of the nodes alive at any time
-
-    def placement(self):
-        from pipeline.backend.executor import Placement
-
-        return Placement(None if self.elastic else self.pool_size, self.actor_cpus,
-                         self.actor_gpus, self.concurrency)
+    unit_rows: int
+    precision: str
+    predictors: Placement
+    slots: NodeSlots
 
 
 def plan(cfg: InferConfig, cluster_cpus: float, cluster_gpus: int,
@@ -297,26 +298,22 @@ def plan(cfg: InferConfig, cluster_cpus: float, cluster_gpus: int,
     # ``node_cpus``: the largest node's CPUs (an actor runs on one node); the read and commit
     # slots below are the whole cluster's, each node agent works out its own share.
     node_cpus = cluster_cpus if node_cpus is None else min(node_cpus, cluster_cpus)
-    actor_cpus = cfg.predictor_cpus or (1 if use_gpu else max(1, node_cpus - 1))
+    actor_cpus = cfg.cpus_per_predictor or (1 if use_gpu else max(1, node_cpus - 1))
     actor_cpus = min(actor_cpus, (cluster_cpus - MIN_FREE_CPUS) / pool_size,
                      node_cpus - MIN_FREE_CPUS)
-    max_reads, read_cpus, max_commits, commit_cpus = split_free_cpus(
-        cluster_cpus - pool_size * actor_cpus, pool_size)
     return Plan(
         use_gpu=use_gpu,
         decode=decode,
         batch_size=batch_size,
-        pool_size=pool_size,
-        actor_cpus=actor_cpus,
-        # GPU: two calls at once per actor, so one batch's host work and copy overlap the
-        # other's GPU work (each thread has its own CUDA streams); CPU: one (it owns the cores).
-        concurrency=cfg.predictor_concurrency or (2 if use_gpu else 1),
-        precision=resolve_precision(cfg.precision, "cuda" if use_gpu else "cpu"),
-        actor_gpus=actor_gpus,
         unit_rows=cfg.unit_rows or (GPU_UNIT_ROWS if use_gpu else UNIT_BATCHES * batch_size),
-        max_reads=max_reads,
-        read_cpus=read_cpus,
-        max_commits=max_commits,
-        commit_cpus=commit_cpus,
-        elastic=use_gpu and not cfg.num_predictors,
+        precision=resolve_precision(cfg.precision, "cuda" if use_gpu else "cpu"),
+        predictors=Placement(
+            pool_size, actor_cpus, actor_gpus,
+            # GPU: two calls at once per actor, so one batch's host work and copy overlap the
+            # other's GPU work (each thread has its own CUDA streams); CPU: one (it owns the
+            # cores).
+            concurrency=cfg.calls_per_predictor or (2 if use_gpu else 1),
+            elastic=use_gpu and not cfg.num_predictors),
+        slots=NodeSlots(pool_size, *split_free_cpus(cluster_cpus - pool_size * actor_cpus,
+                                                    pool_size)),
     )

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.config.errors import BadInput
-from pipeline.io.output import output_file_name, split_stem
+from pipeline.io.output import output_file_name, split_stem, stem_of
 from pipeline.io.shards import Shard
 from pipeline.io.storage import (
     filesystem,
@@ -258,9 +258,9 @@ def retire_stale_outputs(output: str, input_uri: str, shards: list[Shard], model
     by_uri = {s.uri: s for s in shards}
     candidates = []  # (stem, shard or None)
     for rel in present:
-        if "/" in rel or not (rel.startswith("part-") and rel.endswith(".parquet")):
+        stem = None if "/" in rel else stem_of(rel)
+        if stem is None:
             continue
-        stem = rel[len("part-"):-len(".parquet")]
         found = split_stem(stem, by_name)
         if found is None:
             candidates.append((stem, None))

@@ -1,6 +1,6 @@
 """Find input shards and stream the samples out of them, through fsspec.
 
-Three layouts:
+Three layouts, registered in ``SHARD_FORMATS`` (the end of this module):
 
 - ``tar``: WebDataset-style; consecutive members sharing a key (the member name up to the first
   dot of its file name) form a sample: one image member plus an optional ``.json`` sidecar.
@@ -25,7 +25,7 @@ import math
 import posixpath
 import re
 import tarfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,7 +48,6 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".ppm", ".bmp")
 # 400 MB tar member once cost a read task 805 MB). 64 MiB holds a 4:2:0 JPEG or PNG far above
 # --max-pixels' 100 MP; --max-image-bytes raises it.
 DEFAULT_MAX_IMAGE_BYTES = 64 << 20
-FORMATS = ("auto", "tar", "parquet", "images")
 DEFAULT_FILES_PER_SHARD = 256  # loose images: files per output file (one "shard")
 
 
@@ -151,17 +150,6 @@ def _fingerprint(infos: list[dict]) -> str:
     return f"{sum(int(i.get('size') or 0) for i in infos)}:{digest.hexdigest()[:16]}"
 
 
-def _kind(path: str) -> str | None:
-    lower = path.lower()
-    if lower.endswith(".tar"):
-        return "tar"
-    if lower.endswith(".parquet"):
-        return "parquet"
-    if lower.endswith(IMAGE_EXTENSIONS):
-        return "images"
-    return None
-
-
 def list_shards(
     input_uri: str,
     fmt: str = "auto",
@@ -189,7 +177,7 @@ def list_shards(
 
     by_kind: dict[str, list[str]] = {}
     for path in sorted(infos):
-        kind = _kind(path)
+        kind = format_of(path)
         if kind is not None and not _hidden(relative(path)):
             by_kind.setdefault(kind, []).append(path)
     if fmt == "auto":
@@ -201,7 +189,7 @@ def list_shards(
     selected = by_kind.get(fmt, [])
     if not selected:
         raise BadInput(f"no {fmt} shards found under {input_uri} "
-                         f"(looked for {IMAGE_EXTENSIONS if fmt == 'images' else '.' + fmt})")
+                       f"(looked for {', '.join(SHARD_FORMATS[fmt].extensions)})")
 
     protocol = input_uri.split("://", 1)[0] + "://" if "://" in input_uri else ""
 
@@ -210,9 +198,9 @@ def list_shards(
         path is a whole URL already). ``paths`` keep what reads it."""
         return redact(path if "://" in path else protocol + path)
 
-    if fmt == "images":
+    if SHARD_FORMATS[fmt].groups_files:
         return [
-            Shard(name=name, uri=public(root), format="images", paths=tuple(group),
+            Shard(name=name, uri=public(root), format=fmt, paths=tuple(group),
                   root=root, fingerprint=_fingerprint([infos[p] for p in group]),
                   size=sum(int(infos[p].get("size") or 0) for p in group))
             for name, group in group_images(selected, relative, files_per_shard)
@@ -294,33 +282,32 @@ def read_samples(
     an error that stops the shard is raised after the samples read before it. A tar member
     above ``max_image_bytes`` is a ``too_large`` row, never read."""
     fs = filesystem(shard.uri, storage_options)[0]
-    if shard.format == "tar":
-        yield from _read_tar(fs, shard.paths[0], shard.uri, max_image_bytes)
-    elif shard.format == "parquet":
-        yield from _read_parquet(fs, shard.paths[0], shard.uri, image_column, key_column)
-    elif shard.format == "images":
-        transient: list[str] = []
-        for path in shard.paths:
-            key = posixpath.relpath(path, shard.root) if shard.root else path
-            uri = redact(fs.unstrip_protocol(path))
-            try:
-                yield Sample(key=key, data=retry(lambda p=path: fs.cat_file(p), uri, "read"))
-            except FileNotFoundError:
-                yield Sample(key=key, error=f"file disappeared before it was read: {uri}",
-                             error_kind="missing_file")
-            except StorageError as exc:  # transient errors that outlasted the retries
-                transient.append(uri)
-                yield Sample(key=key, error=str(exc), error_kind="storage")
-            except OSError as exc:  # access denied: permanent, a rerun would not help
-                yield Sample(key=key, error=str(exc), error_kind="storage")
-        if transient:
-            # Every file has its row; the shard-level error marks the group incomplete, so the
-            # next run reads it again instead of keeping these rows as final.
-            raise StorageError(f"{len(transient)} file(s) could not be read for transient "
-                               f"storage errors, e.g. {transient[0]}: the group is redone by "
-                               "the next run")
-    else:
-        raise ValueError(f"unknown shard format {shard.format!r}")
+    options = ReadOptions(image_column, key_column, max_image_bytes)
+    yield from _shard_format(shard).read(fs, shard, options)
+
+
+def _read_images(fs, shard: Shard, options: ReadOptions) -> Iterator[Sample]:
+    """A group of loose image files, a sample each, keyed by its path below the input root."""
+    transient: list[str] = []
+    for path in shard.paths:
+        key = posixpath.relpath(path, shard.root) if shard.root else path
+        uri = redact(fs.unstrip_protocol(path))
+        try:
+            yield Sample(key=key, data=retry(lambda p=path: fs.cat_file(p), uri, "read"))
+        except FileNotFoundError:
+            yield Sample(key=key, error=f"file disappeared before it was read: {uri}",
+                         error_kind="missing_file")
+        except StorageError as exc:  # transient errors that outlasted the retries
+            transient.append(uri)
+            yield Sample(key=key, error=str(exc), error_kind="storage")
+        except OSError as exc:  # access denied: permanent, a rerun would not help
+            yield Sample(key=key, error=str(exc), error_kind="storage")
+    if transient:
+        # Every file has its row; the shard-level error marks the group incomplete, so the
+        # next run reads it again instead of keeping these rows as final.
+        raise StorageError(f"{len(transient)} file(s) could not be read for transient "
+                           f"storage errors, e.g. {transient[0]}: the group is redone by "
+                           "the next run")
 
 
 def estimate_rows(shard: Shard, storage_options: Mapping[str, Any] | None = None,
@@ -328,30 +315,37 @@ def estimate_rows(shard: Shard, storage_options: Mapping[str, Any] | None = None
     """About how many rows (samples) a shard holds, for cutting it into slices: loose images
     one per file; Parquet from its footer; tar from the samples in its first ``probe_bytes``
     (one ranged read), scaled to its size. None when it cannot tell (it is then not sliced)."""
-    if shard.format == "images":
-        return len(shard.paths)
     try:
-        fs = filesystem(shard.uri, storage_options)[0]
-        path = shard.paths[0]
-        if shard.format == "parquet":
-            import pyarrow.parquet as pq
-
-            with fs.open(path, "rb") as f:
-                return int(pq.ParquetFile(f).metadata.num_rows)
-        if shard.format != "tar":
-            return None
-        head = retry(lambda: fs.cat_file(path, start=0, end=probe_bytes), shard.uri, "read")
-        keys, consumed = set(), 0
-        with contextlib.suppress(tarfile.TarError, EOFError, OSError), \
-                tarfile.open(fileobj=io.BytesIO(head), mode="r:") as tar:
-            for info in tar:
-                end = info.offset_data + -(-info.size // BLOCK) * BLOCK
-                if end > len(head):
-                    break
-                keys.add(_split_member_name(info.name)[0])
-                consumed = end
+        return _shard_format(shard).estimate(filesystem(shard.uri, storage_options)[0], shard,
+                                             probe_bytes)
     except Exception:  # an estimate only: the shard is read whole instead
         return None
+
+
+def _count_images(fs, shard: Shard, probe_bytes: int) -> int:
+    return len(shard.paths)
+
+
+def _count_parquet(fs, shard: Shard, probe_bytes: int) -> int:
+    import pyarrow.parquet as pq
+
+    with fs.open(shard.paths[0], "rb") as f:
+        return int(pq.ParquetFile(f).metadata.num_rows)
+
+
+def _count_tar(fs, shard: Shard, probe_bytes: int) -> int | None:
+    """The samples in the first ``probe_bytes`` (one ranged read), scaled to the shard's size."""
+    path = shard.paths[0]
+    head = retry(lambda: fs.cat_file(path, start=0, end=probe_bytes), shard.uri, "read")
+    keys, consumed = set(), 0
+    with contextlib.suppress(tarfile.TarError, EOFError, OSError), \
+            tarfile.open(fileobj=io.BytesIO(head), mode="r:") as tar:
+        for info in tar:
+            end = info.offset_data + -(-info.size // BLOCK) * BLOCK
+            if end > len(head):
+                break
+            keys.add(_split_member_name(info.name)[0])
+            consumed = end
     if not keys or not consumed:
         return None
     if len(head) < probe_bytes:  # the whole shard was in the probe
@@ -412,8 +406,7 @@ def _split_member_name(name: str) -> tuple[str, str]:
     return posixpath.join(directory, stem), ext.lower()
 
 
-def _read_tar(fs, path: str, uri: str, max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
-              ) -> Iterator[Sample]:
+def _read_tar(fs, shard: Shard, options: ReadOptions) -> Iterator[Sample]:
     """Stream a tar shard member by member (mode ``r|``: never seeks back, never loads it whole).
 
     tarfile ends its iteration without an error at a damaged member header, and takes a file
@@ -428,6 +421,7 @@ def _read_tar(fs, path: str, uri: str, max_image_bytes: int = DEFAULT_MAX_IMAGE_
     (pax and GNU long names and sparse files are regular members to tarfile). Folder entries
     hold nothing and are passed over.
     """
+    path, uri, max_image_bytes = shard.paths[0], shard.uri, options.max_image_bytes
     damage: list[str] = []
     with open_for_reading(path, fs, uri) as f:
         size = f.seek(0, 2)
@@ -520,8 +514,10 @@ def _next_header(f, offset: int, size: int) -> int | None:
     return None
 
 
-def _read_parquet(fs, path: str, uri: str, image_column: str, key_column: str
-                  ) -> Iterator[Sample]:
+def _read_parquet(fs, shard: Shard, options: ReadOptions) -> Iterator[Sample]:
+    """One sample per row: the image bytes and key columns, the others in ``meta``."""
+    path, uri = shard.paths[0], shard.uri
+    image_column, key_column = options.image_column, options.key_column
     import pyarrow.parquet as pq
 
     with open_for_reading(path, fs, uri) as f:
@@ -595,3 +591,46 @@ def json_value(value: Any) -> Any:
         return [json_value(v) for v in value]
     raise TypeError(f"no JSON form for a {type(value).__name__} value")
 
+
+@dataclass(frozen=True)
+class ReadOptions:
+    """How to read the samples of a shard (``--image-column``, ``--key-column``,
+    ``--max-image-bytes``)."""
+
+    image_column: str = "image"
+    key_column: str = "key"
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+
+
+@dataclass(frozen=True)
+class ShardFormat:
+    """One input layout: which files are its shards, how to stream their samples and about how
+    many rows a shard holds (``None``: cannot tell; the shard is then not sliced). Adding a
+    format is one entry in ``SHARD_FORMATS`` (docs/development.md)."""
+
+    name: str
+    extensions: tuple[str, ...]
+    read: Callable[[AbstractFileSystem, Shard, ReadOptions], Iterator[Sample]]
+    estimate: Callable[[AbstractFileSystem, Shard, int], int | None]
+    groups_files: bool = False  # loose files grouped into shards (else a file is a shard)
+
+
+SHARD_FORMATS = {f.name: f for f in (
+    ShardFormat("tar", (".tar",), _read_tar, _count_tar),
+    ShardFormat("parquet", (".parquet",), _read_parquet, _count_parquet),
+    ShardFormat("images", IMAGE_EXTENSIONS, _read_images, _count_images, groups_files=True),
+)}
+FORMATS = ("auto", *SHARD_FORMATS)
+
+
+def format_of(path: str) -> str | None:
+    """The format whose files end like ``path`` (None: not a shard)."""
+    lower = path.lower()
+    return next((f.name for f in SHARD_FORMATS.values() if lower.endswith(f.extensions)), None)
+
+
+def _shard_format(shard: Shard) -> ShardFormat:
+    try:
+        return SHARD_FORMATS[shard.format]
+    except KeyError:
+        raise ValueError(f"unknown shard format {shard.format!r}") from None

@@ -26,14 +26,15 @@ import socket
 import sys
 import time
 from collections.abc import Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import date, datetime, timedelta, timezone
 from typing import Any
 
 from pipeline.config.errors import BadInput, PipelineError
+from pipeline.inference.config import InferConfig
+from pipeline.io.output import shard_of, stem_of
 from pipeline.io.pushgateway import errors_by_kind
 from pipeline.io.report import cost_figures
-from pipeline.io.shards import CHUNK_NAME
 from pipeline.io.storage import filesystem, redact, redact_values, retry, write_bytes
 
 log = logging.getLogger("pipeline")
@@ -179,7 +180,18 @@ def first_night(date_: str, since: str | None, lookback_days: int = 0) -> str | 
     return (date.fromisoformat(date_) - timedelta(days=lookback_days)).isoformat()
 
 
-def select_dates(args: argparse.Namespace, storage_options: Mapping[str, Any] | None = None
+@dataclass(frozen=True)
+class Nights:
+    """What a nightly run covers: the roots (or ``{date}`` templates) of the input and output
+    partitions, the night ``date`` and, with ``since``, every existing partition from then on."""
+
+    input: str
+    output: str
+    date: str
+    since: str | None = None
+
+
+def select_dates(args: Nights, storage_options: Mapping[str, Any] | None = None
                  ) -> list[str]:
     """The dates this run covers: ``--date`` alone, or the existing partitions from ``--since``
     to ``--date`` plus ``--date`` itself (so a night without input is always recorded)."""
@@ -301,10 +313,7 @@ def _shard_names(files: list[str]) -> list[str]:
     names = set()
     for uri in files:
         base = posixpath.basename(uri)
-        if base.startswith("part-") and base.endswith(".parquet"):
-            base = base[len("part-"): -len(".parquet")]
-        match = CHUNK_NAME.fullmatch(base)
-        names.add(match.group(1) if match else base)
+        names.add(shard_of(stem_of(base) or base))
     return sorted(names)
 
 
@@ -332,10 +341,10 @@ def _report_previous(records: list[dict], ledger_uri: str) -> None:
 # The nightly command
 
 
-def run_nights(args: argparse.Namespace, base, outcome=None) -> int:
-    """Run the selected dates of ``args`` (``input``, ``output``, ``date``, ``since``) with the
-    inference settings ``base``, recording the run in the output's ledger (and its totals in
-    ``outcome``, a ``pushgateway.RunOutcome``, when given, however the run ends)."""
+def run_nights(args: Nights, base: InferConfig, outcome=None) -> int:
+    """Run the selected dates of ``args`` with the inference settings ``base``, recording the
+    run in the output's ledger (and its totals in ``outcome``, a ``pushgateway.RunOutcome``,
+    when given, however the run ends)."""
     selection = {"date": args.date, "since": args.since, "input": args.input,
                  "output": args.output}
     print(f"nightly: {'dates ' + args.since + ' to ' if args.since else 'date '}{args.date}, "
@@ -349,9 +358,10 @@ def run_nights(args: argparse.Namespace, base, outcome=None) -> int:
         code = _run_dates(args, base, ledger)
     except BaseException as exc:  # record why the run stopped, then let it propagate
         _fill_outcome(outcome, ledger)
-        bad_input = isinstance(exc, (ValueError, FileNotFoundError))
+        code = (exc.exit_code if isinstance(exc, PipelineError)
+                else 2 if isinstance(exc, (FileNotFoundError, PermissionError)) else None)
         status = "error" if isinstance(exc, Exception) else "interrupted"
-        ledger.finish(status, 2 if bad_input else None, f"{type(exc).__name__}: {exc}")
+        ledger.finish(status, code, f"{type(exc).__name__}: {exc}")
         try:
             ledger.save()
         except Exception:  # keep the original error; this one is only logged
@@ -371,7 +381,7 @@ def _fill_outcome(outcome, ledger: Ledger) -> None:
     outcome.errors_by_kind = errors_by_kind(entries)
 
 
-def _run_dates(args: argparse.Namespace, base, ledger: Ledger) -> int:
+def _run_dates(args: Nights, base: InferConfig, ledger: Ledger) -> int:
     from pipeline.inference.job import run_inference
 
     days = select_dates(args, base.storage_options)

@@ -25,8 +25,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.io.output import NO_FACE
 from pipeline.io.report import MANIFEST_DIR, read_manifest
+from pipeline.io.rows import NO_FACE
 from pipeline.io.storage import filesystem, read_bytes, redact, write_bytes
 from pipeline.report import page, svg
 

@@ -18,15 +18,10 @@ from typing import Any
 import numpy as np
 
 from pipeline.io.lease import LEASE_FILE, check_token
-from pipeline.io.output import (
-    NO_FACE,
-    output_file_name,
-    piece_stem,
-    rows_to_table,
-    write_table_atomic,
-)
+from pipeline.io.output import output_file_name, piece_stem, write_table_atomic
 from pipeline.io.report import face_score_counts
 from pipeline.io.resume import SHARD_FAILURE_KINDS, write_completion_record
+from pipeline.io.rows import NO_FACE, rows_to_table
 from pipeline.io.shards import Shard
 from pipeline.stages.faults import FaultPlan
 

@@ -23,7 +23,12 @@ import numpy as np
 from PIL import Image
 
 from pipeline.model.geometry import DEFAULT_FACE_THRESHOLD
-from pipeline.stages.preprocess import DEFAULT_MARGIN, crop_and_resize, crop_square
+from pipeline.stages.preprocess import (
+    DEFAULT_MARGIN,
+    DEFAULT_MAX_PIXELS,
+    crop_and_resize,
+    crop_square,
+)
 
 DETECT_MODES = ("auto", "always", "never")
 DEFAULT_MAX_FACES = 20
@@ -59,6 +64,23 @@ class FoundFace:
     score: float
     box: np.ndarray  # float32 (4,): the detector's box x0, y0, x1, y1 in image pixels
     keypoints: np.ndarray  # float32 (5, 2): eyes, nose tip, mouth corners
+
+
+@dataclass(frozen=True)
+class ImageSettings:
+    """How a sample's image becomes model inputs, wherever it is decoded (a read task or a
+    predictor): the crop's margin, the size cap, and the face search's threshold, number of
+    faces and smallest face."""
+
+    margin: float = DEFAULT_MARGIN
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    face_threshold: float = DEFAULT_FACE_THRESHOLD
+    max_faces: int = DEFAULT_MAX_FACES
+    min_face_size: float = DEFAULT_MIN_FACE_SIZE
+
+    def no_face(self) -> str:
+        """The ``error`` text of a ``no_face`` row under these settings."""
+        return no_face_error(self.face_threshold, self.min_face_size)
 
 
 class FaceFinder:

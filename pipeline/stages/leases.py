@@ -76,6 +76,20 @@ class Node:
 
 
 @dataclass(frozen=True)
+class Placement:
+    """How the predictors run (``pipeline.inference.job.plan``): ``count`` actors with these
+    resources each; ``elastic``: one per ``actor_gpus`` of every GPU in the cluster, growing
+    and shrinking as nodes come and go (``count`` is how many the cluster holds now). The read
+    and commit slots are worked out per node (``node_slots``)."""
+
+    count: int
+    actor_cpus: float
+    actor_gpus: float
+    concurrency: int
+    elastic: bool = False
+
+
+@dataclass(frozen=True)
 class NodeSlots:
     """What one node's agent runs at once."""
 

@@ -2,8 +2,8 @@
 described in ``pipeline.stages.reader``).
 
 ``pipeline.backend.executor`` runs it in a Ray actor; tests call it directly. The predictor drops
-``pixels`` / ``encoded`` / ``orientation`` / ``stored_size`` and adds ``landmarks`` (float32
-(68, 2), NaN on error rows) and ``model_version``.
+the columns only the stages use (``pipeline.io.rows.TRAVEL_ONLY``: pixels, image bytes) and adds
+``landmarks`` (NaN on error rows) and ``model_version``.
 
 Rows marked ``find_faces`` (``--decode gpu``, a sample without a box) are searched for faces
 here: the image is decoded once on the device (nvJPEG on CUDA; the CPU path for what nvJPEG does
@@ -22,18 +22,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from pipeline.model.geometry import INPUT_SIZE, NUM_LANDMARKS
-from pipeline.stages.detect import (
-    DEFAULT_FACE_THRESHOLD,
-    DEFAULT_MAX_FACES,
-    DEFAULT_MIN_FACE_SIZE,
-    face_crops,
-    no_face_error,
-)
+from pipeline.io.rows import BY_NAME, TRAVEL_ONLY
+from pipeline.model.geometry import INPUT_SIZE
+from pipeline.stages.detect import ImageSettings, face_crops
 from pipeline.stages.faults import FaultPlan
 from pipeline.stages.gpu_decode import (
     FORMAT,
@@ -45,14 +41,11 @@ from pipeline.stages.gpu_decode import (
     oriented,
 )
 from pipeline.stages.preprocess import (
-    DEFAULT_MARGIN,
-    DEFAULT_MAX_PIXELS,
     SampleError,
     crop_and_resize,
     decode_image,
     to_pixels,
 )
-from pipeline.stages.reader import DEVICE_DECODE_COLUMNS
 
 # Images decoded on the device at once to find faces: at most this many decoded full-size
 # images (and at most ``gpu_decode.decode_budget`` pixels of them) sit on the device together.
@@ -72,6 +65,27 @@ def decode_counts(column) -> dict[str, int]:
     return {str(v): int(n) for v, n in zip(values, counts, strict=True)}
 
 
+@dataclass(frozen=True)
+class PredictorSettings:
+    """What a predictor needs, built once from the job's config (``pipeline.inference.job``)
+    and handed to every predictor actor as it is. ``expected_version``: the model version the
+    run records; a model file that loads as another one stops the actor."""
+
+    weights: str | None = None
+    init: str = "random"
+    seed: int = 0
+    storage_options: Mapping[str, Any] = field(default_factory=dict, repr=False)
+    device: str = "auto"
+    num_threads: int | None = None
+    micro_batch: int = 64
+    compile: bool = False
+    compile_backend: str = "inductor"
+    precision: str = "auto"
+    images: ImageSettings = ImageSettings()
+    expected_version: str | None = None
+    faults: str = ""
+
+
 class LandmarkPredictor:
     """Run the keypoint model on a unit's rows. Loads the model once (once per Ray actor).
 
@@ -80,27 +94,8 @@ class LandmarkPredictor:
     pass), channels_last, double-buffered copies, optional ``torch.compile``.
     """
 
-    def __init__(
-        self,
-        weights: str | None = None,
-        init: str = "random",
-        seed: int = 0,
-        storage_options: Mapping[str, Any] | None = None,
-        device: str = "auto",
-        num_threads: int | None = None,
-        faults: str = "",
-        micro_batch: int = 64,
-        compile: bool = False,
-        compile_backend: str = "inductor",
-        max_pixels: int = DEFAULT_MAX_PIXELS,
-        margin: float = DEFAULT_MARGIN,
-        face_threshold: float = DEFAULT_FACE_THRESHOLD,
-        max_faces: int = DEFAULT_MAX_FACES,
-        min_face_size: float = DEFAULT_MIN_FACE_SIZE,
-        precision: str = "auto",
-        expected_version: str | None = None,
-        weights_data: bytes | None = None,
-    ):
+    def __init__(self, settings: PredictorSettings = PredictorSettings(),
+                 weights_data: bytes | None = None):
         """``weights_data``: the model file's bytes as the run read them once (``weights``
         then only names the file); without them the file is read from ``weights``."""
         import torch
@@ -109,24 +104,23 @@ class LandmarkPredictor:
         from pipeline.model.network import load_model
         from pipeline.stages.runner import ModelRunner
 
+        s = self.settings = settings
+        device = s.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
         if self.device.type == "cpu":
-            threads = num_threads or int(os.environ.get("OMP_NUM_THREADS", "0")) or None
+            threads = s.num_threads or int(os.environ.get("OMP_NUM_THREADS", "0")) or None
             if threads:
                 torch.set_num_threads(threads)
-        model, self.info = load_model(weights, init, storage_options, seed, weights_data)
-        check_loaded(self.info, expected_version)  # the version the run records, or stop
-        self.runner = ModelRunner(model, self.device, micro_batch, compile, compile_backend,
-                                  precision)
-        self.max_pixels = max_pixels
-        self.micro_batch = micro_batch
-        self.faults = FaultPlan(faults)
+        model, self.info = load_model(s.weights, s.init, s.storage_options, s.seed,
+                                      weights_data)
+        check_loaded(self.info, s.expected_version)  # the version the run records, or stop
+        self.runner = ModelRunner(model, self.device, s.micro_batch, s.compile,
+                                  s.compile_backend, s.precision)
+        self.images, self.micro_batch = s.images, s.micro_batch
+        self.faults = FaultPlan(s.faults)
         self.batches = 0
-        self.margin = margin
-        self.face_threshold, self.max_faces = face_threshold, max_faces
-        self.min_face_size = min_face_size
         self._detector = None  # loaded on the first row to search for faces
 
     def forward(self, pixels) -> np.ndarray:
@@ -159,10 +153,9 @@ class LandmarkPredictor:
         if "find_faces" in batch and np.any(batch["find_faces"]):
             with self.runner.stream():
                 batch, source, found, slot, decoded = self.find_faces(batch)
-        out = {k: v for k, v in batch.items()
-               if k != "pixels" and k not in DEVICE_DECODE_COLUMNS}
+        out = {k: v for k, v in batch.items() if k not in TRAVEL_ONLY}
         n = len(batch["key"])
-        landmarks = np.full((n, NUM_LANDMARKS, 2), np.nan, dtype=np.float32)
+        landmarks = BY_NAME["landmarks"].empty(n)
         ok = np.asarray([not e for e in batch["error"]], dtype=bool)
         if "encoded" in batch and ok.any():
             # Rows whose faces were found here have their crops cut already; decode the rest.
@@ -271,7 +264,7 @@ class LandmarkPredictor:
                 out["error"][at], out["error_kind"][at] = str(errors[j]), errors[j].kind
                 out["width"][at] = out["height"][at] = 0
             elif not face_rows[j]:
-                out["error"][at] = no_face_error(self.face_threshold, self.min_face_size)
+                out["error"][at] = self.images.no_face()
                 out["error_kind"][at] = "no_face"
             if face_rows.get(j):
                 count, (scores, boxes, points) = len(face_rows[j]), faces[j]
@@ -311,19 +304,19 @@ class LandmarkPredictor:
         for j in part:
             if j not in images:
                 try:
-                    picture = decode_image(encoded[j], self.max_pixels)
+                    picture = decode_image(encoded[j], self.images.max_pixels)
                 except SampleError as exc:
                     errors[j] = exc
                     continue
                 images[j] = torch.from_numpy(np.array(picture)).permute(2, 0, 1).to(device)
         views = {j: oriented(images[j], orientations[j]) for j in part if j in images}
-        detected = detect(self._detector, list(views.values()), self.face_threshold,
-                          self.max_faces, self.min_face_size)
+        detected = detect(self._detector, list(views.values()), self.images.face_threshold,
+                          self.images.max_faces, self.images.min_face_size)
         sources, first = [], len(crops)
         for (j, view), f in zip(views.items(), detected, strict=True):
             height, width = view.shape[1:]
             faces[j] = (f.scores.cpu().numpy(), f.boxes.cpu().numpy(), f.keypoints.cpu().numpy())
-            cut = face_crops(faces[j][1], width, height, self.margin)
+            cut = face_crops(faces[j][1], width, height, self.images.margin)
             face_rows[j] = list(range(len(crops), len(crops) + len(cut)))
             sources += [j] * len(cut)
             crops += cut
@@ -360,7 +353,7 @@ class LandmarkPredictor:
         errors = {}
         for j in np.flatnonzero(paths != DECODED_ON_DEVICE):
             try:
-                image = decode_image(bytes(encoded[j]), self.max_pixels)
+                image = decode_image(bytes(encoded[j]), self.images.max_pixels)
                 cpu = crop_and_resize(image, tuple(batch["crop"][rows[j]]))
                 pixels[j] = torch.from_numpy(np.require(cpu, requirements=["W"])).to(
                     pixels.device)

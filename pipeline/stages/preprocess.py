@@ -24,34 +24,16 @@ DEFAULT_MAX_PIXELS = 100_000_000
 
 class SampleError(ValueError):
     """Bad input for one sample: becomes that row's ``error`` (and ``error_kind``, one of
-    ``ERROR_KINDS``); the job goes on."""
+    ``pipeline.io.rows.ERROR_KINDS``); the job goes on."""
 
     def __init__(self, message: str, kind: str = "invalid"):
         super().__init__(message)
         self.kind = kind
 
 
-# What the end-of-run summary counts errors by (the output's ``error_kind``).
 # A sidecar box may reach past the image (the crop is padded black), up to this many times the
 # image's width / height; so a crop, padding included, stays within a few times the image.
 MAX_BBOX_SCALE = 2.0
-ERROR_KINDS = (
-    "empty",          # a 0-byte image
-    "decode",         # not an image, truncated, broken CRC, unsupported
-    "too_large",      # above --max-pixels, refused before decoding
-    "bad_sidecar",    # the .json sidecar is not a JSON object
-    "bad_bbox",       # the face box is malformed, empty, inverted or outside the image
-    "no_image",       # a key whose members hold no image
-    "duplicate_key",  # a key seen earlier in the same shard, or a key's second image
-    "bad_key",        # a null or empty key (Parquet), a tar member without a file name stem
-    "unsupported_member",  # a tar link, device or FIFO member: not followed, not read
-    "missing_file",   # listed, then gone before it was read
-    "storage",        # read failed for good (access denied, retries exhausted)
-    "shard_error",    # the shard itself is damaged or unreadable: rows after it are lost
-    "nonfinite_output",  # the model gave NaN or inf for a good input (broken weights)
-    "no_face",        # searched for faces (--detect) and none found: counted apart, not an error
-    "invalid",        # anything else wrong with the sample
-)
 
 
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:

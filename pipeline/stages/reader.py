@@ -2,32 +2,8 @@
 
 ``pipeline.backend.executor`` runs them in Ray tasks and actors; tests call them directly. A unit's
 rows are a dict of numpy arrays (which pieces of which shards they belong to is in the unit's
-header, ``pipeline.stages.units``). Between the stages the rows carry:
-
-=========== ==================== ===============================================================
-column      dtype / shape        meaning
-=========== ==================== ===============================================================
-key         str                  sample key ("" for a shard-level error row)
-shard       str                  input shard URI
-width       int32                oriented image width (0 when unknown)
-height      int32                oriented image height (0 when unknown)
-bbox        float32 (4,)         sidecar face box, NaN when none
-face        int16                the face's index in its image, by descending score (0 when
-                                 the image was not searched for faces, or none was found)
-face_score  float32              the detector's score, NaN when not detected
-face_box    float32 (4,)         the detector's box, NaN when not detected
-face_points float32 (5, 2)       the detector's 5 keypoints, NaN when not detected
-crop        float64 (3,)         square crop ``x0, y0, side`` in source pixels
-meta        str                  sidecar JSON ("" when none)
-error       str                  what went wrong ("" when fine)
-error_kind  str                  one of ``preprocess.ERROR_KINDS`` ("" when fine)
-pixels      uint8 (224, 224, 3)  the model input, zeros on error rows (``decode="cpu"`` only)
-encoded     bytes                the image file's bytes (``decode="gpu"`` only)
-orientation int8                 its EXIF orientation 1..8 (``decode="gpu"`` only)
-stored_size int32 (2,)           its width, height before orientation (``decode="gpu"`` only)
-on_device   bool                 the device decoder takes it (``decode="gpu"`` only)
-find_faces  bool                 the predictor finds the faces (``decode="gpu"`` only)
-=========== ==================== ===============================================================
+header, ``pipeline.stages.units``). The columns, what each holds between the stages and in the
+files, are declared in ``pipeline.io.rows``.
 
 With ``decode="cpu"`` the read task decodes, crops and resizes (PIL); a sample without a face box
 (``--detect auto``) or every sample (``always``) goes through the face detector there
@@ -42,8 +18,8 @@ to search for faces goes as its bytes with ``find_faces`` set and no crop: the p
 it once on its device, detects there and cuts each face's crop from that decoded image, and
 returns one row per face (``pipeline.stages.predictor``).
 
-The predictor drops ``pixels`` / ``encoded`` / ``orientation`` / ``stored_size`` and adds
-``landmarks`` (float32 (68, 2), NaN on error rows) and ``model_version``.
+The predictor drops the columns only the stages use (``rows.TRAVEL_ONLY``) and adds those it
+makes (``landmarks``, ``model_version``).
 """
 
 from __future__ import annotations
@@ -52,29 +28,25 @@ import contextlib
 import json
 import tarfile
 from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 
 from pipeline.config.errors import BadInput
+from pipeline.io.rows import NO_FACE, empty_rows
 from pipeline.io.shards import DEFAULT_MAX_IMAGE_BYTES, Sample, Shard, read_samples
 from pipeline.model.geometry import INPUT_SIZE
 from pipeline.stages.detect import (
-    DEFAULT_FACE_THRESHOLD,
-    DEFAULT_MAX_FACES,
-    DEFAULT_MIN_FACE_SIZE,
     DETECT_MODES,
     FaceFinder,
     FoundFace,
+    ImageSettings,
     needs_detection,
-    no_face_error,
 )
 from pipeline.stages.faults import FaultPlan
-from pipeline.stages.gpu_decode import probe_and_crop
+from pipeline.stages.gpu_decode import Probe, probe_and_crop
 from pipeline.stages.preprocess import (
-    DEFAULT_MARGIN,
-    DEFAULT_MAX_PIXELS,
     SampleError,
     decode_image,
     preprocess,
@@ -99,7 +71,6 @@ def decode_shard(text: str) -> Shard:
 
 
 DECODE_MODES = ("cpu", "gpu")
-DEVICE_DECODE_COLUMNS = ("encoded", "orientation", "stored_size", "on_device", "find_faces")
 # What a unit may hold: rows, and bytes of pixels (decode="cpu") or encoded images ("gpu").
 DEFAULT_UNIT_BYTES = 256 << 20
 
@@ -109,46 +80,100 @@ DEFAULT_UNIT_BYTES = 256 << 20
 ROW_BYTES = 256
 
 
-def empty_rows(n: int, decode: str = "cpu") -> dict[str, np.ndarray]:
-    rows = {
-        "key": np.empty(n, dtype=object),
-        "shard": np.empty(n, dtype=object),
-        "width": np.zeros(n, dtype=np.int32),
-        "height": np.zeros(n, dtype=np.int32),
-        "bbox": np.full((n, 4), np.nan, dtype=np.float32),
-        "face": np.zeros(n, dtype=np.int16),
-        "face_score": np.full(n, np.nan, dtype=np.float32),
-        "face_box": np.full((n, 4), np.nan, dtype=np.float32),
-        "face_points": np.full((n, 5, 2), np.nan, dtype=np.float32),
-        "crop": np.full((n, 3), np.nan, dtype=np.float64),
-        "meta": np.full(n, "", dtype=object),
-        "error": np.full(n, "", dtype=object),
-        "error_kind": np.full(n, "", dtype=object),
-    }
-    if decode == "gpu":
-        rows["encoded"] = np.full(n, b"", dtype=object)
-        rows["orientation"] = np.ones(n, dtype=np.int8)
-        rows["stored_size"] = np.zeros((n, 2), dtype=np.int32)
-        rows["on_device"] = np.zeros(n, dtype=bool)
-        rows["find_faces"] = np.zeros(n, dtype=bool)
-    else:
-        rows["pixels"] = np.zeros((n, INPUT_SIZE, INPUT_SIZE, 3), dtype=np.uint8)
-    return rows
+PIXEL_BYTES = INPUT_SIZE * INPUT_SIZE * 3  # one row's model input (decode="cpu")
 
 
-class _Detected:
-    """What the detector made of one image: its size and its faces (none: a no_face row)."""
+# What the read stage made of one sample: one record per case. Each knows how many output rows
+# the sample becomes, what it weighs in its unit, and how it fills its rows' own columns (the
+# columns every row has, key, shard, meta and bbox, are the reader's).
+@dataclass(frozen=True)
+class ErrorRow:
+    """A sample that is an error row: its own (read, sidecar) or its decoding's."""
 
-    def __init__(self, width: int, height: int, faces: list[FoundFace], finder: FaceFinder):
-        self.width, self.height, self.faces = width, height, faces
-        self.error = "" if faces else no_face_error(finder.threshold, finder.min_size)
+    error: str
+    kind: str
+    rows = 1
+
+    def weight(self, decode: str) -> int:  # a row's pixels are zeros on error rows
+        return PIXEL_BYTES if decode == "cpu" else ROW_BYTES
+
+    def fill(self, out: dict[str, np.ndarray], i: int) -> None:
+        out["error"][i], out["error_kind"][i] = self.error, self.kind
 
 
-class _FindOnDevice:
-    """A sample the predictor searches for faces on its device (``decode="gpu"``)."""
+@dataclass(frozen=True)
+class Decoded:
+    """``decode="cpu"``: the model input, cut and resized here."""
 
-    def __init__(self, info, data: bytes):
-        self.info, self.data = info, data
+    pixels: np.ndarray
+    width: int
+    height: int
+    crop: tuple[float, float, float]
+    rows = 1
+
+    def weight(self, decode: str) -> int:
+        return PIXEL_BYTES
+
+    def fill(self, out: dict[str, np.ndarray], i: int) -> None:
+        out["pixels"][i] = self.pixels
+        out["width"][i], out["height"][i] = self.width, self.height
+        out["crop"][i] = self.crop
+
+
+@dataclass(frozen=True)
+class FacesFound:
+    """``decode="cpu"``: what the detector found in the image, one row per face; no face is
+    one ``no_face`` row (``error`` says what was searched for)."""
+
+    width: int
+    height: int
+    faces: list[FoundFace]
+    no_face: str
+
+    @property
+    def rows(self) -> int:
+        return max(1, len(self.faces))
+
+    def weight(self, decode: str) -> int:
+        return PIXEL_BYTES * self.rows
+
+    def fill(self, out: dict[str, np.ndarray], i: int) -> None:
+        out["width"][i:i + self.rows], out["height"][i:i + self.rows] = self.width, self.height
+        if not self.faces:
+            out["error"][i], out["error_kind"][i] = self.no_face, NO_FACE
+        for k, face in enumerate(self.faces, start=i):
+            out["pixels"][k], out["crop"][k] = face.pixels, face.crop
+            out["face"][k], out["face_score"][k] = k - i, face.score
+            out["face_box"][k], out["face_points"][k] = face.box, face.keypoints
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """``decode="gpu"``: the image file's bytes for the predictor to decode, with what its
+    header says; ``crop`` None: the predictor finds the faces (and so the crops) itself."""
+
+    info: Probe
+    data: bytes
+    crop: tuple[float, float, float] | None
+    rows = 1
+
+    def weight(self, decode: str) -> int:
+        return len(self.data)
+
+    def fill(self, out: dict[str, np.ndarray], i: int) -> None:
+        info = self.info
+        out["encoded"][i] = self.data
+        out["orientation"][i] = info.orientation
+        out["stored_size"][i] = info.width, info.height
+        out["on_device"][i] = info.device_decodable
+        out["width"][i], out["height"][i] = info.oriented_width, info.oriented_height
+        if self.crop is None:
+            out["find_faces"][i] = True
+        else:
+            out["crop"][i] = self.crop
+
+
+Prepared = ErrorRow | Decoded | FacesFound | Encoded
 
 
 def _meta_json(sample: Sample) -> str:
@@ -192,55 +217,52 @@ class Beat:
     bytes: int
 
 
+@dataclass(frozen=True)
+class ReaderSettings:
+    """What a read task needs, built once from the job's config (``pipeline.inference.job``)
+    and handed to every read task as it is.
+
+    A unit closes at ``unit_rows`` rows or ``unit_bytes`` bytes, and its header maps its rows
+    to output pieces of ``rows_per_file`` rows. ``beat_bytes`` / ``beat_rows``: how much input a
+    read task passes over (rows it does not process: a resumed shard's done pieces, the rows
+    before a slice) between two ``Beat``s when ``read_task`` is asked for them."""
+
+    storage_options: Mapping[str, Any] = field(default_factory=dict, repr=False)
+    images: ImageSettings = ImageSettings()
+    decode: str = "cpu"
+    detect: str = "never"
+    image_column: str = "image"
+    key_column: str = "key"
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+    unit_rows: int = 32
+    unit_bytes: int = DEFAULT_UNIT_BYTES
+    rows_per_file: int = DEFAULT_ROWS_PER_FILE
+    beat_bytes: int = BEAT_BYTES
+    beat_rows: int = BEAT_ROWS
+    faults: str = ""
+
+    def __post_init__(self):
+        if self.decode not in DECODE_MODES:
+            raise BadInput(f"decode must be one of {DECODE_MODES}, got {self.decode!r}")
+        if self.detect not in DETECT_MODES:
+            raise BadInput(f"detect must be one of {DETECT_MODES}, got {self.detect!r}")
+
+
 class ShardReader:
     """The read stage: stream the shards of a read task and yield units of preprocessed rows.
 
-    ``read_task`` yields ``(UnitHeader, rows)`` per unit (``pipeline.stages.units``): a unit closes
-    at ``unit_rows`` rows or ``unit_bytes`` bytes, and its header maps its rows to output pieces of
-    ``rows_per_file`` rows. Rows of pieces a task says to skip are read past (a tar has to be) but
-    neither decoded nor sent on.
+    ``read_task`` yields ``(UnitHeader, rows)`` per unit (``pipeline.stages.units``). Rows of
+    pieces a task says to skip are read past (a tar has to be) but neither decoded nor sent on.
     """
 
-    def __init__(
-        self,
-        storage_options: Mapping[str, Any] | None = None,
-        margin: float = DEFAULT_MARGIN,
-        max_pixels: int = DEFAULT_MAX_PIXELS,
-        image_column: str = "image",
-        key_column: str = "key",
-        unit_rows: int = 32,
-        faults: str = "",
-        decode: str = "cpu",
-        rows_per_file: int = DEFAULT_ROWS_PER_FILE,
-        unit_bytes: int = DEFAULT_UNIT_BYTES,
-        detect: str = "never",
-        max_faces: int = DEFAULT_MAX_FACES,
-        min_face_size: float = DEFAULT_MIN_FACE_SIZE,
-        face_threshold: float = DEFAULT_FACE_THRESHOLD,
-        max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
-        beat_bytes: int = BEAT_BYTES,
-        beat_rows: int = BEAT_ROWS,
-    ):
-        """``beat_bytes`` / ``beat_rows``: how much input a read task passes over (rows it does
-        not process: a resumed shard's done pieces, the rows before a slice) between two
-        ``Beat``s when ``read_task`` is asked for them."""
-        if decode not in DECODE_MODES:
-            raise BadInput(f"decode must be one of {DECODE_MODES}, got {decode!r}")
-        if detect not in DETECT_MODES:
-            raise BadInput(f"detect must be one of {DETECT_MODES}, got {detect!r}")
-        self.decode, self.detect = decode, detect
-        self.finder = FaceFinder(face_threshold, max_faces, min_face_size, margin)
-        self.storage_options = dict(storage_options or {})
-        self.margin = margin
-        self.max_pixels = max_pixels
-        self.image_column = image_column
-        self.key_column = key_column
-        self.unit_rows = unit_rows
-        self.rows_per_file = rows_per_file
-        self.max_image_bytes = max_image_bytes
-        self.beat_bytes, self.beat_rows = max(1, beat_bytes), max(1, beat_rows)
-        self.unit_bytes = unit_bytes
-        self.faults = FaultPlan(faults)
+    def __init__(self, settings: ReaderSettings = ReaderSettings()):
+        self.settings = s = settings
+        self.decode, self.detect, self.images = s.decode, s.detect, s.images
+        self.finder = FaceFinder(s.images.face_threshold, s.images.max_faces,
+                                 s.images.min_face_size, s.images.margin)
+        self.rows_per_file = s.rows_per_file
+        self.beat_bytes, self.beat_rows = max(1, s.beat_bytes), max(1, s.beat_rows)
+        self.faults = FaultPlan(s.faults)
 
     def read(self, shard: Shard) -> Iterator[dict[str, np.ndarray]]:
         """The rows of one whole shard, in units (without their headers)."""
@@ -255,8 +277,9 @@ class ShardReader:
         pieces of a huge resumed shard is moving (progress is input read, not units made).
         Where beats fall depends only on the input, so a retried read task yields the same
         sequence (its consumer may have taken part of it already)."""
-        builder = UnitBuilder(task.index, self.rows_per_file, self.unit_rows, self.unit_bytes)
-        pending: list[tuple[str, Sample, str, Any]] = []
+        builder = UnitBuilder(task.index, self.rows_per_file, self.settings.unit_rows,
+                              self.settings.unit_bytes)
+        pending: list[tuple[str, Sample, str, Prepared]] = []
 
         def unit() -> tuple[UnitHeader, dict[str, np.ndarray]]:
             header = builder.flush()
@@ -275,8 +298,8 @@ class ShardReader:
                 prepared = self._prepare(sample)
                 pending.append((item.shard.uri, sample, meta, prepared))
                 rows += 1
-                if builder.add(i, row, is_last, self._weight(prepared),
-                               out_rows=self._out_rows(prepared)):
+                if builder.add(i, row, is_last, prepared.weight(self.decode),
+                               out_rows=prepared.rows):
                     yield unit()
                     pending = []
             if rows == 0 and not item.skip and not (item.rows and item.rows[0]):
@@ -292,8 +315,9 @@ class ShardReader:
         as ``(Beat, None, False)`` every ``beat_bytes`` / ``beat_rows`` of them."""
         shard = item.shard
         start, stop = item.rows or (0, None)
-        samples = read_samples(shard, self.storage_options, self.image_column, self.key_column,
-                               self.max_image_bytes)
+        s = self.settings
+        samples = read_samples(shard, s.storage_options, s.image_column, s.key_column,
+                               s.max_image_bytes)
 
         def fetch() -> tuple[Sample | None, Exception | None]:
             try:
@@ -334,91 +358,40 @@ class ShardReader:
             if start <= at and (stop is None or at < stop):
                 yield at, _shard_error(error, row), True
 
-    def _prepare(self, sample: Sample):
-        if sample.error or sample.meta_error:
-            return None
+    def _prepare(self, sample: Sample) -> Prepared:
+        if sample.error:
+            return ErrorRow(sample.error, sample.error_kind or "invalid")
+        if sample.meta_error:
+            return ErrorRow(sample.meta_error, "bad_sidecar")
         bbox = (sample.meta or {}).get("bbox")
+        find = needs_detection(self.detect, bbox)
         try:
-            if needs_detection(self.detect, bbox) and self.decode == "gpu":
-                info, _ = probe_and_crop(sample.data, None, self.margin, self.max_pixels)
-                return _FindOnDevice(info, sample.data)
-            if needs_detection(self.detect, bbox):
-                image = decode_image(sample.data, self.max_pixels)
-                return _Detected(*image.size, self.finder(image), self.finder)
             if self.decode == "gpu":
-                info, crop = probe_and_crop(sample.data, bbox, self.margin, self.max_pixels)
-                return info, crop, sample.data
-            return preprocess(sample.data, bbox, self.margin, self.max_pixels)
+                info, crop = probe_and_crop(sample.data, None if find else bbox,
+                                            self.images.margin, self.images.max_pixels)
+                return Encoded(info, sample.data, None if find else crop)
+            if find:
+                image = decode_image(sample.data, self.images.max_pixels)
+                return FacesFound(*image.size, self.finder(image), self.images.no_face())
+            return Decoded(*preprocess(sample.data, bbox, self.images.margin,
+                                       self.images.max_pixels))
         except SampleError as exc:
-            return exc
+            return ErrorRow(str(exc), exc.kind)
         except Exception as exc:  # a decoder bug must cost one sample, not the shard
-            return SampleError(f"unexpected {exc.__class__.__name__} while decoding: {exc}")
+            return ErrorRow(f"unexpected {exc.__class__.__name__} while decoding: {exc}",
+                            "invalid")
 
-    @staticmethod
-    def _out_rows(prepared) -> int:
-        """Output rows a sample becomes: one per face found, else one."""
-        return max(1, len(prepared.faces)) if isinstance(prepared, _Detected) else 1
-
-    def _weight(self, prepared) -> int:
-        """Bytes a sample adds to its unit: the pixel arrays of its rows (one per face; an
-        error or ``no_face`` row holds zeroed pixels too), or its encoded image."""
-        if self.decode == "cpu":
-            return INPUT_SIZE * INPUT_SIZE * 3 * self._out_rows(prepared)
-        if isinstance(prepared, _FindOnDevice):
-            return len(prepared.data)
-        if prepared is None or isinstance(prepared, Exception):
-            return ROW_BYTES
-        return len(prepared[2])
-
-    def _to_batch(self, rows: list[tuple[str, Sample, str, Any]]) -> dict[str, np.ndarray]:
-        out = empty_rows(sum(self._out_rows(p) for *_, p in rows), self.decode)
+    def _to_batch(self, rows: list[tuple[str, Sample, str, Prepared]]
+                  ) -> dict[str, np.ndarray]:
+        out = empty_rows(sum(p.rows for *_, p in rows), self.decode)
         i = 0
         for uri, sample, meta, prepared in rows:
-            if isinstance(prepared, _Detected) and prepared.faces:
-                for k, face in enumerate(prepared.faces):  # one row per face
-                    self._fill(out, i, uri, sample, meta,
-                               (face.pixels, prepared.width, prepared.height, face.crop))
-                    out["face"][i], out["face_score"][i] = k, face.score
-                    out["face_box"][i], out["face_points"][i] = face.box, face.keypoints
-                    i += 1
-            else:
-                self._fill(out, i, uri, sample, meta, prepared)
-                i += 1
+            bbox = (sample.meta or {}).get("bbox")
+            for k in range(i, i + prepared.rows):  # what every row of the sample has
+                out["key"][k], out["shard"][k], out["meta"][k] = sample.key, uri, meta
+                if isinstance(bbox, (list, tuple)) and len(bbox) == 4:
+                    with contextlib.suppress(TypeError, ValueError):  # bad: a bad_bbox row
+                        out["bbox"][k] = np.asarray(bbox, dtype=np.float32)
+            prepared.fill(out, i)
+            i += prepared.rows
         return out
-
-    def _fill(self, out: dict[str, np.ndarray], i: int, uri: str, sample: Sample, meta: str,
-              prepared) -> None:
-        out["key"][i] = sample.key
-        out["shard"][i] = uri
-        out["meta"][i] = meta
-        bbox = (sample.meta or {}).get("bbox")
-        if isinstance(bbox, (list, tuple)) and len(bbox) == 4:
-            with contextlib.suppress(TypeError, ValueError):  # bad boxes: error set below
-                out["bbox"][i] = np.asarray(bbox, dtype=np.float32)
-        if sample.error:
-            out["error"][i], out["error_kind"][i] = sample.error, sample.error_kind
-        elif sample.meta_error:
-            out["error"][i], out["error_kind"][i] = sample.meta_error, "bad_sidecar"
-        elif isinstance(prepared, Exception):
-            out["error"][i] = str(prepared)
-            out["error_kind"][i] = getattr(prepared, "kind", "invalid")
-        elif isinstance(prepared, _Detected):  # searched, and no face found
-            out["error"][i], out["error_kind"][i] = prepared.error, "no_face"
-            out["width"][i], out["height"][i] = prepared.width, prepared.height
-        elif self.decode == "gpu":
-            find = isinstance(prepared, _FindOnDevice)  # its crop is known once faces are found
-            info, crop, data = (prepared.info, None, prepared.data) if find else prepared
-            out["encoded"][i] = data
-            out["orientation"][i] = info.orientation
-            out["stored_size"][i] = info.width, info.height
-            out["on_device"][i] = info.device_decodable
-            out["width"][i], out["height"][i] = info.oriented_width, info.oriented_height
-            if find:
-                out["find_faces"][i] = True
-            else:
-                out["crop"][i] = crop
-        else:
-            pixels, width, height, crop = prepared
-            out["pixels"][i] = pixels
-            out["width"][i], out["height"][i] = width, height
-            out["crop"][i] = crop

@@ -15,7 +15,7 @@ from pipeline.config.errors import BadInput
 from pipeline.config.options import above, at_least, check_declared, option, within
 from pipeline.io.shards import FORMATS
 from pipeline.io.storage import redact_values, storage_options_arg
-from pipeline.model.geometry import DEVICES, INIT_CHOICES, PRECISIONS
+from pipeline.model.geometry import DEVICES, INIT_CHOICES, OLD_DEVICES, PRECISIONS
 from pipeline.model.metrics import DEFAULT_THRESHOLD
 from pipeline.stages.preprocess import DEFAULT_MARGIN, DEFAULT_MAX_PIXELS
 
@@ -115,7 +115,8 @@ class FinetuneConfig(LabelledData):
     num_workers: int = option("Ray Train workers (DDP)", default=1, bounds=at_least(1),
                               group=RUN)
     device: str = option("auto: one GPU per worker when the cluster has GPUs", default="auto",
-                         choices=DEVICES, group=RUN)
+                         choices=DEVICES,
+                         old_values=OLD_DEVICES, group=RUN)
     precision: str = option(
         "bf16 (autocast for the backbone, the head and the loss in fp32) or fp32; auto: bf16 on "
         "GPUs, fp32 on CPUs", default="auto", choices=PRECISIONS, group=RUN)
