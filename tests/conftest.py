@@ -55,7 +55,7 @@ def weights_file(tmp_path_factory):
 def pushgateway(tmp_path_factory):
     """The URL of a real Pushgateway on loopback, or None where the binary is not installed
     (``.ci/run`` installs it): the tests that need it skip then, saying so."""
-    from pushgateway_server import start
+    from support.pushgateway_server import start
 
     started = start(tmp_path_factory.mktemp("pushgateway"))
     if started is None:

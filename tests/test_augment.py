@@ -7,8 +7,8 @@ import io
 import numpy as np
 import pytest
 import torch
-from helpers import flip_landmarks, identity_params
 from PIL import Image
+from support.helpers import flip_landmarks, identity_params
 
 from pipeline.demo.synthetic import render_face
 from pipeline.io.shards import Sample

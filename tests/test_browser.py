@@ -1,13 +1,13 @@
-"""The headless-browser harness (tests/browser.py) sees what goes wrong on a page, and reads a
-clean one back: figures, title and a screenshot of the requested width."""
+"""The headless-browser harness (tests/support/browser.py) sees what goes wrong on a page, and
+reads a clean one back: figures, title and a screenshot of the requested width."""
 
 from __future__ import annotations
 
 import io
 
 import pytest
-from browser import CHROMIUM, load_page
 from PIL import Image
+from support.browser import CHROMIUM, load_page
 
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason=(
     "chromium is not installed (Debian package chromium; .ci/run installs it)"))

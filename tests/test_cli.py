@@ -86,7 +86,7 @@ def test_cli_job_with_preview(ray_session, weights_file, pushgateway, tmp_path, 
     assert preview.stat().st_size > 1000 and "meaningless" not in printed
     assert "pushgateway" not in (tmp_path / "out" / "_config.yaml").read_text()
     if pushgateway is not None:
-        from pushgateway_server import series
+        from support.pushgateway_server import series
 
         group = (("output", str(tmp_path / "out")),)
         pushed = series(pushgateway, "landmarks_infer")

@@ -9,7 +9,13 @@ import tarfile
 import numpy as np
 import pytest
 import torch
-from helpers import LANDMARK_TOLERANCE_PX, SAME_DECODER_TOLERANCE, TOLERANCE, TinyModel, jpeg
+from support.helpers import (
+    LANDMARK_TOLERANCE_PX,
+    SAME_DECODER_TOLERANCE,
+    TOLERANCE,
+    TinyModel,
+    jpeg,
+)
 
 from pipeline.demo.synthetic import render_face
 from pipeline.inference.config import InferConfig

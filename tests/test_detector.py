@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import real_photo
 from PIL import Image
+from support.helpers import real_photo
 from torchvision.ops import box_iou
 
 from pipeline.model import detector

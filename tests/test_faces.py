@@ -10,7 +10,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from helpers import (
+from PIL import Image
+from support.helpers import (
     DATA,
     LANDMARK_TOLERANCE_PX,
     mean_shape_model,
@@ -19,7 +20,6 @@ from helpers import (
     synthetic_mean_shape,
     write_tar,
 )
-from PIL import Image
 from torchvision.ops import box_iou
 
 from pipeline.inference.config import InferConfig

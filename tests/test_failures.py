@@ -16,8 +16,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from helpers import cluster_job, sidecar, tar_members, write_tar
 from PIL import Image
+from support.helpers import cluster_job, sidecar, tar_members, write_tar
 
 from pipeline.cli.main import main
 from pipeline.demo.synthetic import write_sample_archive

@@ -13,7 +13,8 @@ import io
 import numpy as np
 import pytest
 import torch
-from helpers import (
+from PIL import Image, ImageDraw
+from support.helpers import (
     DATA,
     LANDMARK_TOLERANCE_PX,
     SAME_DECODER_TOLERANCE,
@@ -22,7 +23,6 @@ from helpers import (
     normalize,
     real_photo,
 )
-from PIL import Image, ImageDraw
 
 from pipeline.demo.synthetic import render_face
 from pipeline.stages.gpu_decode import (

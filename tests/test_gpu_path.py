@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from helpers import LANDMARK_TOLERANCE_PX, TOLERANCE, TinyModel, bad_table, jpeg, write_tar
+from support.helpers import LANDMARK_TOLERANCE_PX, TOLERANCE, TinyModel, bad_table, jpeg, write_tar
 
 from pipeline.demo.synthetic import render_face, write_sample_archive
 from pipeline.inference.config import InferConfig
@@ -609,7 +609,7 @@ def test_cuda_decode_is_not_corrupted_by_queued_work(faces):
 @needs_cuda
 def test_cuda_detector_scores_match_the_cpu(faces):
     """IEEE fp32 on both: the detector's scores agree to 1e-4, boxes to 0.05 px."""
-    from helpers import DATA
+    from support.helpers import DATA
 
     from pipeline.model.detector import detect, load_detector
     from pipeline.stages.preprocess import decode_image

@@ -11,10 +11,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from browser import CHROMIUM, load_page
-from helpers import normalize, real_photo, tar_members, write_tar
 from PIL import Image
-from prometheus_text import scrape, settled, wait_for
+from support.browser import CHROMIUM, load_page
+from support.helpers import normalize, real_photo, tar_members, write_tar
+from support.prometheus_text import scrape, settled, wait_for
 
 from pipeline.demo.synthetic import write_sample_archive
 from pipeline.inference.config import InferConfig

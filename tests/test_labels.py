@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from helpers import DATA, real_photo, sidecar, tar_members, write_tar
+from support.helpers import DATA, real_photo, sidecar, tar_members, write_tar
 
 from pipeline.demo.synthetic import write_sample_archive
 from pipeline.io.shards import list_shards, read_samples

@@ -96,7 +96,7 @@ def test_nightly_pushes_its_outcome(nights):
     gateway = runs["A"]["pushgateway"]
     if gateway is None:
         pytest.skip("prometheus-pushgateway is not installed (.ci/run installs it)")
-    from pushgateway_server import series
+    from support.pushgateway_server import series
 
     pushed = series(gateway, "landmarks_nightly")
     group = (("output", str(out)),)

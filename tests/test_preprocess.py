@@ -4,8 +4,8 @@ import io
 
 import numpy as np
 import pytest
-from helpers import normalize
 from PIL import Image
+from support.helpers import normalize
 
 from pipeline.stages.preprocess import (
     SampleError,

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from prometheus_text import samples
-from pushgateway_server import series
+from support.prometheus_text import samples
+from support.pushgateway_server import series
 
 from pipeline.cli.common import pushed_outcome
 from pipeline.io.pushgateway import LAST_SUCCESS, RunOutcome, push

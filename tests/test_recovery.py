@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from helpers import cluster_job, write_tar
+from support.helpers import cluster_job, write_tar
 
 from pipeline.demo.synthetic import write_sample_archive
 from pipeline.inference.config import InferConfig
@@ -126,8 +126,8 @@ def test_a_resume_passing_slowly_over_done_pieces_is_not_a_stall(ray_session, we
     stopped as stalled on every rerun (issue 21): no unit comes while a read task passes
     over done rows. Its beats (one per 16 rows passed over) are progress: here 96 done rows
     at 0.15 s each (14 s) under an 8 s --stall-timeout, and the last piece is redone."""
-    from helpers import jpeg
     from PIL import Image
+    from support.helpers import jpeg
 
     (tmp_path / "in").mkdir()
     members = [(f"bad-{i:04d}.jpg", b"not an image") for i in range(96)]  # cheap done rows

@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from browser import CHROMIUM, load_page
+from support.browser import CHROMIUM, load_page
 
 from pipeline.backend.executor import RunStats
 from pipeline.io.report import ManifestWriter, Summary, run_figures, write_manifest

@@ -11,9 +11,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import s3fs
-from helpers import tar_members
 from moto.server import ThreadedMotoServer
-from s3server import FaultProxy
+from support.helpers import tar_members
+from support.s3server import FaultProxy
 
 from pipeline.demo.synthetic import write_sample_archive
 from pipeline.inference.config import InferConfig

@@ -8,7 +8,7 @@ import tarfile
 import numpy as np
 import pytest
 import torch
-from helpers import sidecar, tar_members, write_tar
+from support.helpers import sidecar, tar_members, write_tar
 
 from pipeline.demo.synthetic import write_sample_archive
 from pipeline.io.shards import list_shards

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from helpers import normalize
+from support.helpers import normalize
 
 from pipeline.backend.trainer import main
 from pipeline.demo.synthetic import write_sample_archive
@@ -292,7 +292,7 @@ def test_finetune_command_pushes_its_outcome(archive, pushgateway, tmp_path, mon
     comes from the run's summary, and the gateway's URL is not saved with the job's config."""
     if pushgateway is None:
         pytest.skip("prometheus-pushgateway is not installed (.ci/run installs it)")
-    from pushgateway_server import series
+    from support.pushgateway_server import series
 
     import pipeline.backend.trainer as trainer
     from pipeline.cli.main import main as cli

@@ -11,7 +11,7 @@ import tarfile
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from helpers import tar_members, write_tar
+from support.helpers import tar_members, write_tar
 
 from pipeline.demo.synthetic import write_sample_archive
 from pipeline.io import resume

@@ -899,6 +899,11 @@ class LeaseRunner:
         self.rows = 0
         self.known_nodes: set[str] = set()
         self.refresh = False  # look at the nodes now (an agent was lost)
+        # Set for each run (``run``):
+        self.book: LeaseBook | None = None  # the leases and who holds them
+        self.calls: dict[Any, _Agent] = {}  # lease call ref -> agent
+        self.polls: dict[Any, _Agent] = {}  # progress poll ref -> agent
+        self.moved = 0.0  # when a unit last moved (monotonic): the stall watchdog's clock
         self.events: dict[str, int] = {"agents_started": 0, "agents_lost": 0,
                                        "agents_preempted": 0, "nodes_joined": 0, "nodes_drained": 0}
 
@@ -993,8 +998,7 @@ class LeaseRunner:
                               f"{self.placement.actor_gpus:g} GPU each)")
         leases = plan_leases(todo, len(self.agents))
         self.book = LeaseBook(leases, spread=len(self.agents) * IN_FLIGHT_PER_AGENT)
-        self.calls: dict[Any, _Agent] = {}  # lease call ref -> agent
-        self.polls: dict[Any, _Agent] = {}
+        self.calls, self.polls = {}, {}
         log.info("%d shard(s) in %d lease(s) for %d node agent(s)", len(todo), len(leases),
                  len(self.agents))
         started = last_log = last_nodes = self.moved = time.monotonic()

@@ -34,7 +34,7 @@ on a torch device, in two halves, so that only the encoded bytes travel to the G
 
 How close this path's pixels and landmarks are to the CPU path's, and how that was measured:
 ``docs/architecture.md`` ("Device decoding: how close to the CPU path"); the tests hold the
-bounds (``tests/helpers.py``).
+bounds (``tests/support/helpers.py``).
 """
 
 from __future__ import annotations

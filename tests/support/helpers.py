@@ -17,7 +17,7 @@ import torch
 from pipeline.model.geometry import IMAGENET_MEAN, IMAGENET_STD, NUM_LANDMARKS
 from pipeline.training.augment import FLIP_PERMUTATION
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parents[1] / "data"
 
 
 def real_photo(name: str) -> tuple[bytes, dict]:
@@ -139,10 +139,10 @@ def mean_shape_model(path: Path) -> str:
 
 
 def cluster_job(*args: str) -> dict:
-    """Run ``tests/cluster_jobs.py`` (on a Ray cluster of its own, in a process of its own, away
-    from this session's Ray); its ``RESULT`` line."""
-    done = subprocess.run([sys.executable, "tests/cluster_jobs.py", *args],
-                          cwd=Path(__file__).resolve().parents[1], capture_output=True,
+    """Run ``tests/support/cluster_jobs.py`` (on a Ray cluster of its own, in a process of its
+    own, away from this session's Ray); its ``RESULT`` line."""
+    done = subprocess.run([sys.executable, "tests/support/cluster_jobs.py", *args],
+                          cwd=Path(__file__).resolve().parents[2], capture_output=True,
                           text=True, timeout=900)
     lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
     assert done.returncode == 0 and lines, done.stderr[-3000:]

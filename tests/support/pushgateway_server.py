@@ -9,7 +9,7 @@ import subprocess
 import time
 import urllib.request
 
-from prometheus_text import samples
+from .prometheus_text import samples
 
 BINARY = "prometheus-pushgateway"
 

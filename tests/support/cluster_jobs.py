@@ -1,12 +1,12 @@
 """Run by the tests in a process of their own, each on a ray.cluster_utils.Cluster that does not
 meet the test session's Ray; prints one ``RESULT {json}`` line.
 
-    python tests/cluster_jobs.py one-cpu INPUT OUTPUT WEIGHTS
+    python tests/support/cluster_jobs.py one-cpu INPUT OUTPUT WEIGHTS
         the inference job on a cluster of one CPU
-    python tests/cluster_jobs.py oom-cap
+    python tests/support/cluster_jobs.py oom-cap
         tasks killed by Ray's memory monitor, on a node whose kill threshold is just above
         what is in use now
-    python tests/cluster_jobs.py chaos WORKDIR
+    python tests/support/cluster_jobs.py chaos WORKDIR
         a head and two simulated GPU nodes, the stand-in predictor of jobs/benchmark_scale.py:
         an undisturbed run, a run under the chaos monkey (a node removed and another added, a
         node agent, a predictor, a read task and a commit killed), and a run during which a
@@ -85,7 +85,7 @@ def oom_cap() -> dict:
 
 
 def chaos(workdir: str) -> dict:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "jobs"))
     import benchmark_scale as bs
     import ray.cloudpickle
     from ray.core.generated import autoscaler_pb2

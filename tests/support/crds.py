@@ -22,7 +22,7 @@ from pathlib import Path
 import jsonschema
 import yaml
 
-CRDS = Path(__file__).parent / "data" / "kuberay-crds"
+CRDS = Path(__file__).parents[1] / "data" / "kuberay-crds"
 # The KubeRay releases deploy/README.md supports, oldest and newest, per kind.
 SUPPORTED = {
     "RayCluster": ("v1.1.0", "v1.7.0"),

@@ -1,0 +1,1 @@
+"""What the tests share: files they build, servers they start, harnesses they drive."""
