@@ -73,15 +73,19 @@ def read_labels(
             yield sample, None, str(exc)
 
 
-def _with_model(cfg: EvalConfig, shards: list[Shard]):
-    """Predicted and labelled points (crop units: NME is the same as in pixels), keys, skipped."""
+def _predictor(cfg: EvalConfig):
+    """The inference job's predictor, on the model file being evaluated."""
     from pipeline.model.geometry import torch_device
     from pipeline.stages.predictor import LandmarkPredictor, PredictorSettings
 
-    predictor = LandmarkPredictor(PredictorSettings(
+    return LandmarkPredictor(PredictorSettings(
         weights=cfg.weights, storage_options=cfg.storage_options,
-        device=torch_device(cfg.device),
-        precision=cfg.precision))
+        device=torch_device(cfg.device), precision=cfg.precision))
+
+
+def _with_model(cfg: EvalConfig, shards: list[Shard]):
+    """Predicted and labelled points (crop units: NME is the same as in pixels), keys, skipped."""
+    predictor = _predictor(cfg)
     reader = LabelledReader(
         split=cfg.split,
         val_fraction=cfg.val_fraction,
@@ -112,16 +116,11 @@ def _with_model_and_detector(cfg: EvalConfig, shards: list[Shard]):
     """Points (pixels) of the detected face that matches each labelled one, as the inference
     job would give them; the labelled faces no face matched."""
     from pipeline.model.detector import landmark_box
-    from pipeline.model.geometry import torch_device
     from pipeline.stages.detect import FaceFinder
     from pipeline.stages.labels import bbox_from_landmarks
-    from pipeline.stages.predictor import LandmarkPredictor, PredictorSettings
     from pipeline.stages.preprocess import decode_image, to_pixels
 
-    predictor = LandmarkPredictor(PredictorSettings(
-        weights=cfg.weights, storage_options=cfg.storage_options,
-        device=torch_device(cfg.device),
-        precision=cfg.precision))
+    predictor = _predictor(cfg)
     finder = FaceFinder(cfg.face_threshold, margin=cfg.margin)
     keys, preds, targets, skipped, missed, damaged = [], [], [], 0, [], []
     for shard in shards:

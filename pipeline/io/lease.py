@@ -211,8 +211,9 @@ class Lease:
         if written is None:  # no conditional write here: write, wait, the later one wins
             self._write()
             time.sleep(self.settle_s)
-        current = self.read()
-        if not written and (not current or current.get("token") != self.token):
+        current = None if written else self.read()  # (the holder, for the message)
+        if not written and (written is False or not current
+                            or current.get("token") != self.token):
             raise LeaseHeld(f"{self.uri.rsplit('/', 1)[0]} was taken at the same moment by "
                             f"{_describe(current or {}, _now())}: wait for it to end")
         self._thread = threading.Thread(target=self._beat, name="lease-heartbeat", daemon=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import io
 import json
 import logging
@@ -371,7 +372,7 @@ CAS_PROTOCOLS = ("file", "local", "s3", "s3a")  # stores with a conditional writ
 def read_tagged(uri: str, storage_options: Mapping[str, Any] | None = None
                 ) -> tuple[bytes, str] | None:
     """A small object's bytes and the tag of that version (its S3 ETag; locally a hash of
-    the bytes), for ``write_if_unchanged``; None when it does not exist."""
+    the bytes), for ``write_if``; None when it does not exist."""
     fs, path = filesystem(uri, storage_options)
     if protocol_of(uri) in ("file", "local"):
         try:
@@ -379,8 +380,6 @@ def read_tagged(uri: str, storage_options: Mapping[str, Any] | None = None
                 data = f.read()
         except FileNotFoundError:
             return None
-        import hashlib
-
         return data, hashlib.sha256(data).hexdigest()
 
     def read() -> tuple[bytes, str]:
